@@ -1,0 +1,1 @@
+//! fifo-executor: per-action FIFO execution queues with concurrency limits.
