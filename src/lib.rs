@@ -1,1 +1,28 @@
 //! fifo-executor: per-action FIFO execution queues with concurrency limits.
+//!
+//! # Layout
+//!
+//! - [`model`]: the vocabulary every part shares: action refs, execution ids, payloads,
+//!   submissions, completions, cancels and the verdicts on them.
+//! - [`core`]: the actors. One [`core::action`] actor per action owns its FIFO queue, slots
+//!   and counters ([`core::queue`] holds the rules as a plain state machine);
+//!   [`core::registry`] is the [`core::Executor`] handle every edge calls; [`core::ports`]
+//!   are the traits through which the core reaches the edges.
+//!
+//! # Supervision and ordering
+//!
+//! ```text
+//!   Executor (handle) ──► Supervisor
+//!                          ├── ActionActor(a)   owns queue a, slots a, counters a
+//!                          └── ActionActor(b)   …
+//!   edges ──submit/complete/cancel──► Executor ──batch message──► ActionActor
+//!   ActionActor ──► Dispatcher (admitted, FIFO)   OutcomeSink (events)   StatsObserver
+//! ```
+//!
+//! Ractor orders messages per sender only, so nothing relies on that: every operation on an
+//! action is a message to that action's single actor, and the actor's mailbox order is the
+//! order of acceptance. Dispatches of one action leave in acceptance order; actions never
+//! wait on one another.
+
+pub mod core;
+pub mod model;

@@ -1,0 +1,220 @@
+//! The action actor: one per action ref, the only owner of that action's [`ActionQueue`].
+//!
+//! Every submission, completion, cancel, policy change, purge and timer for the action arrives
+//! here as a message, so the queue is only ever touched by one task and the order of operations
+//! is the order of the mailbox. Handlers never await: after each message the actor hands what
+//! happened to the ports (which queue it for I/O elsewhere) and sets its one timer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::clock::Stamp;
+use super::policy::ActionPolicy;
+use super::ports::Event;
+use super::queue::{ActionQueue, Effects, PurgeOrder, PurgedEntry, Restored};
+use super::registry::Shared;
+use crate::model::{
+    ActionRef, CancelRequest, CancelVerdict, Completion, ExecutionId, Receipt, Submission, settle,
+};
+
+/// Messages an action actor handles. Work arrives in batches: one message per action per
+/// batch the edge read, not one per execution.
+#[derive(Debug)]
+pub enum ActionMsg {
+    Submit(Vec<Submission>),
+    Complete(Vec<Completion>),
+    Cancel(Vec<CancelRequest>),
+    SetPolicy(ActionPolicy),
+    /// Executions recovered after a restart, in acceptance order.
+    Restore(Vec<Restored>),
+    Purge(PurgeOrder, RpcReplyPort<Vec<PurgedEntry>>),
+    Stats(RpcReplyPort<super::ports::QueueStats>),
+    /// The actor's timer: queue timeouts and the rate limiter's next window.
+    Wake,
+}
+
+/// The task that will send the actor its next [`ActionMsg::Wake`].
+type TimerHandle = JoinHandle<Result<(), ractor::MessagingErr<ActionMsg>>>;
+
+/// The actor itself carries nothing; all it owns is in [`ActionState`].
+pub struct ActionActor;
+
+pub struct ActionArgs {
+    pub action: ActionRef,
+    pub policy: ActionPolicy,
+    pub shared: Arc<Shared>,
+}
+
+pub struct ActionState {
+    queue: ActionQueue,
+    shared: Arc<Shared>,
+    /// Cancels that overtook their own submission in the mailbox (the id was already claimed
+    /// for this actor but its `Submit` had not been handled); applied right after it is.
+    early_cancels: HashMap<ExecutionId, Option<Receipt<CancelVerdict>>>,
+    /// The pending timer and when it fires.
+    timer: Option<(Stamp, TimerHandle)>,
+}
+
+impl Actor for ActionActor {
+    type Msg = ActionMsg;
+    type State = ActionState;
+    type Arguments = ActionArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ActionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let queue = ActionQueue::new(
+            args.action,
+            args.shared.clock.clone(),
+            args.shared.settings,
+            args.policy,
+        );
+        Ok(ActionState {
+            queue,
+            shared: args.shared,
+            early_cancels: HashMap::new(),
+            timer: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = st.shared.clock.now();
+        let mut fx = Effects::default();
+        match msg {
+            ActionMsg::Submit(subs) => {
+                for sub in subs {
+                    let id = sub.execution_id;
+                    st.queue.submit(sub, now, &mut fx);
+                    if let Some(receipt) = st.early_cancels.remove(&id) {
+                        st.queue.cancel(id, receipt, now, &mut fx);
+                    }
+                }
+            }
+            ActionMsg::Complete(completions) => {
+                for c in completions {
+                    st.queue.complete(c, now, &mut fx);
+                }
+            }
+            ActionMsg::Cancel(requests) => {
+                for CancelRequest {
+                    execution_id,
+                    receipt,
+                } in requests
+                {
+                    if !st.queue.holds(execution_id)
+                        && claimed_by(&st.shared, execution_id, &myself)
+                    {
+                        st.early_cancels.insert(execution_id, receipt);
+                    } else {
+                        st.queue.cancel(execution_id, receipt, now, &mut fx);
+                    }
+                }
+            }
+            ActionMsg::SetPolicy(policy) => st.queue.set_policy(policy, now, &mut fx),
+            ActionMsg::Restore(restored) => st.queue.restore(restored, now, &mut fx),
+            ActionMsg::Purge(order, reply) => {
+                let report = st.queue.purge(order, now, &mut fx);
+                // The caller may have given up waiting; the purge happened regardless.
+                let _ = reply.send(report);
+            }
+            ActionMsg::Stats(reply) => {
+                let _ = reply.send(st.queue.stats());
+            }
+            ActionMsg::Wake => {
+                st.timer = None;
+                st.queue.tick(now, &mut fx);
+            }
+        }
+        flush(&myself, st, fx);
+        arm_timer(&myself, st, now);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some((_, handle)) = st.timer.take() {
+            handle.abort();
+        }
+        // Cancels still waiting for a submission that never came get their answer.
+        for (_, receipt) in st.early_cancels.drain() {
+            settle(receipt, CancelVerdict::Unknown);
+        }
+        tracing::debug!(action = %st.queue.action(), actor = %myself.get_id(), "action actor stopped");
+        Ok(())
+    }
+}
+
+/// Whether the executor's live index says this id was claimed for this actor.
+fn claimed_by(shared: &Shared, id: ExecutionId, me: &ActorRef<ActionMsg>) -> bool {
+    shared
+        .live
+        .get(&id)
+        .is_some_and(|owner| owner.get_id() == me.get_id())
+}
+
+/// Hands one handler's effects to the ports and releases the ids that ended.
+fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects) {
+    if fx.is_empty() {
+        return;
+    }
+    let Effects {
+        events,
+        dispatches,
+        changed,
+    } = fx;
+    let me = myself.get_id();
+    for event in &events {
+        let ended = match event {
+            Event::Rejected { execution_id, .. }
+            | Event::Completed { execution_id, .. }
+            | Event::Reclaimed { execution_id, .. } => Some(*execution_id),
+            Event::Removed { execution, .. } => Some(execution.execution_id),
+            Event::Accepted { .. } | Event::Admitted { .. } | Event::Unmatched { .. } => None,
+        };
+        if let Some(id) = ended {
+            st.shared
+                .live
+                .remove_if(&id, |_, owner| owner.get_id() == me);
+        }
+    }
+    let ports = &st.shared.ports;
+    if !dispatches.is_empty() {
+        ports.dispatcher.dispatch(dispatches);
+    }
+    if !events.is_empty() {
+        ports.sink.record(events);
+    }
+    if changed {
+        ports.observer.observe(&st.queue.stats());
+    }
+}
+
+/// Keeps exactly one timer pending for the earliest time-dependent change.
+fn arm_timer(myself: &ActorRef<ActionMsg>, st: &mut ActionState, now: Stamp) {
+    let Some(wake) = st.queue.next_wake() else {
+        return;
+    };
+    if let Some((at, _)) = &st.timer
+        && *at <= wake
+    {
+        return;
+    }
+    if let Some((_, old)) = st.timer.take() {
+        old.abort();
+    }
+    let handle = myself.send_after(wake.since(now), || ActionMsg::Wake);
+    st.timer = Some((wake, handle));
+}

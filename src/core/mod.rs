@@ -1,0 +1,19 @@
+//! The core: per-action FIFO queues, each owned by one actor, behind the [`Executor`] handle.
+//!
+//! It imports nothing from the RabbitMQ, Postgres or HTTP edges; it reaches them only through
+//! the traits in [`ports`].
+
+pub mod action;
+pub mod clock;
+pub mod memory;
+pub mod policy;
+pub mod ports;
+pub mod queue;
+pub mod registry;
+pub mod supervisor;
+
+pub use clock::{Clock, Stamp};
+pub use policy::{ActionPolicy, PolicySource, QueueSettings, RateLimit, UniformPolicy};
+pub use ports::{Dispatch, Dispatcher, Event, OutcomeSink, Ports, QueueStats, StatsObserver};
+pub use queue::{PurgeOrder, PurgedEntry, Restored};
+pub use registry::{CoreError, Executor};

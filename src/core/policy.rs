@@ -1,0 +1,90 @@
+//! What limits an action: its concurrency limit, an optional rate limit, whether it is enabled,
+//! and the executor-wide queue settings.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::{Quota, RateLimiter, middleware::NoOpMiddleware, nanos::Nanos, state};
+
+use super::clock::Clock;
+use crate::model::ActionRef;
+
+/// At most `max` admissions per `per`, as a token bucket: the long-run rate is `max / per`
+/// and up to `max` may go at once after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub max: NonZeroU32,
+    pub per: Duration,
+}
+
+/// The policy of one action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActionPolicy {
+    /// Most executions holding a slot at once; at least 1.
+    pub concurrency_limit: NonZeroU32,
+    pub rate_limit: Option<RateLimit>,
+    /// A disabled action dispatches nothing and rejects new requests; what already waits keeps
+    /// its place.
+    pub enabled: bool,
+}
+
+impl Default for ActionPolicy {
+    fn default() -> Self {
+        Self {
+            concurrency_limit: NonZeroU32::MIN,
+            rate_limit: None,
+            enabled: true,
+        }
+    }
+}
+
+/// Where an action's policy comes from when its actor starts: config defaults and overrides,
+/// later also what operators stored in the database.
+pub trait PolicySource: Send + Sync + 'static {
+    fn policy_for(&self, action: &ActionRef) -> ActionPolicy;
+}
+
+/// Every action gets the same policy; for tests and benches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UniformPolicy(pub ActionPolicy);
+
+impl PolicySource for UniformPolicy {
+    fn policy_for(&self, _action: &ActionRef) -> ActionPolicy {
+        self.0
+    }
+}
+
+/// Settings that hold for every action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Waiting executions per action before new ones are rejected.
+    pub max_queue_length: usize,
+    /// Longest wait in the queue before an execution is timed out.
+    pub queue_timeout: Duration,
+    /// Emergency mode: no queue timeouts, no age purge of waiting executions, no rate limits.
+    /// Concurrency limits and the queue length limit still hold.
+    pub emergency_mode: bool,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            max_queue_length: 10_000,
+            queue_timeout: Duration::from_secs(3600),
+            emergency_mode: false,
+        }
+    }
+}
+
+pub(crate) type Limiter =
+    RateLimiter<state::NotKeyed, state::InMemoryState, Clock, NoOpMiddleware<Nanos>>;
+
+pub(crate) fn limiter(rate: RateLimit, clock: &Clock) -> Limiter {
+    let period = rate.per / rate.max.get();
+    // A period that rounds to zero means "no real limit"; governor refuses it, so allow a
+    // nanosecond instead of failing.
+    let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+        .allow_burst(rate.max);
+    RateLimiter::direct_with_clock(quota, clock.clone())
+}

@@ -1,0 +1,226 @@
+//! The seams between the core and the edges. Action actors call these from inside their
+//! handlers, so every implementation must return at once: hand the work to a channel or a task
+//! and never wait on I/O here.
+//!
+//! Each call carries everything one handler invocation produced, in the order it happened, so
+//! an implementation can batch without re-sorting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::model::{
+    ActionRef, CancelVerdict, CompletionVerdict, EndStatus, ExecutionId, Payload, Receipt,
+    Rejection, Verdict,
+};
+
+/// An execution admitted to a slot, to be handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub action: ActionRef,
+    pub execution_id: ExecutionId,
+    pub request_id: Option<Box<str>>,
+    pub payload: Payload,
+    pub enqueued_at: DateTime<Utc>,
+    pub dispatched_at: DateTime<Utc>,
+    /// 1 on the first dispatch; higher when the same execution is sent again (a dispatch that
+    /// was never confirmed, or a replay).
+    pub attempt: u32,
+}
+
+/// Receives admitted executions, per action in FIFO order.
+pub trait Dispatcher: Send + Sync + 'static {
+    fn dispatch(&self, batch: Vec<Dispatch>);
+}
+
+/// A queued execution as it leaves the queue without being dispatched.
+#[derive(Debug, Clone)]
+pub struct Removed {
+    pub execution_id: ExecutionId,
+    pub request_id: Option<Box<str>>,
+    pub payload: Payload,
+    pub enqueued_at: DateTime<Utc>,
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+/// Why a waiting execution left its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemovalReason {
+    /// Cancel request.
+    Canceled,
+    /// Waited longer than `executor.queue.queue_timeout_seconds`.
+    TimedOut,
+    /// Waited longer than `purge.max_queued_age_seconds` when a purge cycle ran.
+    Purged,
+}
+
+/// Everything that happens to executions, in order per action. The ledger records these, the
+/// dead-letter edge publishes the failures, metrics count them.
+#[derive(Debug)]
+pub enum Event {
+    /// The execution is in the executor's hands. The sink settles the receipt (with
+    /// [`Verdict::Queued`]) once the acceptance is safe: at once in memory mode, after the
+    /// ledger commit otherwise. This is the one place that decides when an intake message may
+    /// be acknowledged.
+    Accepted {
+        action: ActionRef,
+        execution_id: ExecutionId,
+        request_id: Option<Box<str>>,
+        payload: Payload,
+        enqueued_at: DateTime<Utc>,
+        receipt: Option<Receipt<Verdict>>,
+    },
+    /// Not accepted; the sink settles the receipt with [`Verdict::Rejected`].
+    Rejected {
+        action: ActionRef,
+        execution_id: ExecutionId,
+        request_id: Option<Box<str>>,
+        rejection: Rejection,
+        receipt: Option<Receipt<Verdict>>,
+    },
+    /// Took a slot; the matching [`Dispatch`] went to the dispatcher.
+    Admitted {
+        action: ActionRef,
+        execution_id: ExecutionId,
+        at: DateTime<Utc>,
+        waited: Duration,
+    },
+    /// Left the queue without being dispatched. A cancel's receipt travels here; the sink
+    /// settles it with [`CancelVerdict::Canceled`] once the cancel is recorded.
+    Removed {
+        action: ActionRef,
+        reason: RemovalReason,
+        execution: Removed,
+        receipt: Option<Receipt<CancelVerdict>>,
+    },
+    /// Its worker reported the end; the slot is free. The sink settles the receipt with
+    /// [`CompletionVerdict::Freed`] once the end is recorded.
+    Completed {
+        action: ActionRef,
+        execution_id: ExecutionId,
+        status: EndStatus,
+        result: Option<Payload>,
+        at: DateTime<Utc>,
+        receipt: Option<Receipt<CompletionVerdict>>,
+    },
+    /// Held a slot with no completion for longer than `purge.max_running_age_seconds`; the slot
+    /// was taken back. A completion arriving later frees nothing.
+    Reclaimed {
+        action: ActionRef,
+        execution_id: ExecutionId,
+        request_id: Option<Box<str>>,
+        admitted_at: DateTime<Utc>,
+        running_for: Duration,
+    },
+    /// A completion that freed nothing. The sink settles the receipt with
+    /// [`CompletionVerdict::Unmatched`].
+    Unmatched {
+        /// `None` when no action knows the id.
+        action: Option<ActionRef>,
+        execution_id: ExecutionId,
+        reason: crate::model::UnmatchedReason,
+        receipt: Option<Receipt<CompletionVerdict>>,
+    },
+}
+
+impl Event {
+    /// Answers the receipt this event carries, if any, with the verdict it stands for. A sink
+    /// calls this once the event is as safe as it needs to be.
+    pub fn settle(&mut self) {
+        use crate::model::settle;
+        match self {
+            Event::Accepted {
+                execution_id,
+                receipt,
+                ..
+            } => settle(
+                receipt.take(),
+                Verdict::Queued {
+                    execution_id: *execution_id,
+                },
+            ),
+            Event::Rejected {
+                execution_id,
+                rejection,
+                receipt,
+                ..
+            } => settle(
+                receipt.take(),
+                Verdict::Rejected {
+                    execution_id: *execution_id,
+                    rejection: rejection.clone(),
+                },
+            ),
+            Event::Removed { receipt, .. } => settle(receipt.take(), CancelVerdict::Canceled),
+            Event::Completed { receipt, .. } => settle(receipt.take(), CompletionVerdict::Freed),
+            Event::Unmatched {
+                reason, receipt, ..
+            } => settle(receipt.take(), CompletionVerdict::Unmatched(*reason)),
+            Event::Admitted { .. } | Event::Reclaimed { .. } => {}
+        }
+    }
+
+    /// The execution this event is about.
+    pub fn execution_id(&self) -> ExecutionId {
+        match self {
+            Event::Accepted { execution_id, .. }
+            | Event::Rejected { execution_id, .. }
+            | Event::Admitted { execution_id, .. }
+            | Event::Completed { execution_id, .. }
+            | Event::Reclaimed { execution_id, .. }
+            | Event::Unmatched { execution_id, .. } => *execution_id,
+            Event::Removed { execution, .. } => execution.execution_id,
+        }
+    }
+}
+
+/// Receives [`Event`]s. It owns the receipts inside them and must settle each exactly once.
+pub trait OutcomeSink: Send + Sync + 'static {
+    fn record(&self, events: Vec<Event>);
+}
+
+/// The counters of one action at one moment.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QueueStats {
+    pub action_ref: ActionRef,
+    pub queue_length: usize,
+    pub active_count: usize,
+    pub max_concurrent: u32,
+    pub oldest_enqueued_at: Option<DateTime<Utc>>,
+    pub total_enqueued: u64,
+    pub total_completed: u64,
+    pub total_canceled: u64,
+    pub total_timed_out: u64,
+    pub total_purged: u64,
+    pub total_reclaimed: u64,
+    pub total_rejected: u64,
+    pub total_unmatched: u64,
+    /// When anything about this queue last changed.
+    pub last_updated: DateTime<Utc>,
+    /// When this queue last moved forward: an admission, a completion or a removal. A queue
+    /// that only grows has `last_updated` fresh and `last_progress` old.
+    pub last_progress: DateTime<Utc>,
+    pub enabled: bool,
+}
+
+/// Receives the counters of an action after every handler invocation that changed them.
+/// Called often: keep the latest and coalesce.
+pub trait StatsObserver: Send + Sync + 'static {
+    fn observe(&self, stats: &QueueStats);
+}
+
+/// The three ports an executor is built with.
+#[derive(Clone)]
+pub struct Ports {
+    pub dispatcher: Arc<dyn Dispatcher>,
+    pub sink: Arc<dyn OutcomeSink>,
+    pub observer: Arc<dyn StatsObserver>,
+}
+
+impl std::fmt::Debug for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ports")
+    }
+}

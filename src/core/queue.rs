@@ -1,0 +1,578 @@
+//! One action's queue as a plain state machine: no actor, no I/O, no clock of its own.
+//!
+//! Every operation takes the current [`Stamp`] and appends what it caused to an [`Effects`]
+//! buffer; the action actor owns one `ActionQueue` and flushes the buffer to the ports after
+//! each message. Keeping the rules here, apart from the actor, lets the unit and property tests
+//! drive them directly and deterministically.
+//!
+//! The rules:
+//! - FIFO is the order of acceptance. An execution is admitted at once only when nothing waits
+//!   and a slot (and the rate limit) allows; otherwise it waits at the tail.
+//! - A completion frees exactly its own execution's slot, then the head is admitted.
+//! - Waiting executions leave the queue only by admission, cancel, timeout or purge; the rest
+//!   keep their order.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use super::clock::{Clock, Stamp};
+use super::policy::{self, ActionPolicy, Limiter, QueueSettings};
+use super::ports::{Dispatch, Event, QueueStats, RemovalReason, Removed};
+use crate::model::{
+    ActionRef, CancelVerdict, Completion, ExecutionId, Payload, Receipt, Rejection, Submission,
+    UnmatchedReason, settle,
+};
+
+/// A waiting execution. Kept small: this is the per-execution memory cost of a long queue.
+#[derive(Debug)]
+struct Waiting {
+    id: ExecutionId,
+    request_id: Option<Box<str>>,
+    payload: Payload,
+    enqueued: Stamp,
+}
+
+/// An execution holding a slot.
+#[derive(Debug)]
+struct Slot {
+    admitted: Stamp,
+    /// Kept so that a reclaimed execution's dead letter still names its request.
+    request_id: Option<Box<str>>,
+}
+
+/// What one or more operations produced, in order.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub events: Vec<Event>,
+    pub dispatches: Vec<Dispatch>,
+    /// Whether the counters changed, i.e. whether observers should hear about it.
+    pub changed: bool,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.dispatches.is_empty() && !self.changed
+    }
+}
+
+/// An execution restored after a restart, in acceptance order.
+#[derive(Debug)]
+pub struct Restored {
+    pub execution_id: ExecutionId,
+    pub request_id: Option<Box<str>>,
+    pub payload: Payload,
+    pub enqueued_at: Stamp,
+    /// When it took its slot; `None` if it was still waiting.
+    pub admitted_at: Option<Stamp>,
+}
+
+/// What a purge should remove, and whether only to report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeOrder {
+    /// Waiting longer than this is purged; `None` leaves waiting executions alone.
+    pub max_queued_age: Option<Duration>,
+    /// Holding a slot longer than this without a completion: the slot is reclaimed.
+    pub max_running_age: Option<Duration>,
+    pub dry_run: bool,
+}
+
+/// One execution a purge removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PurgedEntry {
+    pub action_ref: ActionRef,
+    pub execution_id: ExecutionId,
+    /// `queued` or `running`.
+    pub state: &'static str,
+    pub age_seconds: f64,
+    pub limit_seconds: f64,
+}
+
+/// The counters behind [`QueueStats`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    enqueued: u64,
+    completed: u64,
+    canceled: u64,
+    timed_out: u64,
+    purged: u64,
+    reclaimed: u64,
+    rejected: u64,
+    unmatched: u64,
+}
+
+/// One action's FIFO queue, its slots and its counters.
+pub struct ActionQueue {
+    action: ActionRef,
+    clock: Clock,
+    settings: QueueSettings,
+    policy: ActionPolicy,
+    limiter: Option<Limiter>,
+    waiting: VecDeque<Waiting>,
+    running: HashMap<ExecutionId, Slot>,
+    counters: Counters,
+    last_updated: Stamp,
+    last_progress: Stamp,
+    /// When the rate limiter next allows an admission, if it is what holds the head back.
+    rate_ready_at: Option<Stamp>,
+}
+
+impl std::fmt::Debug for ActionQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActionQueue")
+            .field("action", &self.action)
+            .field("waiting", &self.waiting.len())
+            .field("running", &self.running.len())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl ActionQueue {
+    pub fn new(
+        action: ActionRef,
+        clock: Clock,
+        settings: QueueSettings,
+        policy: ActionPolicy,
+    ) -> Self {
+        let now = clock.now();
+        let limiter = policy.rate_limit.map(|r| policy::limiter(r, &clock));
+        Self {
+            action,
+            clock,
+            settings,
+            policy,
+            limiter,
+            waiting: VecDeque::new(),
+            running: HashMap::new(),
+            counters: Counters::default(),
+            last_updated: now,
+            last_progress: now,
+            rate_ready_at: None,
+        }
+    }
+
+    pub fn action(&self) -> &ActionRef {
+        &self.action
+    }
+
+    pub fn policy(&self) -> ActionPolicy {
+        self.policy
+    }
+
+    pub fn queue_length(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// True when nothing waits and nothing runs: the actor may be retired.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Ids waiting, head first (for tests and diagnostics).
+    pub fn waiting_ids(&self) -> impl Iterator<Item = ExecutionId> + '_ {
+        self.waiting.iter().map(|w| w.id)
+    }
+
+    pub fn is_running(&self, id: ExecutionId) -> bool {
+        self.running.contains_key(&id)
+    }
+
+    /// Accepts or rejects one submission. The caller has already made sure the id is not live
+    /// anywhere else.
+    pub fn submit(&mut self, sub: Submission, now: Stamp, fx: &mut Effects) {
+        let Submission {
+            execution_id,
+            request_id,
+            payload,
+            receipt,
+        } = sub;
+        let admits_at_once = self.waiting.is_empty() && self.has_free_slot();
+        let rejection = if !self.policy.enabled {
+            Some(Rejection::ActionDisabled)
+        } else if !admits_at_once && self.waiting.len() >= self.settings.max_queue_length {
+            Some(Rejection::QueueFull {
+                max: self.settings.max_queue_length,
+            })
+        } else {
+            None
+        };
+        if let Some(rejection) = rejection {
+            self.counters.rejected += 1;
+            self.touch(now, fx);
+            fx.events.push(Event::Rejected {
+                action: self.action.clone(),
+                execution_id,
+                request_id,
+                rejection,
+                receipt,
+            });
+            return;
+        }
+        self.counters.enqueued += 1;
+        self.touch(now, fx);
+        fx.events.push(Event::Accepted {
+            action: self.action.clone(),
+            execution_id,
+            request_id: request_id.clone(),
+            payload: payload.clone(),
+            enqueued_at: self.clock.wall(now),
+            receipt,
+        });
+        self.waiting.push_back(Waiting {
+            id: execution_id,
+            request_id,
+            payload,
+            enqueued: now,
+        });
+        self.pump(now, fx);
+    }
+
+    /// Frees the slot of the completed execution and admits from the head.
+    pub fn complete(&mut self, c: Completion, now: Stamp, fx: &mut Effects) {
+        let Completion {
+            execution_id,
+            status,
+            result,
+            receipt,
+        } = c;
+        if self.running.remove(&execution_id).is_some() {
+            self.counters.completed += 1;
+            self.progress(now, fx);
+            fx.events.push(Event::Completed {
+                action: self.action.clone(),
+                execution_id,
+                status,
+                result,
+                at: self.clock.wall(now),
+                receipt,
+            });
+            self.pump(now, fx);
+            return;
+        }
+        let reason = if self.waiting.iter().any(|w| w.id == execution_id) {
+            UnmatchedReason::NeverDispatched
+        } else {
+            UnmatchedReason::Unknown
+        };
+        self.counters.unmatched += 1;
+        self.touch(now, fx);
+        fx.events.push(Event::Unmatched {
+            action: Some(self.action.clone()),
+            execution_id,
+            reason,
+            receipt,
+        });
+    }
+
+    /// Whether this queue holds the execution, waiting or running.
+    pub fn holds(&self, id: ExecutionId) -> bool {
+        self.running.contains_key(&id) || self.waiting.iter().any(|w| w.id == id)
+    }
+
+    /// Removes a waiting execution (its receipt then travels with the `Removed` event, so it is
+    /// answered once the cancel is recorded); a running one is left to its worker. Removing a
+    /// waiting execution frees no slot, so nothing is admitted here.
+    pub fn cancel(
+        &mut self,
+        id: ExecutionId,
+        receipt: Option<Receipt<CancelVerdict>>,
+        now: Stamp,
+        fx: &mut Effects,
+    ) {
+        if let Some(pos) = self.waiting.iter().position(|w| w.id == id) {
+            if let Some(w) = self.waiting.remove(pos) {
+                self.counters.canceled += 1;
+                self.remove_event(w, RemovalReason::Canceled, receipt, now, fx);
+            }
+            return;
+        }
+        let verdict = if self.running.contains_key(&id) {
+            CancelVerdict::Running
+        } else {
+            CancelVerdict::Unknown
+        };
+        settle(receipt, verdict);
+    }
+
+    /// Applies a new policy. A higher limit admits from the head at once; a lower one preempts
+    /// nothing and admits no more until active is below it.
+    pub fn set_policy(&mut self, policy: ActionPolicy, now: Stamp, fx: &mut Effects) {
+        if policy.rate_limit != self.policy.rate_limit {
+            self.limiter = policy.rate_limit.map(|r| policy::limiter(r, &self.clock));
+            self.rate_ready_at = None;
+        }
+        if policy != self.policy {
+            self.policy = policy;
+            self.touch(now, fx);
+        }
+        self.pump(now, fx);
+    }
+
+    /// Handles timers: timeouts of waiting executions and the rate limiter's next window.
+    pub fn tick(&mut self, now: Stamp, fx: &mut Effects) {
+        self.pump(now, fx);
+    }
+
+    /// When the actor should next call [`tick`](Self::tick), if anything is time-dependent.
+    pub fn next_wake(&self) -> Option<Stamp> {
+        let timeout = if self.settings.emergency_mode {
+            None
+        } else {
+            self.waiting
+                .front()
+                .map(|w| w.enqueued.plus(self.settings.queue_timeout).plus(TICK))
+        };
+        let rate = if !self.waiting.is_empty() && self.has_free_slot() {
+            self.rate_ready_at
+        } else {
+            None
+        };
+        match (timeout, rate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Removes executions that waited or ran too long (see [`PurgeOrder`]).
+    pub fn purge(&mut self, order: PurgeOrder, now: Stamp, fx: &mut Effects) -> Vec<PurgedEntry> {
+        let mut report = Vec::new();
+        if let Some(max) = order
+            .max_queued_age
+            .filter(|_| !self.settings.emergency_mode)
+        {
+            // Waiting executions are in acceptance order, so the stale ones are a prefix.
+            let stale = self
+                .waiting
+                .iter()
+                .take_while(|w| now.since(w.enqueued) > max)
+                .count();
+            for w in self.waiting.iter().take(stale) {
+                report.push(self.purged_entry(w.id, "queued", now.since(w.enqueued), max));
+            }
+            if !order.dry_run {
+                for w in self.waiting.drain(..stale).collect::<Vec<_>>() {
+                    self.counters.purged += 1;
+                    self.remove_event(w, RemovalReason::Purged, None, now, fx);
+                }
+            }
+        }
+        if let Some(max) = order.max_running_age {
+            let mut lost: Vec<(ExecutionId, Stamp)> = self
+                .running
+                .iter()
+                .filter(|(_, s)| now.since(s.admitted) > max)
+                .map(|(id, s)| (*id, s.admitted))
+                .collect();
+            lost.sort_by_key(|(id, admitted)| (*admitted, *id));
+            for (id, admitted) in lost {
+                report.push(self.purged_entry(id, "running", now.since(admitted), max));
+                if order.dry_run {
+                    continue;
+                }
+                if let Some(slot) = self.running.remove(&id) {
+                    self.counters.reclaimed += 1;
+                    self.progress(now, fx);
+                    fx.events.push(Event::Reclaimed {
+                        action: self.action.clone(),
+                        execution_id: id,
+                        request_id: slot.request_id,
+                        admitted_at: self.clock.wall(slot.admitted),
+                        running_for: now.since(slot.admitted),
+                    });
+                }
+            }
+        }
+        if !order.dry_run {
+            self.pump(now, fx);
+        }
+        report
+    }
+
+    /// Puts executions recovered after a restart back in place, in the order given (acceptance
+    /// order). Running ones take their slots even beyond the current limit: they are already
+    /// out with workers, and the limit then holds back new admissions until they finish.
+    pub fn restore(&mut self, restored: Vec<Restored>, now: Stamp, fx: &mut Effects) {
+        for r in restored {
+            self.counters.enqueued += 1;
+            match r.admitted_at {
+                Some(admitted) => {
+                    self.running.insert(
+                        r.execution_id,
+                        Slot {
+                            admitted,
+                            request_id: r.request_id,
+                        },
+                    );
+                }
+                None => self.waiting.push_back(Waiting {
+                    id: r.execution_id,
+                    request_id: r.request_id,
+                    payload: r.payload,
+                    enqueued: r.enqueued_at,
+                }),
+            }
+        }
+        self.touch(now, fx);
+        self.pump(now, fx);
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> QueueStats {
+        QueueStats {
+            action_ref: self.action.clone(),
+            queue_length: self.waiting.len(),
+            active_count: self.running.len(),
+            max_concurrent: self.policy.concurrency_limit.get(),
+            oldest_enqueued_at: self.waiting.front().map(|w| self.clock.wall(w.enqueued)),
+            total_enqueued: self.counters.enqueued,
+            total_completed: self.counters.completed,
+            total_canceled: self.counters.canceled,
+            total_timed_out: self.counters.timed_out,
+            total_purged: self.counters.purged,
+            total_reclaimed: self.counters.reclaimed,
+            total_rejected: self.counters.rejected,
+            total_unmatched: self.counters.unmatched,
+            last_updated: self.clock.wall(self.last_updated),
+            last_progress: self.clock.wall(self.last_progress),
+            enabled: self.policy.enabled,
+        }
+    }
+
+    fn has_free_slot(&self) -> bool {
+        self.running.len() < self.policy.concurrency_limit.get() as usize
+    }
+
+    /// Times out what waited too long, then admits from the head while slots, the rate limit
+    /// and the enabled flag allow.
+    fn pump(&mut self, now: Stamp, fx: &mut Effects) {
+        self.expire(now, fx);
+        self.rate_ready_at = None;
+        while self.policy.enabled && self.has_free_slot() {
+            if self.waiting.is_empty() || !self.rate_allows(now) {
+                break;
+            }
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            let id = w.id;
+            self.running.insert(
+                id,
+                Slot {
+                    admitted: now,
+                    request_id: w.request_id.clone(),
+                },
+            );
+            self.progress(now, fx);
+            let waited = now.since(w.enqueued);
+            let at = self.clock.wall(now);
+            fx.events.push(Event::Admitted {
+                action: self.action.clone(),
+                execution_id: id,
+                at,
+                waited,
+            });
+            fx.dispatches.push(Dispatch {
+                action: self.action.clone(),
+                execution_id: id,
+                request_id: w.request_id,
+                payload: w.payload,
+                enqueued_at: self.clock.wall(w.enqueued),
+                dispatched_at: at,
+                attempt: 1,
+            });
+        }
+    }
+
+    /// Takes a token from the rate limiter if there is one; when there is none, remembers when
+    /// the next one comes so the actor can set a timer.
+    fn rate_allows(&mut self, now: Stamp) -> bool {
+        if self.settings.emergency_mode {
+            return true;
+        }
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        match limiter.check() {
+            Ok(()) => true,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+                self.rate_ready_at = Some(now.plus(wait));
+                false
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Stamp, fx: &mut Effects) {
+        if self.settings.emergency_mode {
+            return;
+        }
+        let timeout = self.settings.queue_timeout;
+        while self
+            .waiting
+            .front()
+            .is_some_and(|w| now.since(w.enqueued) > timeout)
+        {
+            if let Some(w) = self.waiting.pop_front() {
+                self.counters.timed_out += 1;
+                self.remove_event(w, RemovalReason::TimedOut, None, now, fx);
+            }
+        }
+    }
+
+    fn remove_event(
+        &mut self,
+        w: Waiting,
+        reason: RemovalReason,
+        receipt: Option<Receipt<CancelVerdict>>,
+        now: Stamp,
+        fx: &mut Effects,
+    ) {
+        self.progress(now, fx);
+        fx.events.push(Event::Removed {
+            action: self.action.clone(),
+            reason,
+            execution: Removed {
+                execution_id: w.id,
+                request_id: w.request_id,
+                payload: w.payload,
+                enqueued_at: self.clock.wall(w.enqueued),
+                waited: now.since(w.enqueued),
+            },
+            receipt,
+        });
+    }
+
+    fn purged_entry(
+        &self,
+        id: ExecutionId,
+        state: &'static str,
+        age: Duration,
+        limit: Duration,
+    ) -> PurgedEntry {
+        PurgedEntry {
+            action_ref: self.action.clone(),
+            execution_id: id,
+            state,
+            age_seconds: age.as_secs_f64(),
+            limit_seconds: limit.as_secs_f64(),
+        }
+    }
+
+    fn touch(&mut self, now: Stamp, fx: &mut Effects) {
+        self.last_updated = now;
+        fx.changed = true;
+    }
+
+    fn progress(&mut self, now: Stamp, fx: &mut Effects) {
+        self.last_progress = now;
+        self.touch(now, fx);
+    }
+}
+
+/// Timers fire this long after a deadline so that "waited longer than the timeout" holds
+/// strictly when they do.
+const TICK: Duration = Duration::from_millis(1);

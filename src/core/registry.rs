@@ -1,0 +1,430 @@
+//! The executor handle: the registry of action actors and the one way in for all work.
+//!
+//! Edges never talk to action actors directly. They call [`Executor`], which finds (or spawns)
+//! the owning actor and claims execution ids in the live index, so that:
+//! - an id is queued or running at most once across all actions (duplicates are answered at
+//!   once and never reach an actor);
+//! - a completion or cancel, which names only the execution id, finds its action;
+//! - a cancel that overtakes its own submission still reaches the right actor after it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use ractor::{ActorRef, ActorRuntime, ActorStatus, SpawnErr};
+
+use super::action::{ActionActor, ActionArgs, ActionMsg};
+use super::clock::Clock;
+use super::policy::{ActionPolicy, PolicySource, QueueSettings};
+use super::ports::{Event, Ports, QueueStats};
+use super::queue::{PurgeOrder, PurgedEntry, Restored};
+use super::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::model::{
+    ActionRef, CancelRequest, CancelVerdict, Completion, ExecutionId, Rejection, Submission,
+    UnmatchedReason, Verdict, settle,
+};
+
+/// What every action actor shares.
+pub struct Shared {
+    pub clock: Clock,
+    pub settings: QueueSettings,
+    pub ports: Ports,
+    /// Every queued or running execution id, with the actor that owns it.
+    pub live: DashMap<ExecutionId, ActorRef<ActionMsg>>,
+}
+
+/// Errors of the core.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("could not start an actor: {0}")]
+    Spawn(#[from] SpawnErr),
+    #[error("the actor for action {0} did not answer in time")]
+    Timeout(ActionRef),
+    #[error("the actor for action {0} has stopped")]
+    Stopped(ActionRef),
+}
+
+/// Hands out execution ids for requests that came without one, always above every id seen.
+#[derive(Debug)]
+struct IdAllocator {
+    next: AtomicU64,
+}
+
+impl IdAllocator {
+    fn starting_at(first: u64) -> Self {
+        Self {
+            next: AtomicU64::new(first.max(1)),
+        }
+    }
+
+    fn allocate(&self) -> ExecutionId {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn observe(&self, id: ExecutionId) {
+        self.next.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+    }
+}
+
+/// How long calls that wait for an actor's answer (stats, purge) may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The running core: a supervisor, one actor per action, and the live index.
+pub struct Executor {
+    shared: Arc<Shared>,
+    actors: Arc<DashMap<ActionRef, ActorRef<ActionMsg>>>,
+    supervisor: ActorRef<SupervisorMsg>,
+    policies: Arc<dyn PolicySource>,
+    /// Policies set at run time; they win over the policy source, also for an actor that is
+    /// respawned later.
+    overrides: DashMap<ActionRef, ActionPolicy>,
+    ids: IdAllocator,
+    accepting: AtomicBool,
+}
+
+impl Executor {
+    /// Starts the supervisor. Action actors start on first use.
+    pub async fn start(
+        settings: QueueSettings,
+        ports: Ports,
+        policies: Arc<dyn PolicySource>,
+    ) -> Result<Self, CoreError> {
+        Self::start_with_clock(settings, ports, policies, Clock::new()).await
+    }
+
+    pub async fn start_with_clock(
+        settings: QueueSettings,
+        ports: Ports,
+        policies: Arc<dyn PolicySource>,
+        clock: Clock,
+    ) -> Result<Self, CoreError> {
+        // Ids assigned here start at the current time in microseconds, so that even without a
+        // ledger to ask, a restarted executor does not hand out ids it handed out before (it
+        // would need to have assigned more than a million ids per second on average).
+        let first_id = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(1);
+        let shared = Arc::new(Shared {
+            clock,
+            settings,
+            ports,
+            live: DashMap::new(),
+        });
+        let actors = Arc::new(DashMap::new());
+        let (supervisor, _handle) = ractor::Actor::spawn(
+            None,
+            Supervisor,
+            SupervisorArgs {
+                actors: actors.clone(),
+                shared: shared.clone(),
+            },
+        )
+        .await?;
+        Ok(Self {
+            shared,
+            actors,
+            supervisor,
+            policies,
+            overrides: DashMap::new(),
+            ids: IdAllocator::starting_at(first_id),
+            accepting: AtomicBool::new(true),
+        })
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    pub fn settings(&self) -> QueueSettings {
+        self.shared.settings
+    }
+
+    /// An id for a request that came without one.
+    pub fn next_execution_id(&self) -> ExecutionId {
+        self.ids.allocate()
+    }
+
+    /// Makes sure assigned ids stay above `id` (the ledger calls this at start).
+    pub fn observe_execution_id(&self, id: ExecutionId) {
+        self.ids.observe(id);
+    }
+
+    /// Whether an execution id is queued or running right now.
+    pub fn is_live(&self, id: ExecutionId) -> bool {
+        self.shared.live.contains_key(&id)
+    }
+
+    /// Number of executions queued or running over all actions.
+    pub fn live_count(&self) -> usize {
+        self.shared.live.len()
+    }
+
+    /// Submits executions for one action, in the order given. Each receipt is answered with
+    /// the verdict: at once for duplicates, through the outcome sink otherwise.
+    pub fn submit(&self, action: &ActionRef, subs: Vec<Submission>) {
+        if !self.accepting.load(Ordering::Acquire) {
+            reject_all(subs, Rejection::ShuttingDown);
+            return;
+        }
+        let actor = match self.actor_for(action) {
+            Ok(actor) => actor,
+            Err(e) => {
+                tracing::error!(action = %action, error = %e, "no actor for action");
+                reject_all(subs, Rejection::ShuttingDown);
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(subs.len());
+        for sub in subs {
+            self.ids.observe(sub.execution_id);
+            match self.shared.live.entry(sub.execution_id) {
+                Entry::Occupied(_) => {
+                    let execution_id = sub.execution_id;
+                    settle(sub.receipt, Verdict::Duplicate { execution_id });
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(actor.clone());
+                    batch.push(sub);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        // The send fails only if the actor stopped between lookup and send: during shutdown or
+        // after a crash. Give the claims back and tell the edge to leave the message with the
+        // broker.
+        if let Err(ractor::MessagingErr::SendErr(ActionMsg::Submit(batch))) =
+            actor.cast(ActionMsg::Submit(batch))
+        {
+            for sub in &batch {
+                self.shared.live.remove(&sub.execution_id);
+            }
+            reject_all(batch, Rejection::ShuttingDown);
+        }
+    }
+
+    /// Hands worker completions to the actors that own them. Completions for ids no action
+    /// knows free nothing and are reported as unmatched.
+    pub fn complete(&self, completions: Vec<Completion>) {
+        let mut unmatched = Vec::new();
+        for (actor, batch) in self.route(completions, |c| c.execution_id) {
+            match actor {
+                Some(actor) => {
+                    if let Err(ractor::MessagingErr::SendErr(ActionMsg::Complete(batch))) =
+                        actor.cast(ActionMsg::Complete(batch))
+                    {
+                        unmatched.extend(batch);
+                    }
+                }
+                None => unmatched.extend(batch),
+            }
+        }
+        if !unmatched.is_empty() {
+            let events = unmatched
+                .into_iter()
+                .map(|c| Event::Unmatched {
+                    action: None,
+                    execution_id: c.execution_id,
+                    reason: UnmatchedReason::Unknown,
+                    receipt: c.receipt,
+                })
+                .collect();
+            self.shared.ports.sink.record(events);
+        }
+    }
+
+    /// Cancels waiting executions by id.
+    pub fn cancel(&self, requests: Vec<CancelRequest>) {
+        for (actor, batch) in self.route(requests, |r| r.execution_id) {
+            let Some(actor) = actor else {
+                for r in batch {
+                    settle(r.receipt, CancelVerdict::Unknown);
+                }
+                continue;
+            };
+            if let Err(ractor::MessagingErr::SendErr(ActionMsg::Cancel(batch))) =
+                actor.cast(ActionMsg::Cancel(batch))
+            {
+                for r in batch {
+                    settle(r.receipt, CancelVerdict::Unknown);
+                }
+            }
+        }
+    }
+
+    /// Changes an action's policy at once and keeps it for the actor's lifetime and beyond.
+    pub fn set_policy(&self, action: &ActionRef, policy: ActionPolicy) -> Result<(), CoreError> {
+        self.overrides.insert(action.clone(), policy);
+        let actor = self.actor_for(action)?;
+        actor
+            .cast(ActionMsg::SetPolicy(policy))
+            .map_err(|_| CoreError::Stopped(action.clone()))
+    }
+
+    /// The policy an action has now (or would get if it started now).
+    pub fn policy(&self, action: &ActionRef) -> ActionPolicy {
+        self.overrides
+            .get(action)
+            .map(|p| *p)
+            .unwrap_or_else(|| self.policies.policy_for(action))
+    }
+
+    /// Puts executions recovered after a restart back into their action's queue. Their ids
+    /// are claimed here, so a redelivered request for one of them is a duplicate.
+    pub fn restore(&self, action: &ActionRef, restored: Vec<Restored>) -> Result<(), CoreError> {
+        let actor = self.actor_for(action)?;
+        for r in &restored {
+            self.ids.observe(r.execution_id);
+            self.shared.live.insert(r.execution_id, actor.clone());
+        }
+        actor
+            .cast(ActionMsg::Restore(restored))
+            .map_err(|_| CoreError::Stopped(action.clone()))
+    }
+
+    /// The action refs that have an actor.
+    pub fn actions(&self) -> Vec<ActionRef> {
+        self.actors.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// One action's counters, asked of its actor; `None` for an action never seen.
+    pub async fn stats(&self, action: &ActionRef) -> Result<Option<QueueStats>, CoreError> {
+        let Some(actor) = self.actors.get(action).map(|a| a.clone()) else {
+            return Ok(None);
+        };
+        match actor.call(ActionMsg::Stats, Some(CALL_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(stats)) => Ok(Some(stats)),
+            Ok(_) => Err(CoreError::Timeout(action.clone())),
+            Err(_) => Err(CoreError::Stopped(action.clone())),
+        }
+    }
+
+    /// Every action's counters.
+    pub async fn all_stats(&self) -> Vec<QueueStats> {
+        let actions = self.actions();
+        let answers = futures::future::join_all(actions.iter().map(|a| self.stats(a))).await;
+        answers
+            .into_iter()
+            .filter_map(|r| r.ok().flatten())
+            .collect()
+    }
+
+    /// Runs a purge over every action; returns what was (or, in a dry run, would be) removed.
+    pub async fn purge(&self, order: PurgeOrder) -> Vec<PurgedEntry> {
+        let actors: Vec<_> = self.actors.iter().map(|e| e.value().clone()).collect();
+        let answers = futures::future::join_all(
+            actors
+                .iter()
+                .map(|a| a.call(|reply| ActionMsg::Purge(order, reply), Some(CALL_TIMEOUT))),
+        )
+        .await;
+        let mut report: Vec<PurgedEntry> = answers
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(ractor::rpc::CallResult::Success(entries)) => Some(entries),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        report.sort_by(|a, b| {
+            (a.action_ref.as_str(), a.execution_id).cmp(&(b.action_ref.as_str(), b.execution_id))
+        });
+        report
+    }
+
+    /// Stops accepting work, lets every actor finish the messages already in its mailbox,
+    /// then stops them. Executions still queued stay wherever the outcome sink put them (the
+    /// ledger); in memory mode they are gone.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.accepting.store(false, Ordering::Release);
+        self.supervisor
+            .get_cell()
+            .drain_children_and_wait(Some(timeout))
+            .await;
+        let _ = self.supervisor.stop_and_wait(None, Some(timeout)).await;
+    }
+
+    /// Finds the actor of an action, starting it on first use (or again after it stopped).
+    fn actor_for(&self, action: &ActionRef) -> Result<ActorRef<ActionMsg>, CoreError> {
+        if let Some(actor) = self.actors.get(action)
+            && is_alive(&actor)
+        {
+            return Ok(actor.clone());
+        }
+        match self.actors.entry(action.clone()) {
+            Entry::Occupied(mut o) if !is_alive(o.get()) => {
+                let actor = self.spawn(action)?;
+                o.insert(actor.clone());
+                Ok(actor)
+            }
+            Entry::Occupied(o) => Ok(o.get().clone()),
+            Entry::Vacant(v) => {
+                let actor = self.spawn(action)?;
+                v.insert(actor.clone());
+                Ok(actor)
+            }
+        }
+    }
+
+    fn spawn(&self, action: &ActionRef) -> Result<ActorRef<ActionMsg>, CoreError> {
+        // Spawned "instantly" so that it can be done under the registry's entry lock (one
+        // actor per action, even when two tasks race) and messages can be sent before
+        // `pre_start` has run; they wait in the mailbox.
+        let (actor, _join) = ActorRuntime::spawn_linked_instant(
+            None,
+            ActionActor,
+            ActionArgs {
+                action: action.clone(),
+                policy: self.policy(action),
+                shared: self.shared.clone(),
+            },
+            self.supervisor.get_cell(),
+        )?;
+        Ok(actor)
+    }
+
+    /// Groups items by the actor that owns their execution id; `None` collects unknown ids.
+    fn route<T>(
+        &self,
+        items: Vec<T>,
+        id_of: impl Fn(&T) -> ExecutionId,
+    ) -> Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> {
+        let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = Vec::new();
+        for item in items {
+            let owner = self.shared.live.get(&id_of(&item)).map(|a| a.clone());
+            let key = owner.as_ref().map(|a| a.get_id());
+            match groups
+                .iter_mut()
+                .find(|(a, _)| a.as_ref().map(|a| a.get_id()) == key)
+            {
+                Some((_, batch)) => batch.push(item),
+                None => groups.push((owner, vec![item])),
+            }
+        }
+        groups
+    }
+}
+
+fn is_alive(actor: &ActorRef<ActionMsg>) -> bool {
+    matches!(
+        actor.get_status(),
+        ActorStatus::Unstarted
+            | ActorStatus::Starting
+            | ActorStatus::Running
+            | ActorStatus::Upgrading
+    )
+}
+
+fn reject_all(subs: Vec<Submission>, rejection: Rejection) {
+    for sub in subs {
+        let execution_id = sub.execution_id;
+        settle(
+            sub.receipt,
+            Verdict::Rejected {
+                execution_id,
+                rejection: rejection.clone(),
+            },
+        );
+    }
+}
