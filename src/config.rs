@@ -1455,6 +1455,8 @@ impl Validator<'_> {
 mod tests {
     use super::*;
 
+    const DEFAULT_YAML: &str = include_str!("../config/default.yaml");
+
     fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
         vars.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1474,6 +1476,87 @@ mod tests {
             Ok(config) => panic!("expected an error, got {config:?}"),
             Err(error) => error.to_string(),
         }
+    }
+
+    #[test]
+    fn default_yaml_parses_and_equals_the_built_in_defaults() {
+        let config = Config::load_from(Some(("config/default.yaml", DEFAULT_YAML)), Vec::new())
+            .expect("default.yaml loads");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn default_yaml_mentions_every_key() {
+        // Deserialization cannot notice a key missing from the file; this does.
+        let tree: Value = serde_yaml_ng::from_str(DEFAULT_YAML).expect("default.yaml is YAML");
+        for path in [
+            "executor.queue.max_queue_length",
+            "executor.queue.queue_timeout_seconds",
+            "executor.queue.enable_metrics",
+            "executor.emergency_mode",
+            "executor.durability",
+            "executor.shutdown_timeout_seconds",
+            "policies.default.concurrency_limit",
+            "policies.actions",
+            "rabbitmq.url",
+            "rabbitmq.max_deliveries",
+            "rabbitmq.queue_type",
+            "rabbitmq.prefetch",
+            "rabbitmq.max_message_bytes",
+            "rabbitmq.reconnect_max_backoff_ms",
+            "database.url",
+            "database.schema",
+            "database.max_connections",
+            "database.flush_interval_ms",
+            "database.batch_max_rows",
+            "stats.interval_ms",
+            "stats.snapshot_interval_seconds",
+            "dlq.enabled",
+            "dlq.ttl_hours",
+            "dlq.max_entries",
+            "purge.enabled",
+            "purge.interval_seconds",
+            "purge.dry_run",
+            "purge.max_queued_age_seconds",
+            "purge.max_running_age_seconds",
+            "purge.max_completed_age_seconds",
+            "purge.max_stale_stats_age_seconds",
+            "health.enabled",
+            "health.interval_seconds",
+            "health.thresholds.queue_length_warning",
+            "health.thresholds.queue_length_critical",
+            "health.thresholds.oldest_age_warning_seconds",
+            "health.thresholds.oldest_age_critical_seconds",
+            "health.thresholds.dlq_warning",
+            "health.thresholds.dlq_critical",
+            "health.thresholds.stuck_age_seconds",
+            "health.thresholds.stuck_warning",
+            "health.thresholds.stuck_critical",
+            "health.thresholds.stalled_seconds",
+            "api.listen",
+            "api.max_body_bytes",
+            "logging.filter",
+            "logging.json",
+        ] {
+            let segments: Vec<&str> = path.split('.').collect();
+            assert!(lookup(&tree, &segments).is_some(), "{path} missing");
+        }
+    }
+
+    #[test]
+    fn default_yaml_documents_emergency_mode_as_specified() {
+        let flattened: String = DEFAULT_YAML
+            .lines()
+            .map(|line| line.trim().trim_start_matches('#').trim())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(flattened.contains(
+            "When true: queued executions are never timed out or purged for age (an overload \
+             must not turn into a mass dead-lettering), and per-action rate limits are lifted. \
+             Concurrency limits and max_queue_length still hold (raise them explicitly, as the \
+             runbook does with max_queue_length: 50000). /health reports emergency mode and \
+             the gauge attune_emergency_mode is 1."
+        ));
     }
 
     #[test]
