@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`config`]: the YAML configuration with `ATTUNE__` environment overrides, typed and
+//!   validated at start.
 //! - [`model`]: the vocabulary every part shares: action refs, execution ids, payloads,
 //!   submissions, completions, cancels and the verdicts on them.
 //! - [`core`]: the actors. One [`core::action`] actor per action owns its FIFO queue, slots
@@ -24,5 +26,6 @@
 //! order of acceptance. Dispatches of one action leave in acceptance order; actions never
 //! wait on one another.
 
+pub mod config;
 pub mod core;
 pub mod model;
