@@ -26,6 +26,10 @@
 //! order of acceptance. Dispatches of one action leave in acceptance order; actions never
 //! wait on one another.
 
+pub mod app;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod model;
+pub mod rabbit;
+pub mod tools;

@@ -1,1 +1,13 @@
-fn main() {}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = fifo_executor::cli::Cli::parse();
+    match fifo_executor::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fifo-executor: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The RabbitMQ session: connect, declare the topology, consume, and start over after a loss.
+//!
+//! A session is one connection with four channels: one for the publisher (confirm mode) and
+//! one per consumer, each with its own prefetch and its own ack task. When anything in the
+//! session fails (the broker restarts, an operator closes the connection) the whole session is
+//! dropped and rebuilt with backoff: deliveries that were not acknowledged come back from the
+//! broker (the executor recognises their execution ids), and unconfirmed publishes are sent
+//! again by the publisher. A topology mismatch is not retried: it needs an operator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::watch;
+
+use super::acks::Acks;
+use super::consumers::{self, ConsumerContext};
+use super::publisher::ChannelSlot;
+use super::topology::{self, TopologyError, TopologySpec};
+
+/// Most deliveries handed to the executor in one batch.
+const MAX_BATCH: usize = 256;
+
+/// Settings of the RabbitMQ edge.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    pub url: String,
+    /// Unacknowledged deliveries per consumer.
+    pub prefetch: u16,
+    pub topology: TopologySpec,
+    pub reconnect_max_backoff: Duration,
+    /// How long shutdown waits for in-flight work to settle.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ consumer for {queue} was canceled by the broker (queue deleted?)")]
+    ConsumerCanceled { queue: &'static str },
+}
+
+impl EdgeError {
+    /// Errors a reconnect will not fix.
+    fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            EdgeError::Topology(TopologyError::Inequivalent(_) | TopologyError::InvalidSpec { .. })
+        )
+    }
+}
+
+/// Opens a connection that names itself, so operators see it in `rabbitmqctl list_connections`.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, properties).await
+}
+
+/// Runs sessions until `shutdown` turns true. On shutdown: stops consuming, waits (up to the
+/// timeout) until every delivery taken is settled, runs `drain` (the caller stops the
+/// executor there, whose last dispatches still go out), waits for the publisher to have
+/// everything confirmed, and closes the connection.
+pub async fn run<F>(
+    settings: EdgeSettings,
+    ctx: Arc<ConsumerContext>,
+    publisher_slot: ChannelSlot,
+    mut shutdown: watch::Receiver<bool>,
+    drain: F,
+) -> Result<(), EdgeError>
+where
+    F: std::future::Future<Output = ()>,
+{
+    let mut backoff = Duration::from_millis(100);
+    let mut drain = Some(Box::pin(drain));
+    loop {
+        match session(&settings, &ctx, &publisher_slot, &mut shutdown, &mut drain).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                publisher_slot.send_replace(None);
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "RabbitMQ session lost; reconnecting");
+                metrics::counter!("attune_rabbitmq_reconnects_total").increment(1);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut shutdown) => {
+                if let Some(d) = drain.take() {
+                    d.await;
+                }
+                return Ok(());
+            }
+        }
+        backoff = (backoff * 2).min(settings.reconnect_max_backoff);
+    }
+}
+
+struct ConsumerSpec {
+    queue: &'static str,
+    tag: &'static str,
+    handle: fn(&Arc<ConsumerContext>, Vec<lapin::message::Delivery>, &Acks),
+}
+
+const CONSUMERS: [ConsumerSpec; 3] = [
+    ConsumerSpec {
+        queue: topology::REQUESTS_QUEUE,
+        tag: "fifo-executor.requests",
+        handle: consumers::handle_requests,
+    },
+    ConsumerSpec {
+        queue: topology::COMPLETED_QUEUE,
+        tag: "fifo-executor.completed",
+        handle: consumers::handle_completions,
+    },
+    ConsumerSpec {
+        queue: topology::CANCEL_QUEUE,
+        tag: "fifo-executor.cancel",
+        handle: consumers::handle_cancels,
+    },
+];
+
+async fn session<F>(
+    settings: &EdgeSettings,
+    ctx: &Arc<ConsumerContext>,
+    publisher_slot: &ChannelSlot,
+    shutdown: &mut watch::Receiver<bool>,
+    drain: &mut Option<std::pin::Pin<Box<F>>>,
+) -> Result<(), EdgeError>
+where
+    F: std::future::Future<Output = ()>,
+{
+    let conn = connect(&settings.url, "fifo-executor").await?;
+    let topo = conn.create_channel().await?;
+    topology::declare(&topo, &settings.topology).await?;
+    let _ = topo.close(200, "topology declared".into()).await;
+
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    publisher_slot.send_replace(Some(publish.clone()));
+
+    let mut channels: Vec<(Channel, Acks, &'static str, &'static str)> = Vec::new();
+    let mut loops = futures::stream::FuturesUnordered::new();
+    for spec in &CONSUMERS {
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = ch
+            .basic_consume(
+                spec.queue.into(),
+                spec.tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (acks, _ack_task) = Acks::spawn(ch.clone());
+        let ctx = ctx.clone();
+        let handle = spec.handle;
+        let queue = spec.queue;
+        let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
+        let acks_for_loop = acks.clone();
+        loops.push(async move {
+            let r =
+                consumers::consume(consumer, acks_for_loop, batch, |b, a| handle(&ctx, b, a)).await;
+            (queue, r)
+        });
+        channels.push((ch, acks, spec.queue, spec.tag));
+    }
+    tracing::info!(url = %redact(&settings.url), "RabbitMQ session up; consuming");
+    metrics::gauge!("attune_rabbitmq_connected").set(1.0);
+
+    let outcome = tokio::select! {
+        Some((queue, r)) = loops.next() => Err(match r {
+            Ok(()) => EdgeError::ConsumerCanceled { queue },
+            Err(e) => EdgeError::Amqp(e),
+        }),
+        _ = stopped(shutdown) => Ok(()),
+    };
+    metrics::gauge!("attune_rabbitmq_connected").set(0.0);
+    outcome?;
+
+    // Graceful shutdown, in order: stop taking work, settle what was taken, drain the core,
+    // get the last publishes confirmed, close.
+    for (ch, _, _, tag) in &channels {
+        let _ = ch
+            .basic_cancel((*tag).into(), BasicCancelOptions::default())
+            .await;
+    }
+    // Let the consumer loops see their streams end and hand over what they had buffered.
+    let _ = tokio::time::timeout(settings.shutdown_timeout, async {
+        while loops.next().await.is_some() {}
+    })
+    .await;
+    for (_, acks, queue, _) in &channels {
+        if !acks.settled(settings.shutdown_timeout).await {
+            tracing::warn!(
+                queue,
+                outstanding = acks.outstanding(),
+                "deliveries left unsettled at shutdown; the broker will redeliver them"
+            );
+        }
+    }
+    if let Some(d) = drain.take() {
+        d.await;
+    }
+    if !ctx.publisher.flush(settings.shutdown_timeout).await {
+        tracing::warn!(
+            pending = ctx.publisher.pending(),
+            "publishes left unconfirmed at shutdown"
+        );
+    }
+    publisher_slot.send_replace(None);
+    let _ = conn.close(200, "fifo-executor shutting down".into()).await;
+    Ok(())
+}
+
+/// The URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Resolves once shutdown is asked for (or nobody can ask any more).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await in a task that is sent
+    // between threads, so it is dropped here.
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}

@@ -1,0 +1,300 @@
+//! Everything the executor publishes goes through one publisher task: dispatches to workers,
+//! dead letters and `reply_to` answers.
+//!
+//! The task owns a confirm-mode channel handed to it by the current session. It publishes in
+//! the order jobs arrive (so one action's dispatches reach the broker in FIFO order), keeps up
+//! to [`CONFIRM_WINDOW`] publishes awaiting their confirm without waiting on each, and runs each
+//! job's `on_confirmed` hook when the broker confirms it. When the connection drops, every
+//! unconfirmed job goes back to the front of the line, in its original order, and is published
+//! again on the next session's channel; a dispatch sent again carries `attempt + 1`, since the
+//! first copy may have reached a worker.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::sync::{mpsc, watch};
+
+use super::topology;
+use super::wire::{self, DeadLetter, Reply};
+use crate::core::{Dispatch, Dispatcher};
+use crate::model::ExecutionId;
+
+/// Publishes awaiting a confirm at once. Enough to keep the broker busy (persistent messages
+/// are confirmed after an fsync batch, a few ms), small enough that a reconnect re-sends little.
+pub const CONFIRM_WINDOW: usize = 512;
+
+/// Runs when the broker has confirmed a job (`true`) or the job was given up (`false`, only
+/// at shutdown).
+pub type OnConfirmed = Box<dyn FnOnce(bool) + Send>;
+
+/// Told which dispatches the broker confirmed (the ledger marks them `running`).
+pub type DispatchConfirmed = Arc<dyn Fn(&[ExecutionId]) + Send + Sync>;
+
+/// Something to publish.
+pub enum Outgoing {
+    Dispatch(Dispatch),
+    DeadLetter(DeadLetter),
+    Reply {
+        to: String,
+        correlation_id: Option<ShortString>,
+        reply: Reply,
+    },
+}
+
+struct Job {
+    out: Outgoing,
+    on_confirmed: Option<OnConfirmed>,
+}
+
+impl Job {
+    /// Marks a job that goes out again after its first copy may have been delivered.
+    fn again(mut self) -> Self {
+        if let Outgoing::Dispatch(d) = &mut self.out {
+            d.attempt = d.attempt.saturating_add(1);
+        }
+        self
+    }
+}
+
+/// The sending side: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct PublisherHandle {
+    tx: mpsc::UnboundedSender<Job>,
+    /// Jobs handed in and not yet confirmed or given up.
+    pending: Arc<AtomicUsize>,
+}
+
+impl PublisherHandle {
+    pub fn publish(&self, out: Outgoing, on_confirmed: Option<OnConfirmed>) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { out, on_confirmed }) {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            if let Some(f) = job.on_confirmed {
+                f(false);
+            }
+        }
+    }
+
+    /// Jobs handed in and not yet confirmed.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Waits until everything handed in so far is confirmed, or the timeout passes. Returns
+    /// whether it drained.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.pending() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+impl Dispatcher for PublisherHandle {
+    fn dispatch(&self, batch: Vec<Dispatch>) {
+        for d in batch {
+            self.publish(Outgoing::Dispatch(d), None);
+        }
+    }
+}
+
+/// Where the session puts the channel the publisher should use (`None` while disconnected).
+pub type ChannelSlot = watch::Sender<Option<Channel>>;
+
+/// Starts the publisher task. It runs until every handle is dropped and all is confirmed.
+pub fn spawn(
+    on_dispatch_confirmed: Option<DispatchConfirmed>,
+) -> (PublisherHandle, ChannelSlot, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (slot, channel) = watch::channel(None);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let task = tokio::spawn(run(rx, channel, pending.clone(), on_dispatch_confirmed));
+    (PublisherHandle { tx, pending }, slot, task)
+}
+
+type ConfirmFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = lapin::Result<Confirmation>> + Send>>;
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut channel: watch::Receiver<Option<Channel>>,
+    pending: Arc<AtomicUsize>,
+    on_dispatch_confirmed: Option<DispatchConfirmed>,
+) {
+    let mut retry: VecDeque<Job> = VecDeque::new();
+    let mut closed = false;
+    loop {
+        let Some(ch) = current_channel(&mut channel, closed && retry.is_empty()).await else {
+            break;
+        };
+        let mut in_flight: VecDeque<Job> = VecDeque::new();
+        let mut confirms: FuturesOrdered<ConfirmFuture> = FuturesOrdered::new();
+        let mut broken = false;
+        while !broken {
+            if closed && retry.is_empty() && in_flight.is_empty() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                Some(result) = confirms.next(), if !confirms.is_empty() => {
+                    let Some(job) = in_flight.pop_front() else { continue };
+                    match result {
+                        Ok(Confirmation::Nack(_)) => {
+                            tracing::warn!("broker refused a publish (nack); sending it again");
+                            retry.push_back(job.again());
+                        }
+                        Ok(_) => {
+                            confirmed(job, &pending, on_dispatch_confirmed.as_ref());
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "publish confirm lost");
+                            in_flight.push_front(job);
+                            broken = true;
+                        }
+                    }
+                }
+                job = next_job(&mut retry, &mut rx, &mut closed), if in_flight.len() < CONFIRM_WINDOW => {
+                    let Some(job) = job else { continue };
+                    match send(&ch, &job.out).await {
+                        Ok(confirm) => {
+                            in_flight.push_back(job);
+                            confirms.push_back(Box::pin(confirm));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "publish failed; waiting for a new channel");
+                            retry.push_front(job);
+                            broken = true;
+                        }
+                    }
+                }
+                changed = channel.changed() => {
+                    if changed.is_err() || channel.borrow().as_ref().map(|c| c.id()) != Some(ch.id()) {
+                        broken = true;
+                    }
+                }
+            }
+        }
+        // Whatever was not confirmed goes first next time, in the order it was published.
+        while let Some(job) = in_flight.pop_back() {
+            retry.push_front(job.again());
+        }
+        let _ = channel.borrow_and_update();
+    }
+    // Shut down with jobs left and no broker: tell their owners.
+    for job in retry {
+        pending.fetch_sub(1, Ordering::AcqRel);
+        if let Some(f) = job.on_confirmed {
+            f(false);
+        }
+    }
+}
+
+/// The channel to publish on, waiting for a session to provide one. `None` when there is
+/// nothing left to do and no channel will come.
+async fn current_channel(
+    channel: &mut watch::Receiver<Option<Channel>>,
+    done: bool,
+) -> Option<Channel> {
+    loop {
+        if let Some(ch) = channel.borrow_and_update().clone()
+            && ch.status().connected()
+        {
+            return Some(ch);
+        }
+        if done {
+            return None;
+        }
+        if channel.changed().await.is_err() {
+            return None;
+        }
+    }
+}
+
+async fn next_job(
+    retry: &mut VecDeque<Job>,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    closed: &mut bool,
+) -> Option<Job> {
+    if let Some(job) = retry.pop_front() {
+        return Some(job);
+    }
+    if *closed {
+        return std::future::pending().await;
+    }
+    match rx.recv().await {
+        Some(job) => Some(job),
+        None => {
+            *closed = true;
+            None
+        }
+    }
+}
+
+fn confirmed(job: Job, pending: &AtomicUsize, on_dispatch: Option<&DispatchConfirmed>) {
+    pending.fetch_sub(1, Ordering::AcqRel);
+    if let (Outgoing::Dispatch(d), Some(hook)) = (&job.out, on_dispatch) {
+        hook(&[d.execution_id]);
+    }
+    if let Some(f) = job.on_confirmed {
+        f(true);
+    }
+}
+
+fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}
+
+async fn send(ch: &Channel, out: &Outgoing) -> lapin::Result<lapin::PublisherConfirm> {
+    let (exchange, routing_key, body, props) = match out {
+        Outgoing::Dispatch(d) => {
+            let mut headers = FieldTable::default();
+            headers.insert("x-attempt".into(), AMQPValue::LongUInt(d.attempt));
+            (
+                topology::EXCHANGE.to_owned(),
+                topology::dispatch_routing_key(d.action.as_str()),
+                wire::encode_dispatch(d),
+                json_properties()
+                    .with_message_id(d.execution_id.to_string().into())
+                    .with_headers(headers),
+            )
+        }
+        Outgoing::DeadLetter(letter) => (
+            topology::DLX.to_owned(),
+            topology::dlq_routing_key(letter.queue_from.as_str()),
+            letter.encode(),
+            json_properties(),
+        ),
+        Outgoing::Reply {
+            to,
+            correlation_id,
+            reply,
+        } => {
+            let mut props = BasicProperties::default().with_content_type("application/json".into());
+            if let Some(c) = correlation_id {
+                props = props.with_correlation_id(c.clone());
+            }
+            (String::new(), to.clone(), reply.encode(), props)
+        }
+    };
+    ch.basic_publish(
+        exchange.as_str().into(),
+        routing_key.as_str().into(),
+        BasicPublishOptions::default(),
+        &body,
+        props,
+    )
+    .await
+}
