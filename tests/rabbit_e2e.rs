@@ -1,0 +1,506 @@
+//! The executor end to end through the real RabbitMQ: producers publish requests, test workers
+//! consume dispatches and publish completions, and the test checks FIFO order per action, the
+//! concurrency limit, exactly-once completion, dead letters and `reply_to` answers.
+//!
+//! Each test runs the whole service in-process against its own vhost.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fifo_executor::app::Service;
+use fifo_executor::config::{self, Config};
+use fifo_executor::rabbit::topology;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use support::{TestVhost, poll_until};
+
+fn config_for(vhost: &TestVhost) -> Config {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let mut c = Config::default();
+    c.rabbitmq.url = vhost.url.clone();
+    c.executor.durability = config::Durability::Memory;
+    c.executor.shutdown_timeout_seconds = 5;
+    c
+}
+
+fn limit(c: &mut Config, action: &str, n: u32) {
+    c.policies.actions.insert(
+        action.to_owned(),
+        config::ActionPolicy {
+            concurrency_limit: Some(n),
+            rate_limit: None,
+            enabled: None,
+        },
+    );
+}
+
+async fn connect(vhost: &TestVhost) -> Connection {
+    Connection::connect(&vhost.url, ConnectionProperties::default())
+        .await
+        .expect("test connection")
+}
+
+async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    ch
+}
+
+async fn publish(ch: &Channel, routing_key: &str, body: &[u8], props: BasicProperties) {
+    ch.basic_publish(
+        topology::EXCHANGE.into(),
+        routing_key.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+}
+
+fn json_props() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}
+
+/// A queue of the test's own bound to dispatches, like a worker's.
+async fn worker_queue(ch: &Channel, name: &str) {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare worker queue");
+    ch.queue_bind(
+        name.into(),
+        topology::EXCHANGE.into(),
+        "execution.dispatch.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind worker queue");
+}
+
+/// What the test workers saw.
+#[derive(Default)]
+struct Observed {
+    /// Per action, execution ids in the order of their first dispatch.
+    order: HashMap<String, Vec<u64>>,
+    /// Per action, executions being worked on now and the most ever at once.
+    active: HashMap<String, (u32, u32)>,
+    /// Times each execution id was completed by a worker.
+    completed: HashMap<u64, u32>,
+    dispatches: u64,
+}
+
+/// Runs test workers: each dispatch is "worked" for a time that depends on the action (so
+/// actions run at different speeds), then completed. The active count is lowered before the
+/// completion is published, so it can only under-count what the executor holds.
+async fn run_workers(url: String, queue: &str, observed: Arc<Mutex<Observed>>) {
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("worker connection");
+    let ch = conn.create_channel().await.expect("channel");
+    worker_queue(&ch, queue).await;
+    ch.basic_qos(200, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let publisher = confirm_channel(&conn).await;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "test-worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let v: Value = serde_json::from_slice(&delivery.data).expect("dispatch is JSON");
+        let id = v["execution_id"].as_u64().expect("execution_id");
+        let action = v["action_ref"].as_str().expect("action_ref").to_owned();
+        {
+            let mut o = observed.lock().expect("lock");
+            o.dispatches += 1;
+            if o.completed.contains_key(&id)
+                || o.order.get(&action).is_some_and(|ids| ids.contains(&id))
+            {
+                // A dispatch sent again after a reconnect: execution_id is the idempotency key.
+                let _ = delivery.acker.ack(BasicAckOptions::default());
+                continue;
+            }
+            o.order.entry(action.clone()).or_default().push(id);
+            let a = o.active.entry(action.clone()).or_default();
+            a.0 += 1;
+            a.1 = a.1.max(a.0);
+        }
+        let publisher = publisher.clone();
+        let observed = observed.clone();
+        tokio::spawn(async move {
+            let speed = action.bytes().last().map(|b| u64::from(b % 4)).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(speed * 2)).await;
+            {
+                let mut o = observed.lock().expect("lock");
+                if let Some(a) = o.active.get_mut(&action) {
+                    a.0 -= 1;
+                }
+                *o.completed.entry(id).or_default() += 1;
+            }
+            let body = json!({"execution_id": id, "status": "succeeded", "result": {"ok": true}});
+            publish(
+                &publisher,
+                topology::COMPLETED_ROUTING_KEY,
+                body.to_string().as_bytes(),
+                json_props(),
+            )
+            .await;
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        });
+    }
+}
+
+/// Reads everything in the DLQ.
+async fn drain_dlq(ch: &Channel) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Some(msg) = ch
+        .basic_get(topology::DLQ.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic_get")
+    {
+        out.push(serde_json::from_slice(&msg.delivery.data).expect("dead letter is JSON"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_executions_over_ten_actions_keep_fifo_order_and_limits() {
+    let vhost = TestVhost::create().await;
+    let mut config = config_for(&vhost);
+    let limits: Vec<(String, u32)> = (0..10)
+        .map(|i| (format!("e2e.action-{i}"), i % 5 + 1))
+        .collect();
+    for (a, n) in &limits {
+        limit(&mut config, a, *n);
+    }
+    let service = Service::start(config).await.expect("service starts");
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    // The worker queue must exist before the first dispatch, or it would be unroutable.
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    worker_queue(&ch, "test.workers").await;
+    let workers = tokio::spawn(run_workers(
+        vhost.url.clone(),
+        "test.workers",
+        observed.clone(),
+    ));
+
+    let mut submitted: HashMap<String, Vec<u64>> = HashMap::new();
+    for id in 1..=1000u64 {
+        let (action, _) = &limits[(id * 7 % 10) as usize];
+        submitted.entry(action.clone()).or_default().push(id);
+        let body = json!({"execution_id": id, "action_ref": action, "parameters": {"n": id}});
+        publish(
+            &ch,
+            topology::REQUESTED_ROUTING_KEY,
+            body.to_string().as_bytes(),
+            json_props(),
+        )
+        .await;
+    }
+    poll_until(
+        Duration::from_secs(60),
+        "all 1000 executions completed",
+        || async { observed.lock().expect("lock").completed.len() == 1000 },
+    )
+    .await;
+
+    let o = observed.lock().expect("lock");
+    for (action, n) in &limits {
+        assert_eq!(
+            o.order.get(action),
+            submitted.get(action),
+            "dispatch order of {action}"
+        );
+        let (_, most) = o.active.get(action).copied().unwrap_or_default();
+        assert!(most <= *n, "{action} had {most} running at once, limit {n}");
+    }
+    assert!(
+        o.completed.values().all(|n| *n == 1),
+        "each execution completed exactly once"
+    );
+    drop(o);
+    workers.abort();
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// Waits until the executor has declared its topology. A failed passive declare closes its
+/// channel, so each attempt uses a fresh one.
+async fn wait_for_topology(conn: &Connection) {
+    poll_until(
+        Duration::from_secs(10),
+        "the executor declared its topology",
+        || async {
+            let Ok(probe) = conn.create_channel().await else {
+                return false;
+            };
+            probe
+                .queue_declare(
+                    topology::DLQ.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
+
+/// Messages ready in a queue that exists.
+async fn count(ch: &Channel, queue: &str) -> usize {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|q| q.message_count() as usize)
+    .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_keeps_serving() {
+    let vhost = TestVhost::create().await;
+    let mut config = config_for(&vhost);
+    config.rabbitmq.max_message_bytes = 4096;
+    let service = Service::start(config).await.expect("service starts");
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    worker_queue(&ch, "test.workers").await;
+
+    let deep = format!(
+        "{{\"action_ref\": \"a\", \"parameters\": {}{}}}",
+        "[".repeat(1500),
+        "]".repeat(1500)
+    );
+    let cases: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
+        (b"\xff\xfe not utf8".to_vec(), None, "InvalidUtf8"),
+        (deep.clone().into_bytes(), None, "InvalidJson"),
+        (b"{\"action_ref\": ".to_vec(), None, "InvalidJson"),
+        (br#"{"action_ref": 42}"#.to_vec(), None, "InvalidActionRef"),
+        (br#"{"parameters": {}}"#.to_vec(), None, "InvalidActionRef"),
+        (
+            br#"{"action_ref": "rm -rf /"}"#.to_vec(),
+            None,
+            "InvalidActionRef",
+        ),
+        (
+            br#"{"action_ref": "ok.action", "execution_id": "12"}"#.to_vec(),
+            None,
+            "InvalidExecutionId",
+        ),
+        (
+            br#"{"action_ref": "ok.action", "parameters": "x"}"#.to_vec(),
+            None,
+            "InvalidMessage",
+        ),
+        (
+            br#"{"action_ref": "ok.action"}"#.to_vec(),
+            Some("text/xml"),
+            "UnsupportedContentType",
+        ),
+        (vec![b' '; 10_000], None, "MessageTooLarge"),
+    ];
+    for (body, ct, _) in &cases {
+        let mut props = BasicProperties::default().with_delivery_mode(2);
+        if let Some(ct) = ct {
+            props = props.with_content_type((*ct).into());
+        }
+        publish(&ch, topology::REQUESTED_ROUTING_KEY, body, props).await;
+    }
+    // A good request after all of them is still served.
+    publish(
+        &ch,
+        topology::REQUESTED_ROUTING_KEY,
+        br#"{"execution_id": 77, "action_ref": "ok.action"}"#,
+        json_props(),
+    )
+    .await;
+    poll_until(
+        Duration::from_secs(10),
+        "the good request was dispatched",
+        || async {
+            ch.basic_get("test.workers".into(), BasicGetOptions { no_ack: true })
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
+    .await;
+    let counter = conn.create_channel().await.expect("channel");
+    poll_until(
+        Duration::from_secs(10),
+        "every bad request reached the DLQ",
+        || async { count(&counter, topology::DLQ).await >= cases.len() },
+    )
+    .await;
+    let letters = drain_dlq(&ch).await;
+    let mut classes: Vec<&str> = letters
+        .iter()
+        .map(|l| l["error_class"].as_str().unwrap_or("?"))
+        .collect();
+    let mut expected: Vec<&str> = cases.iter().map(|(_, _, c)| *c).collect();
+    classes.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        classes, expected,
+        "one dead letter per bad message, none twice"
+    );
+    for l in &letters {
+        assert_eq!(l["queue_from"], "requested");
+        assert!(l["failed_at"].is_string() && l["error_message"].is_string());
+        assert!(!l["original"].is_null(), "original kept: {l}");
+    }
+    let utf8 = letters
+        .iter()
+        .find(|l| l["error_class"] == "InvalidUtf8")
+        .expect("utf8 letter");
+    assert!(
+        utf8["original"]["base64"].is_string(),
+        "raw bytes kept as base64"
+    );
+    assert_eq!(
+        count(&counter, topology::REQUESTS_QUEUE).await,
+        0,
+        "nothing left or requeued"
+    );
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_rejects_to_the_dlq_and_answers_on_reply_to() {
+    let vhost = TestVhost::create().await;
+    let mut config = config_for(&vhost);
+    config.executor.queue.max_queue_length = 2;
+    let service = Service::start(config).await.expect("service starts");
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    worker_queue(&ch, "test.workers").await;
+    let replies = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    let reply_to = replies.name().as_str().to_owned();
+    // Limit 1 and no worker completing: one runs, two wait, the fourth finds the queue full.
+    for id in 1..=4u64 {
+        let body = json!({"execution_id": id, "action_ref": "full.action", "request_id": format!("req-{id}")});
+        let props = json_props()
+            .with_reply_to(reply_to.as_str().into())
+            .with_correlation_id(format!("corr-{id}").into());
+        publish(
+            &ch,
+            topology::REQUESTED_ROUTING_KEY,
+            body.to_string().as_bytes(),
+            props,
+        )
+        .await;
+    }
+    let mut answers: HashMap<String, Value> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while answers.len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} replies: {answers:?}",
+            answers.len()
+        );
+        match ch
+            .basic_get(reply_to.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            Ok(Some(m)) => {
+                let corr = m
+                    .delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.as_str().to_owned())
+                    .unwrap_or_default();
+                answers.insert(
+                    corr,
+                    serde_json::from_slice(&m.delivery.data).expect("reply JSON"),
+                );
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    for id in 1..=3 {
+        assert_eq!(answers[&format!("corr-{id}")]["status"], "queued");
+    }
+    let rejected = &answers["corr-4"];
+    assert_eq!(rejected["status"], "rejected");
+    assert_eq!(rejected["execution_id"], 4);
+    assert_eq!(rejected["error"], "Queue full (max length: 2)");
+    let counter = conn.create_channel().await.expect("channel");
+    poll_until(
+        Duration::from_secs(10),
+        "the rejection reached the DLQ",
+        || async { count(&counter, topology::DLQ).await == 1 },
+    )
+    .await;
+    let letters = drain_dlq(&ch).await;
+    assert_eq!(letters[0]["error_class"], "QueueFull");
+    assert_eq!(letters[0]["error_message"], "Queue full (max length: 2)");
+    assert_eq!(letters[0]["execution_id"], 4);
+    assert_eq!(letters[0]["request_id"], "req-4");
+    assert_eq!(letters[0]["original"]["action_ref"], "full.action");
+    let stats = service
+        .executor
+        .stats(&fifo_executor::model::ActionRef::parse("full.action").expect("ref"))
+        .await
+        .expect("stats")
+        .expect("known");
+    assert_eq!(
+        (stats.active_count, stats.queue_length, stats.total_rejected),
+        (1, 2, 1)
+    );
+    service.shutdown().await.expect("clean shutdown");
+}
