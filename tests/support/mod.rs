@@ -1,0 +1,125 @@
+//! Helpers shared by the integration test binaries (`mod support;` in each).
+//!
+//! Integration tests talk to the real RabbitMQ on 127.0.0.1:5672 as guest/guest, the way
+//! `scripts/services.sh` leaves it. Each test gets its own vhost so tests run in parallel without
+//! seeing each other's queues, and waits for asynchronous effects with [`poll_until`] instead of
+//! sleeping a fixed time.
+
+// Every test binary compiles this module but uses only part of it.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Where the broker listens; guest may only log in over loopback.
+pub const BROKER_ADDR: &str = "127.0.0.1:5672";
+
+/// A RabbitMQ vhost that exists for one test and is deleted, with everything in it, when dropped
+/// (also when the test panics).
+#[derive(Debug)]
+pub struct TestVhost {
+    /// Vhost name, for `rabbitmqctl -p`.
+    pub name: String,
+    /// AMQP URL that logs in to the vhost as guest.
+    pub url: String,
+}
+
+impl TestVhost {
+    /// Creates a fresh vhost and gives guest full permissions on it.
+    pub async fn create() -> TestVhost {
+        // The pid separates test binaries running at once, the counter the tests of one binary,
+        // and the time a binary from a vhost that an earlier, killed run of the same pid left.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or_default();
+        let name = format!(
+            "fifo-test-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        rabbitmqctl(&["add_vhost", &name]).await;
+        // Built before the next command so that, should it fail, dropping it removes the vhost.
+        let vhost = TestVhost {
+            url: format!("amqp://guest:guest@{BROKER_ADDR}/{name}"),
+            name,
+        };
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ])
+        .await;
+        vhost
+    }
+
+    /// Runs `rabbitmqctl <command> -p <this vhost> <args…>` and returns its standard output.
+    pub async fn rabbitmqctl(&self, command: &str, args: &[&str]) -> String {
+        let mut all = vec![command, "-p", &self.name];
+        all.extend_from_slice(args);
+        rabbitmqctl(&all).await
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        // Drop cannot await, and the runtime may already be shutting down, so this blocks on a
+        // plain process. A failure only leaves a vhost behind, which must not fail the test.
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Runs `rabbitmqctl -q <args…>` and returns its standard output; panics with its output if it
+/// fails.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|error| {
+            panic!("could not run rabbitmqctl (run scripts/services.sh first): {error}")
+        });
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed with {}: {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Calls `condition` every 20 ms until it returns true; panics naming `what` if that has not
+/// happened within `deadline`.
+///
+/// Time is tokio's, so under paused time the deadline is virtual too.
+pub async fn poll_until<F, Fut>(deadline: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if condition().await {
+            return;
+        }
+        if start.elapsed() >= deadline {
+            panic!("gave up after {deadline:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
