@@ -3,7 +3,7 @@
 //! | name | kind |
 //! | --- | --- |
 //! | [`EXCHANGE`] `attune.executions` | durable topic exchange for requests, completions, cancels and dispatches |
-//! | [`REQUESTS_QUEUE`], [`COMPLETED_QUEUE`], [`CANCEL_QUEUE`] | durable, bound to [`EXCHANGE`] by [`REQUESTED_ROUTING_KEY`], [`COMPLETED_ROUTING_KEY`], [`CANCEL_ROUTING_KEY`]; dead-letter to [`DLX`] |
+//! | [`REQUESTS_QUEUE`], [`COMPLETED_QUEUE`], [`CANCEL_QUEUE`] | durable, bound to [`EXCHANGE`] by [`REQUESTED_ROUTING_KEY`], [`COMPLETED_ROUTING_KEY`], [`CANCEL_ROUTING_KEY`]; dead-letter to [`DLX`] as `dlq.requested`, `dlq.completed`, `dlq.cancel` |
 //! | [`DLX`] `attune.dlx` | durable topic exchange for dead letters, routing key `dlq.<queue_from>` |
 //! | [`DLQ`] `attune.dlq` | durable classic queue bound [`DLQ_BINDING_KEY`] with a TTL, a length limit and `drop-head` |
 //!
