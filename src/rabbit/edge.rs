@@ -15,10 +15,11 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::Channel;
 use tokio::sync::watch;
 
 use super::acks::Acks;
+pub use super::connect;
 use super::consumers::{self, ConsumerContext};
 use super::publisher::ChannelSlot;
 use super::topology::{self, TopologyError, TopologySpec};
@@ -58,11 +59,6 @@ impl EdgeError {
     }
 }
 
-/// Opens a connection that names itself, so operators see it in `rabbitmqctl list_connections`.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
-}
 
 /// Runs sessions until `shutdown` turns true. On shutdown: stops consuming, waits (up to the
 /// timeout) until every delivery taken is settled, runs `drain` (the caller stops the

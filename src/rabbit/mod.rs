@@ -1,4 +1,28 @@
-//! The RabbitMQ edge.
+//! The RabbitMQ edge: everything that speaks AMQP lives here, nothing else does.
+//!
+//! The executor is fed and drained only through the broker. Producers publish execution requests,
+//! workers publish completions and anyone may publish cancels, all on the `attune.executions`
+//! topic exchange; the executor consumes them from its three durable queues, publishes dispatches
+//! (`execution.dispatch.<action_ref>`) back on the same exchange for the workers, and publishes
+//! what it cannot process to the dead-letter exchange `attune.dlx`, whose queue `attune.dlq` is
+//! what operators read. The names and arguments are part of the external contract and are defined
+//! once, in [`topology`].
+//!
+//! The core of the executor never imports this module: the edge turns deliveries into plain
+//! values before they reach the per-action queues, and turns their decisions back into publishes.
+//!
+//! # Layout
+//!
+//! - [`topology`]: the exchange, queue and binding names and [`topology::declare`], which creates
+//!   them idempotently at start and explains a mismatch with what already exists on the broker.
+//! - [`connect`]: opens a named connection.
+//! - [`wire`]: the contract's JSON messages, decoded with an error class per fault.
+//! - [`edge`]: the session: connect, declare, consume; reconnect with backoff; ordered shutdown.
+//! - [`consumers`]: intake, completions and cancels, in batches, into the executor.
+//! - [`acks`]: settles deliveries in any order with as few `basic.ack` frames as possible.
+//! - [`publisher`]: dispatches, dead letters and replies, with publisher confirms and resend.
+//! - [`dead_letters`]: turns the core's timeouts, purges and reclaimed slots into dead letters.
+
 pub mod acks;
 pub mod consumers;
 pub mod dead_letters;
@@ -6,3 +30,17 @@ pub mod edge;
 pub mod publisher;
 pub mod topology;
 pub mod wire;
+
+use lapin::{Connection, ConnectionProperties};
+
+/// Opens a connection to the broker at `url` (`amqp://user:pass@host:port/vhost`, vhost
+/// percent-encoded: `%2f` is `/`) under the connection name `name`.
+///
+/// The name is sent as the `connection_name` client property so that an operator running
+/// `rabbitmqctl list_connections name client_properties` (or looking at the management UI) can
+/// tell the executor's connections from producers' and workers'. The crate is built without a TLS
+/// backend, so `amqps://` URLs are refused.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, properties).await
+}

@@ -3,7 +3,7 @@
 //! | name | kind |
 //! | --- | --- |
 //! | [`EXCHANGE`] `attune.executions` | durable topic exchange for requests, completions, cancels and dispatches |
-//! | [`REQUESTS_QUEUE`], [`COMPLETED_QUEUE`], [`CANCEL_QUEUE`] | durable, bound to [`EXCHANGE`] by [`REQUESTED_ROUTING_KEY`], [`COMPLETED_ROUTING_KEY`], [`CANCEL_ROUTING_KEY`]; dead-letter to [`DLX`] |
+//! | [`REQUESTS_QUEUE`], [`COMPLETED_QUEUE`], [`CANCEL_QUEUE`] | durable, bound to [`EXCHANGE`] by [`REQUESTED_ROUTING_KEY`], [`COMPLETED_ROUTING_KEY`], [`CANCEL_ROUTING_KEY`]; dead-letter to [`DLX`] as `dlq.requested`, `dlq.completed`, `dlq.cancel` |
 //! | [`DLX`] `attune.dlx` | durable topic exchange for dead letters, routing key `dlq.<queue_from>` |
 //! | [`DLQ`] `attune.dlq` | durable classic queue bound [`DLQ_BINDING_KEY`] with a TTL, a length limit and `drop-head` |
 //!
@@ -249,8 +249,8 @@ pub async fn declare(channel: &Channel, spec: &TopologySpec) -> Result<(), Topol
 /// The DLQ is a classic queue whatever `rabbitmq.queue_type` says. A queue's type can never be
 /// changed in place, so tying the DLQ to that setting would force operators to drain and delete
 /// a week of evidence to switch the executor queues' type. Replication buys little here: the DLQ
-/// already drops its oldest entries by design and every entry is also counted in the metrics and
-/// logged when it is produced.
+/// already drops its oldest entries by design. (A quorum queue would take the same arguments on
+/// RabbitMQ 3.10, `drop-head` and message TTL included; this is a choice, not a limit.)
 fn dlq_arguments(spec: &TopologySpec) -> Result<FieldTable, TopologyError> {
     let ttl_ms = spec
         .dlq_ttl_hours

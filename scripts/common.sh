@@ -1,0 +1,30 @@
+# Helpers sourced by the project's scripts (not run on its own).
+
+die() {
+    printf '%s: %s\n' "${0##*/}" "$*" >&2
+    exit 1
+}
+
+# Runs a command with its output held back: shown only if it fails, so success stays quiet.
+quietly() {
+    local log status=0
+    log=$(mktemp)
+    "$@" >"$log" 2>&1 || status=$?
+    if ((status != 0)); then
+        cat "$log" >&2
+        rm -f "$log"
+        die "failed (exit $status): $*"
+    fi
+    rm -f "$log"
+}
+
+# rustup installs cargo in ~/.cargo/bin, which a non-login shell (CI) may not have on PATH.
+ensure_cargo() {
+    local cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+    if ! command -v cargo >/dev/null 2>&1 && [[ -x $cargo_bin/cargo ]]; then
+        export PATH="$cargo_bin:$PATH"
+    fi
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo not found: install the Rust toolchain with rustup (rustup-init, then" \
+            "'rustup toolchain install stable --component rustfmt,clippy') and put ~/.cargo/bin on PATH"
+}

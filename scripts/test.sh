@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test (unit, integration, and benches and examples in test mode) against the local
+# RabbitMQ and PostgreSQL, starting them first if needed. Arguments go on to `cargo test`:
+#   scripts/test.sh topology                              # only tests whose name has "topology"
+#   scripts/test.sh --test rabbit_topology -- --nocapture
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
+
+ensure_cargo
+scripts/services.sh
+exec cargo test --all-targets "$@"
