@@ -141,20 +141,25 @@ async fn run_workers(url: String, queue: &str, observed: Arc<Mutex<Observed>>) {
         let v: Value = serde_json::from_slice(&delivery.data).expect("dispatch is JSON");
         let id = v["execution_id"].as_u64().expect("execution_id");
         let action = v["action_ref"].as_str().expect("action_ref").to_owned();
-        {
+        let repeat = {
             let mut o = observed.lock().expect("lock");
             o.dispatches += 1;
             if o.completed.contains_key(&id)
                 || o.order.get(&action).is_some_and(|ids| ids.contains(&id))
             {
                 // A dispatch sent again after a reconnect: execution_id is the idempotency key.
-                let _ = delivery.acker.ack(BasicAckOptions::default());
-                continue;
+                true
+            } else {
+                o.order.entry(action.clone()).or_default().push(id);
+                let a = o.active.entry(action.clone()).or_default();
+                a.0 += 1;
+                a.1 = a.1.max(a.0);
+                false
             }
-            o.order.entry(action.clone()).or_default().push(id);
-            let a = o.active.entry(action.clone()).or_default();
-            a.0 += 1;
-            a.1 = a.1.max(a.0);
+        };
+        if repeat {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            continue;
         }
         let publisher = publisher.clone();
         let observed = observed.clone();
@@ -237,21 +242,22 @@ async fn a_thousand_executions_over_ten_actions_keep_fifo_order_and_limits() {
     )
     .await;
 
-    let o = observed.lock().expect("lock");
-    for (action, n) in &limits {
-        assert_eq!(
-            o.order.get(action),
-            submitted.get(action),
-            "dispatch order of {action}"
+    {
+        let o = observed.lock().expect("lock");
+        for (action, n) in &limits {
+            assert_eq!(
+                o.order.get(action),
+                submitted.get(action),
+                "dispatch order of {action}"
+            );
+            let (_, most) = o.active.get(action).copied().unwrap_or_default();
+            assert!(most <= *n, "{action} had {most} running at once, limit {n}");
+        }
+        assert!(
+            o.completed.values().all(|n| *n == 1),
+            "each execution completed exactly once"
         );
-        let (_, most) = o.active.get(action).copied().unwrap_or_default();
-        assert!(most <= *n, "{action} had {most} running at once, limit {n}");
     }
-    assert!(
-        o.completed.values().all(|n| *n == 1),
-        "each execution completed exactly once"
-    );
-    drop(o);
     workers.abort();
     service.shutdown().await.expect("clean shutdown");
 }
@@ -260,7 +266,7 @@ async fn a_thousand_executions_over_ten_actions_keep_fifo_order_and_limits() {
 /// channel, so each attempt uses a fresh one.
 async fn wait_for_topology(conn: &Connection) {
     poll_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "the executor declared its topology",
         || async {
             let Ok(probe) = conn.create_channel().await else {
@@ -357,7 +363,7 @@ async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_k
     )
     .await;
     poll_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "the good request was dispatched",
         || async {
             ch.basic_get("test.workers".into(), BasicGetOptions { no_ack: true })
@@ -370,7 +376,7 @@ async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_k
     .await;
     let counter = conn.create_channel().await.expect("channel");
     poll_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "every bad request reached the DLQ",
         || async { count(&counter, topology::DLQ).await >= cases.len() },
     )
@@ -445,7 +451,7 @@ async fn a_full_queue_rejects_to_the_dlq_and_answers_on_reply_to() {
         .await;
     }
     let mut answers: HashMap<String, Value> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while answers.len() < 4 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -481,7 +487,7 @@ async fn a_full_queue_rejects_to_the_dlq_and_answers_on_reply_to() {
     assert_eq!(rejected["error"], "Queue full (max length: 2)");
     let counter = conn.create_channel().await.expect("channel");
     poll_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "the rejection reached the DLQ",
         || async { count(&counter, topology::DLQ).await == 1 },
     )

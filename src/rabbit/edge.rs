@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::Channel;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::Channel;
 use tokio::sync::watch;
 
 use super::acks::Acks;
@@ -58,7 +58,6 @@ impl EdgeError {
         )
     }
 }
-
 
 /// Runs sessions until `shutdown` turns true. On shutdown: stops consuming, waits (up to the
 /// timeout) until every delivery taken is settled, runs `drain` (the caller stops the
