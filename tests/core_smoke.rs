@@ -20,9 +20,13 @@ async fn executions_flow_through_one_actor_in_order_within_the_limit() {
         concurrency_limit: NonZeroU32::new(2).expect("nonzero"),
         ..ActionPolicy::default()
     };
-    let exec = Executor::start(QueueSettings::default(), ports, Arc::new(UniformPolicy(policy)))
-        .await
-        .expect("executor starts");
+    let exec = Executor::start(
+        QueueSettings::default(),
+        ports,
+        Arc::new(UniformPolicy(policy)),
+    )
+    .await
+    .expect("executor starts");
     let action = ActionRef::parse("core.http.get").expect("valid ref");
     exec.submit(
         &action,
