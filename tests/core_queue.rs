@@ -395,6 +395,25 @@ async fn concurrency_still_holds_under_a_generous_rate_limit() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_rate_limit_wake_up_is_never_too_early_to_admit() {
+    // 3 per second: the period (333,333,333 ns) is not a whole number of microseconds.
+    let mut q = QueueRig::new(
+        QueueSettings::default(),
+        rate_limited(10, 3, Duration::from_secs(1)),
+    );
+    q.submit_all(1..=5);
+    assert_eq!(q.dispatched_ids(), vec![1, 2, 3]);
+    wake(&mut q).await;
+    assert_eq!(
+        q.dispatched_ids(),
+        vec![1, 2, 3, 4],
+        "the wake-up the queue asked for must admit the head"
+    );
+    wake(&mut q).await;
+    assert_eq!(q.dispatched_ids(), vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn removing_the_rate_limit_admits_at_once() {
     let mut q = QueueRig::new(
         QueueSettings::default(),

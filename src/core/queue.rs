@@ -499,8 +499,12 @@ impl ActionQueue {
         match limiter.check() {
             Ok(()) => true,
             Err(not_until) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
-                self.rate_ready_at = Some(now.plus(wait));
+                // The limiter's instants are nanoseconds since the clock's origin. Rounding
+                // them down to a stamp would wake the actor just before the token exists; it
+                // would then find none and ask for a wake-up "now", over and over (with paused
+                // time, forever).
+                let ready = Stamp::at_or_after(not_until.earliest_possible().into());
+                self.rate_ready_at = Some(ready.max(now));
                 false
             }
         }
