@@ -312,6 +312,20 @@ async fn the_timeout_wake_up_comes_just_after_the_head_s_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_submission_finds_room_once_stale_executions_have_timed_out() {
+    let mut q = QueueRig::new(settings(2, Duration::from_secs(5)), policy(1));
+    q.submit_all([1, 2, 3]);
+    advance(Duration::from_secs(6)).await;
+    // No tick has run yet: the submission itself must time the stale ones out first.
+    assert_eq!(q.submit(4), Verdict::Queued { execution_id: 4 });
+    assert_eq!(q.removed(RemovalReason::TimedOut), vec![2, 3]);
+    assert_eq!(q.waiting_ids(), vec![4]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancel
+
+#[tokio::test(start_paused = true)]
 async fn canceling_a_waiting_execution_removes_it_and_the_rest_keep_order() {
     let mut q = rig(1);
     q.submit_all(1..=5);

@@ -190,6 +190,9 @@ impl ActionQueue {
             payload,
             receipt,
         } = sub;
+        // What already waited too long leaves first: it must not count against the queue
+        // length, even when the timer that removes it is still behind this message.
+        self.expire(now, fx);
         let admits_at_once = self.waiting.is_empty() && self.has_free_slot();
         let rejection = if !self.policy.enabled {
             Some(Rejection::ActionDisabled)
