@@ -6,6 +6,7 @@
 // Every test binary compiles this module but each uses only part of it.
 #![allow(dead_code)]
 
+pub mod exec;
 pub mod rig;
 
 use std::future::Future;
@@ -22,7 +23,9 @@ use fifo_executor::model::{ActionRef, ExecutionId, Payload, Receipt, Submission}
 pub const POLL_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Waits until `cond` holds, letting other tasks (the actors) run in between. Never sleeps a
-/// fixed time and never advances paused tokio time: it only yields.
+/// fixed time and never advances paused tokio time: it only yields. Because it keeps the
+/// runtime busy, paused time does not auto-advance meanwhile either; to wait for something
+/// driven by a timer, advance time first or await a channel.
 pub async fn poll_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + POLL_DEADLINE;
     while !cond() {
@@ -115,4 +118,35 @@ impl<T: Clone + Send + 'static> Answer<T> {
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `fut` on its own current-thread runtime with paused time, on a separate thread, and
+/// fails if it has not finished within [`POLL_DEADLINE`] of real time. For tests where a
+/// regression would show as a task that keeps the runtime busy forever (so paused time never
+/// advances and no tokio-side deadline could fire). A panic inside `fut` is passed on.
+pub fn run_paused_within_deadline<F>(what: &str, fut: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a test runtime builds");
+        let _ = tx.send(rt.block_on(fut));
+    });
+    match rx.recv_timeout(POLL_DEADLINE) {
+        Ok(out) => out,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match runner.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("{what}: the runtime ended without a result"),
+        },
+        // The runner thread is left behind; the test binary exits when the tests are done.
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: not done after {POLL_DEADLINE:?} of real time")
+        }
+    }
 }
