@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod exec;
+pub mod oracle;
 pub mod rig;
 
 use std::future::Future;

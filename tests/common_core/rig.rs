@@ -31,7 +31,16 @@ impl QueueRig {
     }
 
     pub fn named(name: &str, settings: QueueSettings, policy: ActionPolicy) -> Self {
-        let clock = Clock::new();
+        Self::with_clock(name, Clock::new(), settings, policy)
+    }
+
+    /// A rig on a given clock, so several rigs (several actions) share one time line.
+    pub fn with_clock(
+        name: &str,
+        clock: Clock,
+        settings: QueueSettings,
+        policy: ActionPolicy,
+    ) -> Self {
         let queue = ActionQueue::new(action(name), clock.clone(), settings, policy);
         Self {
             clock,
