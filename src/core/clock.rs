@@ -29,6 +29,13 @@ impl Stamp {
     pub fn minus(self, d: Duration) -> Stamp {
         Stamp(self.0.saturating_sub(micros_of(d)))
     }
+
+    /// The first stamp at or after `offset` past the clock's origin. Rounds up: a deadline
+    /// finer than a microsecond must not turn into a stamp before it.
+    pub fn at_or_after(offset: Duration) -> Stamp {
+        let micros = offset.as_nanos().div_ceil(1_000);
+        Stamp(i64::try_from(micros).unwrap_or(i64::MAX))
+    }
 }
 
 fn micros_of(d: Duration) -> i64 {
@@ -128,5 +135,15 @@ mod tests {
         let before_start = clock.stamp_of(wall0 - chrono::Duration::seconds(5));
         assert!(before_start < t0);
         assert_eq!(t0.since(before_start), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn deadlines_round_up_to_the_next_stamp() {
+        assert_eq!(
+            Stamp::at_or_after(Duration::from_nanos(333_333_333)).micros(),
+            333_334
+        );
+        assert_eq!(Stamp::at_or_after(Duration::from_micros(7)).micros(), 7);
+        assert_eq!(Stamp::at_or_after(Duration::ZERO).micros(), 0);
     }
 }

@@ -190,6 +190,9 @@ impl ActionQueue {
             payload,
             receipt,
         } = sub;
+        // What already waited too long leaves first: it must not count against the queue
+        // length, even when the timer that removes it is still behind this message.
+        self.expire(now, fx);
         let admits_at_once = self.waiting.is_empty() && self.has_free_slot();
         let rejection = if !self.policy.enabled {
             Some(Rejection::ActionDisabled)
@@ -499,8 +502,12 @@ impl ActionQueue {
         match limiter.check() {
             Ok(()) => true,
             Err(not_until) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
-                self.rate_ready_at = Some(now.plus(wait));
+                // The limiter's instants are nanoseconds since the clock's origin. Rounding
+                // them down to a stamp would wake the actor just before the token exists; it
+                // would then find none and ask for a wake-up "now", over and over (with paused
+                // time, forever).
+                let ready = Stamp::at_or_after(not_until.earliest_possible().into());
+                self.rate_ready_at = Some(ready.max(now));
                 false
             }
         }
