@@ -13,7 +13,7 @@ use dashmap::DashMap;
 use fifo_executor::core::action::{ActionActor, ActionArgs, ActionMsg};
 use fifo_executor::core::memory::{ChannelDispatcher, ChannelSink, NoStats};
 use fifo_executor::core::ports::{Event, RemovalReason};
-use fifo_executor::core::registry::Shared;
+use fifo_executor::core::registry::{RecentlyEnded, Shared};
 use fifo_executor::core::{
     ActionPolicy, Clock, Ports, PurgeOrder, QueueSettings, RateLimit, Restored,
 };
@@ -27,6 +27,7 @@ fn settings(max_queue_length: usize, queue_timeout: Duration) -> QueueSettings {
         max_queue_length,
         queue_timeout,
         emergency_mode: false,
+        ..QueueSettings::default()
     }
 }
 
@@ -181,6 +182,7 @@ async fn a_cancel_that_overtakes_its_submission_is_still_applied() {
             observer: Arc::new(NoStats),
         },
         live: DashMap::new(),
+        ended: RecentlyEnded::new(0),
     });
     let (actor, handle) = ractor::Actor::spawn(
         None,
@@ -252,6 +254,7 @@ async fn a_cancel_waiting_for_a_submission_that_never_comes_is_answered_unknown_
             observer: Arc::new(NoStats),
         },
         live: DashMap::new(),
+        ended: RecentlyEnded::new(0),
     });
     let (actor, handle) = ractor::Actor::spawn(
         None,

@@ -131,6 +131,7 @@ fn case(max_ops: usize) -> impl Strategy<Value = Case> {
                     max_queue_length,
                     queue_timeout: Duration::from_millis(timeout_ms),
                     emergency_mode,
+                    ..QueueSettings::default()
                 },
                 limits,
                 ops,

@@ -16,6 +16,7 @@ fn settings(max_queue_length: usize, queue_timeout: Duration) -> QueueSettings {
         max_queue_length,
         queue_timeout,
         emergency_mode: false,
+        ..QueueSettings::default()
     }
 }
 
@@ -499,6 +500,7 @@ fn emergency(max_queue_length: usize) -> QueueSettings {
         max_queue_length,
         queue_timeout: Duration::from_secs(1),
         emergency_mode: true,
+        ..QueueSettings::default()
     }
 }
 

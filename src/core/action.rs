@@ -176,19 +176,26 @@ fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects) {
         changed,
     } = fx;
     let me = myself.get_id();
+    let mut ended = Vec::new();
+    let mut released = Vec::new();
     for event in &events {
-        let ended = match event {
-            Event::Rejected { execution_id, .. }
-            | Event::Completed { execution_id, .. }
-            | Event::Reclaimed { execution_id, .. } => Some(*execution_id),
-            Event::Removed { execution, .. } => Some(execution.execution_id),
-            Event::Accepted { .. } | Event::Admitted { .. } | Event::Unmatched { .. } => None,
-        };
-        if let Some(id) = ended {
-            st.shared
-                .live
-                .remove_if(&id, |_, owner| owner.get_id() == me);
+        match event {
+            // A rejected id never ran: the producer may submit it again.
+            Event::Rejected { execution_id, .. } => released.push(*execution_id),
+            Event::Completed { execution_id, .. } | Event::Reclaimed { execution_id, .. } => {
+                ended.push(*execution_id)
+            }
+            Event::Removed { execution, .. } => ended.push(execution.execution_id),
+            Event::Accepted { .. } | Event::Admitted { .. } | Event::Unmatched { .. } => {}
         }
+    }
+    // Remembered before the live entries go, so there is no moment in which a redelivered
+    // request for one of them would look new.
+    st.shared.ended.remember(&ended);
+    for id in ended.iter().chain(&released) {
+        st.shared
+            .live
+            .remove_if(id, |_, owner| owner.get_id() == me);
     }
     let ports = &st.shared.ports;
     if !dispatches.is_empty() {

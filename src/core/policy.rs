@@ -64,6 +64,9 @@ pub struct QueueSettings {
     /// Emergency mode: no queue timeouts, no age purge of waiting executions, no rate limits.
     /// Concurrency limits and the queue length limit still hold.
     pub emergency_mode: bool,
+    /// How many ended execution ids to remember so a late redelivery of their request is
+    /// recognised as a duplicate; 0 remembers none.
+    pub remember_ended: usize,
 }
 
 impl Default for QueueSettings {
@@ -72,6 +75,7 @@ impl Default for QueueSettings {
             max_queue_length: 10_000,
             queue_timeout: Duration::from_secs(3600),
             emergency_mode: false,
+            remember_ended: super::registry::DEFAULT_REMEMBER_ENDED,
         }
     }
 }

@@ -33,7 +33,54 @@ pub struct Shared {
     pub ports: Ports,
     /// Every queued or running execution id, with the actor that owns it.
     pub live: DashMap<ExecutionId, ActorRef<ActionMsg>>,
+    /// Ids that ended lately, so that a request redelivered after its execution finished (its
+    /// acknowledgement lost with a connection) is a duplicate, not a second run.
+    pub ended: RecentlyEnded,
 }
+
+/// The last `capacity` execution ids that ended (completed, canceled, timed out, purged or
+/// reclaimed). Bounded, so memory stays flat; the ledger answers for anything older.
+pub struct RecentlyEnded {
+    set: dashmap::DashSet<ExecutionId>,
+    order: std::sync::Mutex<std::collections::VecDeque<ExecutionId>>,
+    capacity: usize,
+}
+
+impl RecentlyEnded {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            set: dashmap::DashSet::new(),
+            order: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            capacity,
+        }
+    }
+
+    /// Remembers ids that just ended (one lock per batch, not per id).
+    pub fn remember(&self, ids: &[ExecutionId]) {
+        if self.capacity == 0 || ids.is_empty() {
+            return;
+        }
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        for &id in ids {
+            if self.set.insert(id) {
+                order.push_back(id);
+            }
+        }
+        while order.len() > self.capacity {
+            if let Some(old) = order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    pub fn contains(&self, id: ExecutionId) -> bool {
+        self.set.contains(&id)
+    }
+}
+
+/// How many ended ids the executor remembers by default: at 3,000 executions/s, about five
+/// minutes, far longer than any redelivery after a reconnect takes; about 40 MB at most.
+pub const DEFAULT_REMEMBER_ENDED: usize = 1_000_000;
 
 /// Errors of the core.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +156,7 @@ impl Executor {
             settings,
             ports,
             live: DashMap::new(),
+            ended: RecentlyEnded::new(settings.remember_ended),
         });
         let actors = Arc::new(DashMap::new());
         let (supervisor, _handle) = ractor::Actor::spawn(
@@ -177,6 +225,11 @@ impl Executor {
         let mut batch = Vec::with_capacity(subs.len());
         for sub in subs {
             self.ids.observe(sub.execution_id);
+            if self.shared.ended.contains(sub.execution_id) {
+                let execution_id = sub.execution_id;
+                settle(sub.receipt, Verdict::Duplicate { execution_id });
+                continue;
+            }
             match self.shared.live.entry(sub.execution_id) {
                 Entry::Occupied(_) => {
                     let execution_id = sub.execution_id;
