@@ -510,3 +510,213 @@ async fn a_full_queue_rejects_to_the_dlq_and_answers_on_reply_to() {
     );
     service.shutdown().await.expect("clean shutdown");
 }
+
+/// Closes every connection the executor has open in the vhost, as an operator would with
+/// `rabbitmqctl close_connection`.
+async fn close_executor_connections(vhost: &TestVhost) -> usize {
+    let listing = support::rabbitmqctl(&[
+        "list_connections",
+        "--silent",
+        "pid",
+        "vhost",
+        "client_properties",
+    ])
+    .await;
+    let mut closed = 0;
+    for line in listing.lines() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        // RabbitMQ 3.10 has no user_provided_name column; the name is in the client properties.
+        if cols.len() == 3
+            && cols[1] == vhost.name
+            && cols[2].contains("{\"connection_name\",\"fifo-executor\"}")
+        {
+            support::rabbitmqctl(&["close_connection", cols[0], "test closes the executor"]).await;
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executions_still_complete_in_order_when_the_broker_closes_the_connection_mid_stream() {
+    let vhost = TestVhost::create().await;
+    let mut config = config_for(&vhost);
+    config.rabbitmq.reconnect_max_backoff_ms = 500;
+    let actions: Vec<String> = (0..5).map(|i| format!("reconnect.action-{i}")).collect();
+    for a in &actions {
+        limit(&mut config, a, 2);
+    }
+    let service = Service::start(config).await.expect("service starts");
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    worker_queue(&ch, "test.workers").await;
+    let workers = tokio::spawn(run_workers(
+        vhost.url.clone(),
+        "test.workers",
+        observed.clone(),
+    ));
+    let total = 600u64;
+    let mut submitted: HashMap<String, Vec<u64>> = HashMap::new();
+    for id in 1..=total {
+        let action = &actions[(id % 5) as usize];
+        submitted.entry(action.clone()).or_default().push(id);
+        let body = json!({"execution_id": id, "action_ref": action});
+        publish(
+            &ch,
+            topology::REQUESTED_ROUTING_KEY,
+            body.to_string().as_bytes(),
+            json_props(),
+        )
+        .await;
+    }
+    poll_until(Duration::from_secs(120), "a third completed", || async {
+        observed.lock().expect("lock").completed.len() >= (total / 3) as usize
+    })
+    .await;
+    assert!(
+        close_executor_connections(&vhost).await >= 1,
+        "found the executor's connection"
+    );
+    poll_until(
+        Duration::from_secs(180),
+        "every execution completed after the reconnect",
+        || async { observed.lock().expect("lock").completed.len() == total as usize },
+    )
+    .await;
+    {
+        let o = observed.lock().expect("lock");
+        for action in &actions {
+            assert_eq!(
+                o.order.get(action),
+                submitted.get(action),
+                "first dispatches of {action} in submission order"
+            );
+            let (_, most) = o.active.get(action).copied().unwrap_or_default();
+            assert!(most <= 2, "{action} had {most} running at once");
+        }
+        assert!(
+            o.completed.values().all(|n| *n == 1),
+            "each execution completed exactly once"
+        );
+    }
+    workers.abort();
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_unknown_and_premature_completions_free_nothing() {
+    let vhost = TestVhost::create().await;
+    let config = config_for(&vhost);
+    let service = Service::start(config).await.expect("service starts");
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    worker_queue(&ch, "test.workers").await;
+    let action = fifo_executor::model::ActionRef::parse("dup.action").expect("ref");
+    for id in [1u64, 2, 3] {
+        let body = json!({"execution_id": id, "action_ref": action.as_str()});
+        publish(
+            &ch,
+            topology::REQUESTED_ROUTING_KEY,
+            body.to_string().as_bytes(),
+            json_props(),
+        )
+        .await;
+    }
+    let counter = conn.create_channel().await.expect("channel");
+    poll_until(
+        Duration::from_secs(60),
+        "execution 1 dispatched",
+        || async { count(&counter, "test.workers").await == 1 },
+    )
+    .await;
+    let complete = |id: u64| json!({"execution_id": id, "status": "succeeded"}).to_string();
+    // Unknown id, and one that is still waiting (never dispatched): neither frees the slot.
+    publish(
+        &ch,
+        topology::COMPLETED_ROUTING_KEY,
+        complete(999).as_bytes(),
+        json_props(),
+    )
+    .await;
+    publish(
+        &ch,
+        topology::COMPLETED_ROUTING_KEY,
+        complete(3).as_bytes(),
+        json_props(),
+    )
+    .await;
+    let exec = service.executor.clone();
+    poll_until(
+        Duration::from_secs(60),
+        "the premature completion was counted",
+        || async {
+            exec.stats(&action)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.total_unmatched == 1)
+        },
+    )
+    .await;
+    let s = exec.stats(&action).await.expect("stats").expect("known");
+    assert_eq!(
+        (s.active_count, s.queue_length, s.total_completed),
+        (1, 2, 0)
+    );
+    assert_eq!(
+        count(&counter, "test.workers").await,
+        1,
+        "nothing more dispatched"
+    );
+    assert_eq!(exec.unmatched_unknown(), 1, "the unknown id was counted");
+    // The real completion frees the slot once; its duplicate frees nothing more.
+    publish(
+        &ch,
+        topology::COMPLETED_ROUTING_KEY,
+        complete(1).as_bytes(),
+        json_props(),
+    )
+    .await;
+    publish(
+        &ch,
+        topology::COMPLETED_ROUTING_KEY,
+        complete(1).as_bytes(),
+        json_props(),
+    )
+    .await;
+    // The duplicate is counted by the action if it arrives while the execution is still known
+    // there (in the same batch as the real one), and executor-wide once it belongs to no action.
+    poll_until(
+        Duration::from_secs(60),
+        "the duplicate was counted",
+        || async {
+            let per_action = exec
+                .stats(&action)
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |s| s.total_unmatched);
+            per_action + exec.unmatched_unknown() == 3
+        },
+    )
+    .await;
+    let s = exec.stats(&action).await.expect("stats").expect("known");
+    assert_eq!(
+        (s.active_count, s.queue_length, s.total_completed),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        count(&counter, "test.workers").await,
+        2,
+        "exactly one more dispatched"
+    );
+    assert_eq!(
+        count(&counter, topology::COMPLETED_QUEUE).await,
+        0,
+        "all completions acknowledged"
+    );
+    service.shutdown().await.expect("clean shutdown");
+}

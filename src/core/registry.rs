@@ -129,6 +129,9 @@ pub struct Executor {
     overrides: DashMap<ActionRef, ActionPolicy>,
     ids: IdAllocator,
     accepting: AtomicBool,
+    /// Completions no action knew (unknown ids, or duplicates after the execution ended);
+    /// per-action counters cannot hold them, since no action is known.
+    unmatched_unknown: AtomicU64,
 }
 
 impl Executor {
@@ -176,6 +179,7 @@ impl Executor {
             overrides: DashMap::new(),
             ids: IdAllocator::starting_at(first_id),
             accepting: AtomicBool::new(true),
+            unmatched_unknown: AtomicU64::new(0),
         })
     }
 
@@ -200,6 +204,12 @@ impl Executor {
     /// Whether an execution id is queued or running right now.
     pub fn is_live(&self, id: ExecutionId) -> bool {
         self.shared.live.contains_key(&id)
+    }
+
+    /// Completions that freed nothing because no action knew their id (per-action counters
+    /// hold the rest, in `QueueStats::total_unmatched`).
+    pub fn unmatched_unknown(&self) -> u64 {
+        self.unmatched_unknown.load(Ordering::Relaxed)
     }
 
     /// Number of executions queued or running over all actions.
@@ -274,6 +284,8 @@ impl Executor {
             }
         }
         if !unmatched.is_empty() {
+            self.unmatched_unknown
+                .fetch_add(unmatched.len() as u64, Ordering::Relaxed);
             let events = unmatched
                 .into_iter()
                 .map(|c| Event::Unmatched {

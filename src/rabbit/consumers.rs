@@ -362,6 +362,7 @@ pub fn handle_completions(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks
             Ok(c) => {
                 let acks = acks.clone();
                 let tag = d.delivery_tag;
+                let execution_id = c.execution_id;
                 completions.push(Completion {
                     execution_id: c.execution_id,
                     status: c.status,
@@ -370,7 +371,7 @@ pub fn handle_completions(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks
                         if let CompletionVerdict::Unmatched(reason) = verdict {
                             metrics::counter!("attune_unmatched_completions_total", "reason" => reason.as_str())
                                 .increment(1);
-                            tracing::info!(reason = reason.as_str(), "completion freed nothing");
+                            tracing::info!(execution_id, reason = reason.as_str(), "completion freed nothing");
                         }
                         acks.ack(tag);
                     })),
