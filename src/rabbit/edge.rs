@@ -45,6 +45,8 @@ pub enum EdgeError {
     Topology(#[from] TopologyError),
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("setting up the RabbitMQ session took longer than {0:?}")]
+    SetupTimeout(Duration),
     #[error("RabbitMQ consumer for {queue} was canceled by the broker (queue deleted?)")]
     ConsumerCanceled { queue: &'static str },
 }
@@ -132,44 +134,13 @@ async fn session<F>(
 where
     F: std::future::Future<Output = ()>,
 {
-    let conn = connect(&settings.url, "fifo-executor").await?;
-    let topo = conn.create_channel().await?;
-    topology::declare(&topo, &settings.topology).await?;
-    let _ = topo.close(200, "topology declared".into()).await;
-
-    let publish = conn.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    publisher_slot.send_replace(Some(publish.clone()));
-
-    let mut channels: Vec<(Channel, Acks, &'static str, &'static str)> = Vec::new();
-    let mut loops = futures::stream::FuturesUnordered::new();
-    for spec in &CONSUMERS {
-        let ch = conn.create_channel().await?;
-        ch.basic_qos(settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer = ch
-            .basic_consume(
-                spec.queue.into(),
-                spec.tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let (acks, _ack_task) = Acks::spawn(ch.clone());
-        let ctx = ctx.clone();
-        let handle = spec.handle;
-        let queue = spec.queue;
-        let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
-        let acks_for_loop = acks.clone();
-        loops.push(async move {
-            let r =
-                consumers::consume(consumer, acks_for_loop, batch, |b, a| handle(&ctx, b, a)).await;
-            (queue, r)
-        });
-        channels.push((ch, acks, spec.queue, spec.tag));
-    }
+    tracing::debug!(url = %redact(&settings.url), "connecting to RabbitMQ");
+    // Setting up must not hang: a broker that accepts the TCP connection but never answers
+    // (overloaded, or a half-open connection) would otherwise stall the executor for good.
+    let (conn, channels, mut loops) =
+        tokio::time::timeout(SETUP_TIMEOUT, setup(settings, ctx, publisher_slot))
+            .await
+            .map_err(|_| EdgeError::SetupTimeout(SETUP_TIMEOUT))??;
     tracing::info!(url = %redact(&settings.url), "RabbitMQ session up; consuming");
     metrics::gauge!("attune_rabbitmq_connected").set(1.0);
 
@@ -181,7 +152,12 @@ where
         _ = stopped(shutdown) => Ok(()),
     };
     metrics::gauge!("attune_rabbitmq_connected").set(0.0);
-    outcome?;
+    if let Err(e) = outcome {
+        // Close explicitly: ack tasks still hold channels, and a connection kept open would keep
+        // its unacknowledged deliveries from being redelivered.
+        let _ = conn.close(320, "fifo-executor session failed".into()).await;
+        return Err(e);
+    }
 
     // Graceful shutdown, in order: stop taking work, settle what was taken, drain the core,
     // get the last publishes confirmed, close.
@@ -216,6 +192,68 @@ where
     publisher_slot.send_replace(None);
     let _ = conn.close(200, "fifo-executor shutting down".into()).await;
     Ok(())
+}
+
+type ConsumerLoop = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (&'static str, Result<(), lapin::Error>)> + Send>,
+>;
+type SessionParts = (
+    lapin::Connection,
+    Vec<(Channel, Acks, &'static str, &'static str)>,
+    futures::stream::FuturesUnordered<ConsumerLoop>,
+);
+
+/// How long connecting, declaring and opening the channels may take before the attempt is
+/// abandoned and retried.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn setup(
+    settings: &EdgeSettings,
+    ctx: &Arc<ConsumerContext>,
+    publisher_slot: &ChannelSlot,
+) -> Result<SessionParts, EdgeError> {
+    let conn = connect(&settings.url, "fifo-executor").await?;
+    tracing::debug!("RabbitMQ connected; declaring topology");
+    let topo = conn.create_channel().await?;
+    topology::declare(&topo, &settings.topology).await?;
+    let _ = topo.close(200, "topology declared".into()).await;
+
+    tracing::debug!("topology declared; opening channels");
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    publisher_slot.send_replace(Some(publish.clone()));
+
+    let mut channels: Vec<(Channel, Acks, &'static str, &'static str)> = Vec::new();
+    let loops: futures::stream::FuturesUnordered<ConsumerLoop> =
+        futures::stream::FuturesUnordered::new();
+    for spec in &CONSUMERS {
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = ch
+            .basic_consume(
+                spec.queue.into(),
+                spec.tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (acks, _ack_task) = Acks::spawn(ch.clone());
+        let ctx = ctx.clone();
+        let handle = spec.handle;
+        let queue = spec.queue;
+        let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
+        let acks_for_loop = acks.clone();
+        loops.push(Box::pin(async move {
+            let r =
+                consumers::consume(consumer, acks_for_loop, batch, |b, a| handle(&ctx, b, a)).await;
+            (queue, r)
+        }));
+        channels.push((ch, acks, spec.queue, spec.tag));
+    }
+    Ok((conn, channels, loops))
 }
 
 /// The URL without its password, for logs.
