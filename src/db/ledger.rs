@@ -28,7 +28,7 @@
 //!
 //! | event | row |
 //! | --- | --- |
-//! | `Accepted` | INSERT `requested` (ON CONFLICT DO NOTHING), `created` = `enqueued_at` = acceptance time |
+//! | `Accepted` | INSERT `requested` (ON CONFLICT DO NOTHING), `enqueued_at` = acceptance time, `created` = the same made strictly increasing per action (see below) |
 //! | `Admitted` | `scheduled`, `dispatched_at` = admission time, `attempt` + 1 |
 //! | [`LedgerSink::mark_running`] | `running` (the broker confirmed the dispatch) |
 //! | `Completed` | the worker's status and result |
@@ -39,6 +39,9 @@
 //!
 //! `updated` is the time the core stamped on the event, not the time of the write, so the
 //! runbook's age queries stay truthful even when writes were held back by an outage.
+//! `created` differs from `enqueued_at` by at most a few microseconds: the core stamps a
+//! whole batch with one time, and ties are broken in acceptance order so that the runbook's
+//! FIFO evidence (`ORDER BY created`) shows the real order.
 //!
 //! # While Postgres is unreachable
 //!
@@ -60,7 +63,7 @@
 //! executor already acted on them), counted in [`LedgerCounters::dropped`] and logged as errors.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -144,14 +147,21 @@ enum Input {
 
 /// One unit of pending work.
 enum Item {
-    Event(Event),
-    Running { id: ExecutionId, at: DateTime<Utc> },
+    /// `created` is set for acceptances only; see [`Inbox::created_for`].
+    Event {
+        event: Event,
+        created: Option<DateTime<Utc>>,
+    },
+    Running {
+        id: ExecutionId,
+        at: DateTime<Utc>,
+    },
 }
 
 impl Item {
     fn execution_id(&self) -> ExecutionId {
         match self {
-            Item::Event(e) => e.execution_id(),
+            Item::Event { event, .. } => event.execution_id(),
             Item::Running { id, .. } => *id,
         }
     }
@@ -275,10 +285,12 @@ impl Statements {
             insert: schema.sql(
                 "INSERT INTO {s}.execution \
                    (id, action, status, created, updated, request_id, parameters, enqueued_at) \
-                 SELECT u.id, u.action, 'requested', u.at, u.at, u.request_id, \
-                        u.parameters::jsonb, u.at \
-                 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[]) \
-                      WITH ORDINALITY AS u(id, action, request_id, parameters, at, ord) \
+                 SELECT u.id, u.action, 'requested', u.created, u.enqueued_at, u.request_id, \
+                        u.parameters::jsonb, u.enqueued_at \
+                 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], \
+                             $5::timestamptz[], $6::timestamptz[]) \
+                      WITH ORDINALITY \
+                      AS u(id, action, request_id, parameters, enqueued_at, created, ord) \
                  ORDER BY u.ord \
                  ON CONFLICT (id) DO NOTHING",
             ),
@@ -315,7 +327,8 @@ struct Plan<'a> {
     insert_actions: Vec<&'a ActionRef>,
     insert_request_ids: Vec<Option<Cow<'a, str>>>,
     insert_parameters: Vec<Cow<'a, str>>,
-    insert_at: Vec<DateTime<Utc>>,
+    insert_enqueued_at: Vec<DateTime<Utc>>,
+    insert_created: Vec<DateTime<Utc>>,
     scheduled_ids: Vec<i64>,
     scheduled_at: Vec<DateTime<Utc>>,
     running_ids: Vec<i64>,
@@ -342,13 +355,13 @@ impl<'a> Plan<'a> {
                     p.running_ids.push(id);
                     p.running_at.push(*at);
                 }
-                Item::Event(event) => p.add_event(id, event),
+                Item::Event { event, created } => p.add_event(id, event, *created),
             }
         }
         p
     }
 
-    fn add_event(&mut self, id: i64, event: &'a Event) {
+    fn add_event(&mut self, id: i64, event: &'a Event, created: Option<DateTime<Utc>>) {
         match event {
             Event::Accepted {
                 action,
@@ -362,7 +375,8 @@ impl<'a> Plan<'a> {
                 self.insert_request_ids
                     .push(request_id.as_deref().map(pg_text));
                 self.insert_parameters.push(jsonb_text(payload.json()));
-                self.insert_at.push(*enqueued_at);
+                self.insert_enqueued_at.push(*enqueued_at);
+                self.insert_created.push(created.unwrap_or(*enqueued_at));
             }
             Event::Admitted { at, .. } => {
                 self.scheduled_ids.push(id);
@@ -461,6 +475,8 @@ struct Inbox {
     /// Items received so far; a sync is answered once this many are committed.
     received: u64,
     syncs: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// The `created` last given to an acceptance of each action.
+    last_created: HashMap<ActionRef, DateTime<Utc>>,
 }
 
 impl Default for Inbox {
@@ -470,6 +486,7 @@ impl Default for Inbox {
             oldest: Instant::now(),
             received: 0,
             syncs: VecDeque::new(),
+            last_created: HashMap::new(),
         }
     }
 }
@@ -482,7 +499,17 @@ impl Inbox {
         match input {
             Input::Events(events) => {
                 self.received += events.len() as u64;
-                self.pending.extend(events.into_iter().map(Item::Event));
+                for event in events {
+                    let created = match &event {
+                        Event::Accepted {
+                            action,
+                            enqueued_at,
+                            ..
+                        } => Some(self.created_for(action, *enqueued_at)),
+                        _ => None,
+                    };
+                    self.pending.push_back(Item::Event { event, created });
+                }
             }
             Input::Running(ids, at) => {
                 self.received += ids.len() as u64;
@@ -491,6 +518,20 @@ impl Inbox {
             }
             Input::Sync(done) => self.syncs.push_back((self.received, done)),
         }
+    }
+
+    /// The `created` of an accepted execution: its acceptance time, nudged a microsecond past
+    /// the previous acceptance of the same action when the two would tie. The core stamps every
+    /// execution of one batch with the same time, and the runbook's FIFO evidence is
+    /// `ORDER BY created`; with ties that order would be arbitrary and show violations that
+    /// never happened. `enqueued_at` keeps the core's time unchanged.
+    fn created_for(&mut self, action: &ActionRef, enqueued_at: DateTime<Utc>) -> DateTime<Utc> {
+        let created = match self.last_created.get(action) {
+            Some(last) if *last >= enqueued_at => *last + chrono::Duration::microseconds(1),
+            _ => enqueued_at,
+        };
+        self.last_created.insert(action.clone(), created);
+        created
     }
 
     fn answer_syncs(&mut self, committed: u64) {
@@ -642,8 +683,7 @@ impl Writer {
 /// each entry says how many items it covers.
 fn plans_per_execution(batch: &[Item]) -> Vec<(ExecutionId, usize, Plan<'_>)> {
     let mut order: Vec<ExecutionId> = Vec::new();
-    let mut members: std::collections::HashMap<ExecutionId, Vec<&Item>> =
-        std::collections::HashMap::new();
+    let mut members: HashMap<ExecutionId, Vec<&Item>> = HashMap::new();
     for item in batch {
         let id = item.execution_id();
         members
@@ -739,7 +779,8 @@ impl Writer {
                 .bind(&action_ids)
                 .bind(&request_ids)
                 .bind(&parameters)
-                .bind(&plan.insert_at)
+                .bind(&plan.insert_enqueued_at)
+                .bind(&plan.insert_created)
                 .execute(&mut *tx)
                 .await
                 .map_err(DbError::query("recording accepted executions"))?;
@@ -793,7 +834,7 @@ impl Writer {
         let n = batch.len();
         let mut events = Vec::with_capacity(n);
         for item in batch {
-            if let Item::Event(mut event) = item {
+            if let Item::Event { mut event, .. } = item {
                 event.settle();
                 events.push(event);
             }
