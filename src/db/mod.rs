@@ -39,6 +39,8 @@
 
 pub mod actions;
 pub mod ledger;
+pub mod policies;
+pub mod recovery;
 pub mod stats;
 
 use std::borrow::Cow;
