@@ -15,20 +15,22 @@
 //!
 //! The writer flushes when `batch_max_rows` items are pending or when the oldest pending item
 //! has waited `flush_interval`, whichever comes first; under load the next batch accumulates
-//! while the previous one is written. A flush is one transaction of at most five statements,
-//! each covering every execution of its kind in the batch through `UNNEST` arrays:
-//! resolve new action refs (only when there are any, and outside the transaction, see
-//! [`ActionIds`]), insert `requested`, move to `scheduled`, to `running`, to an end status.
-//! The statements run in that order and every UPDATE only moves a row forward (`scheduled`
-//! only from `requested`, and so on), so an execution accepted, admitted and completed within
-//! one batch ends in the right state, and a `running` confirmation that overtakes its
-//! `scheduled` is harmless.
+//! while the previous one is written.
+//!
+//! A flush writes every execution it touches once, in the furthest state the batch took it
+//! to: executions accepted in this batch are INSERTed already in that state, the others are
+//! moved there by one UPDATE. So a flush is one transaction of at most two statements, each
+//! covering all its rows through `UNNEST` arrays (plus, only when new action refs appear, one
+//! statement before it, see [`ActionIds`]); and an execution that is accepted, dispatched and
+//! completed within one flush costs one row write, not four. Writes only move a row forward
+//! (requested < scheduled < running < an end status), so a `running` confirmation that
+//! overtakes its admission, or an id accepted again after it ended, never moves a row back.
 //!
 //! # Mapping
 //!
 //! | event | row |
 //! | --- | --- |
-//! | `Accepted` | INSERT `requested` (ON CONFLICT DO NOTHING), `enqueued_at` = acceptance time, `created` = the same made strictly increasing per action (see below) |
+//! | `Accepted` | INSERT `requested` (an existing row is only moved forward), `enqueued_at` = acceptance time, `created` = the same made strictly increasing per action (see below) |
 //! | `Admitted` | `scheduled`, `dispatched_at` = admission time, `attempt` + 1 |
 //! | [`LedgerSink::mark_running`] | `running` (the broker confirmed the dispatch) |
 //! | `Completed` | the worker's status and result |
@@ -272,71 +274,117 @@ impl OutcomeSink for LedgerSink {
 /// The statements of one flush, built once with the schema in them.
 struct Statements {
     insert: SqlStr,
-    scheduled: SqlStr,
-    running: SqlStr,
-    ended: SqlStr,
+    update: SqlStr,
 }
+
+/// `status` ranked by how far an execution has come, as SQL; a write only ever raises it.
+const RANK_OF_STATUS: &str = "CASE e.status WHEN 'requested' THEN 0 WHEN 'scheduled' THEN 1 \
+                              WHEN 'running' THEN 2 ELSE 3 END";
 
 impl Statements {
     fn new(schema: &Schema) -> Self {
         Self {
-            // ORDER BY the array position: the identity default (accept_seq) is evaluated above
-            // the sort, so acceptance order within a batch is the order of the events.
-            insert: schema.sql(
-                "INSERT INTO {s}.execution \
-                   (id, action, status, created, updated, request_id, parameters, enqueued_at) \
-                 SELECT u.id, u.action, 'requested', u.created, u.enqueued_at, u.request_id, \
-                        u.parameters::jsonb, u.enqueued_at \
-                 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], \
-                             $5::timestamptz[], $6::timestamptz[]) \
+            // New executions, already in the state they reached within the batch. ORDER BY
+            // the array position: the identity default (accept_seq) is evaluated above the
+            // sort, so acceptance order within a batch is the order of the rows. A conflict
+            // (an id accepted again) only moves the existing row forward.
+            insert: schema.sql(&format!(
+                "INSERT INTO {{s}}.execution AS e \
+                   (id, action, status, created, updated, request_id, parameters, enqueued_at, \
+                    dispatched_at, attempt, result) \
+                 SELECT u.id, u.action, u.status, u.created, u.updated, u.request_id, \
+                        u.parameters::jsonb, u.enqueued_at, u.dispatched_at, u.attempt, \
+                        u.result::jsonb \
+                 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::timestamptz[], \
+                             $5::timestamptz[], $6::text[], $7::text[], $8::timestamptz[], \
+                             $9::timestamptz[], $10::int4[], $11::text[]) \
                       WITH ORDINALITY \
-                      AS u(id, action, request_id, parameters, enqueued_at, created, ord) \
+                      AS u(id, action, status, created, updated, request_id, parameters, \
+                           enqueued_at, dispatched_at, attempt, result, ord) \
                  ORDER BY u.ord \
-                 ON CONFLICT (id) DO NOTHING",
-            ),
-            scheduled: schema.sql(
-                "UPDATE {s}.execution e \
-                 SET status = 'scheduled', updated = u.at, dispatched_at = u.at, \
-                     attempt = e.attempt + 1 \
-                 FROM UNNEST($1::int8[], $2::timestamptz[]) AS u(id, at) \
-                 WHERE e.id = u.id AND e.status = 'requested'",
-            ),
-            running: schema.sql(
-                "UPDATE {s}.execution e \
-                 SET status = 'running', updated = u.at, \
-                     dispatched_at = COALESCE(e.dispatched_at, u.at), \
-                     attempt = GREATEST(e.attempt, 1) \
-                 FROM UNNEST($1::int8[], $2::timestamptz[]) AS u(id, at) \
-                 WHERE e.id = u.id AND e.status IN ('requested', 'scheduled')",
-            ),
-            ended: schema.sql(
-                "UPDATE {s}.execution e \
-                 SET status = u.status, result = u.result::jsonb, updated = u.at \
-                 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::timestamptz[]) \
-                      AS u(id, status, result, at) \
-                 WHERE e.id = u.id AND e.status IN ('requested', 'scheduled', 'running')",
-            ),
+                 ON CONFLICT (id) DO UPDATE SET \
+                   status = EXCLUDED.status, updated = EXCLUDED.updated, \
+                   dispatched_at = COALESCE(EXCLUDED.dispatched_at, e.dispatched_at), \
+                   attempt = e.attempt + EXCLUDED.attempt, \
+                   result = COALESCE(EXCLUDED.result, e.result) \
+                 WHERE {RANK_OF_STATUS} < \
+                   CASE EXCLUDED.status WHEN 'requested' THEN 0 WHEN 'scheduled' THEN 1 \
+                   WHEN 'running' THEN 2 ELSE 3 END"
+            )),
+            // Executions accepted in an earlier batch: one UPDATE for all of them, each row
+            // moved straight to the furthest state it reached in this batch.
+            update: schema.sql(&format!(
+                "UPDATE {{s}}.execution e SET \
+                   status = u.status, updated = u.updated, \
+                   dispatched_at = COALESCE(u.dispatched_at, e.dispatched_at), \
+                   attempt = GREATEST(e.attempt + u.admissions, u.min_attempt), \
+                   result = COALESCE(u.result::jsonb, e.result) \
+                 FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+                             $5::int4[], $6::int4[], $7::text[], $8::int4[]) \
+                      AS u(id, status, updated, dispatched_at, admissions, min_attempt, \
+                           result, rank) \
+                 WHERE e.id = u.id AND {RANK_OF_STATUS} < u.rank"
+            )),
         }
     }
 }
 
-/// The rows one flush writes, as column arrays.
+/// How far an execution has come; a row is only ever moved to a higher rank.
+fn rank(status: &str) -> i32 {
+    match status {
+        "requested" => 0,
+        "scheduled" => 1,
+        "running" => 2,
+        _ => 3,
+    }
+}
+
+/// An acceptance: what only the INSERT needs.
+struct Accept<'a> {
+    action: &'a ActionRef,
+    request_id: Option<Cow<'a, str>>,
+    parameters: Cow<'a, str>,
+    enqueued_at: DateTime<Utc>,
+    created: DateTime<Utc>,
+}
+
+/// Everything one batch does to one execution, folded into the state it ends in.
+struct RowChange<'a> {
+    id: i64,
+    accept: Option<Accept<'a>>,
+    status: &'static str,
+    /// When the status last changed.
+    updated: DateTime<Utc>,
+    dispatched_at: Option<DateTime<Utc>>,
+    admissions: i32,
+    result: Option<String>,
+}
+
+impl RowChange<'_> {
+    /// Applies one transition if it moves the execution forward. Admissions are counted even
+    /// when a `running` confirmation overtook them.
+    fn advance(&mut self, status: &'static str, at: DateTime<Utc>, result: Option<String>) {
+        if rank(status) > rank(self.status) {
+            self.status = status;
+            self.updated = at;
+            if result.is_some() {
+                self.result = result;
+            }
+        }
+    }
+
+    /// `attempt` at least 1 once the broker confirmed a dispatch.
+    fn min_attempt(&self) -> i32 {
+        i32::from(self.status == "running")
+    }
+}
+
+/// The rows one flush writes: one change per execution, in order of first appearance (for new
+/// executions that is acceptance order).
 #[derive(Default)]
 struct Plan<'a> {
-    insert_ids: Vec<i64>,
-    insert_actions: Vec<&'a ActionRef>,
-    insert_request_ids: Vec<Option<Cow<'a, str>>>,
-    insert_parameters: Vec<Cow<'a, str>>,
-    insert_enqueued_at: Vec<DateTime<Utc>>,
-    insert_created: Vec<DateTime<Utc>>,
-    scheduled_ids: Vec<i64>,
-    scheduled_at: Vec<DateTime<Utc>>,
-    running_ids: Vec<i64>,
-    running_at: Vec<DateTime<Utc>>,
-    ended_ids: Vec<i64>,
-    ended_status: Vec<&'static str>,
-    ended_result: Vec<Option<String>>,
-    ended_at: Vec<DateTime<Utc>>,
+    rows: Vec<RowChange<'a>>,
+    index: HashMap<i64, usize>,
 }
 
 impl<'a> Plan<'a> {
@@ -352,13 +400,31 @@ impl<'a> Plan<'a> {
             };
             match item {
                 Item::Running { at, .. } => {
-                    p.running_ids.push(id);
-                    p.running_at.push(*at);
+                    let row = p.row(id, *at);
+                    row.dispatched_at = row.dispatched_at.or(Some(*at));
+                    row.advance("running", *at, None);
                 }
                 Item::Event { event, created } => p.add_event(id, event, *created),
             }
         }
         p
+    }
+
+    /// The change of an execution, started as `requested` at `at` if it is new to the batch.
+    fn row(&mut self, id: i64, at: DateTime<Utc>) -> &mut RowChange<'a> {
+        let slot = *self.index.entry(id).or_insert_with(|| {
+            self.rows.push(RowChange {
+                id,
+                accept: None,
+                status: "requested",
+                updated: at,
+                dispatched_at: None,
+                admissions: 0,
+                result: None,
+            });
+            self.rows.len() - 1
+        });
+        &mut self.rows[slot]
     }
 
     fn add_event(&mut self, id: i64, event: &'a Event, created: Option<DateTime<Utc>>) {
@@ -370,26 +436,27 @@ impl<'a> Plan<'a> {
                 enqueued_at,
                 ..
             } => {
-                self.insert_ids.push(id);
-                self.insert_actions.push(action);
-                self.insert_request_ids
-                    .push(request_id.as_deref().map(pg_text));
-                self.insert_parameters.push(jsonb_text(payload.json()));
-                self.insert_enqueued_at.push(*enqueued_at);
-                self.insert_created.push(created.unwrap_or(*enqueued_at));
+                let row = self.row(id, *enqueued_at);
+                row.accept = Some(Accept {
+                    action,
+                    request_id: request_id.as_deref().map(pg_text),
+                    parameters: jsonb_text(payload.json()),
+                    enqueued_at: *enqueued_at,
+                    created: created.unwrap_or(*enqueued_at),
+                });
             }
             Event::Admitted { at, .. } => {
-                self.scheduled_ids.push(id);
-                self.scheduled_at.push(*at);
+                let row = self.row(id, *at);
+                row.admissions += 1;
+                row.dispatched_at = Some(*at);
+                row.advance("scheduled", *at, None);
             }
             Event::Completed {
                 status, result, at, ..
-            } => self.end(
-                id,
-                status.as_str(),
-                result.as_ref().map(|r| jsonb_text(r.json()).into_owned()),
-                *at,
-            ),
+            } => {
+                let result = result.as_ref().map(|r| jsonb_text(r.json()).into_owned());
+                self.row(id, *at).advance(status.as_str(), *at, result);
+            }
             Event::Removed {
                 reason, execution, ..
             } => {
@@ -418,7 +485,8 @@ impl<'a> Plan<'a> {
                         })),
                     ),
                 };
-                self.end(id, status, result.map(|r| r.to_string()), at);
+                self.row(id, at)
+                    .advance(status, at, result.map(|r| r.to_string()));
             }
             Event::Reclaimed {
                 admitted_at,
@@ -434,29 +502,22 @@ impl<'a> Plan<'a> {
                     "error_class": "LostCompletion",
                     "running_seconds": secs,
                 });
-                self.end(
-                    id,
-                    "failed",
-                    Some(result.to_string()),
-                    plus(*admitted_at, *running_for),
-                );
+                let at = plus(*admitted_at, *running_for);
+                self.row(id, at)
+                    .advance("failed", at, Some(result.to_string()));
             }
             Event::Rejected { .. } | Event::Unmatched { .. } => {}
         }
     }
 
-    fn end(&mut self, id: i64, status: &'static str, result: Option<String>, at: DateTime<Utc>) {
-        self.ended_ids.push(id);
-        self.ended_status.push(status);
-        self.ended_result.push(result);
-        self.ended_at.push(at);
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
     }
 
-    fn is_empty(&self) -> bool {
-        self.insert_ids.is_empty()
-            && self.scheduled_ids.is_empty()
-            && self.running_ids.is_empty()
-            && self.ended_ids.is_empty()
+    fn new_actions(&self) -> impl Iterator<Item = &'a ActionRef> + '_ {
+        self.rows
+            .iter()
+            .filter_map(|r| r.accept.as_ref().map(|a| a.action))
     }
 }
 
@@ -544,6 +605,39 @@ impl Inbox {
                 // The caller may have stopped waiting.
                 let _ = done.send(());
             }
+        }
+    }
+}
+
+/// The INSERT's column arrays.
+struct InsertColumns<'r> {
+    id: Vec<i64>,
+    action: Vec<i64>,
+    status: Vec<&'static str>,
+    created: Vec<DateTime<Utc>>,
+    updated: Vec<DateTime<Utc>>,
+    request_id: Vec<Option<&'r str>>,
+    parameters: Vec<&'r str>,
+    enqueued_at: Vec<DateTime<Utc>>,
+    dispatched_at: Vec<Option<DateTime<Utc>>>,
+    attempt: Vec<i32>,
+    result: Vec<Option<&'r str>>,
+}
+
+impl InsertColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            id: Vec::with_capacity(n),
+            action: Vec::with_capacity(n),
+            status: Vec::with_capacity(n),
+            created: Vec::with_capacity(n),
+            updated: Vec::with_capacity(n),
+            request_id: Vec::with_capacity(n),
+            parameters: Vec::with_capacity(n),
+            enqueued_at: Vec::with_capacity(n),
+            dispatched_at: Vec::with_capacity(n),
+            attempt: Vec::with_capacity(n),
+            result: Vec::with_capacity(n),
         }
     }
 }
@@ -740,79 +834,95 @@ impl Writer {
         }
     }
 
-    /// One attempt: resolve new actions, then one transaction.
+    /// One attempt: resolve new actions, then one transaction of at most two statements.
     async fn try_write(&self, plan: &Plan<'_>) -> Result<(), WriteError> {
         if plan.is_empty() {
             return Ok(());
         }
-        let resolved = self
-            .ids
-            .ensure(&self.pool, plan.insert_actions.iter().copied())
-            .await?;
+        let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;
         self.count(resolved);
-        let mut action_ids = Vec::with_capacity(plan.insert_actions.len());
-        for action in &plan.insert_actions {
-            match self.ids.get(action) {
-                Some(id) => action_ids.push(id),
-                None => {
-                    return Err(WriteError::Refused(DbError::Query {
-                        context: "looking up an action id",
-                        source: sqlx::Error::RowNotFound,
-                    }));
-                }
-            }
-        }
+        let (inserts, updates): (Vec<&RowChange<'_>>, Vec<&RowChange<'_>>) =
+            plan.rows.iter().partition(|r| r.accept.is_some());
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(DbError::query("starting a ledger transaction"))?;
-        if !plan.insert_ids.is_empty() {
-            let parameters: Vec<&str> = plan.insert_parameters.iter().map(|p| &**p).collect();
-            let request_ids: Vec<Option<&str>> = plan
-                .insert_request_ids
-                .iter()
-                .map(|r| r.as_deref())
-                .collect();
+        if !inserts.is_empty() {
+            let mut c = InsertColumns::with_capacity(inserts.len());
+            for row in &inserts {
+                let Some(accept) = &row.accept else { continue };
+                let Some(action_id) = self.ids.get(accept.action) else {
+                    return Err(WriteError::Refused(DbError::Query {
+                        context: "looking up an action id",
+                        source: sqlx::Error::RowNotFound,
+                    }));
+                };
+                c.id.push(row.id);
+                c.action.push(action_id);
+                c.status.push(row.status);
+                c.created.push(accept.created);
+                c.updated.push(row.updated);
+                c.request_id.push(accept.request_id.as_deref());
+                c.parameters.push(&accept.parameters);
+                c.enqueued_at.push(accept.enqueued_at);
+                c.dispatched_at.push(row.dispatched_at);
+                c.attempt.push(row.admissions.max(row.min_attempt()));
+                c.result.push(row.result.as_deref());
+            }
             sqlx::query(self.sql.insert.clone())
-                .bind(&plan.insert_ids)
-                .bind(&action_ids)
-                .bind(&request_ids)
-                .bind(&parameters)
-                .bind(&plan.insert_enqueued_at)
-                .bind(&plan.insert_created)
+                .bind(&c.id)
+                .bind(&c.action)
+                .bind(&c.status)
+                .bind(&c.created)
+                .bind(&c.updated)
+                .bind(&c.request_id)
+                .bind(&c.parameters)
+                .bind(&c.enqueued_at)
+                .bind(&c.dispatched_at)
+                .bind(&c.attempt)
+                .bind(&c.result)
                 .execute(&mut *tx)
                 .await
                 .map_err(DbError::query("recording accepted executions"))?;
             self.count(1);
         }
-        if !plan.scheduled_ids.is_empty() {
-            sqlx::query(self.sql.scheduled.clone())
-                .bind(&plan.scheduled_ids)
-                .bind(&plan.scheduled_at)
+        if !updates.is_empty() {
+            let n = updates.len();
+            let (mut id, mut status, mut updated, mut dispatched_at) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (mut admissions, mut min_attempt, mut result, mut ranks) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for row in &updates {
+                id.push(row.id);
+                status.push(row.status);
+                updated.push(row.updated);
+                dispatched_at.push(row.dispatched_at);
+                admissions.push(row.admissions);
+                min_attempt.push(row.min_attempt());
+                result.push(row.result.as_deref());
+                ranks.push(rank(row.status));
+            }
+            sqlx::query(self.sql.update.clone())
+                .bind(&id)
+                .bind(&status)
+                .bind(&updated)
+                .bind(&dispatched_at)
+                .bind(&admissions)
+                .bind(&min_attempt)
+                .bind(&result)
+                .bind(&ranks)
                 .execute(&mut *tx)
                 .await
-                .map_err(DbError::query("recording admitted executions"))?;
-            self.count(1);
-        }
-        if !plan.running_ids.is_empty() {
-            sqlx::query(self.sql.running.clone())
-                .bind(&plan.running_ids)
-                .bind(&plan.running_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(DbError::query("recording running executions"))?;
-            self.count(1);
-        }
-        if !plan.ended_ids.is_empty() {
-            sqlx::query(self.sql.ended.clone())
-                .bind(&plan.ended_ids)
-                .bind(&plan.ended_status)
-                .bind(&plan.ended_result)
-                .bind(&plan.ended_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(DbError::query("recording ended executions"))?;
+                .map_err(DbError::query("recording execution transitions"))?;
             self.count(1);
         }
         tx.commit()
@@ -844,5 +954,82 @@ impl Writer {
         if !events.is_empty() {
             self.inner.record(events);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EndStatus, Payload};
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).expect("valid time")
+    }
+
+    fn event(e: Event) -> Item {
+        Item::Event {
+            event: e,
+            created: None,
+        }
+    }
+
+    #[test]
+    fn a_whole_lifecycle_in_one_batch_is_one_row_in_its_final_state() {
+        let a = ActionRef::parse("core.x").expect("valid");
+        let items = vec![
+            event(Event::Accepted {
+                action: a.clone(),
+                execution_id: 7,
+                request_id: None,
+                payload: Payload::empty_object(),
+                enqueued_at: at(0),
+                receipt: None,
+            }),
+            event(Event::Admitted {
+                action: a.clone(),
+                execution_id: 7,
+                at: at(1),
+                waited: Duration::from_millis(1),
+            }),
+            Item::Running { id: 7, at: at(2) },
+            event(Event::Completed {
+                action: a,
+                execution_id: 7,
+                status: EndStatus::Failed,
+                result: Some(Payload::from_json(r#"{"code": 1}"#).expect("json")),
+                at: at(3),
+                receipt: None,
+            }),
+        ];
+        let plan = Plan::build(&items);
+        assert_eq!(plan.rows.len(), 1);
+        let row = &plan.rows[0];
+        assert!(row.accept.is_some());
+        assert_eq!(row.status, "failed");
+        assert_eq!(row.updated, at(3));
+        assert_eq!(row.dispatched_at, Some(at(1)));
+        assert_eq!(row.admissions, 1);
+        assert_eq!(row.result.as_deref(), Some(r#"{"code": 1}"#));
+    }
+
+    #[test]
+    fn a_confirmation_that_overtakes_its_admission_does_not_move_the_row_back() {
+        let a = ActionRef::parse("core.x").expect("valid");
+        let items = vec![
+            Item::Running { id: 8, at: at(5) },
+            event(Event::Admitted {
+                action: a,
+                execution_id: 8,
+                at: at(4),
+                waited: Duration::ZERO,
+            }),
+        ];
+        let plan = Plan::build(&items);
+        let row = &plan.rows[0];
+        assert!(row.accept.is_none(), "accepted in an earlier batch");
+        assert_eq!(row.status, "running");
+        assert_eq!(row.updated, at(5));
+        assert_eq!(row.admissions, 1);
+        assert_eq!(row.min_attempt(), 1);
     }
 }
