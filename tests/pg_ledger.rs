@@ -184,6 +184,52 @@ async fn ten_thousand_acceptances_take_a_handful_of_statements() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_writer_commits_and_settles_what_is_pending() {
+    let db = TestDb::new().await;
+    let ids = Arc::new(ActionIds::new(&db.schema));
+    let (ledger, worker) = LedgerSink::start(
+        db.pool.clone(),
+        &db.schema,
+        ids,
+        // A flush interval far longer than the test: only the stop can flush.
+        LedgerOptions {
+            flush_interval: Duration::from_secs(3600),
+            ..LedgerOptions::default()
+        },
+        Arc::new(DiscardSink),
+    );
+    let a = action("core.stop");
+    let (tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
+    let events = (1..=50u64)
+        .map(|id| {
+            let tx = tx.clone();
+            Event::Accepted {
+                action: a.clone(),
+                execution_id: id,
+                request_id: None,
+                payload: Payload::empty_object(),
+                enqueued_at: Utc::now(),
+                receipt: Some(Receipt::new(move |v| {
+                    let _ = tx.send(v);
+                })),
+            }
+        })
+        .collect();
+    ledger.record(events);
+    assert!(
+        worker.stop(Duration::from_secs(5)).await,
+        "stopped by itself"
+    );
+    let mut answered = 0;
+    while settled.try_recv().is_ok() {
+        answered += 1;
+    }
+    assert_eq!(answered, 50);
+    assert_eq!(statuses(&db, "core.stop").await.len(), 50);
+    assert_eq!(ledger.pending(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn executions_through_the_executor_share_statements() {
     let db = TestDb::new().await;
     let mut rig = Rig::start(

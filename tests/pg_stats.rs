@@ -174,3 +174,30 @@ async fn writes_grow_with_the_actions_that_changed_not_with_executions() {
         vec![("busy.a".to_owned(), 7), ("busy.b".to_owned(), 999)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_stats_writer_writes_the_last_counters() {
+    let db = TestDb::new().await;
+    let writer = StatsWriter::new(
+        db.pool.clone(),
+        &db.schema,
+        Arc::new(ActionIds::new(&db.schema)),
+    );
+    // An interval far longer than the test: only the stop can write.
+    let worker = writer.spawn(StatsOptions {
+        interval: Duration::from_secs(3600),
+        snapshot_interval: Duration::from_secs(3600),
+    });
+    // The first tick of an interval fires at once; wait for it to pass.
+    eventually(Duration::from_secs(2), "the first tick", || async {
+        (writer.counters().ticks >= 1).then_some(())
+    })
+    .await;
+    writer.observe(&stats_of(&action("last.words"), 4, Utc::now()));
+    assert!(worker.stop(Duration::from_secs(5)).await);
+    let lengths: Vec<i32> = sqlx::query_scalar("SELECT queue_length FROM attune.queue_stats")
+        .fetch_all(&db.pool)
+        .await
+        .expect("rows");
+    assert_eq!(lengths, vec![4]);
+}
