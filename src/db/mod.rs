@@ -145,6 +145,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// and replaced on the next acquire, so writers only have to retry.
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse().map_err(DbError::InvalidUrl)?;
+    // At least two, so that the ledger's writes never queue behind a stats write or the
+    // policy poll.
     Ok(PgPoolOptions::new()
         .max_connections(max_connections.max(2))
         .acquire_timeout(ACQUIRE_TIMEOUT)
