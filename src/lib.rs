@@ -10,6 +10,9 @@
 //!   and counters ([`core::queue`] holds the rules as a plain state machine);
 //!   [`core::registry`] is the [`core::Executor`] handle every edge calls; [`core::ports`]
 //!   are the traits through which the core reaches the edges.
+//! - [`db`]: the Postgres edge: the ledger of executions (an outcome sink that settles receipts
+//!   only after the commit), the `queue_stats` writer, recovery at start and the `action`
+//!   table as a policy source.
 //!
 //! # Supervision and ordering
 //!
@@ -30,6 +33,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod db;
 pub mod model;
 pub mod rabbit;
 pub mod tools;

@@ -1,0 +1,1035 @@
+//! The ledger: every execution's transitions, written to `execution` in batches, with receipts
+//! settled only after the commit.
+//!
+//! ```text
+//!   ActionActor ──record(events)──┐
+//!   RabbitMQ dispatcher ──mark_running(ids)──┤ unbounded channel
+//!                                 ▼
+//!                           writer task ── one transaction per flush ──► Postgres
+//!                                 │ after COMMIT
+//!                                 ├── settle each event's receipt (acks the intake message)
+//!                                 └── inner OutcomeSink (dead letters, metrics), same order
+//! ```
+//!
+//! # Batching
+//!
+//! The writer flushes when `batch_max_rows` items are pending or when the oldest pending item
+//! has waited `flush_interval`, whichever comes first; under load the next batch accumulates
+//! while the previous one is written.
+//!
+//! A flush writes every execution it touches once, in the furthest state the batch took it
+//! to: executions accepted in this batch are INSERTed already in that state, the others are
+//! moved there by one UPDATE. So a flush is one transaction of at most two statements, each
+//! covering all its rows through `UNNEST` arrays (plus, only when new action refs appear, one
+//! statement before it, see [`ActionIds`]); and an execution that is accepted, dispatched and
+//! completed within one flush costs one row write, not four. Writes only move a row forward
+//! (requested < scheduled < running < an end status), so a `running` confirmation that
+//! overtakes its admission, or an id accepted again after it ended, never moves a row back.
+//!
+//! # Mapping
+//!
+//! | event | row |
+//! | --- | --- |
+//! | `Accepted` | INSERT `requested` (an existing row is only moved forward), `enqueued_at` = acceptance time, `created` = the same made strictly increasing per action (see below) |
+//! | `Admitted` | `scheduled`, `dispatched_at` = admission time, `attempt` + 1 |
+//! | [`LedgerSink::mark_running`] | `running` (the broker confirmed the dispatch) |
+//! | `Completed` | the worker's status and result |
+//! | `Removed{Canceled}` | `canceled` |
+//! | `Removed{TimedOut}`, `Removed{Purged}` | `timeout`, result `{"error": "QueueTimeout: …"}` / `{"error": "Purged: …"}` |
+//! | `Reclaimed` | `failed`, result `{"error": "LostCompletion: …"}`: the executor gave up waiting; whether the work ran is unknown, and a completion arriving later frees nothing and changes nothing |
+//! | `Rejected`, `Unmatched` | nothing (they are settled and forwarded in order) |
+//!
+//! `updated` is the time the core stamped on the event, not the time of the write, so the
+//! runbook's age queries stay truthful even when writes were held back by an outage.
+//! `created` differs from `enqueued_at` by at most a few microseconds: the core stamps a
+//! whole batch with one time, and ties are broken in acceptance order so that the runbook's
+//! FIFO evidence (`ORDER BY created`) shows the real order.
+//!
+//! # While Postgres is unreachable
+//!
+//! A failed flush is retried, unchanged, with exponential backoff (`retry_min` doubling up to
+//! `retry_max`); the pool replaces broken connections by itself. Nothing is settled until its
+//! batch commits, so the RabbitMQ edge acknowledges nothing and the broker keeps every message.
+//! [`LedgerSink::healthy`] is false from the first failed attempt to the next commit.
+//!
+//! Memory: pending items live in the channel and the writer's queue. Their number is bounded
+//! by what can happen without any receipt being settled: intake deliveries up to the request
+//! consumer's prefetch, completions and cancels up to theirs, plus at most one admission, one
+//! `running` and one end per execution already in memory. The payload is shared with the queue
+//! entry, so an item costs about 200 bytes beyond data the executor holds anyway. The edge can
+//! watch [`LedgerSink::pending`] to stop consuming earlier.
+//!
+//! A batch that fails for a reason other than reachability (Postgres rejects its data) would
+//! fail forever; the writer then writes it again one execution per transaction, so only the
+//! offending execution is lost from the ledger. Its events are still settled and forwarded (the
+//! executor already acted on them), counted in [`LedgerCounters::dropped`] and logged as errors.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::SqlStr;
+use sqlx::postgres::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::actions::ActionIds;
+use super::{
+    DbError, MAX_STORABLE_EXECUTION_ID, Schema, Worker, db_id, is_transient, jsonb_text, pg_text,
+};
+use crate::core::ports::RemovalReason;
+use crate::core::{Event, OutcomeSink};
+use crate::model::{ActionRef, ExecutionId};
+
+/// How the writer batches and retries.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerOptions {
+    /// Flush as soon as this many items (events and `running` marks) are pending
+    /// (`database.batch_max_rows`).
+    pub batch_max_rows: usize,
+    /// Longest an item waits to be batched with others (`database.flush_interval_ms`).
+    pub flush_interval: Duration,
+    /// First pause after a failed flush.
+    pub retry_min: Duration,
+    /// Longest pause between attempts while Postgres stays unreachable.
+    pub retry_max: Duration,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            batch_max_rows: 5000,
+            flush_interval: Duration::from_millis(5),
+            retry_min: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the writer has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerCounters {
+    /// Items handed in and not yet committed.
+    pub pending: usize,
+    /// Items committed (or, for `dropped` ones, given up on).
+    pub committed: u64,
+    /// SQL statements that succeeded, BEGIN and COMMIT not counted.
+    pub statements: u64,
+    /// Transactions committed.
+    pub transactions: u64,
+    /// Flush attempts that failed.
+    pub failed_attempts: u64,
+    /// Items whose row Postgres refused; see the module docs.
+    pub dropped: u64,
+}
+
+/// State shared between the sink handle and its writer task.
+#[derive(Debug, Default)]
+struct Shared {
+    pending: AtomicUsize,
+    /// Starts true: until a write fails there is no reason to call the ledger unhealthy.
+    unhealthy: AtomicBool,
+    committed: AtomicU64,
+    statements: AtomicU64,
+    transactions: AtomicU64,
+    failed_attempts: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// What the sink hands its writer.
+enum Input {
+    Events(Vec<Event>),
+    Running(Vec<ExecutionId>, DateTime<Utc>),
+    /// Answered once everything handed in before it is committed.
+    Sync(oneshot::Sender<()>),
+}
+
+/// One unit of pending work.
+enum Item {
+    /// `created` is set for acceptances only; see [`Inbox::created_for`].
+    Event {
+        event: Event,
+        created: Option<DateTime<Utc>>,
+    },
+    Running {
+        id: ExecutionId,
+        at: DateTime<Utc>,
+    },
+}
+
+impl Item {
+    fn execution_id(&self) -> ExecutionId {
+        match self {
+            Item::Event { event, .. } => event.execution_id(),
+            Item::Running { id, .. } => *id,
+        }
+    }
+}
+
+/// The [`OutcomeSink`] that makes acceptances durable before they are acknowledged.
+pub struct LedgerSink {
+    tx: mpsc::UnboundedSender<Input>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LedgerSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerSink")
+            .field("counters", &self.counters())
+            .finish()
+    }
+}
+
+impl LedgerSink {
+    /// Starts the writer task. `inner` receives every event after its batch committed, with
+    /// its receipt already settled.
+    pub fn start(
+        pool: PgPool,
+        schema: &Schema,
+        ids: Arc<ActionIds>,
+        options: LedgerOptions,
+        inner: Arc<dyn OutcomeSink>,
+    ) -> (Arc<LedgerSink>, Worker) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::default());
+        let writer = Writer {
+            pool,
+            ids,
+            inner,
+            options: LedgerOptions {
+                batch_max_rows: options.batch_max_rows.max(1),
+                ..options
+            },
+            sql: Statements::new(schema),
+            shared: shared.clone(),
+        };
+        let worker = Worker::spawn("ledger writer", move |stop| writer.run(rx, stop));
+        (Arc::new(LedgerSink { tx, shared }), worker)
+    }
+
+    /// Records that the broker confirmed these dispatches: their rows become `running`. Called
+    /// by the RabbitMQ dispatcher; returns at once.
+    pub fn mark_running(&self, ids: Vec<ExecutionId>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.shared.pending.fetch_add(ids.len(), Ordering::Relaxed);
+        if self.tx.send(Input::Running(ids, Utc::now())).is_err() {
+            tracing::error!("ledger writer stopped; running marks are lost");
+        }
+    }
+
+    /// Items handed in and not yet committed.
+    pub fn pending(&self) -> usize {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// False from the first failed write until the next commit.
+    pub fn healthy(&self) -> bool {
+        !self.shared.unhealthy.load(Ordering::Relaxed)
+    }
+
+    pub fn counters(&self) -> LedgerCounters {
+        let s = &self.shared;
+        LedgerCounters {
+            pending: s.pending.load(Ordering::Relaxed),
+            committed: s.committed.load(Ordering::Relaxed),
+            statements: s.statements.load(Ordering::Relaxed),
+            transactions: s.transactions.load(Ordering::Relaxed),
+            failed_attempts: s.failed_attempts.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until everything handed in before this call is committed (or given up on). Waits
+    /// as long as Postgres is down; callers that must not wait forever add a timeout.
+    pub async fn sync(&self) -> Result<(), DbError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Input::Sync(done))
+            .map_err(|_| DbError::WriterStopped)?;
+        wait.await.map_err(|_| DbError::WriterStopped)
+    }
+}
+
+impl OutcomeSink for LedgerSink {
+    fn record(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        self.shared
+            .pending
+            .fetch_add(events.len(), Ordering::Relaxed);
+        // The writer stops only at shutdown. Events that arrive after it are not settled, so
+        // their messages stay with the broker and come back to the next executor.
+        if self.tx.send(Input::Events(events)).is_err() {
+            tracing::error!("ledger writer stopped; events left unsettled");
+        }
+    }
+}
+
+/// The statements of one flush, built once with the schema in them.
+struct Statements {
+    insert: SqlStr,
+    update: SqlStr,
+}
+
+/// `status` ranked by how far an execution has come, as SQL; a write only ever raises it.
+const RANK_OF_STATUS: &str = "CASE e.status WHEN 'requested' THEN 0 WHEN 'scheduled' THEN 1 \
+                              WHEN 'running' THEN 2 ELSE 3 END";
+
+impl Statements {
+    fn new(schema: &Schema) -> Self {
+        Self {
+            // New executions, already in the state they reached within the batch. ORDER BY
+            // the array position: the identity default (accept_seq) is evaluated above the
+            // sort, so acceptance order within a batch is the order of the rows. A conflict
+            // (an id accepted again) only moves the existing row forward.
+            insert: schema.sql(&format!(
+                "INSERT INTO {{s}}.execution AS e \
+                   (id, action, status, created, updated, request_id, parameters, enqueued_at, \
+                    dispatched_at, attempt, result) \
+                 SELECT u.id, u.action, u.status, u.created, u.updated, u.request_id, \
+                        u.parameters::jsonb, u.enqueued_at, u.dispatched_at, u.attempt, \
+                        u.result::jsonb \
+                 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::timestamptz[], \
+                             $5::timestamptz[], $6::text[], $7::text[], $8::timestamptz[], \
+                             $9::timestamptz[], $10::int4[], $11::text[]) \
+                      WITH ORDINALITY \
+                      AS u(id, action, status, created, updated, request_id, parameters, \
+                           enqueued_at, dispatched_at, attempt, result, ord) \
+                 ORDER BY u.ord \
+                 ON CONFLICT (id) DO UPDATE SET \
+                   status = EXCLUDED.status, updated = EXCLUDED.updated, \
+                   dispatched_at = COALESCE(EXCLUDED.dispatched_at, e.dispatched_at), \
+                   attempt = e.attempt + EXCLUDED.attempt, \
+                   result = COALESCE(EXCLUDED.result, e.result) \
+                 WHERE {RANK_OF_STATUS} < \
+                   CASE EXCLUDED.status WHEN 'requested' THEN 0 WHEN 'scheduled' THEN 1 \
+                   WHEN 'running' THEN 2 ELSE 3 END"
+            )),
+            // Executions accepted in an earlier batch: one UPDATE for all of them, each row
+            // moved straight to the furthest state it reached in this batch.
+            update: schema.sql(&format!(
+                "UPDATE {{s}}.execution e SET \
+                   status = u.status, updated = u.updated, \
+                   dispatched_at = COALESCE(u.dispatched_at, e.dispatched_at), \
+                   attempt = GREATEST(e.attempt + u.admissions, u.min_attempt), \
+                   result = COALESCE(u.result::jsonb, e.result) \
+                 FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+                             $5::int4[], $6::int4[], $7::text[], $8::int4[]) \
+                      AS u(id, status, updated, dispatched_at, admissions, min_attempt, \
+                           result, rank) \
+                 WHERE e.id = u.id AND {RANK_OF_STATUS} < u.rank"
+            )),
+        }
+    }
+}
+
+/// How far an execution has come; a row is only ever moved to a higher rank.
+fn rank(status: &str) -> i32 {
+    match status {
+        "requested" => 0,
+        "scheduled" => 1,
+        "running" => 2,
+        _ => 3,
+    }
+}
+
+/// An acceptance: what only the INSERT needs.
+struct Accept<'a> {
+    action: &'a ActionRef,
+    request_id: Option<Cow<'a, str>>,
+    parameters: Cow<'a, str>,
+    enqueued_at: DateTime<Utc>,
+    created: DateTime<Utc>,
+}
+
+/// Everything one batch does to one execution, folded into the state it ends in.
+struct RowChange<'a> {
+    id: i64,
+    accept: Option<Accept<'a>>,
+    status: &'static str,
+    /// When the status last changed.
+    updated: DateTime<Utc>,
+    dispatched_at: Option<DateTime<Utc>>,
+    admissions: i32,
+    result: Option<String>,
+}
+
+impl RowChange<'_> {
+    /// Applies one transition if it moves the execution forward. Admissions are counted even
+    /// when a `running` confirmation overtook them.
+    fn advance(&mut self, status: &'static str, at: DateTime<Utc>, result: Option<String>) {
+        if rank(status) > rank(self.status) {
+            self.status = status;
+            self.updated = at;
+            if result.is_some() {
+                self.result = result;
+            }
+        }
+    }
+
+    /// `attempt` at least 1 once the broker confirmed a dispatch.
+    fn min_attempt(&self) -> i32 {
+        i32::from(self.status == "running")
+    }
+}
+
+/// The rows one flush writes: one change per execution, in order of first appearance (for new
+/// executions that is acceptance order).
+#[derive(Default)]
+struct Plan<'a> {
+    rows: Vec<RowChange<'a>>,
+    index: HashMap<i64, usize>,
+}
+
+impl<'a> Plan<'a> {
+    /// Built before any await: events are not `Sync` (their receipts are not), so a future
+    /// that held references to them could not move between threads; the plan holds only
+    /// references to their plain fields.
+    fn build(items: impl IntoIterator<Item = &'a Item>) -> Self {
+        let mut p = Plan::default();
+        for item in items {
+            // Ids beyond BIGINT were counted as dropped when the batch arrived.
+            let Some(id) = db_id(item.execution_id()) else {
+                continue;
+            };
+            match item {
+                Item::Running { at, .. } => {
+                    let row = p.row(id, *at);
+                    row.dispatched_at = row.dispatched_at.or(Some(*at));
+                    row.advance("running", *at, None);
+                }
+                Item::Event { event, created } => p.add_event(id, event, *created),
+            }
+        }
+        p
+    }
+
+    /// The change of an execution, started as `requested` at `at` if it is new to the batch.
+    fn row(&mut self, id: i64, at: DateTime<Utc>) -> &mut RowChange<'a> {
+        let slot = *self.index.entry(id).or_insert_with(|| {
+            self.rows.push(RowChange {
+                id,
+                accept: None,
+                status: "requested",
+                updated: at,
+                dispatched_at: None,
+                admissions: 0,
+                result: None,
+            });
+            self.rows.len() - 1
+        });
+        &mut self.rows[slot]
+    }
+
+    fn add_event(&mut self, id: i64, event: &'a Event, created: Option<DateTime<Utc>>) {
+        match event {
+            Event::Accepted {
+                action,
+                request_id,
+                payload,
+                enqueued_at,
+                ..
+            } => {
+                let row = self.row(id, *enqueued_at);
+                row.accept = Some(Accept {
+                    action,
+                    request_id: request_id.as_deref().map(pg_text),
+                    parameters: jsonb_text(payload.json()),
+                    enqueued_at: *enqueued_at,
+                    created: created.unwrap_or(*enqueued_at),
+                });
+            }
+            Event::Admitted { at, .. } => {
+                let row = self.row(id, *at);
+                row.admissions += 1;
+                row.dispatched_at = Some(*at);
+                row.advance("scheduled", *at, None);
+            }
+            Event::Completed {
+                status, result, at, ..
+            } => {
+                let result = result.as_ref().map(|r| jsonb_text(r.json()).into_owned());
+                self.row(id, *at).advance(status.as_str(), *at, result);
+            }
+            Event::Removed {
+                reason, execution, ..
+            } => {
+                let at = plus(execution.enqueued_at, execution.waited);
+                let waited = execution.waited.as_secs_f64();
+                let (status, result) = match reason {
+                    RemovalReason::Canceled => ("canceled", None),
+                    RemovalReason::TimedOut => (
+                        "timeout",
+                        Some(serde_json::json!({
+                            "error": format!(
+                                "QueueTimeout: waited {waited:.0}s in the queue without a slot"
+                            ),
+                            "error_class": "QueueTimeout",
+                            "waited_seconds": waited,
+                        })),
+                    ),
+                    RemovalReason::Purged => (
+                        "timeout",
+                        Some(serde_json::json!({
+                            "error": format!(
+                                "Purged: waited {waited:.0}s in the queue, longer than the purge allows"
+                            ),
+                            "error_class": "Purged",
+                            "waited_seconds": waited,
+                        })),
+                    ),
+                };
+                self.row(id, at)
+                    .advance(status, at, result.map(|r| r.to_string()));
+            }
+            Event::Reclaimed {
+                admitted_at,
+                running_for,
+                ..
+            } => {
+                let secs = running_for.as_secs_f64();
+                let result = serde_json::json!({
+                    "error": format!(
+                        "LostCompletion: no completion {secs:.0}s after dispatch; \
+                         the slot was reclaimed"
+                    ),
+                    "error_class": "LostCompletion",
+                    "running_seconds": secs,
+                });
+                let at = plus(*admitted_at, *running_for);
+                self.row(id, at)
+                    .advance("failed", at, Some(result.to_string()));
+            }
+            Event::Rejected { .. } | Event::Unmatched { .. } => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn new_actions(&self) -> impl Iterator<Item = &'a ActionRef> + '_ {
+        self.rows
+            .iter()
+            .filter_map(|r| r.accept.as_ref().map(|a| a.action))
+    }
+}
+
+fn plus(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| at.checked_add_signed(d))
+        .unwrap_or(at)
+}
+
+/// What the writer has received and not yet written.
+struct Inbox {
+    pending: VecDeque<Item>,
+    /// When the oldest pending item arrived: the flush deadline runs from it.
+    oldest: Instant,
+    /// Items received so far; a sync is answered once this many are committed.
+    received: u64,
+    syncs: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// The `created` last given to an acceptance of each action.
+    last_created: HashMap<ActionRef, DateTime<Utc>>,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Self {
+            pending: VecDeque::new(),
+            oldest: Instant::now(),
+            received: 0,
+            syncs: VecDeque::new(),
+            last_created: HashMap::new(),
+        }
+    }
+}
+
+impl Inbox {
+    fn accept(&mut self, input: Input) {
+        if self.pending.is_empty() {
+            self.oldest = Instant::now();
+        }
+        match input {
+            Input::Events(events) => {
+                self.received += events.len() as u64;
+                for event in events {
+                    let created = match &event {
+                        Event::Accepted {
+                            action,
+                            enqueued_at,
+                            ..
+                        } => Some(self.created_for(action, *enqueued_at)),
+                        _ => None,
+                    };
+                    self.pending.push_back(Item::Event { event, created });
+                }
+            }
+            Input::Running(ids, at) => {
+                self.received += ids.len() as u64;
+                self.pending
+                    .extend(ids.into_iter().map(|id| Item::Running { id, at }));
+            }
+            Input::Sync(done) => self.syncs.push_back((self.received, done)),
+        }
+    }
+
+    /// The `created` of an accepted execution: its acceptance time, nudged a microsecond past
+    /// the previous acceptance of the same action when the two would tie. The core stamps every
+    /// execution of one batch with the same time, and the runbook's FIFO evidence is
+    /// `ORDER BY created`; with ties that order would be arbitrary and show violations that
+    /// never happened. `enqueued_at` keeps the core's time unchanged.
+    fn created_for(&mut self, action: &ActionRef, enqueued_at: DateTime<Utc>) -> DateTime<Utc> {
+        let created = match self.last_created.get(action) {
+            Some(last) if *last >= enqueued_at => *last + chrono::Duration::microseconds(1),
+            _ => enqueued_at,
+        };
+        self.last_created.insert(action.clone(), created);
+        created
+    }
+
+    fn answer_syncs(&mut self, committed: u64) {
+        while self
+            .syncs
+            .front()
+            .is_some_and(|(upto, _)| *upto <= committed)
+        {
+            if let Some((_, done)) = self.syncs.pop_front() {
+                // The caller may have stopped waiting.
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// The INSERT's column arrays.
+struct InsertColumns<'r> {
+    id: Vec<i64>,
+    action: Vec<i64>,
+    status: Vec<&'static str>,
+    created: Vec<DateTime<Utc>>,
+    updated: Vec<DateTime<Utc>>,
+    request_id: Vec<Option<&'r str>>,
+    parameters: Vec<&'r str>,
+    enqueued_at: Vec<DateTime<Utc>>,
+    dispatched_at: Vec<Option<DateTime<Utc>>>,
+    attempt: Vec<i32>,
+    result: Vec<Option<&'r str>>,
+}
+
+impl InsertColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            id: Vec::with_capacity(n),
+            action: Vec::with_capacity(n),
+            status: Vec::with_capacity(n),
+            created: Vec::with_capacity(n),
+            updated: Vec::with_capacity(n),
+            request_id: Vec::with_capacity(n),
+            parameters: Vec::with_capacity(n),
+            enqueued_at: Vec::with_capacity(n),
+            dispatched_at: Vec::with_capacity(n),
+            attempt: Vec::with_capacity(n),
+            result: Vec::with_capacity(n),
+        }
+    }
+}
+
+/// The writer task's state.
+struct Writer {
+    pool: PgPool,
+    ids: Arc<ActionIds>,
+    inner: Arc<dyn OutcomeSink>,
+    options: LedgerOptions,
+    sql: Statements,
+    shared: Arc<Shared>,
+}
+
+/// Why a write failed.
+enum WriteError {
+    /// Postgres could not be reached; the same write will work later.
+    Transient(DbError),
+    /// Postgres refused the data; the same write will never work.
+    Refused(DbError),
+}
+
+impl From<DbError> for WriteError {
+    fn from(e: DbError) -> Self {
+        let transient = match &e {
+            DbError::Query { source, .. } => is_transient(source),
+            _ => false,
+        };
+        if transient {
+            WriteError::Transient(e)
+        } else {
+            WriteError::Refused(e)
+        }
+    }
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Input>, mut stop: oneshot::Receiver<()>) {
+        let mut inbox = Inbox::default();
+        let mut committed: u64 = 0;
+        let mut stopping = false;
+        let batch_max = self.options.batch_max_rows;
+        loop {
+            inbox.answer_syncs(committed);
+            let deadline = inbox.oldest + self.options.flush_interval;
+            if !stopping {
+                let waiting_for_more = !inbox.pending.is_empty()
+                    && inbox.pending.len() < batch_max
+                    && Instant::now() < deadline;
+                if inbox.pending.is_empty() {
+                    tokio::select! {
+                        biased;
+                        _ = &mut stop => stopping = true,
+                        input = rx.recv() => match input {
+                            Some(input) => inbox.accept(input),
+                            None => stopping = true,
+                        },
+                    }
+                } else if waiting_for_more {
+                    tokio::select! {
+                        biased;
+                        _ = &mut stop => stopping = true,
+                        input = rx.recv() => match input {
+                            Some(input) => inbox.accept(input),
+                            None => stopping = true,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+            }
+            // Take whatever is already there without waiting; at shutdown, everything.
+            while stopping || inbox.pending.len() < batch_max {
+                match rx.try_recv() {
+                    Ok(input) => inbox.accept(input),
+                    Err(_) => break,
+                }
+            }
+            if inbox.pending.is_empty() {
+                if stopping {
+                    inbox.answer_syncs(u64::MAX);
+                    return;
+                }
+                continue;
+            }
+            let due = stopping
+                || inbox.pending.len() >= batch_max
+                || Instant::now() >= inbox.oldest + self.options.flush_interval;
+            if !due {
+                continue;
+            }
+            let n = inbox.pending.len().min(batch_max);
+            let batch: Vec<Item> = inbox.pending.drain(..n).collect();
+            self.write(batch).await;
+            committed += n as u64;
+        }
+    }
+
+    /// Writes one batch, retrying while Postgres is unreachable, then settles and forwards it.
+    async fn write(&self, batch: Vec<Item>) {
+        let unstorable = batch
+            .iter()
+            .filter(|i| i.execution_id() > MAX_STORABLE_EXECUTION_ID)
+            .count();
+        if unstorable > 0 {
+            self.shared
+                .dropped
+                .fetch_add(unstorable as u64, Ordering::Relaxed);
+            tracing::error!(
+                count = unstorable,
+                "execution ids above {MAX_STORABLE_EXECUTION_ID} cannot be stored; not recorded"
+            );
+        }
+        let refused = {
+            let plan = Plan::build(&batch);
+            self.write_retrying(&plan).await.err()
+        };
+        if let Some(e) = refused {
+            tracing::error!(error = %e, items = batch.len(),
+                "Postgres refused a ledger batch; writing it one execution at a time");
+            // One execution per transaction, so that a row Postgres refuses costs only that
+            // execution's ledger entry.
+            for (id, items, plan) in plans_per_execution(&batch) {
+                if let Err(e) = self.write_retrying(&plan).await {
+                    self.shared
+                        .dropped
+                        .fetch_add(items as u64, Ordering::Relaxed);
+                    tracing::error!(execution_id = id, error = %e,
+                        "Postgres refused this execution's ledger rows; not recorded");
+                }
+            }
+        }
+        self.finish(batch);
+    }
+}
+
+/// Splits a batch into one plan per execution, in the order the executions first appear;
+/// each entry says how many items it covers.
+fn plans_per_execution(batch: &[Item]) -> Vec<(ExecutionId, usize, Plan<'_>)> {
+    let mut order: Vec<ExecutionId> = Vec::new();
+    let mut members: HashMap<ExecutionId, Vec<&Item>> = HashMap::new();
+    for item in batch {
+        let id = item.execution_id();
+        members
+            .entry(id)
+            .or_insert_with(|| {
+                order.push(id);
+                Vec::new()
+            })
+            .push(item);
+    }
+    order
+        .iter()
+        .filter_map(|id| members.remove(id).map(|m| (*id, m.len(), Plan::build(m))))
+        .collect()
+}
+
+impl Writer {
+    /// Retries transient failures with backoff until the write commits; returns the error if
+    /// Postgres refused the data itself.
+    async fn write_retrying(&self, plan: &Plan<'_>) -> Result<(), DbError> {
+        let mut backoff = self.options.retry_min;
+        let mut down_since: Option<Instant> = None;
+        loop {
+            match self.try_write(plan).await {
+                Ok(()) => {
+                    if let Some(since) = down_since {
+                        tracing::info!(
+                            down_for_ms = since.elapsed().as_millis() as u64,
+                            "ledger writes resumed"
+                        );
+                    }
+                    self.shared.unhealthy.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(WriteError::Refused(e)) => {
+                    self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+                Err(WriteError::Transient(e)) => {
+                    self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    self.shared.unhealthy.store(true, Ordering::Relaxed);
+                    if down_since.is_none() {
+                        down_since = Some(Instant::now());
+                        tracing::warn!(error = %e, pending = self.shared.pending.load(Ordering::Relaxed),
+                            "ledger write failed; retrying, nothing is acknowledged meanwhile");
+                    } else {
+                        tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                            "ledger write failed again");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.options.retry_max);
+                }
+            }
+        }
+    }
+
+    /// One attempt: resolve new actions, then one transaction of at most two statements.
+    async fn try_write(&self, plan: &Plan<'_>) -> Result<(), WriteError> {
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;
+        self.count(resolved);
+        let (inserts, updates): (Vec<&RowChange<'_>>, Vec<&RowChange<'_>>) =
+            plan.rows.iter().partition(|r| r.accept.is_some());
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(DbError::query("starting a ledger transaction"))?;
+        if !inserts.is_empty() {
+            let mut c = InsertColumns::with_capacity(inserts.len());
+            for row in &inserts {
+                let Some(accept) = &row.accept else { continue };
+                let Some(action_id) = self.ids.get(accept.action) else {
+                    return Err(WriteError::Refused(DbError::Query {
+                        context: "looking up an action id",
+                        source: sqlx::Error::RowNotFound,
+                    }));
+                };
+                c.id.push(row.id);
+                c.action.push(action_id);
+                c.status.push(row.status);
+                c.created.push(accept.created);
+                c.updated.push(row.updated);
+                c.request_id.push(accept.request_id.as_deref());
+                c.parameters.push(&accept.parameters);
+                c.enqueued_at.push(accept.enqueued_at);
+                c.dispatched_at.push(row.dispatched_at);
+                c.attempt.push(row.admissions.max(row.min_attempt()));
+                c.result.push(row.result.as_deref());
+            }
+            sqlx::query(self.sql.insert.clone())
+                .bind(&c.id)
+                .bind(&c.action)
+                .bind(&c.status)
+                .bind(&c.created)
+                .bind(&c.updated)
+                .bind(&c.request_id)
+                .bind(&c.parameters)
+                .bind(&c.enqueued_at)
+                .bind(&c.dispatched_at)
+                .bind(&c.attempt)
+                .bind(&c.result)
+                .execute(&mut *tx)
+                .await
+                .map_err(DbError::query("recording accepted executions"))?;
+            self.count(1);
+        }
+        if !updates.is_empty() {
+            let n = updates.len();
+            let (mut id, mut status, mut updated, mut dispatched_at) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (mut admissions, mut min_attempt, mut result, mut ranks) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for row in &updates {
+                id.push(row.id);
+                status.push(row.status);
+                updated.push(row.updated);
+                dispatched_at.push(row.dispatched_at);
+                admissions.push(row.admissions);
+                min_attempt.push(row.min_attempt());
+                result.push(row.result.as_deref());
+                ranks.push(rank(row.status));
+            }
+            sqlx::query(self.sql.update.clone())
+                .bind(&id)
+                .bind(&status)
+                .bind(&updated)
+                .bind(&dispatched_at)
+                .bind(&admissions)
+                .bind(&min_attempt)
+                .bind(&result)
+                .bind(&ranks)
+                .execute(&mut *tx)
+                .await
+                .map_err(DbError::query("recording execution transitions"))?;
+            self.count(1);
+        }
+        tx.commit()
+            .await
+            .map_err(DbError::query("committing a ledger transaction"))?;
+        self.shared.transactions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn count(&self, statements: u64) {
+        self.shared
+            .statements
+            .fetch_add(statements, Ordering::Relaxed);
+    }
+
+    /// Settles every receipt in the batch, then forwards the events in their order. Settling
+    /// takes each receipt out of its event, so the inner sink's own `settle` finds nothing.
+    fn finish(&self, batch: Vec<Item>) {
+        let n = batch.len();
+        let mut events = Vec::with_capacity(n);
+        for item in batch {
+            if let Item::Event { mut event, .. } = item {
+                event.settle();
+                events.push(event);
+            }
+        }
+        self.shared.pending.fetch_sub(n, Ordering::Relaxed);
+        self.shared.committed.fetch_add(n as u64, Ordering::Relaxed);
+        if !events.is_empty() {
+            self.inner.record(events);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EndStatus, Payload};
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).expect("valid time")
+    }
+
+    fn event(e: Event) -> Item {
+        Item::Event {
+            event: e,
+            created: None,
+        }
+    }
+
+    #[test]
+    fn a_whole_lifecycle_in_one_batch_is_one_row_in_its_final_state() {
+        let a = ActionRef::parse("core.x").expect("valid");
+        let items = vec![
+            event(Event::Accepted {
+                action: a.clone(),
+                execution_id: 7,
+                request_id: None,
+                payload: Payload::empty_object(),
+                enqueued_at: at(0),
+                receipt: None,
+            }),
+            event(Event::Admitted {
+                action: a.clone(),
+                execution_id: 7,
+                at: at(1),
+                waited: Duration::from_millis(1),
+            }),
+            Item::Running { id: 7, at: at(2) },
+            event(Event::Completed {
+                action: a,
+                execution_id: 7,
+                status: EndStatus::Failed,
+                result: Some(Payload::from_json(r#"{"code": 1}"#).expect("json")),
+                at: at(3),
+                receipt: None,
+            }),
+        ];
+        let plan = Plan::build(&items);
+        assert_eq!(plan.rows.len(), 1);
+        let row = &plan.rows[0];
+        assert!(row.accept.is_some());
+        assert_eq!(row.status, "failed");
+        assert_eq!(row.updated, at(3));
+        assert_eq!(row.dispatched_at, Some(at(1)));
+        assert_eq!(row.admissions, 1);
+        assert_eq!(row.result.as_deref(), Some(r#"{"code": 1}"#));
+    }
+
+    #[test]
+    fn a_confirmation_that_overtakes_its_admission_does_not_move_the_row_back() {
+        let a = ActionRef::parse("core.x").expect("valid");
+        let items = vec![
+            Item::Running { id: 8, at: at(5) },
+            event(Event::Admitted {
+                action: a,
+                execution_id: 8,
+                at: at(4),
+                waited: Duration::ZERO,
+            }),
+        ];
+        let plan = Plan::build(&items);
+        let row = &plan.rows[0];
+        assert!(row.accept.is_none(), "accepted in an earlier batch");
+        assert_eq!(row.status, "running");
+        assert_eq!(row.updated, at(5));
+        assert_eq!(row.admissions, 1);
+        assert_eq!(row.min_attempt(), 1);
+    }
+}

@@ -1,0 +1,259 @@
+//! The `action` table as a policy source, and the poller that applies operators' changes.
+//!
+//! Operators change policies with plain SQL, e.g. the runbook's emergency step
+//! `UPDATE attune.action SET enabled = false WHERE priority < 5 OR tags @> '["low-priority"]';`.
+//! The poller reads the policy columns of every action each `interval` (default 1 s) and
+//! compares them with what it read last time; an action whose columns changed gets its new
+//! policy through [`Executor::set_policy`] at once, so a disabled action stops dispatching
+//! within `interval` plus one mailbox turn, and resumes in FIFO order when enabled again.
+//!
+//! Why compare values rather than watch `updated` (which a trigger keeps current): a
+//! transaction that commits late carries an `updated` older than one the poller has already
+//! seen, and would be missed. Reading the whole table is one sequential scan of a table with
+//! one row per action, a few thousand rows at most: cheap once a second.
+//!
+//! A column that is NULL means "what the configuration says": the fallback [`PolicySource`]
+//! (built from `policies.default` and `policies.actions.*`) supplies it. `enabled` is
+//! never NULL; an action is enabled only if its row and the fallback both say so.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Row, SqlStr};
+use tokio::time::MissedTickBehavior;
+
+use super::{DbError, Schema, Worker};
+use crate::core::{ActionPolicy, Executor, PolicySource, RateLimit};
+use crate::model::ActionRef;
+
+/// How often the poller reads the `action` table by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What an `action` row says about the policy; `None` defers to the fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPolicy {
+    pub enabled: bool,
+    pub concurrency_limit: Option<NonZeroU32>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl StoredPolicy {
+    /// This row's policy over the configured one.
+    pub fn over(&self, fallback: ActionPolicy) -> ActionPolicy {
+        ActionPolicy {
+            concurrency_limit: self.concurrency_limit.unwrap_or(fallback.concurrency_limit),
+            rate_limit: self.rate_limit.or(fallback.rate_limit),
+            enabled: self.enabled && fallback.enabled,
+        }
+    }
+}
+
+/// A [`PolicySource`] that answers from the last read of the `action` table, falling back to
+/// the configuration. Answers from memory: the core asks it inside actor start-up.
+pub struct DbPolicySource {
+    schema: Schema,
+    select: SqlStr,
+    stored: DashMap<ActionRef, StoredPolicy>,
+    fallback: Arc<dyn PolicySource>,
+}
+
+impl std::fmt::Debug for DbPolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbPolicySource")
+            .field("schema", &self.schema)
+            .field("actions", &self.stored.len())
+            .finish()
+    }
+}
+
+impl PolicySource for DbPolicySource {
+    fn policy_for(&self, action: &ActionRef) -> ActionPolicy {
+        let fallback = self.fallback.policy_for(action);
+        match self.stored.get(action) {
+            Some(stored) => stored.over(fallback),
+            None => fallback,
+        }
+    }
+}
+
+impl DbPolicySource {
+    pub fn new(schema: &Schema, fallback: Arc<dyn PolicySource>) -> Self {
+        Self {
+            schema: schema.clone(),
+            select: schema.sql(
+                "SELECT ref, enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds \
+                 FROM {s}.action",
+            ),
+            stored: DashMap::new(),
+            fallback,
+        }
+    }
+
+    /// Reads the table without telling any executor: before the executor starts, so that
+    /// actors start with the stored policies. Returns the number of actions read.
+    pub async fn load(&self, pool: &PgPool) -> Result<usize, DbError> {
+        let rows = self.read(pool).await?;
+        let n = rows.len();
+        self.stored.clear();
+        for (action, stored) in rows {
+            if let Some(stored) = stored {
+                self.stored.insert(action, stored);
+            }
+        }
+        Ok(n)
+    }
+
+    /// What the table said for an action at the last read.
+    pub fn stored(&self, action: &ActionRef) -> Option<StoredPolicy> {
+        self.stored.get(action).map(|s| *s)
+    }
+
+    /// Reads the table once and applies every change since the last read to `executor`.
+    /// Returns the policies it set.
+    pub async fn refresh(
+        &self,
+        pool: &PgPool,
+        executor: &Executor,
+    ) -> Result<Vec<(ActionRef, ActionPolicy)>, DbError> {
+        let rows = self.read(pool).await?;
+        let mut applied = Vec::new();
+        let mut seen = HashSet::with_capacity(rows.len());
+        for (action, stored) in rows {
+            seen.insert(action.clone());
+            let Some(stored) = stored else {
+                continue;
+            };
+            if self.stored(&action) == Some(stored) {
+                continue;
+            }
+            let policy = stored.over(self.fallback.policy_for(&action));
+            // A row seen for the first time (the ledger just created it with defaults) usually
+            // says what the executor already does; only a real difference is worth a message.
+            if executor.policy(&action) != policy {
+                executor.set_policy(&action, policy)?;
+                applied.push((action.clone(), policy));
+            }
+            self.stored.insert(action, stored);
+        }
+        // A deleted row hands the action back to the configuration.
+        let gone: Vec<ActionRef> = self
+            .stored
+            .iter()
+            .filter(|e| !seen.contains(e.key()))
+            .map(|e| e.key().clone())
+            .collect();
+        for action in gone {
+            self.stored.remove(&action);
+            let policy = self.fallback.policy_for(&action);
+            if executor.policy(&action) != policy {
+                executor.set_policy(&action, policy)?;
+                applied.push((action, policy));
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Polls the table every `interval` until stopped.
+    pub fn spawn_poller(
+        self: &Arc<Self>,
+        pool: PgPool,
+        executor: Arc<Executor>,
+        interval: Duration,
+    ) -> Worker {
+        let source = self.clone();
+        Worker::spawn("policy poller", move |mut stop| async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => return,
+                    _ = tick.tick() => {}
+                }
+                match source.refresh(&pool, &executor).await {
+                    Ok(applied) => {
+                        failing = false;
+                        for (action, policy) in applied {
+                            tracing::info!(action = %action, enabled = policy.enabled,
+                                concurrency_limit = policy.concurrency_limit.get(),
+                                "policy changed in the action table; applied");
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, "reading action policies failed; will retry");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Every row; `None` for a row whose policy columns are unusable.
+    async fn read(&self, pool: &PgPool) -> Result<Vec<(ActionRef, Option<StoredPolicy>)>, DbError> {
+        let rows = sqlx::query(self.select.clone())
+            .fetch_all(pool)
+            .await
+            .map_err(DbError::query("reading action policies"))?;
+        Ok(rows.iter().filter_map(stored_policy).collect())
+    }
+}
+
+/// Reads one row's policy. A row the executor cannot use is skipped with a warning: a ref that
+/// breaks the rule names no action it runs, and a value the CHECK constraints should have kept
+/// out (`None` here) leaves the action's current policy alone.
+fn stored_policy(row: &PgRow) -> Option<(ActionRef, Option<StoredPolicy>)> {
+    let name: String = row.try_get("ref").ok()?;
+    let action = match ActionRef::parse(&name) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(action = %name, error = %e, "action row with an unusable ref ignored");
+            return None;
+        }
+    };
+    let read = || -> Result<StoredPolicy, String> {
+        let enabled: bool = row.try_get("enabled").map_err(|e| e.to_string())?;
+        let limit: Option<i32> = row
+            .try_get("concurrency_limit")
+            .map_err(|e| e.to_string())?;
+        let max: Option<i32> = row.try_get("rate_limit_max").map_err(|e| e.to_string())?;
+        let per: Option<i32> = row
+            .try_get("rate_limit_per_seconds")
+            .map_err(|e| e.to_string())?;
+        let positive = |v: i32, what: &str| {
+            u32::try_from(v)
+                .ok()
+                .and_then(NonZeroU32::new)
+                .ok_or_else(|| format!("{what} must be positive, is {v}"))
+        };
+        let concurrency_limit = limit
+            .map(|l| positive(l, "concurrency_limit"))
+            .transpose()?;
+        let rate_limit = match (max, per) {
+            (Some(max), Some(per)) => Some(RateLimit {
+                max: positive(max, "rate_limit_max")?,
+                per: Duration::from_secs(u64::from(positive(per, "rate_limit_per_seconds")?.get())),
+            }),
+            (None, None) => None,
+            _ => return Err("rate_limit_max and rate_limit_per_seconds go together".to_owned()),
+        };
+        Ok(StoredPolicy {
+            enabled,
+            concurrency_limit,
+            rate_limit,
+        })
+    };
+    match read() {
+        Ok(stored) => Some((action, Some(stored))),
+        Err(reason) => {
+            tracing::warn!(action = %action, %reason, "action row with an unusable policy ignored");
+            Some((action, None))
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Start-up recovery: the executions the ledger holds as live go back into their queues.
+//!
+//! Run [`recover`] after the executor started and before any edge consumes: restored
+//! executions claim their ids in the executor's live index, so a redelivered request for one of
+//! them is a duplicate, and their order in the queue is their acceptance order (`accept_seq`).
+//!
+//! | ledger status | restored as |
+//! | --- | --- |
+//! | `requested` | waiting, in acceptance order |
+//! | `running` | holding a slot (a worker has it; its completion frees the slot) |
+//! | `scheduled` | holding a slot, and listed in [`RecoveryReport::unconfirmed`]: the executor admitted it but the broker never confirmed its dispatch, so it may never have reached a worker; whether to dispatch it again is the caller's decision |
+//!
+//! Slots taken by restored executions may exceed a limit lowered meanwhile; the limit then
+//! holds back new admissions until enough of them finish.
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgRow};
+
+use super::{DbError, Schema, max_execution_id};
+use crate::core::{Executor, Restored};
+use crate::model::{ActionRef, ExecutionId, Payload};
+
+/// What recovery put back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecoveryReport {
+    /// Actions that got executions back.
+    pub actions: usize,
+    /// Executions restored as waiting (`requested`).
+    pub waiting: usize,
+    /// Executions restored into a slot whose dispatch the broker had confirmed (`running`).
+    pub running: usize,
+    /// Executions restored into a slot whose dispatch was never confirmed (`scheduled`).
+    pub unconfirmed: Vec<UnconfirmedDispatch>,
+    /// The highest execution id in the ledger; ids the executor assigns are above it.
+    pub max_execution_id: Option<ExecutionId>,
+    /// Live rows that could not be restored, with the reason.
+    pub skipped: Vec<SkippedExecution>,
+}
+
+/// A `scheduled` execution: admitted, dispatch not confirmed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnconfirmedDispatch {
+    pub action: ActionRef,
+    pub execution_id: ExecutionId,
+    pub request_id: Option<String>,
+    /// The original parameters, for a dispatch sent again.
+    pub payload: Payload,
+    pub enqueued_at: DateTime<Utc>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    /// Admissions so far; a dispatch sent again would be attempt + 1.
+    pub attempt: i32,
+}
+
+/// A live row recovery left alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedExecution {
+    pub execution_id: i64,
+    pub action_ref: String,
+    pub reason: String,
+}
+
+/// Puts every live execution recorded in the ledger back into `executor`, per action in
+/// acceptance order, and raises the executor's id allocator above every recorded id.
+pub async fn recover(
+    pool: &PgPool,
+    schema: &Schema,
+    executor: &Executor,
+) -> Result<RecoveryReport, DbError> {
+    let mut report = RecoveryReport::default();
+    let sql = schema.sql(
+        "SELECT e.id, a.ref, e.status, e.request_id, e.parameters::text AS parameters, \
+                e.enqueued_at, e.dispatched_at, e.attempt \
+         FROM {s}.execution e JOIN {s}.action a ON a.id = e.action \
+         WHERE e.status IN ('requested', 'scheduled', 'running') \
+         ORDER BY a.ref, e.accept_seq",
+    );
+    let clock = executor.clock();
+    let mut rows = sqlx::query(sql).fetch(pool);
+    // Rows arrive grouped by action; each group is handed over as soon as it is complete so
+    // that only one action's rows are held here at a time.
+    let mut current: Option<(ActionRef, Vec<Restored>)> = None;
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(DbError::query("reading live executions"))?
+    {
+        let live = match LiveRow::read(&row) {
+            Ok(live) => live,
+            Err(skipped) => {
+                tracing::error!(execution_id = skipped.execution_id, action = %skipped.action_ref,
+                    reason = %skipped.reason, "live execution not restored");
+                report.skipped.push(skipped);
+                continue;
+            }
+        };
+        if current.as_ref().is_none_or(|(a, _)| *a != live.action) {
+            if let Some((action, restored)) = current.take() {
+                executor.restore(&action, restored)?;
+            }
+            report.actions += 1;
+            current = Some((live.action.clone(), Vec::new()));
+        }
+        let admitted_at = match live.status.as_str() {
+            "requested" => {
+                report.waiting += 1;
+                None
+            }
+            status => {
+                if status == "scheduled" {
+                    report.unconfirmed.push(UnconfirmedDispatch {
+                        action: live.action.clone(),
+                        execution_id: live.id,
+                        request_id: live.request_id.clone(),
+                        payload: live.payload.clone(),
+                        enqueued_at: live.enqueued_at,
+                        dispatched_at: live.dispatched_at,
+                        attempt: live.attempt,
+                    });
+                } else {
+                    report.running += 1;
+                }
+                Some(clock.stamp_of(live.dispatched_at.unwrap_or(live.enqueued_at)))
+            }
+        };
+        if let Some((_, restored)) = current.as_mut() {
+            restored.push(Restored {
+                execution_id: live.id,
+                request_id: live.request_id.map(String::into_boxed_str),
+                payload: live.payload,
+                enqueued_at: clock.stamp_of(live.enqueued_at),
+                admitted_at,
+            });
+        }
+    }
+    if let Some((action, restored)) = current.take() {
+        executor.restore(&action, restored)?;
+    }
+    report.max_execution_id = max_execution_id(pool, schema).await?;
+    if let Some(max) = report.max_execution_id {
+        executor.observe_execution_id(max);
+    }
+    tracing::info!(
+        actions = report.actions,
+        waiting = report.waiting,
+        running = report.running,
+        unconfirmed = report.unconfirmed.len(),
+        skipped = report.skipped.len(),
+        "recovered live executions from the ledger"
+    );
+    Ok(report)
+}
+
+/// One live row, checked.
+struct LiveRow {
+    id: ExecutionId,
+    action: ActionRef,
+    status: String,
+    request_id: Option<String>,
+    payload: Payload,
+    enqueued_at: DateTime<Utc>,
+    dispatched_at: Option<DateTime<Utc>>,
+    attempt: i32,
+}
+
+impl LiveRow {
+    fn read(row: &PgRow) -> Result<Self, SkippedExecution> {
+        let id: i64 = row.try_get("id").unwrap_or_default();
+        let action_ref: String = row.try_get("ref").unwrap_or_default();
+        let skip = |reason: String| SkippedExecution {
+            execution_id: id,
+            action_ref: action_ref.clone(),
+            reason,
+        };
+        let column = |e: sqlx::Error| skip(format!("unreadable row: {e}"));
+        let action =
+            ActionRef::parse(&action_ref).map_err(|e| skip(format!("bad action ref: {e}")))?;
+        let execution_id =
+            u64::try_from(id).map_err(|_| skip("execution id is not positive".to_owned()))?;
+        let parameters: Option<String> = row.try_get("parameters").map_err(column)?;
+        let payload = match parameters {
+            Some(text) => {
+                Payload::from_json(&text).map_err(|e| skip(format!("bad parameters: {e}")))?
+            }
+            None => Payload::empty_object(),
+        };
+        Ok(Self {
+            id: execution_id,
+            action,
+            status: row.try_get("status").map_err(column)?,
+            request_id: row.try_get("request_id").map_err(column)?,
+            payload,
+            enqueued_at: row.try_get("enqueued_at").map_err(column)?,
+            dispatched_at: row.try_get("dispatched_at").map_err(column)?,
+            attempt: row.try_get("attempt").map_err(column)?,
+        })
+    }
+}

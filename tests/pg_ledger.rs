@@ -1,0 +1,462 @@
+//! The ledger against the real Postgres: statuses, batching, receipts only after the commit,
+//! an outage, and rows Postgres refuses.
+
+mod common_pg;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common_pg::{Rig, TempPg, TestDb, action, eventually, limit, statuses};
+use fifo_executor::core::memory::{DiscardSink, VecSink};
+use fifo_executor::core::{Event, OutcomeSink, PurgeOrder, QueueSettings, UniformPolicy};
+use fifo_executor::db::actions::ActionIds;
+use fifo_executor::db::ledger::{LedgerOptions, LedgerSink};
+use fifo_executor::model::{CancelRequest, EndStatus, Payload, Receipt, Submission, Verdict};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cycle_leaves_every_execution_in_its_true_status() {
+    let db = TestDb::new().await;
+    let settings = QueueSettings {
+        queue_timeout: Duration::from_millis(700),
+        ..QueueSettings::default()
+    };
+    let mut rig = Rig::start(
+        &db,
+        settings,
+        Arc::new(UniformPolicy(limit(1))),
+        Arc::new(DiscardSink),
+    )
+    .await;
+    let a = action("core.cycle");
+
+    let _verdicts = rig.submit(&a, [1, 2, 3, 4]);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 1);
+    rig.ledger.mark_running(vec![1]);
+    rig.exec.cancel(vec![CancelRequest {
+        execution_id: 2,
+        receipt: None,
+    }]);
+    rig.complete(1, EndStatus::Succeeded);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 3);
+    rig.complete(3, EndStatus::Failed);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 4);
+    rig.ledger.mark_running(vec![4]);
+
+    // 5 waits behind 4 until the queue timeout takes it.
+    let _verdicts = rig.submit(&a, [5]);
+    rig.sync().await;
+    eventually(Duration::from_secs(5), "execution 5 timed out", || async {
+        rig.sync().await;
+        statuses(&db, "core.cycle")
+            .await
+            .contains(&(5, "timeout".to_owned()))
+            .then_some(())
+    })
+    .await;
+
+    // 4 never reports back: its slot is reclaimed, and 6 takes it without confirmation.
+    let purged = rig
+        .exec
+        .purge(PurgeOrder {
+            max_queued_age: None,
+            max_running_age: Some(Duration::ZERO),
+            dry_run: false,
+        })
+        .await;
+    assert_eq!(purged.len(), 1);
+    let _verdicts = rig.submit(&a, [6]);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 6);
+    rig.sync().await;
+
+    let expected: Vec<(i64, String)> = [
+        (1, "succeeded"),
+        (2, "canceled"),
+        (3, "failed"),
+        (4, "failed"),
+        (5, "timeout"),
+        (6, "scheduled"),
+    ]
+    .into_iter()
+    .map(|(id, s)| (id, s.to_owned()))
+    .collect();
+    assert_eq!(statuses(&db, "core.cycle").await, expected);
+
+    let rows: Vec<LedgerRow> = sqlx::query_as(
+        "SELECT id, result, attempt, dispatched_at IS NOT NULL, created - enqueued_at BETWEEN '0' AND '1 millisecond', \
+                    request_id \
+             FROM attune.execution ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("rows");
+    let result = |id: i64| rows[(id - 1) as usize].1.clone();
+    assert_eq!(result(1), Some(serde_json::json!({"done": 1})));
+    assert_eq!(result(2), None);
+    let lost = result(4).expect("a reclaimed execution says why it failed");
+    assert_eq!(lost["error_class"], "LostCompletion");
+    assert!(
+        lost["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("LostCompletion"))
+    );
+    assert_eq!(
+        result(5).expect("a timed-out execution says why")["error_class"],
+        "QueueTimeout"
+    );
+    for (id, _, attempt, dispatched, created_is_enqueued, request_id) in &rows {
+        let was_admitted = *id != 2 && *id != 5;
+        assert_eq!(*attempt, i32::from(was_admitted), "attempt of {id}");
+        assert_eq!(*dispatched, was_admitted, "dispatched_at of {id}");
+        assert!(
+            created_is_enqueued,
+            "created of {id} is the acceptance time, give or take a tie-break"
+        );
+        assert_eq!(request_id.as_deref(), Some(format!("req-{id}").as_str()));
+    }
+    // 1 to 4 were accepted in one batch with one timestamp; created still orders them.
+    let by_created: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM attune.execution ORDER BY created")
+            .fetch_all(&db.pool)
+            .await
+            .expect("ids");
+    assert_eq!(by_created, vec![1, 2, 3, 4, 5, 6]);
+    rig.shutdown().await;
+}
+
+/// id, result, attempt, dispatched_at is set, created ≈ enqueued_at, request_id
+type LedgerRow = (
+    i64,
+    Option<serde_json::Value>,
+    i32,
+    bool,
+    bool,
+    Option<String>,
+);
+
+fn accepted(action: &fifo_executor::model::ActionRef, id: u64, at: DateTime<Utc>) -> Event {
+    Event::Accepted {
+        action: action.clone(),
+        execution_id: id,
+        request_id: None,
+        payload: Payload::empty_object(),
+        enqueued_at: at,
+        receipt: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_acceptances_take_a_handful_of_statements() {
+    let db = TestDb::new().await;
+    let ids = Arc::new(ActionIds::new(&db.schema));
+    let (ledger, worker) = LedgerSink::start(
+        db.pool.clone(),
+        &db.schema,
+        ids,
+        LedgerOptions::default(),
+        Arc::new(DiscardSink),
+    );
+    let actions = [action("bulk.a"), action("bulk.b")];
+    let now = Utc::now();
+    // As the actors would: many small record() calls in quick succession.
+    for chunk in 0..100u64 {
+        ledger.record(
+            (0..100u64)
+                .map(|i| accepted(&actions[(i % 2) as usize], chunk * 100 + i + 1, now))
+                .collect(),
+        );
+    }
+    ledger.sync().await.expect("sync");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM attune.execution")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 10_000);
+    let c = ledger.counters();
+    println!("10000 acceptances: {c:?}");
+    assert_eq!(c.pending, 0);
+    assert!(
+        c.statements <= 100,
+        "{} statements for 10000 rows: not batched",
+        c.statements
+    );
+    worker.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_writer_commits_and_settles_what_is_pending() {
+    let db = TestDb::new().await;
+    let ids = Arc::new(ActionIds::new(&db.schema));
+    let (ledger, worker) = LedgerSink::start(
+        db.pool.clone(),
+        &db.schema,
+        ids,
+        // A flush interval far longer than the test: only the stop can flush.
+        LedgerOptions {
+            flush_interval: Duration::from_secs(3600),
+            ..LedgerOptions::default()
+        },
+        Arc::new(DiscardSink),
+    );
+    let a = action("core.stop");
+    let (tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
+    let events = (1..=50u64)
+        .map(|id| {
+            let tx = tx.clone();
+            Event::Accepted {
+                action: a.clone(),
+                execution_id: id,
+                request_id: None,
+                payload: Payload::empty_object(),
+                enqueued_at: Utc::now(),
+                receipt: Some(Receipt::new(move |v| {
+                    let _ = tx.send(v);
+                })),
+            }
+        })
+        .collect();
+    ledger.record(events);
+    assert!(
+        worker.stop(Duration::from_secs(5)).await,
+        "stopped by itself"
+    );
+    let mut answered = 0;
+    while settled.try_recv().is_ok() {
+        answered += 1;
+    }
+    assert_eq!(answered, 50);
+    assert_eq!(statuses(&db, "core.stop").await.len(), 50);
+    assert_eq!(ledger.pending(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executions_through_the_executor_share_statements() {
+    let db = TestDb::new().await;
+    let mut rig = Rig::start(
+        &db,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(2000))),
+        Arc::new(DiscardSink),
+    )
+    .await;
+    let a = action("core.bulk");
+    let _verdicts = rig.submit(&a, 1..=2000);
+    let dispatched = rig.next_dispatches(2000).await;
+    rig.ledger
+        .mark_running(dispatched.iter().map(|d| d.execution_id).collect());
+    for d in &dispatched {
+        rig.complete(d.execution_id, EndStatus::Succeeded);
+    }
+    rig.sync().await;
+    let done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM attune.execution WHERE status = 'succeeded' AND attempt = 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("count");
+    assert_eq!(done, 2000);
+    let c = rig.ledger.counters();
+    println!("2000 executions x 4 transitions: {c:?}");
+    // 8000 transitions; one statement per transition kind per flush.
+    assert!(c.statements <= 160, "{c:?}");
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inner_sink_gets_every_event_in_order_after_its_receipt_was_settled_once() {
+    let db = TestDb::new().await;
+    let inner = Arc::new(VecSink::default());
+    let mut rig = Rig::start(
+        &db,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(1))),
+        inner.clone(),
+    )
+    .await;
+    let a = action("core.inner");
+    let mut verdicts = rig.submit(&a, 1..=3);
+    for id in 1..=3 {
+        let d = rig.next_dispatches(1).await;
+        assert_eq!(d[0].execution_id, id);
+        rig.complete(id, EndStatus::Succeeded);
+    }
+    rig.sync().await;
+    let mut answered = Vec::new();
+    while let Ok((id, v)) = verdicts.try_recv() {
+        assert_eq!(v, Verdict::Queued { execution_id: id });
+        answered.push(id);
+    }
+    assert_eq!(
+        answered,
+        vec![1, 2, 3],
+        "each receipt answered exactly once"
+    );
+
+    let kinds: Vec<(u64, &str)> = inner
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| {
+            let kind = match e {
+                Event::Accepted { receipt, .. } => {
+                    assert!(receipt.is_none(), "settled before forwarding");
+                    "accepted"
+                }
+                Event::Admitted { .. } => "admitted",
+                Event::Completed { receipt, .. } => {
+                    assert!(receipt.is_none(), "settled before forwarding");
+                    "completed"
+                }
+                _ => "other",
+            };
+            (e.execution_id(), kind)
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, "accepted"),
+            (1, "admitted"),
+            (2, "accepted"),
+            (3, "accepted"),
+            (1, "completed"),
+            (2, "admitted"),
+            (2, "completed"),
+            (3, "admitted"),
+            (3, "completed"),
+        ]
+    );
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_settles_while_postgres_is_down_and_everything_does_after() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let mut rig = Rig::start_with(
+        &db.pool,
+        &db.schema,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(100))),
+        Arc::new(DiscardSink),
+        // Short pauses keep the test fast; the behaviour is the same with the defaults.
+        LedgerOptions {
+            retry_max: Duration::from_millis(200),
+            ..LedgerOptions::default()
+        },
+    )
+    .await;
+    let a = action("core.outage");
+
+    let mut before = rig.submit(&a, 1..=10);
+    for _ in 0..10 {
+        let (id, v) = tokio::time::timeout(Duration::from_secs(5), before.recv())
+            .await
+            .expect("settled while Postgres is up")
+            .expect("open");
+        assert_eq!(v, Verdict::Queued { execution_id: id });
+    }
+    assert!(rig.ledger.healthy());
+
+    pg.stop().await;
+    let mut during = rig.submit(&a, 11..=20);
+    rig.settle_actors().await;
+    eventually(
+        Duration::from_secs(10),
+        "the ledger failed to write twice",
+        || async {
+            let c = rig.ledger.counters();
+            (c.failed_attempts >= 2 && !rig.ledger.healthy()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        during.try_recv().is_err(),
+        "a receipt was settled although nothing could be committed"
+    );
+    // 10 acceptances and 10 admissions wait.
+    assert_eq!(rig.ledger.pending(), 20);
+    pg.restart().await;
+    let mut settled = Vec::new();
+    for _ in 0..10 {
+        let (id, v) = tokio::time::timeout(Duration::from_secs(15), during.recv())
+            .await
+            .expect("settled once Postgres is back")
+            .expect("open");
+        assert_eq!(v, Verdict::Queued { execution_id: id });
+        settled.push(id);
+    }
+    settled.sort_unstable();
+    assert_eq!(settled, (11..=20).collect::<Vec<_>>());
+    rig.sync().await;
+    assert!(rig.ledger.healthy());
+    assert_eq!(rig.ledger.pending(), 0);
+    let rows = statuses(&db, "core.outage").await;
+    assert_eq!(rows.len(), 20);
+    assert!(rows.iter().all(|(_, s)| s == "scheduled"), "{rows:?}");
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgres_refuses_costs_only_its_own_execution() {
+    let db = TestDb::new().await;
+    let mut rig = Rig::start(
+        &db,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(10))),
+        Arc::new(DiscardSink),
+    )
+    .await;
+    let a = action("core.refused");
+    let (tx, mut verdicts) = tokio::sync::mpsc::unbounded_channel();
+    let sub = |id: u64, payload: &str, request_id: &str| {
+        let tx = tx.clone();
+        let mut s = Submission::new(id, Payload::from_json(payload).expect("valid JSON"));
+        s.request_id = Some(request_id.into());
+        s.receipt = Some(Receipt::new(move |v| {
+            let _ = tx.send((id, v));
+        }));
+        s
+    };
+    rig.exec.submit(
+        &a,
+        vec![
+            sub(1, r#"{"ok": 1}"#, "r1"),
+            // Valid JSON that jsonb refuses: a lone surrogate.
+            sub(2, r#"{"s": "\ud800"}"#, "r2"),
+            // A NUL in the request id and in the parameters: stored with U+FFFD instead.
+            sub(3, r#"{"s": "a\u0000b"}"#, "a\u{0}b"),
+            // Beyond BIGINT.
+            sub(u64::MAX, "{}", "r4"),
+        ],
+    );
+    rig.next_dispatches(4).await;
+    rig.sync().await;
+    let mut answered = 0;
+    while let Ok((id, v)) = verdicts.try_recv() {
+        assert_eq!(v, Verdict::Queued { execution_id: id });
+        answered += 1;
+    }
+    assert_eq!(answered, 4, "every receipt is answered, recorded or not");
+    let rows: Vec<(i64, Option<String>, String)> =
+        sqlx::query_as("SELECT id, request_id, parameters::text FROM attune.execution ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("rows");
+    assert_eq!(
+        rows,
+        vec![
+            (1, Some("r1".to_owned()), r#"{"ok": 1}"#.to_owned()),
+            (
+                3,
+                Some("a\u{fffd}b".to_owned()),
+                "{\"s\": \"a\u{fffd}b\"}".to_owned()
+            ),
+        ]
+    );
+    // Execution 2's acceptance and admission, and the id beyond BIGINT's two.
+    assert_eq!(rig.ledger.counters().dropped, 4);
+    assert!(rig.ledger.healthy());
+    rig.shutdown().await;
+}
