@@ -262,27 +262,38 @@ async fn a_thousand_executions_over_ten_actions_keep_fifo_order_and_limits() {
     service.shutdown().await.expect("clean shutdown");
 }
 
-/// Waits until the executor has declared its topology. A failed passive declare closes its
-/// channel, so each attempt uses a fresh one.
+/// Waits until the executor is consuming from all three of its queues. It starts consuming only
+/// after the whole topology is declared and bound, so a request published before then could be
+/// unroutable and silently dropped; the existence of one queue is not enough. A failed passive
+/// declare closes its channel, so each probe uses a fresh one.
 async fn wait_for_topology(conn: &Connection) {
     poll_until(
         Duration::from_secs(60),
-        "the executor declared its topology",
+        "the executor is consuming",
         || async {
             let Ok(probe) = conn.create_channel().await else {
                 return false;
             };
-            probe
-                .queue_declare(
-                    topology::DLQ.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .is_ok()
+            for queue in [
+                topology::REQUESTS_QUEUE,
+                topology::COMPLETED_QUEUE,
+                topology::CANCEL_QUEUE,
+            ] {
+                let declared = probe
+                    .queue_declare(
+                        queue.into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                if !declared.is_ok_and(|q| q.consumer_count() >= 1) {
+                    return false;
+                }
+            }
+            true
         },
     )
     .await;
