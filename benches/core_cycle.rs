@@ -285,24 +285,66 @@ impl ReferencePipeline {
 // ---------------------------------------------------------------------------------------------
 // Driver
 
-/// Seconds per round of every call criterion made, per (pipeline, actions); the last
-/// `SAMPLES` are the measured samples (warm-up comes first).
-type Samples = Mutex<HashMap<(&'static str, usize), Vec<f64>>>;
+/// What was measured for one (pipeline, actions): seconds per round of every call criterion
+/// made (the last `SAMPLES` are the measured samples; warm-up comes first), and the CPU time
+/// the whole process used over all rounds.
+#[derive(Default)]
+struct Record {
+    per_round: Vec<f64>,
+    rounds: u64,
+    cpu: Duration,
+}
 
-fn record(samples: &Samples, key: (&'static str, usize), iters: u64, took: Duration) {
+type Samples = Mutex<HashMap<(&'static str, usize), Record>>;
+
+fn record(
+    samples: &Samples,
+    key: (&'static str, usize),
+    iters: u64,
+    took: Duration,
+    cpu: Duration,
+) {
     let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
-    s.entry(key)
-        .or_default()
-        .push(took.as_secs_f64() / iters as f64);
+    let r = s.entry(key).or_default();
+    r.per_round.push(took.as_secs_f64() / iters as f64);
+    r.rounds += iters;
+    r.cpu += cpu;
 }
 
 fn median_rate(samples: &Samples, key: (&'static str, usize)) -> Option<f64> {
     let s = samples.lock().unwrap_or_else(|p| p.into_inner());
-    let all = s.get(&key)?;
+    let all = &s.get(&key)?.per_round;
     let mut last: Vec<f64> = all[all.len().saturating_sub(SAMPLES)..].to_vec();
     last.sort_by(f64::total_cmp);
     let median = last.get(last.len() / 2)?;
     Some(EXECUTIONS_PER_ROUND as f64 / median)
+}
+
+/// CPU nanoseconds (all threads) per execution. Steadier than wall time when other work
+/// shares the machine, so it is the figure to compare before and after a change.
+fn cpu_per_execution(samples: &Samples, key: (&'static str, usize)) -> Option<f64> {
+    let s = samples.lock().unwrap_or_else(|p| p.into_inner());
+    let r = s.get(&key)?;
+    (r.rounds > 0).then(|| r.cpu.as_nanos() as f64 / (r.rounds * EXECUTIONS_PER_ROUND) as f64)
+}
+
+/// User + system CPU time of this process so far, from /proc/self/stat (in clock ticks of
+/// 10 ms, the fixed USER_HZ of /proc on Linux). Zero where that file does not exist.
+fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // The command name (field 2) may contain spaces; the fields after it are plain numbers.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
 }
 
 fn cycle(c: &mut Criterion, samples: &Samples) {
@@ -316,6 +358,7 @@ fn cycle(c: &mut Criterion, samples: &Samples) {
         let mut ours = rt.block_on(ExecutorPipeline::start(actions));
         group.bench_function(BenchmarkId::new("executor", actions), |b| {
             b.iter_custom(|iters| {
+                let cpu_before = process_cpu();
                 let took = rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
@@ -323,7 +366,8 @@ fn cycle(c: &mut Criterion, samples: &Samples) {
                     }
                     start.elapsed()
                 });
-                record(samples, ("executor", actions), iters, took);
+                let cpu = process_cpu().saturating_sub(cpu_before);
+                record(samples, ("executor", actions), iters, took, cpu);
                 took
             })
         });
@@ -332,6 +376,7 @@ fn cycle(c: &mut Criterion, samples: &Samples) {
         let mut reference = rt.block_on(async { ReferencePipeline::start(actions) });
         group.bench_function(BenchmarkId::new("mpsc_reference", actions), |b| {
             b.iter_custom(|iters| {
+                let cpu_before = process_cpu();
                 let took = rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
@@ -339,7 +384,8 @@ fn cycle(c: &mut Criterion, samples: &Samples) {
                     }
                     start.elapsed()
                 });
-                record(samples, ("mpsc_reference", actions), iters, took);
+                let cpu = process_cpu().saturating_sub(cpu_before);
+                record(samples, ("mpsc_reference", actions), iters, took, cpu);
                 took
             })
         });
@@ -358,19 +404,27 @@ fn main() {
         "full cycle, {EXECUTIONS_PER_ROUND} executions per round, limit {CONCURRENCY}, batches of {BATCH}, 2 runtime workers (medians):"
     );
     println!(
-        "{:>8}  {:>16}  {:>16}  {:>6}",
-        "actions", "executor exec/s", "mpsc ref exec/s", "ratio"
+        "{:>8}  {:>16}  {:>16}  {:>6}  {:>14}  {:>14}",
+        "actions", "executor exec/s", "mpsc ref exec/s", "ratio", "executor ns/ex", "mpsc ns/ex"
     );
     for actions in ACTION_COUNTS {
-        let (Some(ours), Some(reference)) = (
-            median_rate(&samples, ("executor", actions)),
-            median_rate(&samples, ("mpsc_reference", actions)),
-        ) else {
+        let ours = median_rate(&samples, ("executor", actions));
+        let reference = median_rate(&samples, ("mpsc_reference", actions));
+        if ours.is_none() && reference.is_none() {
             continue;
+        }
+        let show = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r:.0}"));
+        let ratio = match (ours, reference) {
+            (Some(o), Some(r)) => format!("{:.2}", o / r),
+            _ => "-".to_owned(),
         };
         println!(
-            "{actions:>8}  {ours:>16.0}  {reference:>16.0}  {:>6.2}",
-            ours / reference
+            "{actions:>8}  {:>16}  {:>16}  {ratio:>6}  {:>14}  {:>14}",
+            show(ours),
+            show(reference),
+            show(cpu_per_execution(&samples, ("executor", actions))),
+            show(cpu_per_execution(&samples, ("mpsc_reference", actions))),
         );
     }
+    println!("(ns/ex: CPU time of all threads per execution, over warm-up and samples)");
 }
