@@ -7,13 +7,14 @@
 //! - a completion or cancel, which names only the execution id, finds its action;
 //! - a cancel that overtakes its own submission still reaches the right actor after it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use ractor::{ActorRef, ActorRuntime, ActorStatus, SpawnErr};
+use ractor::{ActorId, ActorRef, ActorRuntime, ActorStatus, SpawnErr};
 
 use super::action::{ActionActor, ActionArgs, ActionMsg};
 use super::clock::Clock;
@@ -174,9 +175,12 @@ impl Executor {
                 return;
             }
         };
+        // Before any claim, so that an id assigned meanwhile cannot equal one in this batch.
+        if let Some(max) = subs.iter().map(|s| s.execution_id).max() {
+            self.ids.observe(max);
+        }
         let mut batch = Vec::with_capacity(subs.len());
         for sub in subs {
-            self.ids.observe(sub.execution_id);
             match self.shared.live.entry(sub.execution_id) {
                 Entry::Occupied(_) => {
                     let execution_id = sub.execution_id;
@@ -385,22 +389,31 @@ impl Executor {
     }
 
     /// Groups items by the actor that owns their execution id; `None` collects unknown ids.
+    /// Groups appear in the order of their first item, and items keep their order within a
+    /// group. A batch from a worker can span many actions, so groups are found by actor id in
+    /// a map rather than by scanning them, and an actor ref is cloned once per group.
     fn route<T>(
         &self,
         items: Vec<T>,
         id_of: impl Fn(&T) -> ExecutionId,
     ) -> Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> {
         let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = Vec::new();
+        let mut index: HashMap<Option<ActorId>, usize> = HashMap::new();
+        // Consecutive items mostly belong to the same actor.
+        let mut last: Option<(Option<ActorId>, usize)> = None;
         for item in items {
-            let owner = self.shared.live.get(&id_of(&item)).map(|a| a.clone());
+            let owner = self.shared.live.get(&id_of(&item));
             let key = owner.as_ref().map(|a| a.get_id());
-            match groups
-                .iter_mut()
-                .find(|(a, _)| a.as_ref().map(|a| a.get_id()) == key)
-            {
-                Some((_, batch)) => batch.push(item),
-                None => groups.push((owner, vec![item])),
-            }
+            let slot = match last {
+                Some((k, slot)) if k == key => slot,
+                _ => *index.entry(key).or_insert_with(|| {
+                    groups.push((owner.as_ref().map(|a| a.value().clone()), Vec::new()));
+                    groups.len() - 1
+                }),
+            };
+            drop(owner);
+            last = Some((key, slot));
+            groups[slot].1.push(item);
         }
         groups
     }
