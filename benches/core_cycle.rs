@@ -394,7 +394,50 @@ fn cycle(c: &mut Criterion, samples: &Samples) {
     group.finish();
 }
 
+/// Fixed work instead of criterion's timed loop, for profilers: with
+/// `CORE_CYCLE_FIXED=<pipeline>:<actions>:<rounds>` (pipeline `executor` or `mpsc`), runs that
+/// many rounds once and prints the time. E.g. under callgrind, whose instruction counts do not
+/// depend on what else runs on the machine.
+fn fixed_work(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (Some(pipeline), Some(Ok(actions)), Some(Ok(rounds))) = (
+        parts.first(),
+        parts.get(1).map(|a| a.parse::<usize>()),
+        parts.get(2).map(|r| r.parse::<u64>()),
+    ) else {
+        eprintln!("CORE_CYCLE_FIXED must look like executor:1000:3 or mpsc:1000:3");
+        std::process::exit(2);
+    };
+    let rt = runtime();
+    let start = Instant::now();
+    match *pipeline {
+        "mpsc" => rt.block_on(async {
+            let mut p = ReferencePipeline::start(actions);
+            for _ in 0..rounds {
+                p.round().await;
+            }
+        }),
+        _ => rt.block_on(async {
+            let mut p = ExecutorPipeline::start(actions).await;
+            for _ in 0..rounds {
+                p.round().await;
+            }
+            p.stop().await;
+        }),
+    }
+    let took = start.elapsed();
+    let n = rounds * EXECUTIONS_PER_ROUND;
+    println!(
+        "{pipeline}, {actions} actions: {n} executions in {took:?} ({:.0}/s, including startup)",
+        n as f64 / took.as_secs_f64()
+    );
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("CORE_CYCLE_FIXED") {
+        fixed_work(&spec);
+        return;
+    }
     let samples = Samples::default();
     let mut c = Criterion::default().configure_from_args();
     cycle(&mut c, &samples);
