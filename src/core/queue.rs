@@ -12,7 +12,7 @@
 //! - Waiting executions leave the queue only by admission, cancel, timeout or purge; the rest
 //!   keep their order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::clock::{Clock, Stamp};
@@ -108,7 +108,10 @@ pub struct ActionQueue {
     policy: ActionPolicy,
     limiter: Option<Limiter>,
     waiting: VecDeque<Waiting>,
-    running: HashMap<ExecutionId, Slot>,
+    /// Keyed by id with foldhash: looked up on every admission and completion, and SipHash
+    /// was a tenth of the cycle's instructions. Its random seed keeps producer-chosen ids
+    /// from colliding at will.
+    running: foldhash::HashMap<ExecutionId, Slot>,
     counters: Counters,
     last_updated: Stamp,
     last_progress: Stamp,
@@ -143,7 +146,7 @@ impl ActionQueue {
             policy,
             limiter,
             waiting: VecDeque::new(),
-            running: HashMap::new(),
+            running: foldhash::HashMap::default(),
             counters: Counters::default(),
             last_updated: now,
             last_progress: now,

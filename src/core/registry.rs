@@ -7,7 +7,6 @@
 //! - a completion or cancel, which names only the execution id, finds its action;
 //! - a cancel that overtakes its own submission still reaches the right actor after it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -420,7 +419,7 @@ impl Executor {
         id_of: impl Fn(&T) -> ExecutionId,
     ) -> Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> {
         let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = Vec::new();
-        let mut index: HashMap<Option<ActorId>, usize> = HashMap::new();
+        let mut index: foldhash::HashMap<Option<ActorId>, usize> = foldhash::HashMap::default();
         // Consecutive items mostly belong to the same actor.
         let mut last: Option<(Option<ActorId>, usize)> = None;
         for item in items {
