@@ -50,6 +50,16 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// An empty buffer with room for what one message is expected to cause, so that pushing
+    /// events and dispatches does not reallocate (and copy) them as the buffer grows.
+    pub fn with_capacity(events: usize, dispatches: usize) -> Self {
+        Self {
+            events: Vec::with_capacity(events),
+            dispatches: Vec::with_capacity(dispatches),
+            changed: false,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.events.is_empty() && self.dispatches.is_empty() && !self.changed
     }

@@ -412,28 +412,38 @@ impl Executor {
     /// Groups items by the actor that owns their execution id; `None` collects unknown ids.
     /// Groups appear in the order of their first item, and items keep their order within a
     /// group. A batch from a worker can span many actions, so groups are found by actor id in
-    /// a map rather than by scanning them, and an actor ref is cloned once per group.
+    /// a map rather than by scanning them, an actor ref is cloned once per group, and each
+    /// group's batch is allocated once at its final size.
     fn route<T>(
         &self,
         items: Vec<T>,
         id_of: impl Fn(&T) -> ExecutionId,
     ) -> Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> {
-        let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = Vec::new();
+        let mut owners: Vec<(Option<ActorRef<ActionMsg>>, usize)> = Vec::new();
         let mut index: foldhash::HashMap<Option<ActorId>, usize> = foldhash::HashMap::default();
+        let mut slots = Vec::with_capacity(items.len());
         // Consecutive items mostly belong to the same actor.
         let mut last: Option<(Option<ActorId>, usize)> = None;
-        for item in items {
-            let owner = self.shared.live.get(&id_of(&item));
+        for item in &items {
+            let owner = self.shared.live.get(&id_of(item));
             let key = owner.as_ref().map(|a| a.get_id());
             let slot = match last {
                 Some((k, slot)) if k == key => slot,
                 _ => *index.entry(key).or_insert_with(|| {
-                    groups.push((owner.as_ref().map(|a| a.value().clone()), Vec::new()));
-                    groups.len() - 1
+                    owners.push((owner.as_ref().map(|a| a.value().clone()), 0));
+                    owners.len() - 1
                 }),
             };
             drop(owner);
             last = Some((key, slot));
+            owners[slot].1 += 1;
+            slots.push(slot);
+        }
+        let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = owners
+            .into_iter()
+            .map(|(owner, n)| (owner, Vec::with_capacity(n)))
+            .collect();
+        for (item, slot) in items.into_iter().zip(slots) {
             groups[slot].1.push(item);
         }
         groups
