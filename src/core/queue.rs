@@ -12,8 +12,11 @@
 //! - Waiting executions leave the queue only by admission, cancel, timeout or purge; the rest
 //!   keep their order.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use super::clock::{Clock, Stamp};
 use super::policy::{self, ActionPolicy, Limiter, QueueSettings};
@@ -127,6 +130,10 @@ pub struct ActionQueue {
     last_progress: Stamp,
     /// When the rate limiter next allows an admission, if it is what holds the head back.
     rate_ready_at: Option<Stamp>,
+    /// The last stamp turned into a wall-clock time, and that time. One handler converts the
+    /// same few stamps (its `now`, a batch's enqueue time) again and again, and the calendar
+    /// arithmetic behind each conversion was 6% of the cycle's instructions.
+    last_wall: Cell<(Stamp, DateTime<Utc>)>,
 }
 
 impl std::fmt::Debug for ActionQueue {
@@ -148,6 +155,7 @@ impl ActionQueue {
         policy: ActionPolicy,
     ) -> Self {
         let now = clock.now();
+        let clock_wall = clock.wall(now);
         let limiter = policy.rate_limit.map(|r| policy::limiter(r, &clock));
         Self {
             action,
@@ -161,6 +169,7 @@ impl ActionQueue {
             last_updated: now,
             last_progress: now,
             rate_ready_at: None,
+            last_wall: Cell::new((now, clock_wall)),
         }
     }
 
@@ -235,7 +244,7 @@ impl ActionQueue {
             execution_id,
             request_id: request_id.clone(),
             payload: payload.clone(),
-            enqueued_at: self.clock.wall(now),
+            enqueued_at: self.wall(now),
             receipt,
         });
         self.waiting.push_back(Waiting {
@@ -263,7 +272,7 @@ impl ActionQueue {
                 execution_id,
                 status,
                 result,
-                at: self.clock.wall(now),
+                at: self.wall(now),
                 receipt,
             });
             self.pump(now, fx);
@@ -396,7 +405,7 @@ impl ActionQueue {
                         action: self.action.clone(),
                         execution_id: id,
                         request_id: slot.request_id,
-                        admitted_at: self.clock.wall(slot.admitted),
+                        admitted_at: self.wall(slot.admitted),
                         running_for: now.since(slot.admitted),
                     });
                 }
@@ -443,7 +452,7 @@ impl ActionQueue {
             queue_length: self.waiting.len(),
             active_count: self.running.len(),
             max_concurrent: self.policy.concurrency_limit.get(),
-            oldest_enqueued_at: self.waiting.front().map(|w| self.clock.wall(w.enqueued)),
+            oldest_enqueued_at: self.waiting.front().map(|w| self.wall(w.enqueued)),
             total_enqueued: self.counters.enqueued,
             total_completed: self.counters.completed,
             total_canceled: self.counters.canceled,
@@ -452,10 +461,21 @@ impl ActionQueue {
             total_reclaimed: self.counters.reclaimed,
             total_rejected: self.counters.rejected,
             total_unmatched: self.counters.unmatched,
-            last_updated: self.clock.wall(self.last_updated),
-            last_progress: self.clock.wall(self.last_progress),
+            last_updated: self.wall(self.last_updated),
+            last_progress: self.wall(self.last_progress),
             enabled: self.policy.enabled,
         }
+    }
+
+    /// The wall-clock time of a stamp, remembering the last one.
+    fn wall(&self, s: Stamp) -> DateTime<Utc> {
+        let (stamp, wall) = self.last_wall.get();
+        if stamp == s {
+            return wall;
+        }
+        let wall = self.clock.wall(s);
+        self.last_wall.set((s, wall));
+        wall
     }
 
     fn has_free_slot(&self) -> bool {
@@ -467,6 +487,7 @@ impl ActionQueue {
     fn pump(&mut self, now: Stamp, fx: &mut Effects) {
         self.expire(now, fx);
         self.rate_ready_at = None;
+        let mut admitted_at = None;
         while self.policy.enabled && self.has_free_slot() {
             if self.waiting.is_empty() || !self.rate_allows(now) {
                 break;
@@ -484,7 +505,7 @@ impl ActionQueue {
             );
             self.progress(now, fx);
             let waited = now.since(w.enqueued);
-            let at = self.clock.wall(now);
+            let at = *admitted_at.get_or_insert_with(|| self.wall(now));
             fx.events.push(Event::Admitted {
                 action: self.action.clone(),
                 execution_id: id,
@@ -496,7 +517,7 @@ impl ActionQueue {
                 execution_id: id,
                 request_id: w.request_id,
                 payload: w.payload,
-                enqueued_at: self.clock.wall(w.enqueued),
+                enqueued_at: self.wall(w.enqueued),
                 dispatched_at: at,
                 attempt: 1,
             });
@@ -559,7 +580,7 @@ impl ActionQueue {
                 execution_id: w.id,
                 request_id: w.request_id,
                 payload: w.payload,
-                enqueued_at: self.clock.wall(w.enqueued),
+                enqueued_at: self.wall(w.enqueued),
                 waited: now.since(w.enqueued),
             },
             receipt,
