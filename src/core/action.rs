@@ -95,6 +95,10 @@ impl Actor for ActionActor {
                 for sub in subs {
                     let id = sub.execution_id;
                     st.queue.submit(sub, now, &mut fx);
+                    // Almost always empty; checking first saves hashing every id.
+                    if st.early_cancels.is_empty() {
+                        continue;
+                    }
                     if let Some(receipt) = st.early_cancels.remove(&id) {
                         st.queue.cancel(id, receipt, now, &mut fx);
                     }
