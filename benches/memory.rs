@@ -72,13 +72,26 @@ static GLOBAL: Counting = Counting;
 const QUEUED: u64 = 100_000;
 const IDLE_ACTIONS: u64 = 100_000;
 
+/// Set for the child processes when this binary was not started by `cargo bench` (say by
+/// `cargo test --all-targets`): then each scenario runs at a hundredth of its size, only to
+/// show that it works.
+const SMOKE_ENV: &str = "MEMORY_SMOKE";
+
+fn scaled(n: u64) -> u64 {
+    if std::env::var_os(SMOKE_ENV).is_some() {
+        n / 100
+    } else {
+        n
+    }
+}
+
 /// How many idle actions to create; `MEMORY_IDLE_ACTIONS` overrides it, for heap profilers
 /// that cannot afford 100,000.
 fn idle_actions() -> u64 {
     std::env::var("MEMORY_IDLE_ACTIONS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(IDLE_ACTIONS)
+        .unwrap_or(scaled(IDLE_ACTIONS))
 }
 const BYTES_TARGET: f64 = 150.0;
 const RSS_TARGET_MB: f64 = 150.0;
@@ -140,9 +153,10 @@ async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
 }
 
 fn queued_execution_cost() {
+    let queued = scaled(QUEUED);
     let rt = runtime();
     rt.block_on(async {
-        let (exec, _rx) = executor(QUEUED as usize + 1).await;
+        let (exec, _rx) = executor(queued as usize + 1).await;
         let action = ActionRef::parse("memory.queued").expect("valid ref");
         // One execution takes the slot, so the actor exists and everything after it waits.
         exec.submit(&action, vec![Submission::new(0, payload(0))]);
@@ -157,7 +171,7 @@ fn queued_execution_cost() {
 
         let before = allocated();
         let mut json_bytes = 0usize;
-        for chunk in 0..QUEUED / 1_000 {
+        for chunk in 0..queued / 1_000 {
             let subs: Vec<Submission> = (1..=1_000)
                 .map(|i| {
                     let id = chunk * 1_000 + i;
@@ -173,14 +187,14 @@ fn queued_execution_cost() {
                 .await
                 .ok()
                 .flatten()
-                .is_some_and(|s| s.queue_length == QUEUED as usize)
+                .is_some_and(|s| s.queue_length == queued as usize)
         })
         .await;
         let after = allocated();
         let delta = (after - before) as f64;
-        let per = (delta - json_bytes as f64) / QUEUED as f64;
+        let per = (delta - json_bytes as f64) / queued as f64;
         let arc_header = (2 * std::mem::size_of::<usize>()) as f64;
-        println!("queued executions: {QUEUED} on one action at limit 1, payloads of 3 bytes");
+        println!("queued executions: {queued} on one action at limit 1, payloads of 3 bytes");
         println!(
             "  allocated: {:.1} MB for the queue, of which {:.1} MB JSON text",
             delta / 1e6,
@@ -268,15 +282,23 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .unwrap_or_default();
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    if smoke {
+        println!(
+            "smoke run at 1/100 of the size (not under `cargo bench`): the targets apply to full runs only"
+        );
+    }
     let exe = std::env::current_exe().expect("the bench knows its own path");
     for scenario in ["queued", "idle"] {
         if !scenario.contains(filter.as_str()) {
             continue;
         }
-        let status = Command::new(&exe)
-            .env("MEMORY_SCENARIO", scenario)
-            .status()
-            .expect("the scenario runs");
+        let mut child = Command::new(&exe);
+        child.env("MEMORY_SCENARIO", scenario);
+        if smoke {
+            child.env(SMOKE_ENV, "1");
+        }
+        let status = child.status().expect("the scenario runs");
         assert!(status.success(), "scenario {scenario} failed");
     }
 }
