@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use common_core::exec::{ExecRig, answers};
 use common_core::{Answer, action, limit, lock, policy, sub};
-use dashmap::DashMap;
 use fifo_executor::core::action::{ActionActor, ActionArgs, ActionMsg};
 use fifo_executor::core::memory::{ChannelDispatcher, ChannelSink, NoStats};
 use fifo_executor::core::ports::{Event, RemovalReason};
-use fifo_executor::core::registry::{RecentlyEnded, Shared};
+use fifo_executor::core::registry::Shared;
 use fifo_executor::core::{
     ActionPolicy, Clock, Ports, PurgeOrder, QueueSettings, RateLimit, Restored,
 };
@@ -173,17 +172,15 @@ async fn cancel_answers_canceled_for_waiting_running_for_running_and_unknown_oth
 async fn a_cancel_that_overtakes_its_submission_is_still_applied() {
     let (dispatcher, mut dispatch_rx) = ChannelDispatcher::new();
     let (sink, mut event_rx) = ChannelSink::new();
-    let shared = Arc::new(Shared {
-        clock: Clock::new(),
-        settings: no_timeout(100),
-        ports: Ports {
+    let shared = Arc::new(Shared::new(
+        Clock::new(),
+        no_timeout(100),
+        Ports {
             dispatcher: Arc::new(dispatcher),
             sink: Arc::new(sink),
             observer: Arc::new(NoStats),
         },
-        live: DashMap::new(),
-        ended: RecentlyEnded::new(0),
-    });
+    ));
     let (actor, handle) = ractor::Actor::spawn(
         None,
         ActionActor,
@@ -245,17 +242,15 @@ async fn a_cancel_that_overtakes_its_submission_is_still_applied() {
 async fn a_cancel_waiting_for_a_submission_that_never_comes_is_answered_unknown_at_stop() {
     let (dispatcher, _dispatch_rx) = ChannelDispatcher::new();
     let (sink, _event_rx) = ChannelSink::new();
-    let shared = Arc::new(Shared {
-        clock: Clock::new(),
-        settings: no_timeout(100),
-        ports: Ports {
+    let shared = Arc::new(Shared::new(
+        Clock::new(),
+        no_timeout(100),
+        Ports {
             dispatcher: Arc::new(dispatcher),
             sink: Arc::new(sink),
             observer: Arc::new(NoStats),
         },
-        live: DashMap::new(),
-        ended: RecentlyEnded::new(0),
-    });
+    ));
     let (actor, handle) = ractor::Actor::spawn(
         None,
         ActionActor,

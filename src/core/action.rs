@@ -89,12 +89,16 @@ impl Actor for ActionActor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let now = st.shared.clock.now();
-        let mut fx = Effects::default();
+        let mut fx = expected_effects(&msg, &st.queue);
         match msg {
             ActionMsg::Submit(subs) => {
                 for sub in subs {
                     let id = sub.execution_id;
                     st.queue.submit(sub, now, &mut fx);
+                    // Almost always empty; checking first saves hashing every id.
+                    if st.early_cancels.is_empty() {
+                        continue;
+                    }
                     if let Some(receipt) = st.early_cancels.remove(&id) {
                         st.queue.cancel(id, receipt, now, &mut fx);
                     }
@@ -154,6 +158,19 @@ impl Actor for ActionActor {
         }
         tracing::debug!(action = %st.queue.action(), actor = %myself.get_id(), "action actor stopped");
         Ok(())
+    }
+}
+
+/// A buffer sized for what a message usually causes: a submission is accepted (or rejected)
+/// and may be admitted at once, up to the concurrency limit; a completion frees a slot and
+/// admits at most one; a cancel removes one.
+fn expected_effects(msg: &ActionMsg, queue: &ActionQueue) -> Effects {
+    let limit = queue.policy().concurrency_limit.get() as usize;
+    match msg {
+        ActionMsg::Submit(subs) => Effects::with_capacity(2 * subs.len(), subs.len().min(limit)),
+        ActionMsg::Complete(done) => Effects::with_capacity(2 * done.len(), done.len()),
+        ActionMsg::Cancel(requests) => Effects::with_capacity(requests.len(), 0),
+        _ => Effects::default(),
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use ractor::{ActorRef, ActorRuntime, ActorStatus, SpawnErr};
+use ractor::{ActorId, ActorRef, ActorRuntime, ActorStatus, SpawnErr};
 
 use super::action::{ActionActor, ActionArgs, ActionMsg};
 use super::clock::Clock;
@@ -32,10 +32,38 @@ pub struct Shared {
     pub settings: QueueSettings,
     pub ports: Ports,
     /// Every queued or running execution id, with the actor that owns it.
-    pub live: DashMap<ExecutionId, ActorRef<ActionMsg>>,
+    pub live: LiveIndex,
     /// Ids that ended lately, so that a request redelivered after its execution finished (its
     /// acknowledgement lost with a connection) is a duplicate, not a second run.
     pub ended: RecentlyEnded,
+}
+
+/// The live index: touched three times per execution (claimed on submit, looked up on
+/// completion, released when it ends) by the intake, the workers' completions and every
+/// action actor at once.
+///
+/// Hashed with foldhash rather than SipHash: ids are plain integers and this map is on the hot
+/// path. Its per-process random seed keeps some resistance to producers choosing colliding
+/// ids (ids may come from producers); what a successful attack costs is a slower map. More
+/// shards than dashmap's default (4 × cores) because all of the above contend for them.
+pub type LiveIndex = DashMap<ExecutionId, ActorRef<ActionMsg>, foldhash::fast::RandomState>;
+
+/// Shards of the live index; a power of two, as dashmap requires.
+const LIVE_SHARDS: usize = 64;
+
+impl Shared {
+    pub fn new(clock: Clock, settings: QueueSettings, ports: Ports) -> Self {
+        Self {
+            clock,
+            settings,
+            ports,
+            live: DashMap::with_hasher_and_shard_amount(
+                foldhash::fast::RandomState::default(),
+                LIVE_SHARDS,
+            ),
+            ended: RecentlyEnded::new(settings.remember_ended),
+        }
+    }
 }
 
 /// The last `capacity` execution ids that ended (completed, canceled, timed out, purged or
@@ -154,13 +182,7 @@ impl Executor {
         // ledger to ask, a restarted executor does not hand out ids it handed out before (it
         // would need to have assigned more than a million ids per second on average).
         let first_id = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(1);
-        let shared = Arc::new(Shared {
-            clock,
-            settings,
-            ports,
-            live: DashMap::new(),
-            ended: RecentlyEnded::new(settings.remember_ended),
-        });
+        let shared = Arc::new(Shared::new(clock, settings, ports));
         let actors = Arc::new(DashMap::new());
         let (supervisor, _handle) = ractor::Actor::spawn(
             None,
@@ -232,9 +254,12 @@ impl Executor {
                 return;
             }
         };
+        // Before any claim, so that an id assigned meanwhile cannot equal one in this batch.
+        if let Some(max) = subs.iter().map(|s| s.execution_id).max() {
+            self.ids.observe(max);
+        }
         let mut batch = Vec::with_capacity(subs.len());
         for sub in subs {
-            self.ids.observe(sub.execution_id);
             if self.shared.ended.contains(sub.execution_id) {
                 let execution_id = sub.execution_id;
                 settle(sub.receipt, Verdict::Duplicate { execution_id });
@@ -450,22 +475,41 @@ impl Executor {
     }
 
     /// Groups items by the actor that owns their execution id; `None` collects unknown ids.
+    /// Groups appear in the order of their first item, and items keep their order within a
+    /// group. A batch from a worker can span many actions, so groups are found by actor id in
+    /// a map rather than by scanning them, an actor ref is cloned once per group, and each
+    /// group's batch is allocated once at its final size.
     fn route<T>(
         &self,
         items: Vec<T>,
         id_of: impl Fn(&T) -> ExecutionId,
     ) -> Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> {
-        let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = Vec::new();
-        for item in items {
-            let owner = self.shared.live.get(&id_of(&item)).map(|a| a.clone());
+        let mut owners: Vec<(Option<ActorRef<ActionMsg>>, usize)> = Vec::new();
+        let mut index: foldhash::HashMap<Option<ActorId>, usize> = foldhash::HashMap::default();
+        let mut slots = Vec::with_capacity(items.len());
+        // Consecutive items mostly belong to the same actor.
+        let mut last: Option<(Option<ActorId>, usize)> = None;
+        for item in &items {
+            let owner = self.shared.live.get(&id_of(item));
             let key = owner.as_ref().map(|a| a.get_id());
-            match groups
-                .iter_mut()
-                .find(|(a, _)| a.as_ref().map(|a| a.get_id()) == key)
-            {
-                Some((_, batch)) => batch.push(item),
-                None => groups.push((owner, vec![item])),
-            }
+            let slot = match last {
+                Some((k, slot)) if k == key => slot,
+                _ => *index.entry(key).or_insert_with(|| {
+                    owners.push((owner.as_ref().map(|a| a.value().clone()), 0));
+                    owners.len() - 1
+                }),
+            };
+            drop(owner);
+            last = Some((key, slot));
+            owners[slot].1 += 1;
+            slots.push(slot);
+        }
+        let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = owners
+            .into_iter()
+            .map(|(owner, n)| (owner, Vec::with_capacity(n)))
+            .collect();
+        for (item, slot) in items.into_iter().zip(slots) {
+            groups[slot].1.push(item);
         }
         groups
     }
