@@ -10,6 +10,13 @@
 //!   and counters ([`core::queue`] holds the rules as a plain state machine);
 //!   [`core::registry`] is the [`core::Executor`] handle every edge calls; [`core::ports`]
 //!   are the traits through which the core reaches the edges.
+//! - [`rabbit`]: the RabbitMQ edge (intake, dispatch, completions, cancels, dead letters).
+//! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
+//!   health check and purge, reading and replaying the DLQ, and hooks for what the Postgres
+//!   edge will persist.
+//! - [`app`]: builds the service from the config and stops it, in one fixed order.
+//! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP
+//!   API, and the producer and worker simulators).
 //!
 //! # Supervision and ordering
 //!
@@ -31,5 +38,6 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod model;
+pub mod ops;
 pub mod rabbit;
 pub mod tools;
