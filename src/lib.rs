@@ -14,6 +14,7 @@
 //! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
 //!   health check and purge, reading and replaying the DLQ, and hooks for what the Postgres
 //!   edge will persist.
+//! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`.
 //! - [`app`]: builds the service from the config and stops it, in one fixed order.
 //! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP
 //!   API, and the producer and worker simulators).
@@ -37,6 +38,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod http;
 pub mod model;
 pub mod ops;
 pub mod rabbit;
