@@ -70,6 +70,8 @@ pub const MAX_SCAN: usize = 100_000;
 /// Longest one DLQ operation may take before it is abandoned (its channel is then closed and
 /// the broker requeues whatever it held).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a size reading may take.
+pub const SIZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
@@ -164,10 +166,14 @@ impl Dlq {
         self
     }
 
-    /// Messages ready in `attune.dlq` (a passive declare: cheap, changes nothing).
+    /// Messages ready in `attune.dlq` (a passive declare: cheap, changes nothing). Bounded by
+    /// [`SIZE_TIMEOUT`] rather than the operation timeout: the health check asks every
+    /// interval and must not hang for a minute on an unreachable broker.
     pub async fn size(&self) -> Result<u64, DlqError> {
-        self.with_channel(|ch| async move { queue_size(&ch).await })
-            .await
+        self.with_channel_within(self.timeout.min(SIZE_TIMEOUT), |ch| async move {
+            queue_size(&ch).await
+        })
+        .await
     }
 
     /// The first `limit` entries (at most [`MAX_PEEK`]), left in the queue in their order.
@@ -211,8 +217,16 @@ impl Dlq {
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, DlqError>>,
     {
+        self.with_channel_within(self.timeout, op).await
+    }
+
+    async fn with_channel_within<T, F, Fut>(&self, timeout: Duration, op: F) -> Result<T, DlqError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, DlqError>>,
+    {
         let mut conn = self.conn.lock().await;
-        let attempt = tokio::time::timeout(self.timeout, async {
+        let attempt = tokio::time::timeout(timeout, async {
             let ch = open_channel(&self.url, &mut conn).await?;
             let result = op(ch.clone()).await;
             // Closing hands back anything still unacknowledged, should `op` have failed
@@ -231,7 +245,7 @@ impl Dlq {
             Err(_) => {
                 // Dropping the connection closes it, and the broker requeues what it held.
                 *conn = None;
-                Err(DlqError::Timeout(self.timeout))
+                Err(DlqError::Timeout(timeout))
             }
         }
     }

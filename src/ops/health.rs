@@ -334,6 +334,9 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
     }
 }
 
+/// How long after start the first check runs (see [`HealthMonitor::run`]).
+pub const FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
+
 /// Runs the checks and keeps the latest result.
 pub struct HealthMonitor {
     executor: Arc<Executor>,
@@ -409,10 +412,14 @@ impl HealthMonitor {
         report
     }
 
-    /// Checks every `interval` (the first at once) until `shutdown` turns true. One task, so
-    /// checks never overlap; a check that overruns the interval delays the next one.
+    /// Checks every `interval` until `shutdown` turns true. One task, so checks never
+    /// overlap; a check that overruns the interval delays the next one. The first check comes
+    /// after [`FIRST_CHECK_DELAY`] (or the interval, if shorter), not at once: by then the
+    /// RabbitMQ edge has declared the topology, so the first report does not flag a DLQ that
+    /// simply does not exist yet.
     pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
-        let mut ticks = tokio::time::interval(interval);
+        let first = tokio::time::Instant::now() + interval.min(FIRST_CHECK_DELAY);
+        let mut ticks = tokio::time::interval_at(first, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
