@@ -158,7 +158,7 @@ impl Service {
         } else {
             None
         };
-        warn_if_purge_is_shadowed(&config);
+        note_if_purge_is_shadowed(&config);
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -374,7 +374,7 @@ async fn upkeep(metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
 
 /// Says so at start when the purge of queued executions can never find anything, because the
 /// queue timeout removes them first: a threshold that silently does nothing misleads.
-fn warn_if_purge_is_shadowed(c: &Config) {
+fn note_if_purge_is_shadowed(c: &Config) {
     if c.purge.enabled
         && !c.executor.emergency_mode
         && c.purge.max_queued_age_seconds >= c.executor.queue.queue_timeout_seconds

@@ -416,6 +416,9 @@ pub mod render {
                         .collect()
                 })
                 .unwrap_or_default();
+            if rows.is_empty() {
+                continue;
+            }
             rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             let rows: Vec<Vec<String>> = rows
                 .into_iter()
@@ -565,6 +568,13 @@ mod tests {
             &json!({"data": {"queue_size": 1, "entries": [{"unreadable": true, "raw": "x"}]}}),
         );
         assert!(out.contains("(unreadable)"));
+        let out = render::dlq_stats(
+            &json!({"data": {"queue_size": 0, "sampled": 0, "by_queue_from": {}, "by_error_class": {}}}),
+        );
+        assert_eq!(
+            out,
+            "attune.dlq: 0 messages (counts below over the first 0)"
+        );
         let out = render::purge(
             &json!({"data": {"dry_run": true, "purged": 1, "queued": 1, "running": 0,
             "duration_seconds": 0.01, "entries": [{"action_ref": "a", "execution_id": 7, "state": "queued", "age_seconds": 7250.0, "limit_seconds": 7200.0}]}}),
