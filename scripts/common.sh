@@ -1,8 +1,19 @@
 # Helpers sourced by the project's scripts (not run on its own).
+# shellcheck shell=bash
 
 die() {
     printf '%s: %s\n' "${0##*/}" "$*" >&2
     exit 1
+}
+
+as_root() {
+    if ((EUID == 0)); then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo -n "$@"
+    else
+        die "needs root to run: $*"
+    fi
 }
 
 # Runs a command with its output held back: shown only if it fails, so success stays quiet.

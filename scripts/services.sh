@@ -15,16 +15,6 @@ readonly DEADLINE_SECONDS=${SERVICES_DEADLINE_SECONDS:-60}
 # rabbitmqctl and rabbitmq-server live in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 
-as_root() {
-    if ((EUID == 0)); then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo -n "$@"
-    else
-        die "needs root to run: $*"
-    fi
-}
-
 # wait_until SECONDS WHAT COMMAND...: retries COMMAND until it succeeds or SECONDS have passed.
 wait_until() {
     local seconds=$1 what=$2

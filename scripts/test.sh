@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test (unit, integration, and benches and examples in test mode) against the local
-# RabbitMQ and PostgreSQL, starting them first if needed. Arguments go on to `cargo test`:
+# RabbitMQ and PostgreSQL, starting them first if needed, after checking the Prometheus alert
+# rules and the Grafana dashboard with promtool (scripts/promtool.sh). Arguments go on to
+# `cargo test`:
 #   scripts/test.sh topology                              # only tests whose name has "topology"
 #   scripts/test.sh --test rabbit_topology -- --nocapture
 set -euo pipefail
@@ -10,4 +12,5 @@ source scripts/common.sh
 
 ensure_cargo
 scripts/services.sh
+scripts/promtool.sh
 exec cargo test --all-targets "$@"

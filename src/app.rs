@@ -1,21 +1,33 @@
 //! Startup and shutdown of the whole service, shared by `fifo-executor serve` and the tests.
 //!
-//! Order at start: metrics recorder, core (executor and its ports), RabbitMQ edge. Order at
-//! shutdown (one path, see [`Service::shutdown`]): stop consuming, settle what was taken,
-//! drain the action actors, get the last publishes confirmed, close the connection.
+//! Order at start: metrics recorder, HTTP listener (bound first, so a taken port stops the
+//! start before anything runs), core (executor and its ports), operations tasks (health
+//! checks, purge, metrics upkeep), HTTP server, RabbitMQ edge. Order at shutdown (one path,
+//! see [`Service::shutdown`]): stop the operations tasks (no purge starts while draining),
+//! stop consuming, settle what was taken, drain the action actors, get the last publishes
+//! confirmed, close the connections, and close HTTP last, so `/health` and `/metrics` answer
+//! until the end.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::config::{self, Config};
 use crate::core::memory::{DiscardSink, LatestStats};
 use crate::core::{
     ActionPolicy, Executor, OutcomeSink, PolicySource, Ports, QueueSettings, RateLimit,
 };
+use crate::http::{self, AppState};
 use crate::model::ActionRef;
+use crate::ops::dlq::Dlq;
+use crate::ops::health::HealthMonitor;
+use crate::ops::hooks::{
+    HealthStore, LedgerPurge, NoHealthStore, NoLedgerPurge, NoPolicyStore, PolicyStore,
+};
+use crate::ops::metrics::{self as ops_metrics, Metrics, MetricsError, MetricsSink};
+use crate::ops::purge::{PurgeSettings, Purger};
 use crate::rabbit::consumers::ConsumerContext;
 use crate::rabbit::dead_letters::DeadLetterSink;
 use crate::rabbit::edge::{self, EdgeError, EdgeSettings};
@@ -69,30 +81,106 @@ pub fn queue_settings(c: &Config) -> QueueSettings {
 pub enum AppError {
     #[error("could not start the core: {0}")]
     Core(#[from] crate::core::CoreError),
+    #[error("could not listen for HTTP on {addr} (api.listen): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
     #[error("the RabbitMQ edge task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Where the service keeps what the Postgres edge will persist. The defaults keep everything
+/// in memory; the Postgres edge passes its own to [`Service::start_with`].
+#[derive(Clone)]
+pub struct Hooks {
+    pub policies: Arc<dyn PolicyStore>,
+    pub health: Arc<dyn HealthStore>,
+    pub ledger_purge: Arc<dyn LedgerPurge>,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            policies: Arc::new(NoPolicyStore),
+            health: Arc::new(NoHealthStore),
+            ledger_purge: Arc::new(NoLedgerPurge),
+        }
+    }
+}
+
+/// How often recent histogram samples are folded into buckets when nobody scrapes (the
+/// exporter's own default).
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A running service.
 pub struct Service {
     pub executor: Arc<Executor>,
     pub stats: Arc<LatestStats>,
+    pub health: Arc<HealthMonitor>,
+    pub purger: Arc<Purger>,
+    dlq: Option<Arc<Dlq>>,
+    http_addr: std::net::SocketAddr,
     shutdown: watch::Sender<bool>,
     edge: tokio::task::JoinHandle<Result<(), EdgeError>>,
+    /// Stops the health, purge and metrics-upkeep loops.
+    ops_shutdown: watch::Sender<bool>,
+    ops_tasks: Vec<tokio::task::JoinHandle<()>>,
+    http_shutdown: oneshot::Sender<()>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    shutdown_timeout: Duration,
 }
 
 impl Service {
-    /// Builds everything and starts consuming.
+    /// Builds everything and starts consuming, with in-memory hooks.
     pub async fn start(config: Config) -> Result<Self, AppError> {
+        Self::start_with(config, Hooks::default()).await
+    }
+
+    /// Builds everything and starts consuming.
+    pub async fn start_with(config: Config, hooks: Hooks) -> Result<Self, AppError> {
+        let metrics_handle = if config.executor.queue.enable_metrics {
+            let handle = ops_metrics::install()?;
+            metrics::gauge!(ops_metrics::names::EMERGENCY_MODE).set(
+                if config.executor.emergency_mode {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+            Some(handle)
+        } else {
+            None
+        };
+        note_if_purge_is_shadowed(&config);
+        let listener = tokio::net::TcpListener::bind(config.api.listen)
+            .await
+            .map_err(|source| AppError::Listen {
+                addr: config.api.listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(AppError::Http)?;
+
         let (publisher, slot, _publisher_task) = publisher::spawn(None);
         let stats = Arc::new(LatestStats::default());
-        let sink: Arc<dyn OutcomeSink> = Arc::new(DeadLetterSink::new(
+        let dead_letters: Arc<dyn OutcomeSink> = Arc::new(DeadLetterSink::new(
             publisher.clone(),
             config.dlq.enabled,
             Arc::new(DiscardSink),
         ));
+        // Counting is skipped altogether when metrics are off (the runbook turns them off to
+        // shed overhead in a crash loop).
+        let sink: Arc<dyn OutcomeSink> = if metrics_handle.is_some() {
+            Arc::new(MetricsSink::new(dead_letters))
+        } else {
+            dead_letters
+        };
         let ports = Ports {
             dispatcher: Arc::new(publisher.clone()),
             sink,
@@ -106,6 +194,62 @@ impl Service {
             )
             .await?,
         );
+
+        let dlq = config
+            .dlq
+            .enabled
+            .then(|| Arc::new(Dlq::new(config.rabbitmq.url.clone())));
+        let health = Arc::new(HealthMonitor::new(
+            executor.clone(),
+            dlq.clone(),
+            config.health.thresholds.clone(),
+            config.executor.emergency_mode,
+            hooks.health.clone(),
+        ));
+        let purger = Arc::new(Purger::new(
+            executor.clone(),
+            PurgeSettings::from_config(&config.purge),
+            hooks.ledger_purge.clone(),
+        ));
+        let metrics = metrics_handle.map(|h| Metrics::new(h, stats.clone()));
+
+        let (ops_shutdown, ops_rx) = watch::channel(false);
+        let mut ops_tasks = Vec::new();
+        if config.health.enabled {
+            ops_tasks.push(tokio::spawn(health.clone().run(
+                Duration::from_secs(config.health.interval_seconds),
+                ops_rx.clone(),
+            )));
+        }
+        if config.purge.enabled {
+            ops_tasks.push(tokio::spawn(purger.clone().run(
+                Duration::from_secs(config.purge.interval_seconds),
+                config.purge.dry_run,
+                ops_rx.clone(),
+            )));
+        }
+        if let Some(m) = metrics.clone() {
+            ops_tasks.push(tokio::spawn(upkeep(m, ops_rx.clone())));
+        }
+
+        let app = http::router(AppState {
+            executor: executor.clone(),
+            stats: stats.clone(),
+            health: health.clone(),
+            purger: purger.clone(),
+            dlq: dlq.clone(),
+            metrics,
+            policies: hooks.policies.clone(),
+            admin_token: config.api.admin_token.clone(),
+            max_body_bytes: config.api.max_body_bytes,
+            purge_dry_run: config.purge.dry_run,
+        });
+        let (http_shutdown, http_stop) = oneshot::channel::<()>();
+        let http = tokio::spawn(http::serve(listener, app, async move {
+            let _ = http_stop.await;
+        }));
+        tracing::info!(%http_addr, "HTTP API listening");
+
         let ctx = Arc::new(ConsumerContext::new(
             executor.clone(),
             publisher,
@@ -136,16 +280,64 @@ impl Service {
         Ok(Self {
             executor,
             stats,
+            health,
+            purger,
+            dlq,
+            http_addr,
             shutdown,
             edge,
+            ops_shutdown,
+            ops_tasks,
+            http_shutdown,
+            http,
+            shutdown_timeout: drain_timeout,
         })
+    }
+
+    /// The address the HTTP API listens on (the real port when `api.listen` asked for 0).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.http_addr
     }
 
     /// Stops the service in the one fixed order and waits for it.
     pub async fn shutdown(self) -> Result<(), AppError> {
+        let _ = self.ops_shutdown.send(true);
+        for task in self.ops_tasks {
+            let _ = task.await;
+        }
         let _ = self.shutdown.send(true);
-        self.edge.await??;
+        let edge = self.edge.await;
+        Self::close_http(
+            self.dlq,
+            self.http_shutdown,
+            self.http,
+            self.shutdown_timeout,
+        )
+        .await?;
+        edge??;
         Ok(())
+    }
+
+    /// Closes the DLQ connection, then HTTP, letting requests in progress finish.
+    async fn close_http(
+        dlq: Option<Arc<Dlq>>,
+        http_shutdown: oneshot::Sender<()>,
+        http: tokio::task::JoinHandle<std::io::Result<()>>,
+        timeout: Duration,
+    ) -> Result<(), AppError> {
+        if let Some(dlq) = dlq {
+            dlq.close().await;
+        }
+        let _ = http_shutdown.send(());
+        match tokio::time::timeout(timeout, http).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(AppError::Http(e)),
+            Ok(Err(join)) => Err(AppError::Join(join)),
+            Err(_) => {
+                tracing::warn!("HTTP requests still running at shutdown were cut off");
+                Ok(())
+            }
+        }
     }
 
     /// Waits until the service stops by itself (a fatal edge error) or `signal` resolves, then
@@ -156,11 +348,44 @@ impl Service {
     ) -> Result<(), AppError> {
         tokio::select! {
             r = &mut self.edge => {
+                let _ = self.ops_shutdown.send(true);
+                for task in self.ops_tasks {
+                    let _ = task.await;
+                }
+                Self::close_http(self.dlq, self.http_shutdown, self.http, self.shutdown_timeout).await?;
                 r??;
                 Ok(())
             }
             _ = signal => self.shutdown().await,
         }
+    }
+}
+
+/// Folds histogram samples into buckets every few seconds until shutdown.
+async fn upkeep(metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => metrics.upkeep(),
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Says so at start when the purge of queued executions can never find anything, because the
+/// queue timeout removes them first: a threshold that silently does nothing misleads.
+fn note_if_purge_is_shadowed(c: &Config) {
+    if c.purge.enabled
+        && !c.executor.emergency_mode
+        && c.purge.max_queued_age_seconds >= c.executor.queue.queue_timeout_seconds
+    {
+        tracing::info!(
+            max_queued_age_seconds = c.purge.max_queued_age_seconds,
+            queue_timeout_seconds = c.executor.queue.queue_timeout_seconds,
+            "[purge] purge.max_queued_age_seconds is not below executor.queue.queue_timeout_seconds: \
+             queued executions time out (error_class QueueTimeout) before the purge would take \
+             them; the purge still reclaims lost running executions"
+        );
     }
 }
 

@@ -1,12 +1,19 @@
-//! The command line: `serve` runs the service; the rest are tools around it.
+//! The command line: `serve` runs the service; the rest are tools around it. The operators'
+//! commands (`stats`, `health`, `purge`, `dlq`) talk to a running service over its HTTP API
+//! (`api.listen` from the config, or `--url`) and send `api.admin_token` (from the config or
+//! `ATTUNE__API__ADMIN_TOKEN`) to the endpoints that need it.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
 
 use crate::app::{self, Service};
 use crate::config::Config;
+use crate::http::client::Client;
+use crate::tools::ops::{self, render};
 use crate::tools::{submit, worker};
 
 #[derive(Debug, Parser)]
@@ -71,6 +78,141 @@ pub enum Command {
         #[arg(long, default_value_t = 0.0)]
         failure_rate: f64,
     },
+    /// Queue statistics of one action, or of every action (longest queues first).
+    Stats {
+        /// Action ref; all actions when left out.
+        action: Option<String>,
+        /// What the list of all actions is sorted by, descending.
+        #[arg(long, value_enum, default_value_t = SortBy::QueueLength)]
+        sort: SortBy,
+        /// Most actions listed.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The latest health check. Exit status as a Nagios check: 0 healthy, 1 degraded,
+    /// 2 unhealthy, 3 when the service cannot be asked.
+    Health {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Run one purge cycle now (needs the admin token). Without --dry-run or --live, the
+    /// service's purge.dry_run decides.
+    Purge {
+        /// Only report what would be purged.
+        #[arg(long, conflicts_with = "live")]
+        dry_run: bool,
+        /// Purge for real even if purge.dry_run is set.
+        #[arg(long)]
+        live: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The dead-letter queue (needs the admin token).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Entries from the head of attune.dlq, oldest first; they stay in the queue.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Dead letters by origin and error class.
+    Stats {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Publish entries again as new execution requests, then remove them from the DLQ.
+    Replay {
+        /// Execution ids to replay (repeat, or separate with commas).
+        #[arg(
+            long = "id",
+            value_delimiter = ',',
+            required_unless_present = "limit",
+            conflicts_with = "limit"
+        )]
+        ids: Vec<u64>,
+        /// Replay the first N entries (those that cannot be replayed are skipped and stay).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// How `stats` sorts all actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortBy {
+    QueueLength,
+    ActiveCount,
+    Oldest,
+}
+
+impl SortBy {
+    fn as_query(self) -> &'static str {
+        match self {
+            SortBy::QueueLength => "queue_length",
+            SortBy::ActiveCount => "active_count",
+            SortBy::Oldest => "oldest",
+        }
+    }
+}
+
+/// Where the running service is and how to print its answers.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The service's config file: gives api.listen and api.admin_token.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The service's address, `http://host:port`, instead of api.listen.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ApiArgs {
+    /// A client for the service; with the admin token when `admin`.
+    fn client(&self, admin: bool) -> anyhow::Result<Client> {
+        let config = load(self.config.as_ref())?;
+        let client = match &self.url {
+            Some(url) => Client::for_url(url)?,
+            None => Client::for_listen_address(config.api.listen),
+        };
+        let token = if admin {
+            let token = config.api.admin_token.map(|t| t.expose().to_owned());
+            anyhow::ensure!(
+                token.is_some(),
+                "this command needs the admin token: set api.admin_token in --config or \
+                 ATTUNE__API__ADMIN_TOKEN"
+            );
+            token
+        } else {
+            None
+        };
+        Ok(client.with_token(token))
+    }
+
+    /// Prints the answer as JSON or through `table`.
+    fn print(&self, answer: &Value, table: fn(&Value) -> String) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(answer).unwrap_or_else(|_| answer.to_string())
+            );
+        } else {
+            println!("{}", table(answer));
+        }
+    }
 }
 
 fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -104,8 +246,70 @@ fn parse_range(s: &str) -> anyhow::Result<(Duration, Duration)> {
     ))
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs a command; the exit status is success unless the command says otherwise (`health`).
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Stats {
+            action,
+            sort,
+            limit,
+            api,
+        } => {
+            let client = api.client(false)?;
+            let answer = ops::stats(&client, action.as_deref(), sort.as_query(), limit).await?;
+            if action.is_some() {
+                api.print(&answer, |a| render::queue(&a["data"]));
+            } else {
+                api.print(&answer, render::queues);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health { api } => {
+            let client = api.client(false)?;
+            match ops::health(&client).await {
+                Ok(answer) => {
+                    api.print(&answer, render::health);
+                    Ok(ExitCode::from(match answer["status"].as_str() {
+                        Some("healthy") => 0,
+                        Some("degraded") => 1,
+                        Some("unhealthy") => 2,
+                        _ => 3,
+                    }))
+                }
+                Err(e) => {
+                    eprintln!("fifo-executor: UNKNOWN: {e}");
+                    Ok(ExitCode::from(3))
+                }
+            }
+        }
+        Command::Purge { dry_run, live, api } => {
+            let client = api.client(true)?;
+            let mode = match (dry_run, live) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            api.print(&ops::purge(&client, mode).await?, render::purge);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { command } => {
+            match command {
+                DlqCommand::List { limit, api } => {
+                    let answer = ops::dlq_list(&api.client(true)?, limit).await?;
+                    api.print(&answer, render::dlq_list);
+                }
+                DlqCommand::Stats { api } => {
+                    let answer = ops::dlq_stats(&api.client(true)?).await?;
+                    api.print(&answer, render::dlq_stats);
+                }
+                DlqCommand::Replay { ids, limit, api } => {
+                    let answer = ops::dlq_replay(&api.client(true)?, &ids, limit).await?;
+                    api.print(&answer, render::replay);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+
         Command::Serve { config } => {
             let config = load(config.as_ref())?;
             init_logging(&config);
@@ -121,12 +325,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let service = Service::start(config).await?;
             service.run_until(app::termination_signal()).await?;
             tracing::info!("fifo-executor stopped");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
             let config = load(config.as_ref())?;
             println!("{config:#?}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Submit {
             config,
@@ -156,7 +360,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 took.as_secs_f64(),
                 count as f64 / took.as_secs_f64().max(1e-9)
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Worker {
             config,
@@ -187,7 +391,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("worker completed {done} executions");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -13,6 +13,14 @@
 //! - [`db`]: the Postgres edge: the ledger of executions (an outcome sink that settles receipts
 //!   only after the commit), the `queue_stats` writer, recovery at start and the `action`
 //!   table as a policy source.
+//! - [`rabbit`]: the RabbitMQ edge (intake, dispatch, completions, cancels, dead letters).
+//! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
+//!   health check and purge, reading and replaying the DLQ, and hooks for what the Postgres
+//!   edge will persist.
+//! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`.
+//! - [`app`]: builds the service from the config and stops it, in one fixed order.
+//! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP
+//!   API, and the producer and worker simulators).
 //!
 //! # Supervision and ordering
 //!
@@ -34,6 +42,8 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod db;
+pub mod http;
 pub mod model;
+pub mod ops;
 pub mod rabbit;
 pub mod tools;

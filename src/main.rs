@@ -4,7 +4,7 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let cli = fifo_executor::cli::Cli::parse();
     match fifo_executor::cli::run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("fifo-executor: {e:#}");
             std::process::ExitCode::FAILURE

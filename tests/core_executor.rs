@@ -567,6 +567,42 @@ async fn a_purge_through_the_executor_reports_in_a_dry_run_and_reclaims_in_a_liv
     r.shutdown().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn count_stuck_counts_per_action_only_running_executions_older_than_the_age_and_changes_nothing()
+ {
+    let mut r = ExecRig::start(no_timeout(100), policy(2)).await;
+    let a = action("stuck.a");
+    let b = action("stuck.b");
+    let c = action("stuck.c");
+    // a: two running, one waiting; b: one running; all admitted now.
+    r.submit_accepted(&a, &[1, 2, 3]).await;
+    r.submit_accepted(&b, &[10]).await;
+    advance(Duration::from_secs(100)).await;
+    // c's execution is admitted 100 s later: younger than the age asked about below.
+    r.submit_accepted(&c, &[20]).await;
+    assert_eq!(
+        r.exec.count_stuck(Duration::from_secs(100)).await,
+        vec![],
+        "exactly the age is not older than it"
+    );
+    let stuck = r.exec.count_stuck(Duration::from_secs(50)).await;
+    assert_eq!(stuck, vec![(a.clone(), 2), (b.clone(), 1)]);
+    r.barrier(&[&a, &b, &c]).await;
+    let s = r.stats(&a).await;
+    assert_eq!(
+        (s.active_count, s.queue_length, s.total_reclaimed),
+        (2, 1, 0),
+        "counting reclaims nothing and dequeues nothing"
+    );
+    assert!(
+        !r.events
+            .iter()
+            .any(|e| matches!(e, Event::Reclaimed { .. } | Event::Removed { .. })),
+        "counting records no event"
+    );
+    r.shutdown().await;
+}
+
 trait LiveRun {
     fn with_live_run(self) -> Self;
 }

@@ -35,6 +35,8 @@ fn config_for(vhost: &TestVhost) -> Config {
     c.rabbitmq.url = vhost.url.clone();
     c.executor.durability = config::Durability::Memory;
     c.executor.shutdown_timeout_seconds = 5;
+    // Tests run in parallel: each service takes a free port rather than the default 8080.
+    c.api.listen = ([127, 0, 0, 1], 0).into();
     c
 }
 

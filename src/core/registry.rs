@@ -423,6 +423,28 @@ impl Executor {
         report
     }
 
+    /// Per action, how many executions have held their slot longer than `older_than` without
+    /// a completion (actions with none are left out), sorted by action. The health check
+    /// calls it every interval, so it reuses what a dry-run purge of running executions
+    /// already computes in each actor (a walk over the running set, at most the concurrency
+    /// limit long) instead of adding a message of its own; a dry run changes nothing.
+    pub async fn count_stuck(&self, older_than: Duration) -> Vec<(ActionRef, usize)> {
+        let order = PurgeOrder {
+            max_queued_age: None,
+            max_running_age: Some(older_than),
+            dry_run: true,
+        };
+        let mut counts: Vec<(ActionRef, usize)> = Vec::new();
+        // The report is sorted by action, so equal actions are adjacent.
+        for entry in self.purge(order).await {
+            match counts.last_mut() {
+                Some((action, n)) if *action == entry.action_ref => *n += 1,
+                _ => counts.push((entry.action_ref, 1)),
+            }
+        }
+        counts
+    }
+
     /// Stops accepting work, lets every actor finish the messages already in its mailbox,
     /// then stops them. Executions still queued stay wherever the outcome sink put them (the
     /// ledger); in memory mode they are gone.

@@ -143,6 +143,7 @@ impl ConsumerContext {
         letter.execution_id = salvage.execution_id;
         letter.action_ref = salvage.action_ref;
         letter.request_id = salvage.request_id;
+        letter.retry_count = retry_count(&d.properties);
         if queue_from == QueueFrom::Requested {
             reply(
                 &self.publisher,
@@ -190,6 +191,17 @@ fn as_u32(v: &AMQPValue) -> Option<u32> {
         _ => return None,
     };
     u32::try_from(n.max(0)).ok()
+}
+
+/// How often this message has been replayed from the DLQ: the `x-retry-count` header a replay
+/// sets (see `ops::dlq`), 0 on a first attempt. Carried into the dead letter if it fails
+/// again, so the DLQ shows how many tries an execution has had.
+fn retry_count(properties: &lapin::BasicProperties) -> u32 {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-retry-count").and_then(as_u32))
+        .unwrap_or(0)
 }
 
 fn content_type(d: &Delivery) -> Option<&str> {
@@ -345,6 +357,7 @@ fn request_receipt(
                 letter.execution_id = Some(execution_id);
                 letter.action_ref = Some(action.as_str().to_owned());
                 letter.request_id = salvage.request_id;
+                letter.retry_count = retry_count(&d.properties);
                 ctx.dead_letter(letter, &acks, tag);
             }
         }
@@ -416,5 +429,30 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
     }
     if !requests.is_empty() {
         ctx.executor.cancel(requests);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::BasicProperties;
+    use lapin::types::FieldTable;
+
+    use super::*;
+
+    #[test]
+    fn the_retry_count_comes_from_the_x_retry_count_header_and_defaults_to_zero() {
+        assert_eq!(retry_count(&BasicProperties::default()), 0);
+        let mut headers = FieldTable::default();
+        headers.insert("x-retry-count".into(), AMQPValue::LongUInt(3));
+        assert_eq!(
+            retry_count(&BasicProperties::default().with_headers(headers)),
+            3
+        );
+        let mut headers = FieldTable::default();
+        headers.insert("x-retry-count".into(), AMQPValue::LongString("x".into()));
+        assert_eq!(
+            retry_count(&BasicProperties::default().with_headers(headers)),
+            0
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Companion tools behind `fifo-executor submit` and `fifo-executor worker`: a producer and a
 //! simulated worker that speak the contract over RabbitMQ, so the whole flow can be watched
-//! from two terminals and tests and benchmarks have realistic peers.
+//! from two terminals and tests and benchmarks have realistic peers; and [`ops`], the
+//! operators' commands (`stats`, `health`, `purge`, `dlq`) over the service's HTTP API.
 
+pub mod ops;
 pub mod submit;
 pub mod worker;
 

@@ -1,0 +1,150 @@
+//! The dead-letter queue over HTTP (admin, since entries carry request parameters):
+//! `GET /api/v1/dlq?limit=N`, `GET /api/v1/dlq/stats`, `POST /api/v1/dlq/replay`.
+//! How entries are read without being consumed, and what a replay publishes, is in
+//! [`crate::ops::dlq`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{Json, Params};
+use super::queues::Data;
+use crate::ops::dlq::{Dlq, DlqError, MAX_PEEK, MAX_REPLAY, Peek, ReplayReport, Selection};
+use crate::rabbit::wire::MAX_EXECUTION_ID;
+
+fn dlq(state: &AppState) -> Result<&Dlq, ApiError> {
+    state.dlq.as_deref().ok_or_else(|| {
+        ApiError::Unavailable(
+            "dlq.enabled is false: nothing is dead-lettered to attune.dlq, so it is not read"
+                .to_owned(),
+        )
+    })
+}
+
+fn unavailable(e: DlqError) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+/// `GET /api/v1/dlq?limit=N`: the first N entries (default 50), oldest first, left in place.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<axum::Json<Data<Peek>>, ApiError> {
+    params.only(&["limit"])?;
+    let limit = params.get_usize("limit", 50, 1, MAX_PEEK)?;
+    let peek = dlq(&state)?.peek(limit).await.map_err(unavailable)?;
+    Ok(axum::Json(Data { data: peek }))
+}
+
+/// Counts over the entries at the head of the DLQ.
+#[derive(Debug, Serialize)]
+pub struct DlqStats {
+    /// Messages ready in the queue.
+    pub queue_size: u64,
+    /// Entries the counts below are taken over: the first [`MAX_PEEK`] at most. RabbitMQ
+    /// gives only the queue's total; counting by origin means reading the entries.
+    pub sampled: usize,
+    pub by_queue_from: BTreeMap<String, u64>,
+    pub by_error_class: BTreeMap<String, u64>,
+    pub oldest_failed_at: Option<String>,
+    pub newest_failed_at: Option<String>,
+}
+
+/// `GET /api/v1/dlq/stats`
+pub async fn stats(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<axum::Json<Data<DlqStats>>, ApiError> {
+    params.only(&[])?;
+    let peek = dlq(&state)?.peek(MAX_PEEK).await.map_err(unavailable)?;
+    let mut by_queue_from = BTreeMap::new();
+    let mut by_error_class = BTreeMap::new();
+    let mut failed_at: Vec<&str> = Vec::new();
+    for e in &peek.entries {
+        let field = |k: &str| {
+            e.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("(none)")
+                .to_owned()
+        };
+        *by_queue_from.entry(field("queue_from")).or_insert(0) += 1;
+        *by_error_class.entry(field("error_class")).or_insert(0) += 1;
+        if let Some(t) = e.get("failed_at").and_then(Value::as_str) {
+            failed_at.push(t);
+        }
+    }
+    // RFC 3339 in UTC with a fixed format sorts as text.
+    failed_at.sort_unstable();
+    Ok(axum::Json(Data {
+        data: DlqStats {
+            queue_size: peek.queue_size,
+            sampled: peek.entries.len(),
+            by_queue_from,
+            by_error_class,
+            oldest_failed_at: failed_at.first().map(|s| (*s).to_owned()),
+            newest_failed_at: failed_at.last().map(|s| (*s).to_owned()),
+        },
+    }))
+}
+
+/// The body of `POST /api/v1/dlq/replay`: exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    pub execution_ids: Option<Vec<u64>>,
+    pub limit: Option<usize>,
+}
+
+impl ReplayBody {
+    fn selection(self) -> Result<Selection, ApiError> {
+        match (self.execution_ids, self.limit) {
+            (Some(ids), None) => {
+                if ids.is_empty() || ids.len() > MAX_REPLAY {
+                    return Err(ApiError::bad_request(
+                        "execution_ids",
+                        format!("execution_ids must list 1 to {MAX_REPLAY} ids"),
+                    ));
+                }
+                if let Some(bad) = ids.iter().find(|id| !(1..=MAX_EXECUTION_ID).contains(*id)) {
+                    return Err(ApiError::bad_request(
+                        "execution_ids",
+                        format!("{bad} is not an execution id (1 to {MAX_EXECUTION_ID})"),
+                    ));
+                }
+                Ok(Selection::Ids(ids))
+            }
+            (None, Some(n)) if (1..=MAX_REPLAY).contains(&n) => Ok(Selection::First(n)),
+            (None, Some(_)) => Err(ApiError::bad_request(
+                "limit",
+                format!("limit must be from 1 to {MAX_REPLAY}"),
+            )),
+            _ => Err(ApiError::BadRequest {
+                field: None,
+                message: "give exactly one of `execution_ids` (a list) or `limit` (a number)"
+                    .to_owned(),
+            }),
+        }
+    }
+}
+
+/// `POST /api/v1/dlq/replay`
+pub async fn replay(
+    State(state): State<Arc<AppState>>,
+    Json(body): Json<ReplayBody>,
+) -> Result<axum::Json<Data<ReplayReport>>, ApiError> {
+    let selection = body.selection()?;
+    let dlq = dlq(&state)?;
+    let report = dlq.replay(selection).await.map_err(unavailable)?;
+    tracing::info!(
+        replayed = report.replayed.len(),
+        skipped = report.skipped.len(),
+        not_found = report.not_found.len(),
+        "[api] DLQ replay"
+    );
+    Ok(axum::Json(Data { data: report }))
+}

@@ -1,0 +1,186 @@
+//! The HTTP edge: the operators' API, `/health` and `/metrics`, on `api.listen`.
+//!
+//! [`router`] builds the whole API from an [`AppState`] without binding anything, so tests
+//! drive it with `oneshot`; [`serve`] runs it on a listener until a shutdown future resolves.
+//! The service closes HTTP last, after the core has drained, so `/health` and `/metrics`
+//! answer for as long as anything is happening.
+//!
+//! | method | path | auth | |
+//! | --- | --- | --- | --- |
+//! | GET | `/health` | | latest health check |
+//! | GET | `/metrics` | | Prometheus text |
+//! | GET | `/api/v1/openapi.json` | | this API, as OpenAPI 3 |
+//! | GET | `/api/v1/actions/{ref}/queue-stats` | | one action's counters |
+//! | GET | `/api/v1/queues` | | every action's counters, sorted |
+//! | GET | `/api/v1/actions/{ref}/policy` | | policy in force |
+//! | PUT | `/api/v1/actions/{ref}/policy` | admin | set a policy |
+//! | POST | `/api/v1/executions/{id}/cancel` | admin | cancel a waiting execution |
+//! | GET | `/api/v1/dlq` | admin | peek at dead letters |
+//! | GET | `/api/v1/dlq/stats` | admin | dead letters by origin and class |
+//! | POST | `/api/v1/dlq/replay` | admin | replay dead letters |
+//! | POST | `/api/v1/purge` | admin | run a purge cycle now |
+
+pub mod auth;
+pub mod client;
+pub mod dlq;
+pub mod error;
+pub mod executions;
+pub mod extract;
+pub mod openapi;
+pub mod ops;
+pub mod queues;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::middleware;
+use axum::routing::{MethodRouter, get, post, put};
+
+use crate::config::Secret;
+use crate::core::Executor;
+use crate::core::memory::LatestStats;
+use crate::ops::dlq::Dlq;
+use crate::ops::health::HealthMonitor;
+use crate::ops::hooks::PolicyStore;
+use crate::ops::metrics::Metrics;
+use crate::ops::purge::Purger;
+use error::ApiError;
+
+/// The route paths, in axum's syntax (also OpenAPI's).
+pub mod paths {
+    pub const HEALTH: &str = "/health";
+    pub const METRICS: &str = "/metrics";
+    pub const OPENAPI: &str = "/api/v1/openapi.json";
+    pub const QUEUE_STATS: &str = "/api/v1/actions/{ref}/queue-stats";
+    pub const QUEUES: &str = "/api/v1/queues";
+    pub const POLICY: &str = "/api/v1/actions/{ref}/policy";
+    pub const CANCEL: &str = "/api/v1/executions/{id}/cancel";
+    pub const DLQ: &str = "/api/v1/dlq";
+    pub const DLQ_STATS: &str = "/api/v1/dlq/stats";
+    pub const DLQ_REPLAY: &str = "/api/v1/dlq/replay";
+    pub const PURGE: &str = "/api/v1/purge";
+}
+
+/// A route: method, path, and whether it needs the admin token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub admin: bool,
+}
+
+const fn route(method: &'static str, path: &'static str, admin: bool) -> Route {
+    Route {
+        method,
+        path,
+        admin,
+    }
+}
+
+/// Every route [`router`] serves; the tests check it against the router and the OpenAPI
+/// document, so none of the three can forget one.
+pub const ROUTES: &[Route] = &[
+    route("GET", paths::HEALTH, false),
+    route("GET", paths::METRICS, false),
+    route("GET", paths::OPENAPI, false),
+    route("GET", paths::QUEUE_STATS, false),
+    route("GET", paths::QUEUES, false),
+    route("GET", paths::POLICY, false),
+    route("PUT", paths::POLICY, true),
+    route("POST", paths::CANCEL, true),
+    route("GET", paths::DLQ, true),
+    route("GET", paths::DLQ_STATS, true),
+    route("POST", paths::DLQ_REPLAY, true),
+    route("POST", paths::PURGE, true),
+];
+
+/// What the handlers reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub executor: Arc<Executor>,
+    /// The latest counters each action reported; the fallback when its actor cannot answer,
+    /// and the source of the queue gauges.
+    pub stats: Arc<LatestStats>,
+    pub health: Arc<HealthMonitor>,
+    pub purger: Arc<Purger>,
+    /// `None` when `dlq.enabled` is false.
+    pub dlq: Option<Arc<Dlq>>,
+    /// `None` when `executor.queue.enable_metrics` is false.
+    pub metrics: Option<Metrics>,
+    pub policies: Arc<dyn PolicyStore>,
+    /// `api.admin_token`; `None` disables the admin routes.
+    pub admin_token: Option<Secret>,
+    /// `api.max_body_bytes`.
+    pub max_body_bytes: usize,
+    /// `purge.dry_run`: what a manual purge does when the request does not say.
+    pub purge_dry_run: bool,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("admin_token", &self.admin_token)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.max_body_bytes;
+    let state = Arc::new(state);
+    let admin = |m: MethodRouter<Arc<AppState>>| {
+        m.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ))
+    };
+    Router::new()
+        .route(paths::HEALTH, get(ops::health))
+        .route(paths::METRICS, get(ops::metrics))
+        .route(paths::OPENAPI, get(openapi::serve))
+        .route(paths::QUEUE_STATS, get(queues::queue_stats))
+        .route(paths::QUEUES, get(queues::list_queues))
+        .route(
+            paths::POLICY,
+            get(queues::get_policy).merge(admin(put(queues::put_policy))),
+        )
+        .route(paths::CANCEL, admin(post(executions::cancel)))
+        .route(paths::DLQ, admin(get(dlq::list)))
+        .route(paths::DLQ_STATS, admin(get(dlq::stats)))
+        .route(paths::DLQ_REPLAY, admin(post(dlq::replay)))
+        .route(paths::PURGE, admin(post(ops::purge)))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(telemetry::track))
+        .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no endpoint {method} {}; see {}",
+        uri.path(),
+        paths::OPENAPI
+    ))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then finishes the requests in
+/// progress and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,381 @@
+//! `GET /api/v1/openapi.json`: the API described by hand as OpenAPI 3.0. A test checks that it
+//! lists exactly the routes of [`super::ROUTES`], with the admin ones marked as needing the
+//! bearer token.
+
+use serde_json::{Value, json};
+
+use super::paths;
+
+pub async fn serve() -> axum::Json<Value> {
+    axum::Json(document())
+}
+
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    })
+}
+
+fn ok(description: &str, schema: Value) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": schema}}
+    })
+}
+
+fn data(schema: Value) -> Value {
+    json!({"type": "object", "required": ["data"], "properties": {"data": schema}})
+}
+
+fn schema(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn admin_errors(mut responses: Value) -> Value {
+    responses["401"] = error_response(
+        "Missing or wrong bearer token, or no api.admin_token configured (every admin \
+         endpoint then refuses)",
+    );
+    responses
+}
+
+fn action_ref_param() -> Value {
+    json!({
+        "name": "ref", "in": "path", "required": true,
+        "description": "Action ref: 1-255 characters of [A-Za-z0-9_.-]",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,255}$"}
+    })
+}
+
+/// The document.
+pub fn document() -> Value {
+    let admin = json!([{"bearer": []}]);
+    let mut doc_paths = serde_json::Map::new();
+    doc_paths.insert(
+        paths::HEALTH.to_owned(),
+        json!({"get": {
+            "summary": "Latest health check",
+            "description": "Always 200 while the process answers; the verdict is `status`. Before the first check (or with health.enabled false) `last_check` is null and `checks` empty.",
+            "responses": {"200": ok("Health report", schema("Health"))}
+        }}),
+    );
+    doc_paths.insert(
+        paths::METRICS.to_owned(),
+        json!({"get": {
+            "summary": "Prometheus metrics (text exposition format 0.0.4)",
+            "responses": {
+                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "404": error_response("executor.queue.enable_metrics is false")
+            }
+        }}),
+    );
+    doc_paths.insert(
+        paths::OPENAPI.to_owned(),
+        json!({"get": {
+            "summary": "This document",
+            "responses": {"200": ok("OpenAPI 3.0 document", json!({"type": "object"}))}
+        }}),
+    );
+    doc_paths.insert(
+        paths::QUEUE_STATS.to_owned(),
+        json!({"get": {
+            "summary": "One action's queue statistics",
+            "parameters": [action_ref_param()],
+            "responses": {
+                "200": ok("Counters now", data(schema("QueueStats"))),
+                "400": error_response("The ref breaks the action-ref rule"),
+                "404": error_response("This executor has never seen the action"),
+                "503": error_response("The action's actor did not answer")
+            }
+        }}),
+    );
+    doc_paths.insert(
+        paths::QUEUES.to_owned(),
+        json!({"get": {
+            "summary": "Every action's queue statistics, sorted",
+            "parameters": [
+                {"name": "sort", "in": "query", "schema": {"type": "string", "enum": ["queue_length", "active_count", "oldest"], "default": "queue_length"}},
+                {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["desc", "asc"], "default": "desc"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 100}}
+            ],
+            "responses": {
+                "200": ok("Counters", json!({
+                    "type": "object", "required": ["data", "total"],
+                    "properties": {
+                        "data": {"type": "array", "items": schema("QueueStats")},
+                        "total": {"type": "integer", "description": "Actions known, before limit"}
+                    }
+                })),
+                "400": error_response("A query parameter is invalid (`field` names it)")
+            }
+        }}),
+    );
+    doc_paths.insert(
+        paths::POLICY.to_owned(),
+        json!({
+            "get": {
+                "summary": "The policy in force for an action (or that it would get)",
+                "parameters": [action_ref_param()],
+                "responses": {
+                    "200": ok("Policy", data(schema("Policy"))),
+                    "400": error_response("The ref breaks the action-ref rule")
+                }
+            },
+            "put": {
+                "summary": "Set an action's policy; takes effect at once",
+                "description": "Stored through the PolicyStore hook first (a no-op until the Postgres edge provides one: until then the policy lasts until restart), then applied. A higher limit admits from the head of the queue at once; a lower one preempts nothing.",
+                "security": admin,
+                "parameters": [action_ref_param()],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": schema("PolicyInput")}}},
+                "responses": admin_errors(json!({
+                    "200": ok("The policy now in force", data(schema("Policy"))),
+                    "400": error_response("Bad ref or body (`field` names the culprit)"),
+                    "413": error_response("Body larger than api.max_body_bytes"),
+                    "415": error_response("Body not sent as application/json"),
+                    "503": error_response("The store failed (nothing changed) or the executor is stopping")
+                }))
+            }
+        }),
+    );
+    doc_paths.insert(
+        paths::CANCEL.to_owned(),
+        json!({"post": {
+            "summary": "Cancel a waiting execution",
+            "security": admin,
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1, "maximum": 9223372036854775807_u64}}],
+            "responses": admin_errors(json!({
+                "200": ok("Removed from its queue and recorded as canceled", data(json!({
+                    "type": "object",
+                    "properties": {"execution_id": {"type": "integer"}, "status": {"type": "string", "enum": ["canceled"]}}
+                }))),
+                "400": error_response("Not an execution id"),
+                "404": error_response("No queued or running execution has this id"),
+                "409": error_response("The execution is running; it is left to its worker"),
+                "503": error_response("The executor did not answer in time")
+            }))
+        }}),
+    );
+    doc_paths.insert(
+        paths::DLQ.to_owned(),
+        json!({"get": {
+            "summary": "Peek at the dead-letter queue without consuming it",
+            "description": "Reads with basic.get and hands every message back with one nack (requeue): order and TTL are kept; read messages come back flagged redelivered.",
+            "security": admin,
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}}],
+            "responses": admin_errors(json!({
+                "200": ok("Entries from the head", data(json!({
+                    "type": "object",
+                    "properties": {
+                        "queue_size": {"type": "integer"},
+                        "entries": {"type": "array", "items": schema("DeadLetter")}
+                    }
+                }))),
+                "400": error_response("Bad limit"),
+                "503": error_response("dlq.enabled is false, or RabbitMQ cannot be reached")
+            }))
+        }}),
+    );
+    doc_paths.insert(
+        paths::DLQ_STATS.to_owned(),
+        json!({"get": {
+            "summary": "Dead letters by origin and error class",
+            "description": "Counts over the first 1000 entries (`sampled`); `queue_size` is the whole queue.",
+            "security": admin,
+            "responses": admin_errors(json!({
+                "200": ok("Counts", data(json!({
+                    "type": "object",
+                    "properties": {
+                        "queue_size": {"type": "integer"},
+                        "sampled": {"type": "integer"},
+                        "by_queue_from": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "by_error_class": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "oldest_failed_at": {"type": "string", "nullable": true},
+                        "newest_failed_at": {"type": "string", "nullable": true}
+                    }
+                }))),
+                "503": error_response("dlq.enabled is false, or RabbitMQ cannot be reached")
+            }))
+        }}),
+    );
+    doc_paths.insert(
+        paths::DLQ_REPLAY.to_owned(),
+        json!({"post": {
+            "summary": "Replay dead letters as new execution requests",
+            "description": "Publishes each chosen entry's `original` as `execution.requested` with x-retry-count = retry_count + 1, waits for the broker's confirm, then acknowledges the entry off the DLQ. Entries from `queued` get a new execution id (header x-replay-of names the old one); `running`, `completed` and invalid originals are skipped and stay.",
+            "security": admin,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false,
+                "description": "Exactly one of the two",
+                "properties": {
+                    "execution_ids": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {"type": "integer", "minimum": 1}},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": 1000}
+                }
+            }}}},
+            "responses": admin_errors(json!({
+                "200": ok("What was replayed and skipped", data(json!({
+                    "type": "object",
+                    "properties": {
+                        "replayed": {"type": "array", "items": {"type": "object", "properties": {
+                            "execution_id": {"type": "integer", "nullable": true},
+                            "replay_of": {"type": "integer", "nullable": true},
+                            "action_ref": {"type": "string", "nullable": true},
+                            "queue_from": {"type": "string"},
+                            "error_class": {"type": "string"},
+                            "retry_count": {"type": "integer"}
+                        }}},
+                        "skipped": {"type": "array", "items": {"type": "object", "properties": {
+                            "execution_id": {"type": "integer", "nullable": true},
+                            "reason": {"type": "string"}
+                        }}},
+                        "not_found": {"type": "array", "items": {"type": "integer"}},
+                        "scanned": {"type": "integer"}
+                    }
+                }))),
+                "400": error_response("Bad body (`field` names the culprit)"),
+                "413": error_response("Body larger than api.max_body_bytes"),
+                "415": error_response("Body not sent as application/json"),
+                "503": error_response("dlq.enabled is false, or RabbitMQ cannot be reached")
+            }))
+        }}),
+    );
+    doc_paths.insert(
+        paths::PURGE.to_owned(),
+        json!({"post": {
+            "summary": "Run one purge cycle now",
+            "security": admin,
+            "parameters": [{"name": "dry_run", "in": "query", "description": "Default: purge.dry_run", "schema": {"type": "boolean"}}],
+            "responses": admin_errors(json!({
+                "200": ok("What the cycle purged (or would purge)", data(schema("PurgeReport"))),
+                "400": error_response("Bad dry_run"),
+                "409": error_response("A purge cycle is already running")
+            }))
+        }}),
+    );
+
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "fifo-executor",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Operations API of the per-action FIFO executor. Errors are JSON: {\"error\": message, \"code\": CODE, \"field\": culprit (when one)}."
+        },
+        "paths": doc_paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "api.admin_token"}},
+            "schemas": {
+                "Error": {
+                    "type": "object", "required": ["error", "code"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "code": {"type": "string", "enum": ["BAD_REQUEST", "UNAUTHORIZED", "NOT_FOUND", "METHOD_NOT_ALLOWED", "CONFLICT", "PAYLOAD_TOO_LARGE", "UNSUPPORTED_MEDIA_TYPE", "SERVICE_UNAVAILABLE", "INTERNAL_ERROR"]},
+                        "field": {"type": "string"}
+                    }
+                },
+                "QueueStats": {
+                    "type": "object",
+                    "required": ["action_ref", "queue_length", "active_count", "max_concurrent", "oldest_enqueued_at", "total_enqueued", "total_completed", "last_updated"],
+                    "properties": {
+                        "action_ref": {"type": "string"},
+                        "queue_length": {"type": "integer", "description": "Executions waiting"},
+                        "active_count": {"type": "integer", "description": "Executions holding a slot"},
+                        "max_concurrent": {"type": "integer"},
+                        "oldest_enqueued_at": {"type": "string", "format": "date-time", "nullable": true},
+                        "total_enqueued": {"type": "integer"},
+                        "total_completed": {"type": "integer"},
+                        "last_updated": {"type": "string", "format": "date-time", "description": "When anything about the queue last changed"},
+                        "oldest_age_seconds": {"type": "number"},
+                        "last_progress": {"type": "string", "format": "date-time", "description": "Last admission, completion or removal"},
+                        "enabled": {"type": "boolean"},
+                        "total_canceled": {"type": "integer"},
+                        "total_timed_out": {"type": "integer"},
+                        "total_purged": {"type": "integer"},
+                        "total_reclaimed": {"type": "integer"},
+                        "total_rejected": {"type": "integer"},
+                        "total_unmatched": {"type": "integer"}
+                    }
+                },
+                "RateLimit": {
+                    "type": "object", "required": ["max", "per_seconds"], "additionalProperties": false,
+                    "properties": {
+                        "max": {"type": "integer", "minimum": 1},
+                        "per_seconds": {"type": "integer", "minimum": 1, "maximum": 31536000}
+                    }
+                },
+                "PolicyInput": {
+                    "type": "object", "required": ["concurrency_limit", "enabled"], "additionalProperties": false,
+                    "properties": {
+                        "concurrency_limit": {"type": "integer", "minimum": 1},
+                        "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true},
+                        "enabled": {"type": "boolean"}
+                    }
+                },
+                "Policy": {
+                    "type": "object",
+                    "properties": {
+                        "action_ref": {"type": "string"},
+                        "concurrency_limit": {"type": "integer"},
+                        "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true},
+                        "enabled": {"type": "boolean"}
+                    }
+                },
+                "DeadLetter": {
+                    "type": "object",
+                    "description": "As published on attune.dlx; a message that is not a JSON object shows as {\"unreadable\": true, \"raw\": …}",
+                    "properties": {
+                        "execution_id": {"type": "integer", "nullable": true},
+                        "action_ref": {"type": "string", "nullable": true},
+                        "queue_from": {"type": "string", "enum": ["requested", "queued", "running", "completed", "cancel"]},
+                        "error_class": {"type": "string"},
+                        "error_message": {"type": "string"},
+                        "failed_at": {"type": "string", "format": "date-time"},
+                        "retry_count": {"type": "integer"},
+                        "request_id": {"type": "string", "nullable": true},
+                        "original": {}
+                    }
+                },
+                "Health": {
+                    "type": "object", "required": ["status", "last_check", "checks"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["healthy", "degraded", "unhealthy"]},
+                        "last_check": {"type": "string", "format": "date-time", "nullable": true},
+                        "emergency_mode": {"type": "boolean"},
+                        "checks": {"type": "object", "additionalProperties": {
+                            "type": "object",
+                            "properties": {
+                                "status": {"type": "string", "enum": ["healthy", "degraded", "unhealthy"]},
+                                "value": {"type": "number", "nullable": true},
+                                "warning": {"type": "integer"},
+                                "critical": {"type": "integer"},
+                                "detail": {"type": "string"}
+                            }
+                        }},
+                        "totals": {"type": "object"}
+                    }
+                },
+                "PurgeReport": {
+                    "type": "object",
+                    "properties": {
+                        "dry_run": {"type": "boolean"},
+                        "trigger": {"type": "string", "enum": ["scheduled", "manual"]},
+                        "started_at": {"type": "string", "format": "date-time"},
+                        "duration_seconds": {"type": "number"},
+                        "purged": {"type": "integer"},
+                        "queued": {"type": "integer"},
+                        "running": {"type": "integer"},
+                        "emergency_mode": {"type": "boolean"},
+                        "entries": {"type": "array", "items": {"type": "object", "properties": {
+                            "action_ref": {"type": "string"},
+                            "execution_id": {"type": "integer"},
+                            "state": {"type": "string", "enum": ["queued", "running"]},
+                            "age_seconds": {"type": "number"},
+                            "limit_seconds": {"type": "number"}
+                        }}},
+                        "ledger": {"type": "object", "nullable": true},
+                        "ledger_error": {"type": "string"}
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,67 @@
+//! `GET /health`, `GET /metrics` and `POST /api/v1/purge` (admin).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::Params;
+use super::queues::Data;
+use crate::ops::purge::{PurgeError, PurgeReport};
+
+/// The latest health check. Always 200 while the process can answer: the verdict is in the
+/// body. A liveness probe that restarted the executor because one queue is long would throw
+/// away what is queued in memory and make things worse.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.health.latest() {
+        Some(report) => axum::Json(&*report).into_response(),
+        // Health checks are disabled, or the first has not finished yet: the process is up,
+        // which is all that is known.
+        None => axum::Json(json!({
+            "status": "healthy",
+            "last_check": null,
+            "emergency_mode": state.health.emergency_mode(),
+            "checks": {},
+            "note": "no health check has run (health.enabled is false, or the first check \
+                     has not finished); this answer only says the process is up",
+        }))
+        .into_response(),
+    }
+}
+
+/// Prometheus text exposition.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let Some(m) = &state.metrics else {
+        return Err(ApiError::NotFound(
+            "metrics are disabled (executor.queue.enable_metrics is false)".to_owned(),
+        ));
+    };
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(Utc::now()),
+    )
+        .into_response())
+}
+
+/// Runs one purge cycle now. `dry_run` defaults to `purge.dry_run`, so a deployment testing
+/// its thresholds in dry-run mode is not purged for real by a bare POST. 409 while another
+/// cycle runs (see [`crate::ops::purge`]).
+pub async fn purge(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<axum::Json<Data<PurgeReport>>, ApiError> {
+    params.only(&["dry_run"])?;
+    let dry_run = params.get_bool("dry_run", state.purge_dry_run)?;
+    match state.purger.try_run_cycle(dry_run).await {
+        Ok(report) => Ok(axum::Json(Data { data: report })),
+        Err(e @ PurgeError::Busy) => Err(ApiError::Conflict(e.to_string())),
+    }
+}

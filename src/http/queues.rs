@@ -1,0 +1,282 @@
+//! Queue statistics and policies: `/api/v1/actions/{ref}/queue-stats`, `/api/v1/queues`,
+//! `/api/v1/actions/{ref}/policy`.
+
+use std::cmp::Ordering;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{Json, Params, PathParam, action_ref};
+use crate::core::{ActionPolicy, QueueStats, RateLimit};
+use crate::model::ActionRef;
+use crate::ops::metrics::oldest_age_seconds;
+
+/// `{"data": …}`, the envelope of every successful answer.
+#[derive(Debug, Serialize)]
+pub struct Data<T> {
+    pub data: T,
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// One action's counters as the API shows them. The first eight fields are the contract's;
+/// the rest say where the executions that left went.
+#[derive(Debug, Serialize)]
+pub struct QueueStatsBody {
+    pub action_ref: String,
+    pub queue_length: usize,
+    pub active_count: usize,
+    pub max_concurrent: u32,
+    pub oldest_enqueued_at: Option<String>,
+    pub total_enqueued: u64,
+    pub total_completed: u64,
+    pub last_updated: String,
+    pub oldest_age_seconds: f64,
+    pub last_progress: String,
+    pub enabled: bool,
+    pub total_canceled: u64,
+    pub total_timed_out: u64,
+    pub total_purged: u64,
+    pub total_reclaimed: u64,
+    pub total_rejected: u64,
+    pub total_unmatched: u64,
+}
+
+impl QueueStatsBody {
+    pub fn new(s: &QueueStats, now: DateTime<Utc>) -> Self {
+        Self {
+            action_ref: s.action_ref.to_string(),
+            queue_length: s.queue_length,
+            active_count: s.active_count,
+            max_concurrent: s.max_concurrent,
+            oldest_enqueued_at: s.oldest_enqueued_at.map(rfc3339),
+            total_enqueued: s.total_enqueued,
+            total_completed: s.total_completed,
+            last_updated: rfc3339(s.last_updated),
+            oldest_age_seconds: oldest_age_seconds(s, now),
+            last_progress: rfc3339(s.last_progress),
+            enabled: s.enabled,
+            total_canceled: s.total_canceled,
+            total_timed_out: s.total_timed_out,
+            total_purged: s.total_purged,
+            total_reclaimed: s.total_reclaimed,
+            total_rejected: s.total_rejected,
+            total_unmatched: s.total_unmatched,
+        }
+    }
+}
+
+/// An action's counters: asked of its actor (exact, now); if the actor cannot answer, the
+/// latest it reported.
+async fn stats_of(state: &AppState, action: &ActionRef) -> Result<Option<QueueStats>, ApiError> {
+    match state.executor.stats(action).await {
+        Ok(Some(s)) => Ok(Some(s)),
+        Ok(None) => Ok(state.stats.get(action)),
+        Err(e) => match state.stats.get(action) {
+            Some(s) => Ok(Some(s)),
+            None => Err(ApiError::Unavailable(e.to_string())),
+        },
+    }
+}
+
+/// `GET /api/v1/actions/{ref}/queue-stats`
+pub async fn queue_stats(
+    State(state): State<Arc<AppState>>,
+    PathParam(raw): PathParam,
+    params: Params,
+) -> Result<axum::Json<Data<QueueStatsBody>>, ApiError> {
+    params.only(&[])?;
+    let action = action_ref(&raw)?;
+    match stats_of(&state, &action).await? {
+        Some(s) => Ok(axum::Json(Data {
+            data: QueueStatsBody::new(&s, Utc::now()),
+        })),
+        None => Err(ApiError::NotFound(format!(
+            "action '{action}' has not been seen by this executor"
+        ))),
+    }
+}
+
+/// The body of `GET /api/v1/queues`.
+#[derive(Debug, Serialize)]
+pub struct QueueList {
+    pub data: Vec<QueueStatsBody>,
+    /// Actions known in all, before `limit`.
+    pub total: usize,
+}
+
+/// `GET /api/v1/queues?sort=queue_length|active_count|oldest&order=desc|asc&limit=N`
+pub async fn list_queues(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<axum::Json<QueueList>, ApiError> {
+    params.only(&["sort", "order", "limit"])?;
+    let sort = params.get_choice(
+        "sort",
+        &["queue_length", "active_count", "oldest"],
+        "queue_length",
+    )?;
+    let descending = params.get_choice("order", &["desc", "asc"], "desc")? == "desc";
+    let limit = params.get_usize("limit", 100, 1, 10_000)?;
+
+    let mut all = state.executor.all_stats().await;
+    // Actors that did not answer in time still show, with what they last reported.
+    for latest in state.stats.all() {
+        if !all.iter().any(|s| s.action_ref == latest.action_ref) {
+            all.push(latest);
+        }
+    }
+    let now = Utc::now();
+    let key = |s: &QueueStats| -> f64 {
+        match sort {
+            "active_count" => s.active_count as f64,
+            "oldest" => oldest_age_seconds(s, now),
+            _ => s.queue_length as f64,
+        }
+    };
+    all.sort_by(|a, b| {
+        let by_key = key(a).partial_cmp(&key(b)).unwrap_or(Ordering::Equal);
+        let by_key = if descending { by_key.reverse() } else { by_key };
+        // Ties in a stable, readable order.
+        by_key.then_with(|| a.action_ref.cmp(&b.action_ref))
+    });
+    let total = all.len();
+    let data = all
+        .iter()
+        .take(limit)
+        .map(|s| QueueStatsBody::new(s, now))
+        .collect();
+    Ok(axum::Json(QueueList { data, total }))
+}
+
+/// A rate limit as the API reads and writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitBody {
+    pub max: u32,
+    pub per_seconds: u64,
+}
+
+/// The body of `PUT /api/v1/actions/{ref}/policy`. Every field but `rate_limit` is required:
+/// a PUT replaces the whole policy, and a forgotten `enabled` must not switch an action on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    pub concurrency_limit: u32,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitBody>,
+    pub enabled: bool,
+}
+
+/// A policy as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct PolicyView {
+    pub action_ref: String,
+    pub concurrency_limit: u32,
+    pub rate_limit: Option<RateLimitBody>,
+    pub enabled: bool,
+}
+
+impl PolicyView {
+    fn new(action: &ActionRef, p: ActionPolicy) -> Self {
+        Self {
+            action_ref: action.to_string(),
+            concurrency_limit: p.concurrency_limit.get(),
+            rate_limit: p.rate_limit.map(|r| RateLimitBody {
+                max: r.max.get(),
+                per_seconds: r.per.as_secs(),
+            }),
+            enabled: p.enabled,
+        }
+    }
+}
+
+/// Longest rate-limit window accepted: a year. Longer ones mean nothing in practice and
+/// would overflow the rate limiter's nanosecond arithmetic.
+pub const MAX_RATE_WINDOW_SECONDS: u64 = 365 * 24 * 3600;
+
+impl PolicyBody {
+    fn validate(&self) -> Result<ActionPolicy, ApiError> {
+        let concurrency_limit = NonZeroU32::new(self.concurrency_limit).ok_or_else(|| {
+            ApiError::bad_request(
+                "concurrency_limit",
+                "concurrency_limit must be at least 1 (0 would never run anything)",
+            )
+        })?;
+        let rate_limit = match self.rate_limit {
+            None => None,
+            Some(r) => {
+                let max = NonZeroU32::new(r.max).ok_or_else(|| {
+                    ApiError::bad_request("rate_limit.max", "rate_limit.max must be at least 1")
+                })?;
+                if !(1..=MAX_RATE_WINDOW_SECONDS).contains(&r.per_seconds) {
+                    return Err(ApiError::bad_request(
+                        "rate_limit.per_seconds",
+                        format!(
+                            "rate_limit.per_seconds must be from 1 to {MAX_RATE_WINDOW_SECONDS}"
+                        ),
+                    ));
+                }
+                Some(RateLimit {
+                    max,
+                    per: Duration::from_secs(r.per_seconds),
+                })
+            }
+        };
+        Ok(ActionPolicy {
+            concurrency_limit,
+            rate_limit,
+            enabled: self.enabled,
+        })
+    }
+}
+
+/// `GET /api/v1/actions/{ref}/policy`: the policy in force (or that the action would get).
+pub async fn get_policy(
+    State(state): State<Arc<AppState>>,
+    PathParam(raw): PathParam,
+) -> Result<axum::Json<Data<PolicyView>>, ApiError> {
+    let action = action_ref(&raw)?;
+    Ok(axum::Json(Data {
+        data: PolicyView::new(&action, state.executor.policy(&action)),
+    }))
+}
+
+/// `PUT /api/v1/actions/{ref}/policy` (admin): stores the policy through the [`PolicyStore`]
+/// hook first (if that fails, nothing changes), then applies it at once: a higher limit admits
+/// from the head of the queue now; a lower one preempts nothing.
+///
+/// [`PolicyStore`]: crate::ops::hooks::PolicyStore
+pub async fn put_policy(
+    State(state): State<Arc<AppState>>,
+    PathParam(raw): PathParam,
+    Json(body): Json<PolicyBody>,
+) -> Result<axum::Json<Data<PolicyView>>, ApiError> {
+    let action = action_ref(&raw)?;
+    let policy = body.validate()?;
+    state.policies.save(&action, policy).await.map_err(|e| {
+        ApiError::Unavailable(format!("could not store the policy, nothing changed: {e}"))
+    })?;
+    state
+        .executor
+        .set_policy(&action, policy)
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    tracing::info!(
+        action = %action,
+        concurrency_limit = policy.concurrency_limit.get(),
+        rate_limit = ?policy.rate_limit,
+        enabled = policy.enabled,
+        "[api] policy set"
+    );
+    Ok(axum::Json(Data {
+        data: PolicyView::new(&action, policy),
+    }))
+}

@@ -1,0 +1,691 @@
+//! The periodic health check behind `GET /health` and `attune_health_status`.
+//!
+//! [`evaluate`] is a pure function of the inputs (queue counters, DLQ size, stuck count,
+//! thresholds, the time), so every verdict is unit-tested without actors or a broker;
+//! [`HealthMonitor`] gathers the inputs every `health.interval_seconds`, exports the result,
+//! logs it and keeps the latest for `/health`.
+//!
+//! Rules, all with strict `>` (a value equal to a threshold is still within it):
+//!
+//! | check | unhealthy | degraded |
+//! | --- | --- | --- |
+//! | `queue_length` (longest queue) | > `queue_length_critical` | > `queue_length_warning` |
+//! | `oldest_age` (longest wait, seconds) | > `oldest_age_critical_seconds` | > `oldest_age_warning_seconds` |
+//! | `dlq` (messages in `attune.dlq`) | > `dlq_critical` | > `dlq_warning`, or the size cannot be read |
+//! | `stuck_executions` (running longer than `stuck_age_seconds`) | > `stuck_critical` | > `stuck_warning` |
+//! | `stalled_queues` (executions waiting, no progress for `stalled_seconds`) | > 0 | — |
+//!
+//! The overall status is unhealthy if any check is, else degraded if any check is, else healthy.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::dlq::Dlq;
+use super::hooks::HealthStore;
+use super::metrics::names;
+use crate::config::HealthThresholds;
+use crate::core::{Executor, QueueStats};
+
+/// Overall and per-check verdicts; ordered from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+impl Status {
+    /// The value of `attune_health_status`.
+    pub fn gauge(self) -> f64 {
+        match self {
+            Status::Healthy => 0.0,
+            Status::Degraded => 1.0,
+            Status::Unhealthy => 2.0,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Healthy => "healthy",
+            Status::Degraded => "degraded",
+            Status::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// `value > critical` is unhealthy, else `value > warning` is degraded.
+    fn grade(value: u64, warning: u64, critical: u64) -> Status {
+        if value > critical {
+            Status::Unhealthy
+        } else if value > warning {
+            Status::Degraded
+        } else {
+            Status::Healthy
+        }
+    }
+}
+
+/// What is known about the dead-letter queue's depth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DlqReading {
+    /// Messages ready in `attune.dlq`.
+    Known(u64),
+    /// The broker could not be asked; the reason, for the report.
+    Unavailable(String),
+    /// `dlq.enabled` is false: nothing is dead-lettered to the queue, so it is not checked.
+    Disabled,
+}
+
+/// Everything one check looks at.
+#[derive(Debug, Clone)]
+pub struct HealthInput<'a> {
+    pub stats: &'a [QueueStats],
+    pub dlq: DlqReading,
+    /// Running executions older than `stuck_age_seconds`, per action.
+    pub stuck: &'a [(crate::model::ActionRef, usize)],
+    pub now: DateTime<Utc>,
+    pub emergency_mode: bool,
+}
+
+/// One check's value, its thresholds and its verdict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub status: Status,
+    /// The measured value (`null` when it could not be measured).
+    pub value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub critical: Option<u64>,
+    /// Which actions the value comes from, or why it is missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Totals for the log line and the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Totals {
+    pub actions: usize,
+    pub queued: u64,
+    pub active: u64,
+    pub dlq: Option<u64>,
+    pub stuck: u64,
+    pub stalled: u64,
+}
+
+/// The result of one health check, as `/health` serves it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthReport {
+    pub status: Status,
+    #[serde(serialize_with = "rfc3339")]
+    pub last_check: DateTime<Utc>,
+    pub emergency_mode: bool,
+    pub checks: BTreeMap<&'static str, Check>,
+    pub totals: Totals,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+impl HealthReport {
+    /// `[health] Status: HEALTHY | Queues: Q=45 A=12 | DLQ=25 | Stuck=3 | Stale=0`
+    pub fn log_line(&self) -> String {
+        let t = &self.totals;
+        let dlq = t.dlq.map_or_else(|| "?".to_owned(), |n| n.to_string());
+        format!(
+            "[health] Status: {} | Queues: Q={} A={} | DLQ={} | Stuck={} | Stale={}{}",
+            self.status.as_str().to_ascii_uppercase(),
+            t.queued,
+            t.active,
+            dlq,
+            t.stuck,
+            t.stalled,
+            if self.emergency_mode {
+                " | EMERGENCY MODE"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Seconds from `earlier` to `now`, never negative.
+fn seconds_since(now: DateTime<Utc>, earlier: DateTime<Utc>) -> u64 {
+    u64::try_from((now - earlier).num_seconds()).unwrap_or(0)
+}
+
+/// The largest value over actions, with the actions that have it.
+fn worst(values: impl Iterator<Item = (u64, String)>) -> (u64, Option<String>) {
+    let mut max = 0;
+    let mut at: Vec<String> = Vec::new();
+    for (v, action) in values {
+        if v > max {
+            max = v;
+            at.clear();
+        }
+        if v == max && v > 0 {
+            at.push(action);
+        }
+    }
+    let detail = (!at.is_empty()).then(|| format!("longest in {}", list(&at)));
+    (max, detail)
+}
+
+/// At most five names, then a count, so a report stays readable with a thousand actions.
+fn list(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// Judges one set of inputs. Pure: same inputs, same report.
+pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
+    let now = input.now;
+    let mut checks = BTreeMap::new();
+
+    let (longest, at) = worst(
+        input
+            .stats
+            .iter()
+            .map(|s| (s.queue_length as u64, s.action_ref.to_string())),
+    );
+    checks.insert(
+        "queue_length",
+        Check {
+            status: Status::grade(longest, t.queue_length_warning, t.queue_length_critical),
+            value: Some(longest as f64),
+            warning: Some(t.queue_length_warning),
+            critical: Some(t.queue_length_critical),
+            detail: at,
+        },
+    );
+
+    let (oldest, at) = worst(input.stats.iter().filter_map(|s| {
+        s.oldest_enqueued_at
+            .map(|t| (seconds_since(now, t), s.action_ref.to_string()))
+    }));
+    checks.insert(
+        "oldest_age",
+        Check {
+            status: Status::grade(
+                oldest,
+                t.oldest_age_warning_seconds,
+                t.oldest_age_critical_seconds,
+            ),
+            value: Some(oldest as f64),
+            warning: Some(t.oldest_age_warning_seconds),
+            critical: Some(t.oldest_age_critical_seconds),
+            detail: at,
+        },
+    );
+
+    let dlq_check = match &input.dlq {
+        DlqReading::Known(n) => Check {
+            status: Status::grade(*n, t.dlq_warning, t.dlq_critical),
+            value: Some(*n as f64),
+            warning: Some(t.dlq_warning),
+            critical: Some(t.dlq_critical),
+            detail: None,
+        },
+        // Not knowing means the broker connection is in trouble: worth a look, not an alarm
+        // on its own (the edge's reconnects have their own metric).
+        DlqReading::Unavailable(why) => Check {
+            status: Status::Degraded,
+            value: None,
+            warning: Some(t.dlq_warning),
+            critical: Some(t.dlq_critical),
+            detail: Some(format!("could not read the DLQ size: {why}")),
+        },
+        DlqReading::Disabled => Check {
+            status: Status::Healthy,
+            value: None,
+            warning: None,
+            critical: None,
+            detail: Some("dlq.enabled is false".to_owned()),
+        },
+    };
+    checks.insert("dlq", dlq_check);
+
+    let stuck: u64 = input.stuck.iter().map(|(_, n)| *n as u64).sum();
+    let stuck_actions: Vec<String> = input.stuck.iter().map(|(a, _)| a.to_string()).collect();
+    checks.insert(
+        "stuck_executions",
+        Check {
+            status: Status::grade(stuck, t.stuck_warning, t.stuck_critical),
+            value: Some(stuck as f64),
+            warning: Some(t.stuck_warning),
+            critical: Some(t.stuck_critical),
+            detail: Some(format!(
+                "running longer than {}s{}",
+                t.stuck_age_seconds,
+                if stuck_actions.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in {}", list(&stuck_actions))
+                }
+            )),
+        },
+    );
+
+    let stalled: Vec<String> = input
+        .stats
+        .iter()
+        .filter(|s| s.queue_length > 0 && seconds_since(now, s.last_progress) > t.stalled_seconds)
+        .map(|s| s.action_ref.to_string())
+        .collect();
+    checks.insert(
+        "stalled_queues",
+        Check {
+            status: Status::grade(stalled.len() as u64, 0, 0),
+            value: Some(stalled.len() as f64),
+            warning: None,
+            critical: Some(0),
+            detail: Some(format!(
+                "executions waiting and no progress for more than {}s{}",
+                t.stalled_seconds,
+                if stalled.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", list(&stalled))
+                }
+            )),
+        },
+    );
+
+    // Unhealthy first: one critical check outweighs any number of warnings.
+    let status = if checks.values().any(|c| c.status == Status::Unhealthy) {
+        Status::Unhealthy
+    } else if checks.values().any(|c| c.status == Status::Degraded) {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    };
+    let totals = Totals {
+        actions: input.stats.len(),
+        queued: input.stats.iter().map(|s| s.queue_length as u64).sum(),
+        active: input.stats.iter().map(|s| s.active_count as u64).sum(),
+        dlq: match input.dlq {
+            DlqReading::Known(n) => Some(n),
+            _ => None,
+        },
+        stuck,
+        stalled: stalled.len() as u64,
+    };
+    HealthReport {
+        status,
+        last_check: now,
+        emergency_mode: input.emergency_mode,
+        checks,
+        totals,
+    }
+}
+
+/// How long after start the first check runs (see [`HealthMonitor::run`]).
+pub const FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
+
+/// Runs the checks and keeps the latest result.
+pub struct HealthMonitor {
+    executor: Arc<Executor>,
+    dlq: Option<Arc<Dlq>>,
+    thresholds: HealthThresholds,
+    emergency_mode: bool,
+    store: Arc<dyn super::hooks::HealthStore>,
+    latest: watch::Sender<Option<Arc<HealthReport>>>,
+}
+
+impl HealthMonitor {
+    /// `dlq` is `None` when `dlq.enabled` is false.
+    pub fn new(
+        executor: Arc<Executor>,
+        dlq: Option<Arc<Dlq>>,
+        thresholds: HealthThresholds,
+        emergency_mode: bool,
+        store: Arc<dyn HealthStore>,
+    ) -> Self {
+        Self {
+            executor,
+            dlq,
+            thresholds,
+            emergency_mode,
+            store,
+            latest: watch::channel(None).0,
+        }
+    }
+
+    /// The last check's result; `None` before the first one (or when checks are disabled).
+    pub fn latest(&self) -> Option<Arc<HealthReport>> {
+        self.latest.borrow().clone()
+    }
+
+    pub fn emergency_mode(&self) -> bool {
+        self.emergency_mode
+    }
+
+    /// Runs one check now: gathers the inputs, judges, exports, logs, stores, keeps.
+    pub async fn check(&self) -> Arc<HealthReport> {
+        let stats = self.executor.all_stats().await;
+        let stuck = self
+            .executor
+            .count_stuck(Duration::from_secs(self.thresholds.stuck_age_seconds))
+            .await;
+        let dlq = match &self.dlq {
+            None => DlqReading::Disabled,
+            Some(dlq) => match dlq.size().await {
+                Ok(n) => DlqReading::Known(n),
+                Err(e) => DlqReading::Unavailable(e.to_string()),
+            },
+        };
+        let report = Arc::new(evaluate(
+            &HealthInput {
+                stats: &stats,
+                dlq,
+                stuck: &stuck,
+                now: Utc::now(),
+                emergency_mode: self.emergency_mode,
+            },
+            &self.thresholds,
+        ));
+        export(&report);
+        if report.status == Status::Healthy {
+            tracing::info!("{}", report.log_line());
+        } else {
+            tracing::warn!("{}", report.log_line());
+        }
+        if let Err(e) = self.store.store(&report).await {
+            tracing::warn!(error = %e, "[health] could not store the health check result");
+        }
+        self.latest.send_replace(Some(report.clone()));
+        report
+    }
+
+    /// Checks every `interval` until `shutdown` turns true. One task, so checks never
+    /// overlap; a check that overruns the interval delays the next one. The first check comes
+    /// after [`FIRST_CHECK_DELAY`] (or the interval, if shorter), not at once: by then the
+    /// RabbitMQ edge has declared the topology, so the first report does not flag a DLQ that
+    /// simply does not exist yet.
+    pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        let first = tokio::time::Instant::now() + interval.min(FIRST_CHECK_DELAY);
+        let mut ticks = tokio::time::interval_at(first, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = super::stopped(&mut shutdown) => return,
+            }
+            tokio::select! {
+                _ = self.check() => {}
+                _ = super::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+}
+
+/// Sets the health gauges from a report.
+fn export(report: &HealthReport) {
+    ::metrics::gauge!(names::HEALTH_STATUS).set(report.status.gauge());
+    ::metrics::gauge!(names::HEALTH_STUCK_EXECUTIONS).set(report.totals.stuck as f64);
+    ::metrics::gauge!(names::HEALTH_STALLED_QUEUES).set(report.totals.stalled as f64);
+    ::metrics::gauge!(names::HEALTH_LAST_CHECK)
+        .set(report.last_check.timestamp_micros() as f64 / 1e6);
+    // Left at its last value when unknown: a gap is better shown by the DLQ check's verdict
+    // than by a drop to zero that would look like an emptied queue.
+    if let Some(n) = report.totals.dlq {
+        ::metrics::gauge!(names::DLQ_SIZE).set(n as f64);
+    }
+}
+
+impl std::fmt::Debug for HealthMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthMonitor")
+            .field("thresholds", &self.thresholds)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::model::ActionRef;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0)
+            .single()
+            .expect("a time")
+    }
+
+    fn t() -> HealthThresholds {
+        HealthThresholds::default()
+    }
+
+    /// An action with `queued` waiting (the oldest for `age` seconds, progress `idle` seconds
+    /// ago) and `active` running.
+    fn queue(name: &str, queued: usize, active: usize, age: i64, idle: i64) -> QueueStats {
+        let n = now();
+        QueueStats {
+            action_ref: ActionRef::parse(name).expect("valid ref"),
+            queue_length: queued,
+            active_count: active,
+            max_concurrent: 1,
+            oldest_enqueued_at: (queued > 0).then(|| n - chrono::Duration::seconds(age)),
+            total_enqueued: 0,
+            total_completed: 0,
+            total_canceled: 0,
+            total_timed_out: 0,
+            total_purged: 0,
+            total_reclaimed: 0,
+            total_rejected: 0,
+            total_unmatched: 0,
+            last_updated: n,
+            last_progress: n - chrono::Duration::seconds(idle),
+            enabled: true,
+        }
+    }
+
+    fn judge(stats: &[QueueStats], dlq: DlqReading, stuck: usize) -> HealthReport {
+        let stuck = if stuck > 0 {
+            vec![(ActionRef::parse("s").expect("ref"), stuck)]
+        } else {
+            vec![]
+        };
+        evaluate(
+            &HealthInput {
+                stats,
+                dlq,
+                stuck: &stuck,
+                now: now(),
+                emergency_mode: false,
+            },
+            &t(),
+        )
+    }
+
+    fn check(r: &HealthReport, name: &str) -> Status {
+        r.checks[name].status
+    }
+
+    #[test]
+    fn no_actions_an_empty_dlq_and_nothing_stuck_is_healthy() {
+        let r = judge(&[], DlqReading::Known(0), 0);
+        assert_eq!(r.status, Status::Healthy);
+        assert!(r.checks.values().all(|c| c.status == Status::Healthy));
+    }
+
+    #[test]
+    fn queue_length_turns_degraded_only_above_the_warning_and_unhealthy_only_above_critical() {
+        for (len, want) in [
+            (100, Status::Healthy),
+            (101, Status::Degraded),
+            (500, Status::Degraded),
+            (501, Status::Unhealthy),
+        ] {
+            let r = judge(&[queue("a", len, 0, 0, 0)], DlqReading::Known(0), 0);
+            assert_eq!(check(&r, "queue_length"), want, "length {len}");
+            assert_eq!(r.status, want, "length {len}");
+        }
+    }
+
+    #[test]
+    fn the_oldest_wait_turns_degraded_above_ten_minutes_and_unhealthy_above_thirty() {
+        for (age, want) in [
+            (600, Status::Healthy),
+            (601, Status::Degraded),
+            (1800, Status::Degraded),
+            (1801, Status::Unhealthy),
+        ] {
+            let r = judge(&[queue("a", 1, 0, age, 0)], DlqReading::Known(0), 0);
+            assert_eq!(check(&r, "oldest_age"), want, "age {age}");
+            assert_eq!(r.checks["oldest_age"].value, Some(age as f64));
+        }
+    }
+
+    #[test]
+    fn the_dlq_size_turns_degraded_above_the_warning_and_unhealthy_above_critical() {
+        for (n, want) in [
+            (100, Status::Healthy),
+            (101, Status::Degraded),
+            (1000, Status::Degraded),
+            (1001, Status::Unhealthy),
+        ] {
+            let r = judge(&[], DlqReading::Known(n), 0);
+            assert_eq!(check(&r, "dlq"), want, "dlq {n}");
+            assert_eq!(r.status, want, "dlq {n}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_dlq_is_degraded_and_a_disabled_one_is_not_checked() {
+        let r = judge(&[], DlqReading::Unavailable("connection refused".into()), 0);
+        assert_eq!(r.status, Status::Degraded);
+        assert_eq!(r.checks["dlq"].value, None);
+        assert!(
+            r.checks["dlq"]
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("connection refused"))
+        );
+        let r = judge(&[], DlqReading::Disabled, 0);
+        assert_eq!(r.status, Status::Healthy);
+        assert_eq!(r.totals.dlq, None);
+    }
+
+    #[test]
+    fn stuck_executions_turn_degraded_above_the_warning_and_unhealthy_above_critical() {
+        for (n, want) in [
+            (10, Status::Healthy),
+            (11, Status::Degraded),
+            (50, Status::Degraded),
+            (51, Status::Unhealthy),
+        ] {
+            let r = judge(&[], DlqReading::Known(0), n);
+            assert_eq!(check(&r, "stuck_executions"), want, "stuck {n}");
+            assert_eq!(r.totals.stuck, n as u64);
+        }
+    }
+
+    #[test]
+    fn a_non_empty_queue_without_progress_for_longer_than_stalled_seconds_is_unhealthy() {
+        let r = judge(&[queue("a", 1, 1, 0, 601)], DlqReading::Known(0), 0);
+        assert_eq!(check(&r, "stalled_queues"), Status::Unhealthy);
+        assert_eq!(r.status, Status::Unhealthy);
+        assert_eq!(r.totals.stalled, 1);
+        assert!(
+            r.checks["stalled_queues"]
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("'a'"))
+        );
+    }
+
+    #[test]
+    fn a_queue_idle_for_exactly_stalled_seconds_or_with_nothing_waiting_is_not_stalled() {
+        let r = judge(&[queue("a", 1, 0, 0, 600)], DlqReading::Known(0), 0);
+        assert_eq!(check(&r, "stalled_queues"), Status::Healthy);
+        // Long-running executions and no waiting ones: nothing is held up.
+        let r = judge(&[queue("b", 0, 3, 0, 100_000)], DlqReading::Known(0), 0);
+        assert_eq!(check(&r, "stalled_queues"), Status::Healthy);
+        assert_eq!(r.status, Status::Healthy);
+    }
+
+    #[test]
+    fn one_unhealthy_check_outweighs_any_number_of_degraded_ones() {
+        let r = judge(&[queue("a", 101, 0, 601, 0)], DlqReading::Known(1001), 11);
+        assert_eq!(check(&r, "queue_length"), Status::Degraded);
+        assert_eq!(check(&r, "oldest_age"), Status::Degraded);
+        assert_eq!(check(&r, "stuck_executions"), Status::Degraded);
+        assert_eq!(check(&r, "dlq"), Status::Unhealthy);
+        assert_eq!(r.status, Status::Unhealthy);
+    }
+
+    #[test]
+    fn the_worst_action_decides_and_is_named() {
+        let r = judge(
+            &[queue("calm", 3, 0, 5, 0), queue("busy", 200, 0, 5, 0)],
+            DlqReading::Known(0),
+            0,
+        );
+        assert_eq!(r.status, Status::Degraded);
+        assert_eq!(r.checks["queue_length"].value, Some(200.0));
+        assert_eq!(
+            r.checks["queue_length"].detail.as_deref(),
+            Some("longest in 'busy'")
+        );
+        assert_eq!((r.totals.queued, r.totals.actions), (203, 2));
+    }
+
+    #[test]
+    fn the_log_line_has_the_operator_guide_s_shape() {
+        let r = judge(&[queue("a", 45, 12, 1, 0)], DlqReading::Known(25), 3);
+        assert_eq!(
+            r.log_line(),
+            "[health] Status: HEALTHY | Queues: Q=45 A=12 | DLQ=25 | Stuck=3 | Stale=0"
+        );
+        let r = judge(&[], DlqReading::Unavailable("x".into()), 0);
+        assert!(r.log_line().contains("Status: DEGRADED") && r.log_line().contains("DLQ=?"));
+    }
+
+    #[test]
+    fn the_report_serializes_with_each_check_s_value_thresholds_and_verdict() {
+        let r = judge(&[queue("a", 101, 0, 0, 0)], DlqReading::Known(7), 0);
+        let v = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(v["status"], "degraded");
+        assert_eq!(v["last_check"], "2026-11-22T12:00:00Z");
+        assert_eq!(v["emergency_mode"], false);
+        assert_eq!(v["checks"]["queue_length"]["status"], "degraded");
+        assert_eq!(v["checks"]["queue_length"]["value"], 101.0);
+        assert_eq!(v["checks"]["queue_length"]["warning"], 100);
+        assert_eq!(v["checks"]["queue_length"]["critical"], 500);
+        assert_eq!(v["checks"]["dlq"]["value"], 7.0);
+        for name in [
+            "queue_length",
+            "oldest_age",
+            "dlq",
+            "stuck_executions",
+            "stalled_queues",
+        ] {
+            assert!(v["checks"].get(name).is_some(), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn status_gauge_values_are_zero_one_two() {
+        assert_eq!(Status::Healthy.gauge(), 0.0);
+        assert_eq!(Status::Degraded.gauge(), 1.0);
+        assert_eq!(Status::Unhealthy.gauge(), 2.0);
+    }
+}

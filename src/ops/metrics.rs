@@ -1,0 +1,382 @@
+//! Prometheus metrics.
+//!
+//! - The recorder is `metrics-exporter-prometheus`, installed once per process and rendered by
+//!   the HTTP edge on `GET /metrics` (no listener of its own: one port, one server).
+//! - [`MetricsSink`] wraps the outcome sink and counts every event the core records
+//!   (`attune_executions_total{action,outcome}`) and how long admitted executions waited
+//!   (`attune_queue_wait_seconds{action}`).
+//! - The per-action queue gauges are written at scrape time from the latest counters the app
+//!   already keeps ([`LatestStats`], the core's stats observer), not on every change: the
+//!   actors report after every batch while Prometheus scrapes every 15–30 s, and two of the
+//!   values depend on the scrape time anyway (the age of the oldest waiting execution keeps
+//!   growing while nothing changes; see [`refresh_queue_gauges`] for `last_updated`).
+//!
+//! Every name is a constant in [`names`]; the alert rules and the dashboard use only those (a
+//! test checks it), so the documentation and the exported names cannot drift apart.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::core::memory::LatestStats;
+use crate::core::ports::RemovalReason;
+use crate::core::{Event, OutcomeSink, QueueStats};
+use crate::model::{ActionRef, EndStatus};
+
+/// Every metric the service exports (other than those the RabbitMQ edge names itself).
+pub mod names {
+    pub const QUEUE_LENGTH: &str = "attune_queue_length";
+    pub const QUEUE_ACTIVE_COUNT: &str = "attune_queue_active_count";
+    pub const QUEUE_MAX_CONCURRENT: &str = "attune_queue_max_concurrent";
+    pub const QUEUE_OLDEST_AGE_SECONDS: &str = "attune_queue_oldest_age_seconds";
+    pub const QUEUE_LAST_UPDATED: &str = "attune_queue_last_updated";
+    pub const QUEUE_WAIT_SECONDS: &str = "attune_queue_wait_seconds";
+    pub const EXECUTIONS_TOTAL: &str = "attune_executions_total";
+    /// Counted by the RabbitMQ edge when it publishes a dead letter.
+    pub const DLQ_MESSAGES_TOTAL: &str = "attune_dlq_messages_total";
+    pub const DLQ_SIZE: &str = "attune_dlq_size";
+    pub const HEALTH_STATUS: &str = "attune_health_status";
+    pub const HEALTH_STUCK_EXECUTIONS: &str = "attune_health_stuck_executions";
+    pub const HEALTH_STALLED_QUEUES: &str = "attune_health_stalled_queues";
+    pub const HEALTH_LAST_CHECK: &str = "attune_health_last_check";
+    pub const EMERGENCY_MODE: &str = "attune_emergency_mode";
+    pub const PURGE_CYCLE_SECONDS: &str = "attune_purge_cycle_seconds";
+    pub const PURGE_CYCLES_TOTAL: &str = "attune_purge_cycles_total";
+    pub const PURGE_ENTRIES_TOTAL: &str = "attune_purge_entries_total";
+    pub const HTTP_REQUESTS_TOTAL: &str = "attune_http_requests_total";
+    pub const HTTP_REQUEST_DURATION_SECONDS: &str = "attune_http_request_duration_seconds";
+    /// Set by the RabbitMQ edge.
+    pub const RABBITMQ_CONNECTED: &str = "attune_rabbitmq_connected";
+    pub const RABBITMQ_RECONNECTS_TOTAL: &str = "attune_rabbitmq_reconnects_total";
+    pub const UNMATCHED_COMPLETIONS_TOTAL: &str = "attune_unmatched_completions_total";
+
+    /// All of the above.
+    pub const ALL: &[&str] = &[
+        QUEUE_LENGTH,
+        QUEUE_ACTIVE_COUNT,
+        QUEUE_MAX_CONCURRENT,
+        QUEUE_OLDEST_AGE_SECONDS,
+        QUEUE_LAST_UPDATED,
+        QUEUE_WAIT_SECONDS,
+        EXECUTIONS_TOTAL,
+        DLQ_MESSAGES_TOTAL,
+        DLQ_SIZE,
+        HEALTH_STATUS,
+        HEALTH_STUCK_EXECUTIONS,
+        HEALTH_STALLED_QUEUES,
+        HEALTH_LAST_CHECK,
+        EMERGENCY_MODE,
+        PURGE_CYCLE_SECONDS,
+        PURGE_CYCLES_TOTAL,
+        PURGE_ENTRIES_TOTAL,
+        HTTP_REQUESTS_TOTAL,
+        HTTP_REQUEST_DURATION_SECONDS,
+        RABBITMQ_CONNECTED,
+        RABBITMQ_RECONNECTS_TOTAL,
+        UNMATCHED_COMPLETIONS_TOTAL,
+    ];
+
+    /// The histograms, which Prometheus sees as `<name>_bucket`, `<name>_sum`, `<name>_count`.
+    pub const HISTOGRAMS: &[&str] = &[QUEUE_WAIT_SECONDS, HTTP_REQUEST_DURATION_SECONDS];
+}
+
+/// Buckets of `attune_queue_wait_seconds`, in seconds. Chosen for the questions operators ask:
+/// executions admitted at once wait microseconds and land in the first bucket, so "how many had
+/// to queue at all" is one ratio; the sub-second buckets show a rate limit or a busy slot;
+/// 600 s and 1800 s are exactly the runbook's "oldest enqueued > 10 min / > 30 min" levels (and
+/// the health thresholds' defaults), so "share of executions that waited longer than that" is
+/// exact rather than interpolated; 3600 s is the default queue timeout, past which nothing is
+/// admitted. Fifteen buckets per action keep the series count modest.
+pub const WAIT_SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+];
+
+/// Buckets of `attune_http_request_duration_seconds`: the API answers from memory in well
+/// under a millisecond; DLQ reads and replays talk to the broker and take up to seconds.
+pub const HTTP_SECONDS_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+
+/// The `action` label of an event no action owns (a completion for an id nobody knows). The
+/// parentheses cannot occur in an action ref, so it never collides with a real one.
+pub const UNKNOWN_ACTION: &str = "(unknown)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("could not build the Prometheus recorder: {0}")]
+    Build(String),
+    #[error("another metrics recorder is already installed in this process: {0}")]
+    Install(String),
+}
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder and returns the handle
+/// that renders it. Idempotent: a second call (a second service in the same test process)
+/// gets the same handle.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut slot = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = slot.as_ref() {
+        return Ok(handle.clone());
+    }
+    let build = |e: metrics_exporter_prometheus::BuildError| MetricsError::Build(e.to_string());
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(names::QUEUE_WAIT_SECONDS.to_owned()),
+            WAIT_SECONDS_BUCKETS,
+        )
+        .map_err(build)?
+        .set_buckets_for_metric(
+            Matcher::Full(names::HTTP_REQUEST_DURATION_SECONDS.to_owned()),
+            HTTP_SECONDS_BUCKETS,
+        )
+        .map_err(build)?
+        .install_recorder()
+        .map_err(|e| MetricsError::Install(e.to_string()))?;
+    describe();
+    *slot = Some(handle.clone());
+    Ok(handle)
+}
+
+/// The `# HELP` lines.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        names::QUEUE_LENGTH,
+        "Executions waiting in the action's queue"
+    );
+    describe_gauge!(
+        names::QUEUE_ACTIVE_COUNT,
+        "Executions of the action holding a slot (dispatched, no completion yet)"
+    );
+    describe_gauge!(
+        names::QUEUE_MAX_CONCURRENT,
+        "The action's concurrency limit"
+    );
+    describe_gauge!(
+        names::QUEUE_OLDEST_AGE_SECONDS,
+        "Seconds the oldest waiting execution has waited, at scrape time; 0 when none waits"
+    );
+    describe_gauge!(
+        names::QUEUE_LAST_UPDATED,
+        "Unix time the queue last moved (admission, completion or removal) while executions \
+         wait; the scrape time when none waits (nothing to be stuck on)"
+    );
+    describe_histogram!(
+        names::QUEUE_WAIT_SECONDS,
+        "Seconds admitted executions waited in the queue"
+    );
+    describe_counter!(
+        names::EXECUTIONS_TOTAL,
+        "Execution events by outcome: accepted, rejected, succeeded, failed, canceled, timeout, \
+         purged, reclaimed, unmatched"
+    );
+    describe_counter!(
+        names::DLQ_MESSAGES_TOTAL,
+        "Dead letters published, by the stage they came from and their error class"
+    );
+    describe_gauge!(
+        names::DLQ_SIZE,
+        "Messages ready in attune.dlq at the last health check (passive declare)"
+    );
+    describe_gauge!(
+        names::HEALTH_STATUS,
+        "Last health check: 0 healthy, 1 degraded, 2 unhealthy"
+    );
+    describe_gauge!(
+        names::HEALTH_STUCK_EXECUTIONS,
+        "Running executions without a completion for longer than health.thresholds.stuck_age_seconds"
+    );
+    describe_gauge!(
+        names::HEALTH_STALLED_QUEUES,
+        "Queues with executions waiting and no progress for health.thresholds.stalled_seconds"
+    );
+    describe_gauge!(
+        names::HEALTH_LAST_CHECK,
+        "Unix time of the last completed health check"
+    );
+    describe_gauge!(
+        names::EMERGENCY_MODE,
+        "1 when executor.emergency_mode is on"
+    );
+    describe_gauge!(
+        names::PURGE_CYCLE_SECONDS,
+        "Duration of the last purge cycle"
+    );
+    describe_counter!(names::PURGE_CYCLES_TOTAL, "Purge cycles run, by mode");
+    describe_counter!(
+        names::PURGE_ENTRIES_TOTAL,
+        "Executions a purge removed (mode=live) or found (mode=dry_run), by state"
+    );
+    describe_counter!(
+        names::HTTP_REQUESTS_TOTAL,
+        "HTTP requests by method, matched route and status"
+    );
+    describe_histogram!(
+        names::HTTP_REQUEST_DURATION_SECONDS,
+        "HTTP request duration by method and matched route"
+    );
+}
+
+/// Sets the per-action queue gauges from the latest counters, as of `now`.
+///
+/// `attune_queue_last_updated` is the time the queue last *moved* while executions wait in
+/// it, and the scrape time when none waits. The runbook's rule `attune_queue_last_updated <
+/// time() - 600` means "queue not progressing": a queue that only grows (its counters change
+/// on every arrival) is exactly the stuck case and must not look fresh, and a quiet action
+/// with nothing waiting is not stuck and must not fire a critical alert. Long-running
+/// executions are covered by `attune_health_stuck_executions` instead. This matches the health
+/// check's "stalled" rule.
+pub fn refresh_queue_gauges(stats: &[QueueStats], now: DateTime<Utc>) {
+    let now_unix = unix_seconds(now);
+    for s in stats {
+        let action = s.action_ref.as_str().to_owned();
+        metrics::gauge!(names::QUEUE_LENGTH, "action" => action.clone()).set(s.queue_length as f64);
+        metrics::gauge!(names::QUEUE_ACTIVE_COUNT, "action" => action.clone())
+            .set(s.active_count as f64);
+        metrics::gauge!(names::QUEUE_MAX_CONCURRENT, "action" => action.clone())
+            .set(f64::from(s.max_concurrent));
+        metrics::gauge!(names::QUEUE_OLDEST_AGE_SECONDS, "action" => action.clone())
+            .set(oldest_age_seconds(s, now));
+        let last_updated = if s.queue_length == 0 {
+            now_unix
+        } else {
+            unix_seconds(s.last_progress)
+        };
+        metrics::gauge!(names::QUEUE_LAST_UPDATED, "action" => action).set(last_updated);
+    }
+}
+
+/// Seconds the oldest waiting execution has waited at `now`; 0 when nothing waits.
+pub fn oldest_age_seconds(s: &QueueStats, now: DateTime<Utc>) -> f64 {
+    s.oldest_enqueued_at
+        .map(|t| ((now - t).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6).max(0.0))
+        .unwrap_or(0.0)
+}
+
+fn unix_seconds(t: DateTime<Utc>) -> f64 {
+    t.timestamp_micros() as f64 / 1e6
+}
+
+/// Renders `/metrics`: refreshes the queue gauges, then renders the recorder.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+    stats: Arc<LatestStats>,
+}
+
+impl Metrics {
+    pub fn new(handle: PrometheusHandle, stats: Arc<LatestStats>) -> Self {
+        Self { handle, stats }
+    }
+
+    pub fn render(&self, now: DateTime<Utc>) -> String {
+        refresh_queue_gauges(&self.stats.all(), now);
+        self.handle.render()
+    }
+
+    /// Folds recent histogram samples into their buckets. The recorder keeps every sample
+    /// until this runs, so it must run periodically even when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The `outcome` label of an event, and the action it belongs to.
+pub fn outcome(event: &Event) -> (Option<&ActionRef>, &'static str) {
+    match event {
+        Event::Accepted { action, .. } => (Some(action), "accepted"),
+        Event::Rejected { action, .. } => (Some(action), "rejected"),
+        // Admissions are not an outcome; they feed the wait histogram.
+        Event::Admitted { action, .. } => (Some(action), "admitted"),
+        Event::Completed { action, status, .. } => (
+            Some(action),
+            match status {
+                EndStatus::Succeeded => "succeeded",
+                EndStatus::Failed => "failed",
+                EndStatus::Canceled => "canceled",
+                EndStatus::Timeout => "timeout",
+            },
+        ),
+        Event::Removed { action, reason, .. } => (
+            Some(action),
+            match reason {
+                RemovalReason::Canceled => "canceled",
+                // The queue timeout: the execution never ran, like a worker-side timeout it
+                // did not finish in the time it had.
+                RemovalReason::TimedOut => "timeout",
+                RemovalReason::Purged => "purged",
+            },
+        ),
+        Event::Reclaimed { action, .. } => (Some(action), "reclaimed"),
+        Event::Unmatched { action, .. } => (action.as_ref(), "unmatched"),
+    }
+}
+
+/// Counts events on their way to the next sink, which gets them unchanged.
+///
+/// Runs inside the actors' handlers, so it only touches atomics: the counter and histogram
+/// handles are looked up once per (action, outcome) and kept, instead of building label sets
+/// for every event.
+pub struct MetricsSink {
+    inner: Arc<dyn OutcomeSink>,
+    counters: DashMap<(Option<ActionRef>, &'static str), Counter>,
+    waits: DashMap<ActionRef, Histogram>,
+}
+
+impl MetricsSink {
+    pub fn new(inner: Arc<dyn OutcomeSink>) -> Self {
+        Self {
+            inner,
+            counters: DashMap::new(),
+            waits: DashMap::new(),
+        }
+    }
+
+    fn count(&self, event: &Event) {
+        if let Event::Admitted { action, waited, .. } = event {
+            let histogram = match self.waits.get(action) {
+                Some(h) => h.clone(),
+                None => self
+                    .waits
+                    .entry(action.clone())
+                    .or_insert_with(|| {
+                        metrics::histogram!(names::QUEUE_WAIT_SECONDS, "action" => action.as_str().to_owned())
+                    })
+                    .clone(),
+            };
+            histogram.record(waited.as_secs_f64());
+            return;
+        }
+        let (action, outcome) = outcome(event);
+        let key = (action.cloned(), outcome);
+        let counter = match self.counters.get(&key) {
+            Some(c) => c.clone(),
+            None => self
+                .counters
+                .entry(key)
+                .or_insert_with(|| {
+                    let label = action.map_or(UNKNOWN_ACTION, ActionRef::as_str).to_owned();
+                    metrics::counter!(names::EXECUTIONS_TOTAL, "action" => label, "outcome" => outcome)
+                })
+                .clone(),
+        };
+        counter.increment(1);
+    }
+}
+
+impl OutcomeSink for MetricsSink {
+    fn record(&self, events: Vec<Event>) {
+        for event in &events {
+            self.count(event);
+        }
+        self.inner.record(events);
+    }
+}

@@ -1,0 +1,421 @@
+//! Reading and replaying `attune.dlq` against the real RabbitMQ, each test in its own vhost:
+//! the size, peeks that leave entries in place and in order, replays that publish the original
+//! request with `x-retry-count` and take only the replayed entries off the queue, and the same
+//! through the HTTP endpoints.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use fifo_executor::config::{HealthThresholds, Secret};
+use fifo_executor::core::memory::{DiscardSink, LatestStats};
+use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
+use fifo_executor::http::{self, AppState};
+use fifo_executor::ops::dlq::{Dlq, DlqError, Selection};
+use fifo_executor::ops::health::{HealthMonitor, Status};
+use fifo_executor::ops::hooks::{NoHealthStore, NoLedgerPurge, NoPolicyStore};
+use fifo_executor::ops::purge::{PurgeSettings, Purger};
+use fifo_executor::rabbit::topology::{self, QueueKind, TopologySpec};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use support::{TestVhost, poll_until};
+use tower::ServiceExt;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A vhost with the executor's topology and a confirm-mode channel to publish with.
+async fn broker() -> (TestVhost, Connection, Channel) {
+    let vhost = TestVhost::create().await;
+    let conn = Connection::connect(&vhost.url, ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    topology::declare(
+        &ch,
+        &TopologySpec {
+            queue_type: QueueKind::Classic,
+            dlq_ttl_hours: 168,
+            dlq_max_entries: 10_000,
+        },
+    )
+    .await
+    .expect("topology");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    (vhost, conn, ch)
+}
+
+/// Publishes a body to the dead-letter exchange, as the executor does, and waits for the
+/// broker's confirm.
+async fn dead_letter(ch: &Channel, queue_from: &str, body: &[u8]) {
+    ch.basic_publish(
+        topology::DLX.into(),
+        topology::dlq_routing_key(queue_from).as_str().into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+}
+
+/// A dead letter as `rabbit::wire::DeadLetter` writes it.
+fn letter(id: u64, queue_from: &str, error_class: &str, retry_count: u32) -> Value {
+    let original = match queue_from {
+        "requested" => json!({"execution_id": id, "action_ref": "core.http.get",
+                              "request_id": format!("req-{id}"), "parameters": {"n": id}}),
+        "queued" => json!({"execution_id": id, "action_ref": "core.http.get",
+                           "request_id": format!("req-{id}"), "parameters": {"n": id},
+                           "enqueued_at": "2026-11-22T10:00:00Z"}),
+        _ => json!({"execution_id": id, "action_ref": "core.http.get",
+                    "request_id": format!("req-{id}"), "dispatched_at": "2026-11-22T10:00:00Z"}),
+    };
+    json!({
+        "execution_id": id, "action_ref": "core.http.get", "queue_from": queue_from,
+        "error_class": error_class, "error_message": "test", "failed_at": format!("2026-11-22T10:00:{:02}Z", id % 60),
+        "retry_count": retry_count, "request_id": format!("req-{id}"), "original": original
+    })
+}
+
+async fn publish_letters(ch: &Channel, letters: &[Value]) {
+    for l in letters {
+        let from = l["queue_from"].as_str().unwrap_or("requested");
+        dead_letter(ch, from, l.to_string().as_bytes()).await;
+    }
+}
+
+fn ids(entries: &[Value]) -> Vec<u64> {
+    entries
+        .iter()
+        .filter_map(|e| e["execution_id"].as_u64())
+        .collect()
+}
+
+/// Everything in the requests queue, taken off it.
+async fn requests(ch: &Channel) -> Vec<(Value, BasicProperties)> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            topology::REQUESTS_QUEUE.into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+    {
+        let body = serde_json::from_slice(&m.delivery.data).expect("JSON request");
+        out.push((body, m.delivery.properties.clone()));
+    }
+    out
+}
+
+fn header(props: &BasicProperties, name: &str) -> Option<i64> {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name).cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongUInt(n) => Some(i64::from(n)),
+            AMQPValue::LongLongInt(n) => Some(n),
+            AMQPValue::LongInt(n) => Some(i64::from(n)),
+            _ => None,
+        })
+}
+
+#[tokio::test]
+async fn the_size_is_the_number_of_dead_letters_ready_in_attune_dlq() {
+    let (vhost, _conn, ch) = broker().await;
+    let dlq = Dlq::new(vhost.url.clone());
+    assert_eq!(dlq.size().await.expect("size"), 0);
+    publish_letters(
+        &ch,
+        &[
+            letter(1, "requested", "QueueFull", 0),
+            letter(2, "queued", "QueueTimeout", 0),
+            letter(3, "running", "LostCompletion", 0),
+        ],
+    )
+    .await;
+    poll_until(DEADLINE, "three dead letters counted", || async {
+        dlq.size().await.ok() == Some(3)
+    })
+    .await;
+    dlq.close().await;
+}
+
+#[tokio::test]
+async fn a_peek_shows_entries_oldest_first_and_leaves_them_in_place_in_their_order() {
+    let (vhost, _conn, ch) = broker().await;
+    publish_letters(
+        &ch,
+        &(1..=5)
+            .map(|id| letter(id, "requested", "QueueFull", 0))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    dead_letter(&ch, "requested", b"not json at all").await;
+    let dlq = Dlq::new(vhost.url.clone());
+
+    let first = dlq.peek(3).await.expect("peek");
+    assert_eq!(first.queue_size, 6);
+    assert_eq!(ids(&first.entries), vec![1, 2, 3]);
+    assert_eq!(first.entries[0]["error_class"], "QueueFull");
+
+    let all = dlq.peek(100).await.expect("peek again");
+    assert_eq!(
+        ids(&all.entries),
+        vec![1, 2, 3, 4, 5],
+        "same order after a peek"
+    );
+    assert_eq!(
+        all.entries[5],
+        json!({"unreadable": true, "raw": "not json at all"})
+    );
+    assert_eq!(dlq.size().await.expect("size"), 6, "nothing consumed");
+    dlq.close().await;
+}
+
+#[tokio::test]
+async fn replay_by_ids_republishes_originals_with_x_retry_count_and_takes_only_them_off() {
+    let (vhost, _conn, ch) = broker().await;
+    publish_letters(
+        &ch,
+        &[
+            letter(11, "requested", "QueueFull", 0),
+            letter(12, "queued", "QueueTimeout", 2),
+            letter(13, "running", "LostCompletion", 0),
+            letter(14, "requested", "ActionDisabled", 0),
+        ],
+    )
+    .await;
+    let dlq = Dlq::new(vhost.url.clone());
+
+    let report = dlq
+        .replay(Selection::Ids(vec![11, 12, 13, 99]))
+        .await
+        .expect("replay");
+    let replayed: Vec<_> = report
+        .replayed
+        .iter()
+        .map(|r| (r.execution_id, r.replay_of, r.retry_count))
+        .collect();
+    assert_eq!(
+        replayed,
+        vec![(Some(11), None, 1), (None, Some(12), 3)],
+        "a rejected request keeps its id; a timed-out one gets a new one"
+    );
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(report.skipped[0].execution_id, Some(13));
+    assert!(report.skipped[0].reason.contains("may have run"));
+    assert_eq!(report.not_found, vec![99]);
+
+    let left = dlq.peek(100).await.expect("peek");
+    assert_eq!(ids(&left.entries), vec![13, 14], "the rest stay, in order");
+
+    let sent = requests(&ch).await;
+    assert_eq!(sent.len(), 2);
+    let (body, props) = &sent[0];
+    assert_eq!(body["execution_id"], 11);
+    assert_eq!(body["parameters"], json!({"n": 11}));
+    assert_eq!(body["request_id"], "req-11");
+    assert_eq!(header(props, "x-retry-count"), Some(1));
+    assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+    let (body, props) = &sent[1];
+    assert_eq!(body.get("execution_id"), None);
+    assert_eq!(body.get("enqueued_at"), None);
+    assert_eq!(body["action_ref"], "core.http.get");
+    assert_eq!(body["parameters"], json!({"n": 12}));
+    assert_eq!(header(props, "x-retry-count"), Some(3));
+    assert_eq!(header(props, "x-replay-of"), Some(12));
+    dlq.close().await;
+}
+
+#[tokio::test]
+async fn replay_by_limit_looks_at_entries_from_the_head_and_skips_what_cannot_run_again() {
+    let (vhost, _conn, ch) = broker().await;
+    publish_letters(
+        &ch,
+        &[
+            letter(21, "running", "LostCompletion", 0),
+            letter(22, "requested", "QueueFull", 0),
+            letter(23, "requested", "QueueFull", 0),
+        ],
+    )
+    .await;
+    let dlq = Dlq::new(vhost.url.clone());
+    let report = dlq.replay(Selection::First(2)).await.expect("replay");
+    assert_eq!(report.scanned, 2);
+    assert_eq!(
+        report
+            .replayed
+            .iter()
+            .map(|r| r.execution_id)
+            .collect::<Vec<_>>(),
+        vec![Some(22)]
+    );
+    assert_eq!(report.skipped.len(), 1);
+    let left = dlq.peek(100).await.expect("peek");
+    assert_eq!(ids(&left.entries), vec![21, 23]);
+    assert_eq!(requests(&ch).await.len(), 1);
+    dlq.close().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_an_error_the_health_check_reports_as_degraded() {
+    // Nothing listens on port 1.
+    let dlq = Arc::new(
+        Dlq::new("amqp://guest:guest@127.0.0.1:1/%2f").with_timeout(Duration::from_secs(10)),
+    );
+    assert!(matches!(dlq.size().await, Err(DlqError::Connect(_))));
+    let exec = Arc::new(
+        Executor::start(
+            QueueSettings::default(),
+            Ports {
+                dispatcher: Arc::new(fifo_executor::core::memory::ChannelDispatcher::new().0),
+                sink: Arc::new(DiscardSink),
+                observer: Arc::new(LatestStats::default()),
+            },
+            Arc::new(UniformPolicy(ActionPolicy::default())),
+        )
+        .await
+        .expect("starts"),
+    );
+    let monitor = HealthMonitor::new(
+        exec.clone(),
+        Some(dlq),
+        HealthThresholds::default(),
+        false,
+        Arc::new(NoHealthStore),
+    );
+    let report = monitor.check().await;
+    assert_eq!(report.status, Status::Degraded);
+    assert_eq!(report.checks["dlq"].status, Status::Degraded);
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn call(
+    app: &axum::Router,
+    method: Method,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, "Bearer t0ken");
+    let body = match body {
+        Some(v) => {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let response = app
+        .clone()
+        .oneshot(b.body(body).expect("request"))
+        .await
+        .expect("answers");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    (status, serde_json::from_slice(&bytes).expect("JSON"))
+}
+
+#[tokio::test]
+async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
+    let (vhost, _conn, ch) = broker().await;
+    publish_letters(
+        &ch,
+        &[
+            letter(31, "requested", "QueueFull", 0),
+            letter(32, "queued", "QueueTimeout", 0),
+            letter(33, "requested", "ActionDisabled", 0),
+        ],
+    )
+    .await;
+    let stats = Arc::new(LatestStats::default());
+    let exec = Arc::new(
+        Executor::start(
+            QueueSettings::default(),
+            Ports {
+                dispatcher: Arc::new(fifo_executor::core::memory::ChannelDispatcher::new().0),
+                sink: Arc::new(DiscardSink),
+                observer: stats.clone(),
+            },
+            Arc::new(UniformPolicy(ActionPolicy::default())),
+        )
+        .await
+        .expect("starts"),
+    );
+    let dlq = Arc::new(Dlq::new(vhost.url.clone()));
+    let app = http::router(AppState {
+        executor: exec.clone(),
+        stats,
+        health: Arc::new(HealthMonitor::new(
+            exec.clone(),
+            Some(dlq.clone()),
+            HealthThresholds::default(),
+            false,
+            Arc::new(NoHealthStore),
+        )),
+        purger: Arc::new(Purger::new(
+            exec.clone(),
+            PurgeSettings {
+                max_queued_age: Duration::from_secs(7200),
+                max_running_age: Duration::from_secs(3600),
+                max_completed_age: Duration::from_secs(604_800),
+                max_stale_stats_age: Duration::from_secs(3600),
+            },
+            Arc::new(NoLedgerPurge),
+        )),
+        dlq: Some(dlq.clone()),
+        metrics: None,
+        policies: Arc::new(NoPolicyStore),
+        admin_token: Some(Secret::new("t0ken")),
+        max_body_bytes: 65_536,
+        purge_dry_run: false,
+    });
+
+    let (status, body) = call(&app, Method::GET, "/api/v1/dlq?limit=2", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["queue_size"], 3);
+    let entries = body["data"]["entries"].as_array().expect("entries");
+    assert_eq!(ids(entries), vec![31, 32]);
+
+    let (status, body) = call(&app, Method::GET, "/api/v1/dlq/stats", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["sampled"], 3);
+    assert_eq!(
+        body["data"]["by_queue_from"],
+        json!({"requested": 2, "queued": 1})
+    );
+    assert_eq!(
+        body["data"]["by_error_class"],
+        json!({"QueueFull": 1, "QueueTimeout": 1, "ActionDisabled": 1})
+    );
+
+    let (status, body) = call(
+        &app,
+        Method::POST,
+        "/api/v1/dlq/replay",
+        Some(json!({"execution_ids": [33]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["replayed"][0]["execution_id"], 33);
+    assert_eq!(body["data"]["replayed"][0]["retry_count"], 1);
+    assert_eq!(dlq.size().await.expect("size"), 2);
+    assert_eq!(requests(&ch).await.len(), 1);
+    dlq.close().await;
+    exec.shutdown(Duration::from_secs(5)).await;
+}

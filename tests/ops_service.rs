@@ -1,0 +1,265 @@
+//! The whole service with its HTTP API on a real socket, against the real RabbitMQ in a vhost of
+//! its own: the CLI's calls read health, metrics and statistics; a request rejected for a
+//! disabled action lands in the DLQ and a replay runs it once the action is enabled again; and
+//! shutdown closes the HTTP listener.
+
+mod support;
+
+use std::time::Duration;
+
+use fifo_executor::app::Service;
+use fifo_executor::config::{self, Config, Secret};
+use fifo_executor::http::client::Client;
+use fifo_executor::rabbit::topology::{self, QueueKind, TopologySpec};
+use fifo_executor::tools::ops::{self, OpsError};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use support::{TestVhost, poll_until};
+
+const TOKEN: &str = "service-test-token";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn config_for(vhost: &TestVhost) -> Config {
+    let mut c = Config::default();
+    c.rabbitmq.url = vhost.url.clone();
+    c.executor.durability = config::Durability::Memory;
+    c.executor.shutdown_timeout_seconds = 5;
+    c.api.listen = ([127, 0, 0, 1], 0).into();
+    c.api.admin_token = Some(Secret::new(TOKEN));
+    // Checks every second, so a test waits at most that long for a fresh report.
+    c.health.interval_seconds = 1;
+    c
+}
+
+async fn channel(vhost: &TestVhost) -> (Connection, Channel) {
+    let conn = Connection::connect(&vhost.url, ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    // The topology the service declares too, so the test can publish before it is up.
+    topology::declare(
+        &ch,
+        &TopologySpec {
+            queue_type: QueueKind::Classic,
+            dlq_ttl_hours: 168,
+            dlq_max_entries: 10_000,
+        },
+    )
+    .await
+    .expect("topology");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    (conn, ch)
+}
+
+fn client(service: &Service) -> Client {
+    Client::for_listen_address(service.http_addr()).with_token(Some(TOKEN.to_owned()))
+}
+
+#[tokio::test]
+async fn the_cli_reads_health_metrics_and_statistics_from_the_running_service() {
+    let vhost = TestVhost::create().await;
+    let (_conn, _ch) = channel(&vhost).await;
+    let service = Service::start(config_for(&vhost))
+        .await
+        .expect("the service starts");
+    let client = client(&service);
+
+    // The first check may run before the edge has connected; a later one sees the DLQ.
+    poll_until(DEADLINE, "a healthy report with the DLQ size", || async {
+        ops::health(&client)
+            .await
+            .is_ok_and(|h| h["status"] == "healthy" && h["checks"]["dlq"]["value"] == 0.0)
+    })
+    .await;
+
+    let answer = ops::call(&client, "GET", "/metrics", None).await;
+    // /metrics is text, not JSON: the CLI's JSON call refuses it with a clear error.
+    assert!(matches!(answer, Err(OpsError::NotJson(_))), "{answer:?}");
+    let text = client
+        .request("GET", "/metrics", None)
+        .await
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&text.body);
+    for name in [
+        "attune_health_status",
+        "attune_emergency_mode",
+        "attune_dlq_size",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} in /metrics"
+        );
+    }
+
+    let err = ops::stats(&client, Some("never.seen"), "queue_length", 10)
+        .await
+        .expect_err("unknown action");
+    assert!(
+        matches!(&err, OpsError::Api { status: 404, code, .. } if code == "NOT_FOUND"),
+        "{err}"
+    );
+    let all = ops::stats(&client, None, "queue_length", 10)
+        .await
+        .expect("the list");
+    assert_eq!(all["total"], 0);
+
+    let report = ops::purge(&client, Some(true)).await.expect("a dry run");
+    assert_eq!(report["data"]["dry_run"], true);
+
+    let wrong =
+        Client::for_listen_address(service.http_addr()).with_token(Some("wrong".to_owned()));
+    let err = ops::dlq_stats(&wrong).await.expect_err("refused");
+    assert!(matches!(err, OpsError::Api { status: 401, .. }), "{err}");
+
+    let addr = service.http_addr();
+    service.shutdown().await.expect("a clean shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "HTTP is closed after shutdown"
+    );
+}
+
+/// Publishes a request as a producer would.
+async fn request(ch: &Channel, body: Value) {
+    ch.basic_publish(
+        topology::EXCHANGE.into(),
+        topology::REQUESTED_ROUTING_KEY.into(),
+        BasicPublishOptions::default(),
+        body.to_string().as_bytes(),
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+}
+
+async fn dlq_entries(client: &Client) -> Vec<Value> {
+    ops::dlq_list(client, 100)
+        .await
+        .ok()
+        .and_then(|a| a["data"]["entries"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+async fn set_enabled(client: &Client, action: &str, enabled: bool) {
+    let answer = ops::call(
+        client,
+        "PUT",
+        &format!("/api/v1/actions/{action}/policy"),
+        Some(&json!({"concurrency_limit": 1, "enabled": enabled})),
+    )
+    .await
+    .expect("policy set");
+    assert_eq!(answer["data"]["enabled"], enabled);
+}
+
+#[tokio::test]
+async fn a_request_rejected_for_a_disabled_action_is_replayed_from_the_dlq_once_enabled() {
+    let vhost = TestVhost::create().await;
+    let (_conn, ch) = channel(&vhost).await;
+    // A worker's queue, to see the dispatch.
+    ch.queue_declare(
+        "svc.worker".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("worker queue");
+    ch.queue_bind(
+        "svc.worker".into(),
+        topology::EXCHANGE.into(),
+        "execution.dispatch.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bound");
+    let service = Service::start(config_for(&vhost))
+        .await
+        .expect("the service starts");
+    let client = client(&service);
+    let action = "svc.replay";
+
+    set_enabled(&client, action, false).await;
+    request(
+        &ch,
+        json!({"execution_id": 777, "action_ref": action, "request_id": "req-777", "parameters": {"x": 1}}),
+    )
+    .await;
+    poll_until(DEADLINE, "the rejection reaches the DLQ", || async {
+        dlq_entries(&client).await.iter().any(|e| {
+            e["execution_id"] == 777
+                && e["error_class"] == "ActionDisabled"
+                && e["retry_count"] == 0
+        })
+    })
+    .await;
+
+    // Replayed while still disabled: rejected again, and the new dead letter counts the try.
+    let report = ops::dlq_replay(&client, &[777], None)
+        .await
+        .expect("replay");
+    assert_eq!(report["data"]["replayed"][0]["execution_id"], 777);
+    poll_until(
+        DEADLINE,
+        "the second rejection, with retry_count 1",
+        || async {
+            dlq_entries(&client)
+                .await
+                .iter()
+                .any(|e| e["execution_id"] == 777 && e["retry_count"] == 1)
+        },
+    )
+    .await;
+
+    set_enabled(&client, action, true).await;
+    let report = ops::dlq_replay(&client, &[777], None)
+        .await
+        .expect("replay");
+    assert_eq!(report["data"]["replayed"][0]["retry_count"], 2);
+    let dispatched = std::sync::Arc::new(std::sync::Mutex::new(None::<Value>));
+    poll_until(DEADLINE, "the replayed execution is dispatched", || {
+        let ch = ch.clone();
+        let found = dispatched.clone();
+        async move {
+            if let Ok(Some(m)) = ch
+                .basic_get("svc.worker".into(), BasicGetOptions { no_ack: true })
+                .await
+            {
+                *found.lock().unwrap_or_else(|p| p.into_inner()) =
+                    serde_json::from_slice(&m.delivery.data).ok();
+            }
+            found.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        }
+    })
+    .await;
+    let d = dispatched
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .expect("a dispatch");
+    assert_eq!(d["execution_id"], 777);
+    assert_eq!(d["request_id"], "req-777");
+    assert_eq!(d["parameters"], json!({"x": 1}));
+    assert!(
+        dlq_entries(&client).await.is_empty(),
+        "the DLQ is empty again"
+    );
+    let stats = ops::stats(&client, Some(action), "queue_length", 10)
+        .await
+        .expect("stats");
+    assert_eq!(stats["data"]["active_count"], 1);
+    assert_eq!(stats["data"]["total_rejected"], 2);
+
+    service.shutdown().await.expect("a clean shutdown");
+}
