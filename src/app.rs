@@ -94,6 +94,28 @@ pub enum AppError {
     Edge(#[from] EdgeError),
     #[error("the RabbitMQ edge task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("Postgres: {0}")]
+    Db(#[from] crate::db::DbError),
+}
+
+/// The Postgres side of a service running with `durability: ledger`.
+struct Durable {
+    pool: sqlx::PgPool,
+    schema: crate::db::Schema,
+    policies: Arc<crate::db::policies::DbPolicySource>,
+    /// Stopped in this order at shutdown: the policy poller, then the ledger (its last batch),
+    /// then the stats writer (the final counters).
+    workers: Vec<crate::db::Worker>,
+}
+
+/// Feeds the in-memory latest counters (HTTP, metrics, health) and the `queue_stats` writer.
+struct BothStats(Arc<LatestStats>, Arc<crate::db::stats::StatsWriter>);
+
+impl crate::core::StatsObserver for BothStats {
+    fn observe(&self, stats: &crate::core::QueueStats) {
+        self.0.observe(stats);
+        self.1.observe(stats);
+    }
 }
 
 /// Where the service keeps what the Postgres edge will persist. The defaults keep everything
@@ -123,6 +145,7 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub struct Service {
     pub executor: Arc<Executor>,
     pub stats: Arc<LatestStats>,
+    durable: Option<Durable>,
     pub health: Arc<HealthMonitor>,
     pub purger: Arc<Purger>,
     dlq: Option<Arc<Dlq>>,
@@ -167,7 +190,20 @@ impl Service {
             })?;
         let http_addr = listener.local_addr().map_err(AppError::Http)?;
 
-        let (publisher, slot, _publisher_task) = publisher::spawn(None);
+        let ledger_mode = config.executor.durability == config::Durability::Ledger;
+        // The ledger marks a dispatch `running` once the broker confirmed it; the publisher is
+        // built before the ledger (the ledger's inner sink publishes dead letters), hence the cell.
+        let ledger_cell: Arc<std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>> =
+            Arc::new(std::sync::OnceLock::new());
+        let on_confirmed: Option<publisher::DispatchConfirmed> = ledger_mode.then(|| {
+            let cell = ledger_cell.clone();
+            Arc::new(move |ids: &[crate::model::ExecutionId]| {
+                if let Some(ledger) = cell.get() {
+                    ledger.mark_running(ids.to_vec());
+                }
+            }) as publisher::DispatchConfirmed
+        });
+        let (publisher, slot, _publisher_task) = publisher::spawn(on_confirmed);
         let stats = Arc::new(LatestStats::default());
         let dead_letters: Arc<dyn OutcomeSink> = Arc::new(DeadLetterSink::new(
             publisher.clone(),
@@ -181,19 +217,62 @@ impl Service {
         } else {
             dead_letters
         };
+        let config_policies: Arc<dyn PolicySource> = Arc::new(ConfigPolicies(config.clone()));
+        let (sink, observer, policies, mut durable): (
+            Arc<dyn OutcomeSink>,
+            Arc<dyn crate::core::StatsObserver>,
+            Arc<dyn PolicySource>,
+            Option<Durable>,
+        ) = if ledger_mode {
+            let (sink, observer, durable) =
+                open_ledger(&config, sink, stats.clone(), config_policies, &ledger_cell).await?;
+            let policies: Arc<dyn PolicySource> = durable.policies.clone();
+            (sink, observer, policies, Some(durable))
+        } else {
+            (sink, stats.clone(), config_policies, None)
+        };
         let ports = Ports {
             dispatcher: Arc::new(publisher.clone()),
             sink,
-            observer: stats.clone(),
+            observer,
         };
-        let executor = Arc::new(
-            Executor::start(
-                queue_settings(&config),
-                ports,
-                Arc::new(ConfigPolicies(config.clone())),
-            )
-            .await?,
-        );
+        let executor = Arc::new(Executor::start(queue_settings(&config), ports, policies).await?);
+        if let Some(d) = durable.as_mut() {
+            // Everything the ledger holds goes back into the queues before anything is consumed.
+            let report = crate::db::recovery::recover(&d.pool, &d.schema, &executor).await?;
+            tracing::info!(
+                actions = report.actions,
+                waiting = report.waiting,
+                running = report.running,
+                unconfirmed = report.unconfirmed.len(),
+                skipped = report.skipped.len(),
+                "recovered the queues from the ledger"
+            );
+            // Admitted but never confirmed by the broker: the worker may never have had it.
+            for u in report.unconfirmed {
+                let now = chrono::Utc::now();
+                publisher.publish(
+                    publisher::Outgoing::Dispatch(crate::core::Dispatch {
+                        action: u.action,
+                        execution_id: u.execution_id,
+                        request_id: u.request_id.map(Into::into),
+                        payload: u.payload,
+                        enqueued_at: u.enqueued_at,
+                        dispatched_at: now,
+                        attempt: u32::try_from(u.attempt).unwrap_or(0).saturating_add(1),
+                    }),
+                    None,
+                );
+            }
+            d.workers.insert(
+                0,
+                d.policies.spawn_poller(
+                    d.pool.clone(),
+                    executor.clone(),
+                    crate::db::policies::DEFAULT_POLL_INTERVAL,
+                ),
+            );
+        }
 
         let dlq = config
             .dlq
@@ -280,6 +359,7 @@ impl Service {
         Ok(Self {
             executor,
             stats,
+            durable,
             health,
             purger,
             dlq,
@@ -307,6 +387,7 @@ impl Service {
         }
         let _ = self.shutdown.send(true);
         let edge = self.edge.await;
+        stop_durable(self.durable, self.shutdown_timeout).await;
         Self::close_http(
             self.dlq,
             self.http_shutdown,
@@ -352,6 +433,7 @@ impl Service {
                 for task in self.ops_tasks {
                     let _ = task.await;
                 }
+                stop_durable(self.durable, self.shutdown_timeout).await;
                 Self::close_http(self.dlq, self.http_shutdown, self.http, self.shutdown_timeout).await?;
                 r??;
                 Ok(())
@@ -359,6 +441,70 @@ impl Service {
             _ = signal => self.shutdown().await,
         }
     }
+}
+
+/// Opens the Postgres edge: migrations, the ledger in front of `inner`, the stats writer beside
+/// the in-memory counters, and the `action` table as the policy source.
+async fn open_ledger(
+    config: &Config,
+    inner: Arc<dyn OutcomeSink>,
+    latest: Arc<LatestStats>,
+    fallback: Arc<dyn PolicySource>,
+    ledger_cell: &std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>,
+) -> Result<
+    (
+        Arc<dyn OutcomeSink>,
+        Arc<dyn crate::core::StatsObserver>,
+        Durable,
+    ),
+    AppError,
+> {
+    use crate::db;
+    let pool = db::connect_lazy(&config.database.url, config.database.max_connections)?;
+    let schema = db::Schema::new(&config.database.schema)?;
+    db::migrate(&pool, &schema).await?;
+    let ids = Arc::new(db::actions::ActionIds::new(&schema));
+    let (ledger, ledger_worker) = db::ledger::LedgerSink::start(
+        pool.clone(),
+        &schema,
+        ids.clone(),
+        db::ledger::LedgerOptions {
+            batch_max_rows: config.database.batch_max_rows,
+            flush_interval: Duration::from_millis(config.database.flush_interval_ms),
+            ..db::ledger::LedgerOptions::default()
+        },
+        inner,
+    );
+    let _ = ledger_cell.set(ledger.clone());
+    let writer = db::stats::StatsWriter::new(pool.clone(), &schema, ids);
+    let stats_worker = writer.spawn(db::stats::StatsOptions {
+        interval: Duration::from_millis(config.stats.interval_ms),
+        snapshot_interval: Duration::from_secs(config.stats.snapshot_interval_seconds),
+    });
+    let policies = Arc::new(db::policies::DbPolicySource::new(&schema, fallback));
+    policies.load(&pool).await?;
+    tracing::info!(schema = schema.name(), "Postgres ledger open");
+    let durable = Durable {
+        pool,
+        schema,
+        policies,
+        workers: vec![ledger_worker, stats_worker],
+    };
+    Ok((ledger, Arc::new(BothStats(latest, writer)), durable))
+}
+
+/// Stops the Postgres workers after the core has drained, so their last batches hold
+/// everything that happened.
+async fn stop_durable(durable: Option<Durable>, timeout: Duration) {
+    let Some(d) = durable else {
+        return;
+    };
+    for worker in d.workers {
+        if !worker.stop(timeout).await {
+            tracing::warn!("a Postgres writer did not finish its last batch before the timeout");
+        }
+    }
+    d.pool.close().await;
 }
 
 /// Folds histogram samples into buckets every few seconds until shutdown.

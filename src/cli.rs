@@ -314,14 +314,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load(config.as_ref())?;
             init_logging(&config);
             tracing::info!(durability = ?config.executor.durability, "starting fifo-executor");
-            if config.executor.durability == crate::config::Durability::Ledger {
-                // Said loudly because it is what operators rely on: until the Postgres ledger
-                // is wired in, a crash or restart loses what is queued.
-                tracing::warn!(
-                    "executor.durability is `ledger`, but the Postgres ledger is not wired into \
-                     `serve` yet: running in memory mode; queued executions do not survive a restart"
-                );
-            }
             let service = Service::start(config).await?;
             service.run_until(app::termination_signal()).await?;
             tracing::info!("fifo-executor stopped");

@@ -111,8 +111,14 @@ fn removals(events: &[Event]) -> Vec<(u64, &'static str)> {
         .collect()
 }
 
+/// The tests of this binary run one at a time: one of them installs a thread-local log
+/// subscriber, and tracing caches per call site whether anyone listens, so another test
+/// hitting the same call sites at the same moment could make its log lines vanish.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(start_paused = true)]
 async fn a_dry_run_reports_stale_queued_and_lost_running_executions_and_changes_nothing() {
+    let _serial = SERIAL.lock().await;
     let mut r = rig(false).await;
     let a = action("purge.dry");
     submit(&r.exec, &a, &[1, 2, 3]);
@@ -153,6 +159,7 @@ async fn a_dry_run_reports_stale_queued_and_lost_running_executions_and_changes_
 
 #[tokio::test(start_paused = true)]
 async fn a_live_cycle_dead_letters_stale_queued_executions_and_reclaims_lost_slots() {
+    let _serial = SERIAL.lock().await;
     let mut r = rig(false).await;
     let a = action("purge.live");
     submit(&r.exec, &a, &[1, 2, 3]);
@@ -186,6 +193,7 @@ async fn a_live_cycle_dead_letters_stale_queued_executions_and_reclaims_lost_slo
 
 #[tokio::test(start_paused = true)]
 async fn in_emergency_mode_queued_executions_are_spared_and_lost_slots_still_reclaimed() {
+    let _serial = SERIAL.lock().await;
     let mut r = rig(true).await;
     let a = action("purge.emergency");
     submit(&r.exec, &a, &[1, 2]);
@@ -201,6 +209,7 @@ async fn in_emergency_mode_queued_executions_are_spared_and_lost_slots_still_rec
 
 #[tokio::test(start_paused = true)]
 async fn the_periodic_task_runs_a_cycle_each_interval_and_stops_on_shutdown() {
+    let _serial = SERIAL.lock().await;
     let mut r = rig(false).await;
     let a = action("purge.periodic");
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -259,6 +268,7 @@ impl Captured {
 
 #[tokio::test(start_paused = true)]
 async fn the_log_lines_have_the_operator_guide_s_shape() {
+    let _serial = SERIAL.lock().await;
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()

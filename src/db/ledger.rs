@@ -400,8 +400,11 @@ impl<'a> Plan<'a> {
             };
             match item {
                 Item::Running { at, .. } => {
+                    // `dispatched_at` stays the admission time. The broker's confirm can come
+                    // after the worker has already finished and the next execution was
+                    // admitted, so writing the confirm time here would make the ledger show
+                    // FIFO order broken when it was not.
                     let row = p.row(id, *at);
-                    row.dispatched_at = row.dispatched_at.or(Some(*at));
                     row.advance("running", *at, None);
                 }
                 Item::Event { event, created } => p.add_event(id, event, *created),
