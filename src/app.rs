@@ -108,6 +108,14 @@ struct Durable {
     workers: Vec<crate::db::Worker>,
 }
 
+/// What the core is built with besides the dispatcher, and the Postgres side if there is one.
+type CorePorts = (
+    Arc<dyn OutcomeSink>,
+    Arc<dyn crate::core::StatsObserver>,
+    Arc<dyn PolicySource>,
+    Option<Durable>,
+);
+
 /// Feeds the in-memory latest counters (HTTP, metrics, health) and the `queue_stats` writer.
 struct BothStats(Arc<LatestStats>, Arc<crate::db::stats::StatsWriter>);
 
@@ -218,12 +226,7 @@ impl Service {
             dead_letters
         };
         let config_policies: Arc<dyn PolicySource> = Arc::new(ConfigPolicies(config.clone()));
-        let (sink, observer, policies, mut durable): (
-            Arc<dyn OutcomeSink>,
-            Arc<dyn crate::core::StatsObserver>,
-            Arc<dyn PolicySource>,
-            Option<Durable>,
-        ) = if ledger_mode {
+        let (sink, observer, policies, mut durable): CorePorts = if ledger_mode {
             let (sink, observer, durable) =
                 open_ledger(&config, sink, stats.clone(), config_policies, &ledger_cell).await?;
             let policies: Arc<dyn PolicySource> = durable.policies.clone();
