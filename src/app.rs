@@ -32,7 +32,7 @@ use crate::rabbit::consumers::ConsumerContext;
 use crate::rabbit::dead_letters::DeadLetterSink;
 use crate::rabbit::edge::{self, EdgeError, EdgeSettings};
 use crate::rabbit::publisher;
-use crate::rabbit::topology::{QueueKind, TopologySpec};
+use crate::rabbit::topology::TopologySpec;
 
 /// Policies as the config file gives them.
 pub struct ConfigPolicies(pub Config);
@@ -343,10 +343,7 @@ impl Service {
             url: config.rabbitmq.url.clone(),
             prefetch: config.rabbitmq.prefetch,
             topology: TopologySpec {
-                queue_type: match config.rabbitmq.queue_type {
-                    config::QueueType::Classic => QueueKind::Classic,
-                    config::QueueType::Quorum => QueueKind::Quorum,
-                },
+                queue_type: config.rabbitmq.queue_type,
                 dlq_ttl_hours: config.dlq.ttl_hours,
                 dlq_max_entries: config.dlq.max_entries,
             },

@@ -256,16 +256,9 @@ impl fmt::Debug for RabbitConfig {
     }
 }
 
-/// RabbitMQ queue type of the executor's queues.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    /// Classic queues.
-    #[default]
-    Classic,
-    /// Quorum queues (replicated; the broker counts deliveries in `x-delivery-count`).
-    Quorum,
-}
+/// RabbitMQ queue type of the executor's queues: the topology's own type, so the setting needs
+/// no translation on its way to the declaration.
+pub use crate::rabbit::topology::QueueKind as QueueType;
 
 /// `database.*`
 #[derive(Clone, PartialEq, Deserialize)]

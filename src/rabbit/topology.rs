@@ -71,10 +71,11 @@ pub fn dlq_routing_key(queue_from: &str) -> String {
 }
 
 /// RabbitMQ queue type of the executor's three input queues (`rabbitmq.queue_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueKind {
     /// Single-node queue; RabbitMQ's default.
+    #[default]
     Classic,
     /// Raft-replicated queue; counts deliveries itself (`x-delivery-count`).
     Quorum,
