@@ -32,6 +32,7 @@ use crate::rabbit::consumers::ConsumerContext;
 use crate::rabbit::dead_letters::DeadLetterSink;
 use crate::rabbit::edge::{self, EdgeError, EdgeSettings};
 use crate::rabbit::publisher;
+use crate::rabbit::throttle::IntakeThrottle;
 use crate::rabbit::topology::TopologySpec;
 
 /// Policies as the config file gives them.
@@ -349,6 +350,20 @@ impl Service {
             },
             reconnect_max_backoff: Duration::from_millis(config.rabbitmq.reconnect_max_backoff_ms),
             shutdown_timeout: Duration::from_secs(config.executor.shutdown_timeout_seconds),
+            intake_throttle: config
+                .api
+                .rate_limits
+                .intake_per_minute()
+                .map(|per_minute| {
+                    tracing::info!(
+                        per_minute = per_minute.get(),
+                        "api.rate_limits.global: requests are taken from RabbitMQ at a limited rate"
+                    );
+                    Arc::new(IntakeThrottle::per_minute(
+                        per_minute,
+                        crate::core::Clock::new(),
+                    ))
+                }),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let drain_executor = executor.clone();

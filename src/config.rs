@@ -32,6 +32,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -456,6 +457,8 @@ pub struct ApiConfig {
     pub admin_token: Option<Secret>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// The runbook's "API rate limiting": a throttle on intake.
+    pub rate_limits: RateLimitsConfig,
 }
 
 impl Default for ApiConfig {
@@ -464,7 +467,43 @@ impl Default for ApiConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             admin_token: None,
             max_body_bytes: 64 * 1024,
+            rate_limits: RateLimitsConfig::default(),
         }
+    }
+}
+
+/// `api.rate_limits.*`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    /// One limit on all execution requests taken from RabbitMQ; absent: no limit.
+    pub global: Option<GlobalRateLimit>,
+}
+
+/// `api.rate_limits.global`: the runbook writes it both with and without `enabled`, so a
+/// section that names a rate is on unless it says `enabled: false`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalRateLimit {
+    /// Lets an operator keep the number in the file while switching the limit off.
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    /// Execution requests taken from RabbitMQ per minute, all actions together; the rest wait
+    /// in the broker.
+    pub max_requests_per_minute: u32,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+impl RateLimitsConfig {
+    /// The intake limit in force, if any.
+    pub fn intake_per_minute(&self) -> Option<NonZeroU32> {
+        self.global
+            .as_ref()
+            .filter(|g| g.enabled)
+            .and_then(|g| NonZeroU32::new(g.max_requests_per_minute))
     }
 }
 
@@ -1410,6 +1449,13 @@ impl Validator<'_> {
             api.max_body_bytes == 0,
             "every request with a body would be refused",
         );
+        if let Some(global) = &api.rate_limits.global {
+            self.positive(
+                &["api", "rate_limits", "global", "max_requests_per_minute"],
+                global.max_requests_per_minute == 0,
+                "no request would ever be taken; set `enabled: false` to lift the limit",
+            );
+        }
     }
 
     fn logging(&mut self, logging: &LoggingConfig) {
@@ -1565,6 +1611,67 @@ mod tests {
         assert!(config.executor.emergency_mode);
         assert_eq!(config.executor.queue.max_queue_length, 50_000);
         assert_eq!(config.policy_for("affected.action").concurrency_limit, 10);
+    }
+
+    #[test]
+    fn the_runbook_api_rate_limit_loads_with_and_without_enabled() {
+        let on = from_yaml(
+            "api:\n  rate_limits:\n    global:\n      enabled: true\n      \
+             max_requests_per_minute: 500\n",
+        )
+        .expect("loads");
+        assert_eq!(
+            on.api.rate_limits.intake_per_minute().map(NonZeroU32::get),
+            Some(500)
+        );
+        let implicit =
+            from_yaml("api:\n  rate_limits:\n    global:\n      max_requests_per_minute: 1000\n")
+                .expect("loads");
+        assert_eq!(
+            implicit
+                .api
+                .rate_limits
+                .intake_per_minute()
+                .map(NonZeroU32::get),
+            Some(1000)
+        );
+        let off = from_yaml(
+            "api:\n  rate_limits:\n    global:\n      enabled: false\n      \
+             max_requests_per_minute: 500\n",
+        )
+        .expect("loads");
+        assert_eq!(off.api.rate_limits.intake_per_minute(), None);
+        assert_eq!(Config::default().api.rate_limits.intake_per_minute(), None);
+    }
+
+    #[test]
+    fn an_api_rate_limit_of_zero_is_refused_by_name() {
+        let error =
+            from_yaml("api:\n  rate_limits:\n    global:\n      max_requests_per_minute: 0\n")
+                .expect_err("invalid");
+        let text = error.to_string();
+        assert!(
+            text.contains("`api.rate_limits.global.max_requests_per_minute`"),
+            "{text}"
+        );
+        assert!(text.contains("enabled: false"), "{text}");
+    }
+
+    #[test]
+    fn the_api_rate_limit_can_be_set_from_the_environment() {
+        let config = from_env(&[(
+            "ATTUNE__API__RATE_LIMITS__GLOBAL__MAX_REQUESTS_PER_MINUTE",
+            "300",
+        )])
+        .expect("loads");
+        assert_eq!(
+            config
+                .api
+                .rate_limits
+                .intake_per_minute()
+                .map(NonZeroU32::get),
+            Some(300)
+        );
     }
 
     #[test]

@@ -188,6 +188,34 @@ async fn run_workers(url: String, queue: &str, observed: Arc<Mutex<Observed>>) {
     }
 }
 
+/// Starts the service, waits until it consumes, and runs test workers on `test.workers`.
+/// Returns the service, the test's connection and confirm channel (for publishing), what the
+/// workers observe, and the workers' task.
+async fn start_with_workers(
+    vhost: &TestVhost,
+    config: Config,
+) -> (
+    Service,
+    Connection,
+    Channel,
+    Arc<Mutex<Observed>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let service = Service::start(config).await.expect("service starts");
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    // The worker queue must exist before the first dispatch, or it would be unroutable.
+    let conn = connect(vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    worker_queue(&ch, "test.workers").await;
+    let workers = tokio::spawn(run_workers(
+        vhost.url.clone(),
+        "test.workers",
+        observed.clone(),
+    ));
+    (service, conn, ch, observed, workers)
+}
+
 /// Reads everything in the DLQ.
 async fn drain_dlq(ch: &Channel) -> Vec<Value> {
     let mut out = Vec::new();
@@ -211,18 +239,7 @@ async fn a_thousand_executions_over_ten_actions_keep_fifo_order_and_limits() {
     for (a, n) in &limits {
         limit(&mut config, a, *n);
     }
-    let service = Service::start(config).await.expect("service starts");
-    let observed = Arc::new(Mutex::new(Observed::default()));
-    // The worker queue must exist before the first dispatch, or it would be unroutable.
-    let conn = connect(&vhost).await;
-    let ch = confirm_channel(&conn).await;
-    wait_for_topology(&conn).await;
-    worker_queue(&ch, "test.workers").await;
-    let workers = tokio::spawn(run_workers(
-        vhost.url.clone(),
-        "test.workers",
-        observed.clone(),
-    ));
+    let (service, _conn, ch, observed, workers) = start_with_workers(&vhost, config).await;
 
     let mut submitted: HashMap<String, Vec<u64>> = HashMap::new();
     for id in 1..=1000u64 {
@@ -559,17 +576,7 @@ async fn executions_still_complete_in_order_when_the_broker_closes_the_connectio
     for a in &actions {
         limit(&mut config, a, 2);
     }
-    let service = Service::start(config).await.expect("service starts");
-    let observed = Arc::new(Mutex::new(Observed::default()));
-    let conn = connect(&vhost).await;
-    let ch = confirm_channel(&conn).await;
-    wait_for_topology(&conn).await;
-    worker_queue(&ch, "test.workers").await;
-    let workers = tokio::spawn(run_workers(
-        vhost.url.clone(),
-        "test.workers",
-        observed.clone(),
-    ));
+    let (service, _conn, ch, observed, workers) = start_with_workers(&vhost, config).await;
     let total = 600u64;
     let mut submitted: HashMap<String, Vec<u64>> = HashMap::new();
     for id in 1..=total {
@@ -731,5 +738,67 @@ async fn duplicate_unknown_and_premature_completions_free_nothing() {
         0,
         "all completions acknowledged"
     );
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runbook_api_rate_limit_takes_requests_at_its_rate_and_loses_none() {
+    let vhost = TestVhost::create().await;
+    let mut config = config_for(&vhost);
+    // 120 a minute: two a second, in bursts of two.
+    config.api.rate_limits.global = Some(config::GlobalRateLimit {
+        enabled: true,
+        max_requests_per_minute: 120,
+    });
+    limit(&mut config, "e2e.throttled", 10);
+    let started = tokio::time::Instant::now();
+    let (service, _conn, ch, observed, workers) = start_with_workers(&vhost, config).await;
+
+    let ids: Vec<u64> = (1..=8).collect();
+    for id in &ids {
+        let body = json!({"execution_id": id, "action_ref": "e2e.throttled", "parameters": {}});
+        publish(
+            &ch,
+            topology::REQUESTED_ROUTING_KEY,
+            body.to_string().as_bytes(),
+            json_props(),
+        )
+        .await;
+    }
+    // Nothing can have been dispatched faster than the throttle lets requests in: at most the
+    // burst plus two a second since the service started (plus one for rounding). Measured from
+    // before the start, so a slow machine only makes the bound looser.
+    poll_until(
+        Duration::from_secs(60),
+        "all throttled executions completed",
+        || async {
+            let o = observed.lock().expect("lock");
+            let allowed = 3 + 2 * started.elapsed().as_secs();
+            assert!(
+                o.dispatches <= allowed,
+                "{} dispatched after {:?}, the throttle allows {allowed}",
+                o.dispatches,
+                started.elapsed()
+            );
+            o.completed.len() == ids.len()
+        },
+    )
+    .await;
+    {
+        let o = observed.lock().expect("lock");
+        assert_eq!(o.order.get("e2e.throttled"), Some(&ids), "FIFO order");
+        assert!(o.completed.values().all(|n| *n == 1));
+    }
+    // The consumer had to wait for tokens at least once: eight requests, bursts of two.
+    let metrics = fifo_executor::http::client::Client::for_listen_address(service.http_addr())
+        .request("GET", "/metrics", None)
+        .await
+        .expect("GET /metrics");
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metrics.contains("attune_intake_throttled_total"),
+        "the throttle's waits are counted"
+    );
+    workers.abort();
     service.shutdown().await.expect("clean shutdown");
 }

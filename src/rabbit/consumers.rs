@@ -10,7 +10,11 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -18,6 +22,7 @@ use lapin::types::{AMQPValue, ShortString};
 
 use super::acks::Acks;
 use super::publisher::{Outgoing, PublisherHandle};
+use super::throttle::IntakeThrottle;
 use super::wire::{self, DeadLetter, QueueFrom, Reply};
 use crate::core::Executor;
 use crate::model::{
@@ -38,6 +43,67 @@ pub struct ConsumerContext {
     /// Deliveries seen per message, for classic queues, which do not count redeliveries
     /// themselves. Only redelivered messages are tracked; reset when it grows large.
     redeliveries: Mutex<HashMap<u64, u32>>,
+    /// What the completion listener reports in its periodic log line.
+    completion_log: CompletionLog,
+}
+
+/// The runbook checks the completion listener with `journalctl … | grep CompletionListener`
+/// ("is the listener running?") and `grep notify_completion` ("recent completions
+/// processed?"). One line at most every [`COMPLETION_LOG_INTERVAL`] answers both without a
+/// line per completion.
+struct CompletionLog {
+    /// Completions that freed a slot since the last line.
+    freed: AtomicU64,
+    /// Completions that freed nothing since the last line.
+    unmatched: AtomicU64,
+    /// When the last line was written.
+    last: Mutex<Instant>,
+}
+
+/// How often the completion listener says what it processed (when it processed anything).
+const COMPLETION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl CompletionLog {
+    fn new() -> Self {
+        Self {
+            freed: AtomicU64::new(0),
+            unmatched: AtomicU64::new(0),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn count(&self, verdict: &CompletionVerdict) {
+        let counter = match verdict {
+            CompletionVerdict::Freed => &self.freed,
+            CompletionVerdict::Unmatched(_) => &self.unmatched,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes the line if the interval has passed and something was processed; returns the
+    /// (freed, unmatched) counts it reported.
+    fn maybe_log(&self) -> Option<(u64, u64)> {
+        // Another consumer batch is writing the line right now: nothing to add.
+        let mut last = self.last.try_lock().ok()?;
+        let since = last.elapsed();
+        if since < COMPLETION_LOG_INTERVAL {
+            return None;
+        }
+        let freed = self.freed.swap(0, Ordering::Relaxed);
+        let unmatched = self.unmatched.swap(0, Ordering::Relaxed);
+        if freed + unmatched == 0 {
+            return None;
+        }
+        *last = Instant::now();
+        tracing::info!(
+            freed,
+            unmatched,
+            seconds = since.as_secs(),
+            "CompletionListener: notify_completion processed {} completions since the last report",
+            freed + unmatched
+        );
+        Some((freed, unmatched))
+    }
 }
 
 /// Redelivery counts kept at most; past this the map starts over (a poison message then gets
@@ -59,6 +125,7 @@ impl ConsumerContext {
             max_deliveries,
             dlq_enabled,
             redeliveries: Mutex::new(HashMap::new()),
+            completion_log: CompletionLog::new(),
         }
     }
 
@@ -227,12 +294,20 @@ fn reply(publisher: &PublisherHandle, d: &Delivery, reply: Reply) {
 
 /// Reads a consumer in batches and hands each batch to `handle` until the consumer ends
 /// (`Ok`, it was canceled) or fails (`Err`, the channel or connection is gone).
+///
+/// With a `throttle`, batches are no larger than its burst and each waits for as many tokens
+/// as it holds before it is handled; meanwhile the deliveries stay unacknowledged and the rest
+/// of the queue stays in the broker.
 pub async fn consume(
     mut consumer: lapin::Consumer,
     acks: Acks,
     max_batch: usize,
+    throttle: Option<Arc<IntakeThrottle>>,
     mut handle: impl FnMut(Vec<Delivery>, &Acks),
 ) -> Result<(), lapin::Error> {
+    let max_batch = throttle
+        .as_ref()
+        .map_or(max_batch, |t| max_batch.min(t.max_batch()));
     loop {
         let first = match consumer.next().await {
             None => return Ok(()),
@@ -252,6 +327,9 @@ pub async fn consume(
                 }
                 _ => break,
             }
+        }
+        if let Some(t) = &throttle {
+            t.acquire(batch.len()).await;
         }
         for d in &batch {
             acks.track(d.delivery_tag);
@@ -376,11 +454,13 @@ pub fn handle_completions(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks
                 let acks = acks.clone();
                 let tag = d.delivery_tag;
                 let execution_id = c.execution_id;
+                let ctx = ctx.clone();
                 completions.push(Completion {
                     execution_id: c.execution_id,
                     status: c.status,
                     result: c.result,
                     receipt: Some(Receipt::new(move |verdict: CompletionVerdict| {
+                        ctx.completion_log.count(&verdict);
                         if let CompletionVerdict::Unmatched(reason) = verdict {
                             metrics::counter!("attune_unmatched_completions_total", "reason" => reason.as_str())
                                 .increment(1);
@@ -402,6 +482,7 @@ pub fn handle_completions(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks
     if !completions.is_empty() {
         ctx.executor.complete(completions);
     }
+    let _ = ctx.completion_log.maybe_log();
 }
 
 /// Cancels: decodes them and hands them to the owning actors.
@@ -453,6 +534,27 @@ mod tests {
         assert_eq!(
             retry_count(&BasicProperties::default().with_headers(headers)),
             0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_completion_listener_reports_at_most_every_interval_and_only_when_busy() {
+        let log = CompletionLog::new();
+        log.count(&CompletionVerdict::Freed);
+        log.count(&CompletionVerdict::Freed);
+        log.count(&CompletionVerdict::Unmatched(
+            crate::model::UnmatchedReason::Unknown,
+        ));
+        assert_eq!(log.maybe_log(), None, "too early: the counts wait");
+        tokio::time::advance(COMPLETION_LOG_INTERVAL).await;
+        assert_eq!(log.maybe_log(), Some((2, 1)));
+        tokio::time::advance(COMPLETION_LOG_INTERVAL).await;
+        assert_eq!(log.maybe_log(), None, "nothing processed: no line");
+        log.count(&CompletionVerdict::Freed);
+        assert_eq!(
+            log.maybe_log(),
+            Some((1, 0)),
+            "the quiet interval already passed"
         );
     }
 }

@@ -22,6 +22,7 @@ use super::acks::Acks;
 pub use super::connect;
 use super::consumers::{self, ConsumerContext};
 use super::publisher::ChannelSlot;
+use super::throttle::IntakeThrottle;
 use super::topology::{self, TopologyError, TopologySpec};
 
 /// Most deliveries handed to the executor in one batch.
@@ -37,6 +38,9 @@ pub struct EdgeSettings {
     pub reconnect_max_backoff: Duration,
     /// How long shutdown waits for in-flight work to settle.
     pub shutdown_timeout: Duration,
+    /// `api.rate_limits.global`: limits the request consumer only. Shared across reconnects,
+    /// so a new session does not start with a fresh burst.
+    pub intake_throttle: Option<Arc<IntakeThrottle>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +108,10 @@ struct ConsumerSpec {
     queue: &'static str,
     tag: &'static str,
     handle: fn(&Arc<ConsumerContext>, Vec<lapin::message::Delivery>, &Acks),
+    /// Subject to `intake_throttle`: requests only, never completions or cancels.
+    throttled: bool,
+    /// The name its log lines carry (the runbook greps for `CompletionListener`).
+    listener: &'static str,
 }
 
 const CONSUMERS: [ConsumerSpec; 3] = [
@@ -111,16 +119,22 @@ const CONSUMERS: [ConsumerSpec; 3] = [
         queue: topology::REQUESTS_QUEUE,
         tag: "fifo-executor.requests",
         handle: consumers::handle_requests,
+        throttled: true,
+        listener: "RequestListener",
     },
     ConsumerSpec {
         queue: topology::COMPLETED_QUEUE,
         tag: "fifo-executor.completed",
         handle: consumers::handle_completions,
+        throttled: false,
+        listener: "CompletionListener",
     },
     ConsumerSpec {
         queue: topology::CANCEL_QUEUE,
         tag: "fifo-executor.cancel",
         handle: consumers::handle_cancels,
+        throttled: false,
+        listener: "CancelListener",
     },
 ];
 
@@ -246,9 +260,13 @@ async fn setup(
         let queue = spec.queue;
         let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
         let acks_for_loop = acks.clone();
+        tracing::info!(queue, "{}: consuming", spec.listener);
+        let throttle = settings.intake_throttle.clone().filter(|_| spec.throttled);
         loops.push(Box::pin(async move {
-            let r =
-                consumers::consume(consumer, acks_for_loop, batch, |b, a| handle(&ctx, b, a)).await;
+            let r = consumers::consume(consumer, acks_for_loop, batch, throttle, |b, a| {
+                handle(&ctx, b, a)
+            })
+            .await;
             (queue, r)
         }));
         channels.push((ch, acks, spec.queue, spec.tag));

@@ -21,6 +21,7 @@
 //! - [`consumers`]: intake, completions and cancels, in batches, into the executor.
 //! - [`acks`]: settles deliveries in any order with as few `basic.ack` frames as possible.
 //! - [`publisher`]: dispatches, dead letters and replies, with publisher confirms and resend.
+//! - [`throttle`]: `api.rate_limits.global`, a steady limit on requests taken from the broker.
 //! - [`dead_letters`]: turns the core's timeouts, purges and reclaimed slots into dead letters.
 
 pub mod acks;
@@ -28,6 +29,7 @@ pub mod consumers;
 pub mod dead_letters;
 pub mod edge;
 pub mod publisher;
+pub mod throttle;
 pub mod topology;
 pub mod wire;
 
