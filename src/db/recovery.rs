@@ -152,6 +152,29 @@ pub async fn recover(
     Ok(report)
 }
 
+/// Raises `attempt` of these `scheduled` executions by one. Call it before dispatching them
+/// again, so that the copy sent now carries an attempt no earlier copy carried, even if the
+/// executor dies again before the broker confirms it.
+pub async fn record_resends(
+    pool: &PgPool,
+    schema: &Schema,
+    ids: &[ExecutionId],
+) -> Result<(), DbError> {
+    let ids: Vec<i64> = ids.iter().filter_map(|id| super::db_id(*id)).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(schema.sql(
+        "UPDATE {s}.execution SET attempt = attempt + 1 \
+         WHERE id = ANY($1) AND status = 'scheduled'",
+    ))
+    .bind(&ids)
+    .execute(pool)
+    .await
+    .map_err(DbError::query("counting dispatches sent again"))?;
+    Ok(())
+}
+
 /// One live row, checked.
 struct LiveRow {
     id: ExecutionId,

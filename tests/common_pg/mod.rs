@@ -218,13 +218,43 @@ impl Rig {
         inner: Arc<dyn OutcomeSink>,
         options: LedgerOptions,
     ) -> Rig {
+        Self::build(pool, schema, settings, policies, inner, options, false).await
+    }
+
+    /// Like [`start_with`](Self::start_with), with dispatches held until their admissions
+    /// are committed, as the service runs.
+    pub async fn start_gated(
+        pool: &PgPool,
+        schema: &Schema,
+        settings: QueueSettings,
+        policies: Arc<dyn PolicySource>,
+        options: LedgerOptions,
+    ) -> Rig {
+        let inner = Arc::new(fifo_executor::core::memory::DiscardSink);
+        Self::build(pool, schema, settings, policies, inner, options, true).await
+    }
+
+    async fn build(
+        pool: &PgPool,
+        schema: &Schema,
+        settings: QueueSettings,
+        policies: Arc<dyn PolicySource>,
+        inner: Arc<dyn OutcomeSink>,
+        options: LedgerOptions,
+        after_commit: bool,
+    ) -> Rig {
         let ids = Arc::new(ActionIds::new(schema));
         let (ledger, ledger_worker) =
             LedgerSink::start(pool.clone(), schema, ids.clone(), options, inner);
         let stats = StatsWriter::new(pool.clone(), schema, ids.clone());
         let (dispatcher, dispatched) = ChannelDispatcher::new();
+        let dispatcher: Arc<dyn fifo_executor::core::Dispatcher> = if after_commit {
+            Arc::new(ledger.dispatch_after_commit(Arc::new(dispatcher)))
+        } else {
+            Arc::new(dispatcher)
+        };
         let ports = Ports {
-            dispatcher: Arc::new(dispatcher),
+            dispatcher,
             sink: ledger.clone(),
             observer: stats.clone(),
         };
@@ -298,7 +328,8 @@ impl Rig {
     }
 
     /// Everything the actors were sent so far is handled and committed to the ledger. The
-    /// actors record events after handing out dispatches, so seeing a dispatch is not enough.
+    /// ledger commits in batches, so seeing a dispatch (handed straight to the channel here) is
+    /// not enough.
     pub async fn sync(&self) {
         self.settle_actors().await;
         self.ledger.sync().await.expect("ledger sync");
@@ -444,3 +475,4 @@ fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
