@@ -341,13 +341,20 @@ impl Service {
         }));
         tracing::info!(%http_addr, "HTTP API listening");
 
-        let ctx = Arc::new(ConsumerContext::new(
+        let mut ctx = ConsumerContext::new(
             executor.clone(),
             publisher,
             config.rabbitmq.max_message_bytes,
             config.rabbitmq.max_deliveries,
             config.dlq.enabled,
-        ));
+        );
+        if let Some(d) = durable.as_ref() {
+            ctx = ctx.with_history(Arc::new(crate::db::history::LedgerHistory::new(
+                d.pool.clone(),
+                &d.schema,
+            )));
+        }
+        let ctx = Arc::new(ctx);
         let settings = EdgeSettings {
             url: config.rabbitmq.url.clone(),
             prefetch: config.rabbitmq.prefetch,

@@ -63,6 +63,8 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
     assert_eq!(unconfirmed, vec![11], "11 was admitted but never confirmed");
     assert_eq!(report.unconfirmed[0].attempt, 1);
     assert!(report.skipped.is_empty());
+    assert!(!report.ended_before, "nothing has ended yet");
+    assert!(second.exec.remembers_every_ended_id());
     // The copy about to be sent again is counted first: attempt 2 in the ledger.
     record_resends(&db.pool, &db.schema, &[11])
         .await

@@ -103,7 +103,7 @@ where
 struct ConsumerSpec {
     queue: &'static str,
     tag: &'static str,
-    handle: fn(&Arc<ConsumerContext>, Vec<lapin::message::Delivery>, &Acks),
+    handle: fn(&Arc<ConsumerContext>, Vec<lapin::message::Delivery>, &Acks) -> consumers::Handled,
 }
 
 const CONSUMERS: [ConsumerSpec; 3] = [
