@@ -15,22 +15,16 @@ use fifo_executor::config::{self, Config};
 use fifo_executor::rabbit::topology;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
+use support::fleet::{confirm_channel, json_props, publish};
 use support::{TestVhost, poll_until};
 
 fn config_for(vhost: &TestVhost) -> Config {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_tracing();
     let mut c = Config::default();
     c.rabbitmq.url = vhost.url.clone();
     c.executor.durability = config::Durability::Memory;
@@ -52,57 +46,12 @@ fn limit(c: &mut Config, action: &str, n: u32) {
 }
 
 async fn connect(vhost: &TestVhost) -> Connection {
-    Connection::connect(&vhost.url, ConnectionProperties::default())
-        .await
-        .expect("test connection")
-}
-
-async fn confirm_channel(conn: &Connection) -> Channel {
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    ch
-}
-
-async fn publish(ch: &Channel, routing_key: &str, body: &[u8], props: BasicProperties) {
-    ch.basic_publish(
-        topology::EXCHANGE.into(),
-        routing_key.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirmed");
-}
-
-fn json_props() -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
+    support::fleet::connect(&vhost.url).await
 }
 
 /// A queue of the test's own bound to dispatches, like a worker's.
 async fn worker_queue(ch: &Channel, name: &str) {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare worker queue");
-    ch.queue_bind(
-        name.into(),
-        topology::EXCHANGE.into(),
-        "execution.dispatch.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("bind worker queue");
+    support::fleet::worker_queue(ch, name).await;
 }
 
 /// What the test workers saw.
@@ -437,18 +386,7 @@ async fn a_full_queue_rejects_to_the_dlq_and_answers_on_reply_to() {
     let ch = confirm_channel(&conn).await;
     wait_for_topology(&conn).await;
     worker_queue(&ch, "test.workers").await;
-    let replies = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let reply_to = replies.name().as_str().to_owned();
+    let reply_to = support::fleet::reply_queue(&ch).await.as_str().to_owned();
     // Limit 1 and no worker completing: one runs, two wait, the fourth finds the queue full.
     for id in 1..=4u64 {
         let body = json!({"execution_id": id, "action_ref": "full.action", "request_id": format!("req-{id}")});
