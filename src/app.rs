@@ -72,7 +72,7 @@ pub fn queue_settings(c: &Config) -> QueueSettings {
         max_queue_length: c.executor.queue.max_queue_length,
         queue_timeout: Duration::from_secs(c.executor.queue.queue_timeout_seconds),
         emergency_mode: c.executor.emergency_mode,
-        ..QueueSettings::default()
+        remember_ended: c.executor.remember_ended_ids,
     }
 }
 

@@ -1,11 +1,13 @@
 //! The whole service on the Postgres ledger, in-process, with test workers over the real
-//! RabbitMQ: a request for an execution that ended before a restart is a duplicate, and
-//! Postgres restarted in the middle of a load loses nothing.
+//! RabbitMQ: a request for an execution that ended before a restart, or beyond the ended ids
+//! the executor remembers, is a duplicate; Postgres restarted in the middle of a load loses
+//! nothing.
 
 mod common_pg;
 mod support;
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use common_pg::{TempPg, TestDb};
@@ -13,6 +15,7 @@ use fifo_executor::app::Service;
 use fifo_executor::config::{self, Config};
 use fifo_executor::rabbit::topology;
 use futures::StreamExt;
+use lapin::Connection;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
@@ -59,37 +62,34 @@ fn by_action(requests: &[(u64, String)]) -> HashMap<String, Vec<u64>> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_for_an_execution_that_ended_before_a_restart_is_a_duplicate() {
-    let db = TestDb::new().await;
-    let vhost = TestVhost::create().await;
-    let action = "history.a".to_owned();
-    let limits = HashMap::from([(action.clone(), 1)]);
-    let first: Vec<(u64, String)> = (1..=5).map(|id| (id, action.clone())).collect();
+/// The one action of the tests about ended ids, at limit 1.
+const ONE_ACTION: &str = "history.a";
 
-    let service = Service::start(config_for(&vhost, &db, &limits))
-        .await
-        .expect("service starts");
-    let probe = fleet::connect(&vhost.url).await;
-    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
-    let fleet = Fleet::start(&vhost.url, "history.workers", workers(&limits)).await;
-    fleet::publish_requests(&vhost.url, &first).await;
-    poll_until(Duration::from_secs(30), "5 executions finished", || async {
-        fleet.finished() >= 5
-    })
+fn one_action() -> HashMap<String, u32> {
+    HashMap::from([(ONE_ACTION.to_owned(), 1)])
+}
+
+/// Runs executions `ids` (the next ones after those already run, from 1) through the service
+/// until the workers finished them and the ledger has them ended.
+async fn run_to_the_end(fleet: &Fleet, vhost: &TestVhost, db: &TestDb, ids: RangeInclusive<u64>) {
+    let requests: Vec<(u64, String)> = ids.clone().map(|id| (id, ONE_ACTION.to_owned())).collect();
+    fleet::publish_requests(&vhost.url, &requests).await;
+    let n = *ids.end() as usize;
+    poll_until(
+        Duration::from_secs(30),
+        &format!("{n} executions finished"),
+        || async { fleet.finished() >= n },
+    )
     .await;
     assert!(
-        common_pg::until_ended(&db.pool, 5, Duration::from_secs(10)).await,
-        "the ledger has the 5 ends"
+        common_pg::until_ended(&db.pool, n, Duration::from_secs(10)).await,
+        "the ledger has {n} ends"
     );
-    service.shutdown().await.expect("clean shutdown");
+}
 
-    // A new life knows nothing of 1..=5 in memory; only the ledger does.
-    let service = Service::start(config_for(&vhost, &db, &limits))
-        .await
-        .expect("service starts again");
-    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
-    let ch = fleet::confirm_channel(&probe).await;
+/// Publishes a request for `id` again, with `reply_to`, and returns the executor's answer.
+async fn request_again(conn: &Connection, id: u64) -> Value {
+    let ch = fleet::confirm_channel(conn).await;
     let replies = fleet::reply_queue(&ch).await;
     let mut answers = ch
         .basic_consume(
@@ -103,7 +103,7 @@ async fn a_request_for_an_execution_that_ended_before_a_restart_is_a_duplicate()
         )
         .await
         .expect("consume replies");
-    let body = json!({"execution_id": 3, "action_ref": action, "parameters": {"again": true}});
+    let body = json!({"execution_id": id, "action_ref": ONE_ACTION, "parameters": {"again": true}});
     fleet::publish(
         &ch,
         topology::REQUESTED_ROUTING_KEY,
@@ -116,25 +116,69 @@ async fn a_request_for_an_execution_that_ended_before_a_restart_is_a_duplicate()
         .expect("an answer on reply_to")
         .expect("reply stream open")
         .expect("reply delivered");
-    let answer: Value = serde_json::from_slice(&answer.data).expect("reply is JSON");
-    assert_eq!(answer["execution_id"], 3);
+    serde_json::from_slice(&answer.data).expect("reply is JSON")
+}
+
+/// Asks again for `id`, which ended, expects the answer "duplicate", and then runs one more
+/// execution behind it: a second run of `id` would have been dispatched before it, so the
+/// workers would have seen it.
+async fn expect_duplicate(
+    fleet: &Fleet,
+    vhost: &TestVhost,
+    db: &TestDb,
+    conn: &Connection,
+    id: u64,
+    ran: u64,
+) {
+    let answer = request_again(conn, id).await;
+    assert_eq!(answer["execution_id"], id);
     assert_eq!(answer["status"], "queued");
     assert_eq!(answer["duplicate"], true, "{answer}");
-
-    // A new id behind it runs; by then a second run of 3 would have been dispatched first.
-    fleet::publish_requests(&vhost.url, &[(6, action.clone())]).await;
-    poll_until(Duration::from_secs(30), "execution 6 finished", || async {
-        fleet.finished() >= 6
-    })
-    .await;
-    let mut all = first.clone();
-    all.push((6, action.clone()));
+    run_to_the_end(fleet, vhost, db, ran + 1..=ran + 1).await;
+    let all: Vec<(u64, String)> = (1..=ran + 1).map(|i| (i, ONE_ACTION.to_owned())).collect();
     let problems = fleet
         .record
         .lock()
         .expect("record")
-        .violations(&by_action(&all), &limits);
+        .violations(&by_action(&all), &one_action());
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_an_execution_that_ended_before_a_restart_is_a_duplicate() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let service = Service::start(config_for(&vhost, &db, &one_action()))
+        .await
+        .expect("service starts");
+    let probe = fleet::connect(&vhost.url).await;
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "history.workers", workers(&one_action())).await;
+    run_to_the_end(&fleet, &vhost, &db, 1..=5).await;
+    service.shutdown().await.expect("clean shutdown");
+
+    // A new life knows nothing of 1..=5 in memory; only the ledger does.
+    let service = Service::start(config_for(&vhost, &db, &one_action()))
+        .await
+        .expect("service starts again");
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    expect_duplicate(&fleet, &vhost, &db, &probe, 3, 5).await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_an_execution_that_ended_beyond_the_remembered_window_is_a_duplicate() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let mut config = config_for(&vhost, &db, &one_action());
+    config.executor.remember_ended_ids = 2;
+    let service = Service::start(config).await.expect("service starts");
+    let probe = fleet::connect(&vhost.url).await;
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "window.workers", workers(&one_action())).await;
+    // Memory keeps 3 and 4; 1 and 2 are only in the ledger.
+    run_to_the_end(&fleet, &vhost, &db, 1..=4).await;
+    expect_duplicate(&fleet, &vhost, &db, &probe, 1, 4).await;
     service.shutdown().await.expect("clean shutdown");
 }
 
