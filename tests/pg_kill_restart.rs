@@ -31,7 +31,10 @@ fn action_name(i: u32) -> String {
 }
 
 /// The executor's own files: its config and one log per life.
-struct Workdir(PathBuf);
+struct Workdir(
+    /// A directory of this test run's own, kept when the test fails so the logs can be read.
+    PathBuf,
+);
 
 impl Workdir {
     fn new() -> Workdir {

@@ -16,6 +16,8 @@ use crate::model::ExecutionId;
 
 /// [`History`] backed by the `execution` table.
 pub struct LedgerHistory {
+    /// The executor's pool: a lookup is one short query, and the pool keeps two connections
+    /// or more, so it does not wait behind a ledger flush for long.
     pool: PgPool,
     /// `SELECT id … WHERE id = ANY($1)`, built once with the schema in it.
     find: SqlStr,

@@ -173,9 +173,11 @@ enum Item {
         id: ExecutionId,
         at: DateTime<Utc>,
     },
-    /// Released to `to` once the batch that holds this item has committed.
+    /// Released once the batch that holds this item has committed.
     Dispatches {
+        /// One handler's dispatches, in FIFO order.
         batch: Vec<Dispatch>,
+        /// The dispatcher they were meant for.
         to: Arc<dyn Dispatcher>,
     },
 }
@@ -315,7 +317,9 @@ impl OutcomeSink for LedgerSink {
 
 /// The dispatcher [`LedgerSink::dispatch_after_commit`] returns.
 pub struct AfterCommit {
+    /// The ledger writer's own channel, so that dispatches queue behind the events before them.
     tx: mpsc::UnboundedSender<Input>,
+    /// Where the dispatches go once committed (the RabbitMQ publisher).
     inner: Arc<dyn Dispatcher>,
 }
 

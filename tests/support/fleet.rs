@@ -38,6 +38,7 @@ struct Run {
 pub struct Record {
     /// Per action, execution ids in the order of their first dispatch.
     pub first_order: HashMap<String, Vec<u64>>,
+    /// Every execution dispatched at least once: the idempotency record a real worker keeps.
     runs: HashMap<u64, Run>,
     /// Per action, executions running now.
     active: HashMap<String, u32>,
@@ -144,7 +145,9 @@ pub struct WorkerSettings {
 
 /// Test workers consuming every dispatch from a queue of their own.
 pub struct Fleet {
+    /// What the workers saw, shared with the consuming task.
     pub record: Arc<Mutex<Record>>,
+    /// The consuming task; aborted when the fleet is dropped.
     task: tokio::task::JoinHandle<()>,
 }
 
