@@ -73,7 +73,7 @@ pub fn queue_settings(c: &Config) -> QueueSettings {
         max_queue_length: c.executor.queue.max_queue_length,
         queue_timeout: Duration::from_secs(c.executor.queue.queue_timeout_seconds),
         emergency_mode: c.executor.emergency_mode,
-        ..QueueSettings::default()
+        remember_ended: c.executor.remember_ended_ids,
     }
 }
 
@@ -235,8 +235,13 @@ impl Service {
         } else {
             (sink, stats.clone(), config_policies, None)
         };
+        // On the ledger, a dispatch leaves only once its admission is committed.
+        let dispatcher: Arc<dyn crate::core::Dispatcher> = match ledger_cell.get() {
+            Some(ledger) => Arc::new(ledger.dispatch_after_commit(Arc::new(publisher.clone()))),
+            None => Arc::new(publisher.clone()),
+        };
         let ports = Ports {
-            dispatcher: Arc::new(publisher.clone()),
+            dispatcher,
             sink,
             observer,
         };
@@ -253,6 +258,10 @@ impl Service {
                 "recovered the queues from the ledger"
             );
             // Admitted but never confirmed by the broker: the worker may never have had it.
+            // The new attempt is recorded before the copy leaves.
+            let resent: Vec<crate::model::ExecutionId> =
+                report.unconfirmed.iter().map(|u| u.execution_id).collect();
+            crate::db::recovery::record_resends(&d.pool, &d.schema, &resent).await?;
             for u in report.unconfirmed {
                 let now = chrono::Utc::now();
                 publisher.publish(
@@ -333,13 +342,20 @@ impl Service {
         }));
         tracing::info!(%http_addr, "HTTP API listening");
 
-        let ctx = Arc::new(ConsumerContext::new(
+        let mut ctx = ConsumerContext::new(
             executor.clone(),
             publisher,
             config.rabbitmq.max_message_bytes,
             config.rabbitmq.max_deliveries,
             config.dlq.enabled,
-        ));
+        );
+        if let Some(d) = durable.as_ref() {
+            ctx = ctx.with_history(Arc::new(crate::db::history::LedgerHistory::new(
+                d.pool.clone(),
+                &d.schema,
+            )));
+        }
+        let ctx = Arc::new(ctx);
         let settings = EdgeSettings {
             url: config.rabbitmq.url.clone(),
             prefetch: config.rabbitmq.prefetch,
@@ -368,8 +384,18 @@ impl Service {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let drain_executor = executor.clone();
         let drain_timeout = settings.shutdown_timeout;
+        let drain_ledger = ledger_cell.get().cloned();
         let edge = tokio::spawn(edge::run(settings, ctx, slot, shutdown_rx, async move {
             drain_executor.shutdown(drain_timeout).await;
+            // The last admissions' dispatches leave the ledger only once committed; they must
+            // reach the publisher before the edge waits for its last confirms.
+            if let Some(ledger) = drain_ledger
+                && tokio::time::timeout(drain_timeout, ledger.sync())
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("the ledger did not commit the last admissions before the timeout");
+            }
         }));
         Ok(Self {
             executor,

@@ -93,6 +93,10 @@ pub struct ExecutorConfig {
     pub emergency_mode: bool,
     /// Where accepted executions are recorded before they are acknowledged to RabbitMQ.
     pub durability: Durability,
+    /// How many ended execution ids are kept in memory, so that a request redelivered after
+    /// its execution ended is answered as a duplicate without asking Postgres. On the ledger,
+    /// older ids are looked up in the `execution` table; in memory mode they are forgotten.
+    pub remember_ended_ids: usize,
     /// How long shutdown may take to drain actors and flush the last statistics before the
     /// process exits anyway.
     pub shutdown_timeout_seconds: u64,
@@ -104,6 +108,7 @@ impl Default for ExecutorConfig {
             queue: QueueConfig::default(),
             emergency_mode: false,
             durability: Durability::default(),
+            remember_ended_ids: crate::core::registry::DEFAULT_REMEMBER_ENDED,
             shutdown_timeout_seconds: 30,
         }
     }
@@ -1517,6 +1522,7 @@ mod tests {
             "executor.queue.enable_metrics",
             "executor.emergency_mode",
             "executor.durability",
+            "executor.remember_ended_ids",
             "executor.shutdown_timeout_seconds",
             "policies.default.concurrency_limit",
             "policies.actions",

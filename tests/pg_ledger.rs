@@ -399,6 +399,58 @@ async fn nothing_settles_while_postgres_is_down_and_everything_does_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_leaves_only_once_its_admission_is_committed() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let mut rig = Rig::start_gated(
+        &db.pool,
+        &db.schema,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(2))),
+        LedgerOptions {
+            retry_max: Duration::from_millis(200),
+            ..LedgerOptions::default()
+        },
+    )
+    .await;
+    let a = action("core.gated");
+
+    let _before = rig.submit(&a, [1]);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 1);
+    assert_eq!(
+        statuses(&db, "core.gated").await,
+        vec![(1, "scheduled".to_owned())],
+        "recorded as dispatched before it left"
+    );
+
+    pg.stop().await;
+    let _during = rig.submit(&a, [2, 3]);
+    rig.settle_actors().await;
+    eventually(
+        Duration::from_secs(10),
+        "the ledger failed to write twice",
+        || async { (rig.ledger.counters().failed_attempts >= 2).then_some(()) },
+    )
+    .await;
+    assert!(
+        rig.no_dispatch_waiting(),
+        "2 was admitted in memory, but must not leave while its admission is not recorded"
+    );
+    pg.restart().await;
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 2);
+    let rows = statuses(&db, "core.gated").await;
+    assert_eq!(
+        rows,
+        vec![
+            (1, "scheduled".to_owned()),
+            (2, "scheduled".to_owned()),
+            (3, "requested".to_owned())
+        ]
+    );
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_postgres_refuses_costs_only_its_own_execution() {
     let db = TestDb::new().await;
     let mut rig = Rig::start(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common_pg::{Rig, TestDb, action, limit, statuses};
 use fifo_executor::core::memory::DiscardSink;
 use fifo_executor::core::{QueueSettings, UniformPolicy};
-use fifo_executor::db::recovery::recover;
+use fifo_executor::db::recovery::{record_resends, recover};
 use fifo_executor::model::{EndStatus, Verdict};
 
 const BIG_ID: u64 = 9_000_000_000_000_000_000;
@@ -63,6 +63,17 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
     assert_eq!(unconfirmed, vec![11], "11 was admitted but never confirmed");
     assert_eq!(report.unconfirmed[0].attempt, 1);
     assert!(report.skipped.is_empty());
+    assert!(!report.ended_before, "nothing has ended yet");
+    assert!(second.exec.remembers_every_ended_id());
+    // The copy about to be sent again is counted first: attempt 2 in the ledger.
+    record_resends(&db.pool, &db.schema, &[11])
+        .await
+        .expect("records the re-send");
+    let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM attune.execution WHERE id = 11")
+        .fetch_one(&db.pool)
+        .await
+        .expect("attempt");
+    assert_eq!(attempt, 2);
     assert_eq!(report.max_execution_id, Some(BIG_ID));
     assert!(second.exec.next_execution_id() > BIG_ID);
 

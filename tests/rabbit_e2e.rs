@@ -7,30 +7,21 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fifo_executor::app::Service;
 use fifo_executor::config::{self, Config};
 use fifo_executor::rabbit::topology;
-use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
-use support::{TestVhost, poll_until};
+use support::fleet::{Fleet, WorkerSettings};
+use support::fleet::{confirm_channel, json_props, publish};
+use support::{TestVhost, poll_until, wait_until};
 
 fn config_for(vhost: &TestVhost) -> Config {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_tracing();
     let mut c = Config::default();
     c.rabbitmq.url = vhost.url.clone();
     c.executor.durability = config::Durability::Memory;
@@ -52,168 +43,27 @@ fn limit(c: &mut Config, action: &str, n: u32) {
 }
 
 async fn connect(vhost: &TestVhost) -> Connection {
-    Connection::connect(&vhost.url, ConnectionProperties::default())
-        .await
-        .expect("test connection")
-}
-
-async fn confirm_channel(conn: &Connection) -> Channel {
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    ch
-}
-
-async fn publish(ch: &Channel, routing_key: &str, body: &[u8], props: BasicProperties) {
-    ch.basic_publish(
-        topology::EXCHANGE.into(),
-        routing_key.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirmed");
-}
-
-fn json_props() -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
+    support::fleet::connect(&vhost.url).await
 }
 
 /// A queue of the test's own bound to dispatches, like a worker's.
 async fn worker_queue(ch: &Channel, name: &str) {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare worker queue");
-    ch.queue_bind(
-        name.into(),
-        topology::EXCHANGE.into(),
-        "execution.dispatch.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("bind worker queue");
+    support::fleet::worker_queue(ch, name).await;
 }
 
-/// What the test workers saw.
-#[derive(Default)]
-struct Observed {
-    /// Per action, execution ids in the order of their first dispatch.
-    order: HashMap<String, Vec<u64>>,
-    /// Per action, executions being worked on now and the most ever at once.
-    active: HashMap<String, (u32, u32)>,
-    /// Times each execution id was completed by a worker.
-    completed: HashMap<u64, u32>,
-    dispatches: u64,
-}
-
-/// Runs test workers: each dispatch is "worked" for a time that depends on the action (so
-/// actions run at different speeds), then completed. The active count is lowered before the
-/// completion is published, so it can only under-count what the executor holds.
-async fn run_workers(url: String, queue: &str, observed: Arc<Mutex<Observed>>) {
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("worker connection");
-    let ch = conn.create_channel().await.expect("channel");
-    worker_queue(&ch, queue).await;
-    ch.basic_qos(200, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let publisher = confirm_channel(&conn).await;
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "test-worker".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    while let Some(Ok(delivery)) = consumer.next().await {
-        let v: Value = serde_json::from_slice(&delivery.data).expect("dispatch is JSON");
-        let id = v["execution_id"].as_u64().expect("execution_id");
-        let action = v["action_ref"].as_str().expect("action_ref").to_owned();
-        let repeat = {
-            let mut o = observed.lock().expect("lock");
-            o.dispatches += 1;
-            if o.completed.contains_key(&id)
-                || o.order.get(&action).is_some_and(|ids| ids.contains(&id))
-            {
-                // A dispatch sent again after a reconnect: execution_id is the idempotency key.
-                true
-            } else {
-                o.order.entry(action.clone()).or_default().push(id);
-                let a = o.active.entry(action.clone()).or_default();
-                a.0 += 1;
-                a.1 = a.1.max(a.0);
-                false
-            }
-        };
-        if repeat {
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            continue;
-        }
-        let publisher = publisher.clone();
-        let observed = observed.clone();
-        tokio::spawn(async move {
-            let speed = action.bytes().last().map(|b| u64::from(b % 4)).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(speed * 2)).await;
-            {
-                let mut o = observed.lock().expect("lock");
-                if let Some(a) = o.active.get_mut(&action) {
-                    a.0 -= 1;
-                }
-                *o.completed.entry(id).or_default() += 1;
-            }
-            let body = json!({"execution_id": id, "status": "succeeded", "result": {"ok": true}});
-            publish(
-                &publisher,
-                topology::COMPLETED_ROUTING_KEY,
-                body.to_string().as_bytes(),
-                json_props(),
-            )
-            .await;
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-        });
-    }
-}
-
-/// Starts the service, waits until it consumes, and runs test workers on `test.workers`.
-/// Returns the service, the test's connection and confirm channel (for publishing), what the
-/// workers observe, and the workers' task.
-async fn start_with_workers(
-    vhost: &TestVhost,
-    config: Config,
-) -> (
-    Service,
-    Connection,
-    Channel,
-    Arc<Mutex<Observed>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let service = Service::start(config).await.expect("service starts");
-    let observed = Arc::new(Mutex::new(Observed::default()));
-    // The worker queue must exist before the first dispatch, or it would be unroutable.
-    let conn = connect(vhost).await;
-    let ch = confirm_channel(&conn).await;
-    wait_for_topology(&conn).await;
-    worker_queue(&ch, "test.workers").await;
-    let workers = tokio::spawn(run_workers(
-        vhost.url.clone(),
+/// Test workers on a queue of their own, checked against each action's limit as they start
+/// executions.
+async fn start_workers(vhost: &TestVhost, limits: &HashMap<String, u32>) -> Fleet {
+    Fleet::start(
+        &vhost.url,
         "test.workers",
-        observed.clone(),
-    ));
-    (service, conn, ch, observed, workers)
+        WorkerSettings {
+            duration_ms: 0..=6,
+            failure_rate: 0.0,
+            limits: limits.clone(),
+        },
+    )
+    .await
 }
 
 /// Reads everything in the DLQ.
@@ -239,7 +89,12 @@ async fn a_thousand_executions_over_ten_actions_keep_fifo_order_and_limits() {
     for (a, n) in &limits {
         limit(&mut config, a, *n);
     }
-    let (service, _conn, ch, observed, workers) = start_with_workers(&vhost, config).await;
+    let service = Service::start(config).await.expect("service starts");
+    // The worker queue must exist before the first dispatch, or it would be unroutable.
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    let workers = start_workers(&vhost, &limits.iter().cloned().collect()).await;
 
     let mut submitted: HashMap<String, Vec<u64>> = HashMap::new();
     for id in 1..=1000u64 {
@@ -254,68 +109,25 @@ async fn a_thousand_executions_over_ten_actions_keep_fifo_order_and_limits() {
         )
         .await;
     }
-    poll_until(
-        Duration::from_secs(60),
-        "all 1000 executions completed",
-        || async { observed.lock().expect("lock").completed.len() == 1000 },
-    )
+    wait_until(Duration::from_secs(60), || async {
+        workers.finished() >= 1000
+    })
     .await;
-
-    {
-        let o = observed.lock().expect("lock");
-        for (action, n) in &limits {
-            assert_eq!(
-                o.order.get(action),
-                submitted.get(action),
-                "dispatch order of {action}"
-            );
-            let (_, most) = o.active.get(action).copied().unwrap_or_default();
-            assert!(most <= *n, "{action} had {most} running at once, limit {n}");
-        }
-        assert!(
-            o.completed.values().all(|n| *n == 1),
-            "each execution completed exactly once"
-        );
-    }
-    workers.abort();
+    let problems = workers
+        .record
+        .lock()
+        .expect("record")
+        .violations(&submitted, &limits.into_iter().collect());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    drop(workers);
     service.shutdown().await.expect("clean shutdown");
 }
 
 /// Waits until the executor is consuming from all three of its queues. It starts consuming only
 /// after the whole topology is declared and bound, so a request published before then could be
-/// unroutable and silently dropped; the existence of one queue is not enough. A failed passive
-/// declare closes its channel, so each probe uses a fresh one.
+/// unroutable and silently dropped; the existence of one queue is not enough.
 async fn wait_for_topology(conn: &Connection) {
-    poll_until(
-        Duration::from_secs(60),
-        "the executor is consuming",
-        || async {
-            let Ok(probe) = conn.create_channel().await else {
-                return false;
-            };
-            for queue in [
-                topology::REQUESTS_QUEUE,
-                topology::COMPLETED_QUEUE,
-                topology::CANCEL_QUEUE,
-            ] {
-                let declared = probe
-                    .queue_declare(
-                        queue.into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                if !declared.is_ok_and(|q| q.consumer_count() >= 1) {
-                    return false;
-                }
-            }
-            true
-        },
-    )
-    .await;
+    support::fleet::until_consuming(conn, Duration::from_secs(60)).await;
 }
 
 /// Messages ready in a queue that exists.
@@ -454,18 +266,7 @@ async fn a_full_queue_rejects_to_the_dlq_and_answers_on_reply_to() {
     let ch = confirm_channel(&conn).await;
     wait_for_topology(&conn).await;
     worker_queue(&ch, "test.workers").await;
-    let replies = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let reply_to = replies.name().as_str().to_owned();
+    let reply_to = support::fleet::reply_queue(&ch).await.as_str().to_owned();
     // Limit 1 and no worker completing: one runs, two wait, the fourth finds the queue full.
     for id in 1..=4u64 {
         let body = json!({"execution_id": id, "action_ref": "full.action", "request_id": format!("req-{id}")});
@@ -576,7 +377,12 @@ async fn executions_still_complete_in_order_when_the_broker_closes_the_connectio
     for a in &actions {
         limit(&mut config, a, 2);
     }
-    let (service, _conn, ch, observed, workers) = start_with_workers(&vhost, config).await;
+    let service = Service::start(config).await.expect("service starts");
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    let limits: HashMap<String, u32> = actions.iter().map(|a| (a.clone(), 2)).collect();
+    let workers = start_workers(&vhost, &limits).await;
     let total = 600u64;
     let mut submitted: HashMap<String, Vec<u64>> = HashMap::new();
     for id in 1..=total {
@@ -592,36 +398,25 @@ async fn executions_still_complete_in_order_when_the_broker_closes_the_connectio
         .await;
     }
     poll_until(Duration::from_secs(120), "a third completed", || async {
-        observed.lock().expect("lock").completed.len() >= (total / 3) as usize
+        workers.finished() >= (total / 3) as usize
     })
     .await;
     assert!(
         close_executor_connections(&vhost).await >= 1,
         "found the executor's connection"
     );
-    poll_until(
-        Duration::from_secs(180),
-        "every execution completed after the reconnect",
-        || async { observed.lock().expect("lock").completed.len() == total as usize },
-    )
+    // On a timeout the check below says which executions are missing.
+    wait_until(Duration::from_secs(180), || async {
+        workers.finished() >= total as usize
+    })
     .await;
-    {
-        let o = observed.lock().expect("lock");
-        for action in &actions {
-            assert_eq!(
-                o.order.get(action),
-                submitted.get(action),
-                "first dispatches of {action} in submission order"
-            );
-            let (_, most) = o.active.get(action).copied().unwrap_or_default();
-            assert!(most <= 2, "{action} had {most} running at once");
-        }
-        assert!(
-            o.completed.values().all(|n| *n == 1),
-            "each execution completed exactly once"
-        );
-    }
-    workers.abort();
+    let problems = workers
+        .record
+        .lock()
+        .expect("record")
+        .violations(&submitted, &limits);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    drop(workers);
     service.shutdown().await.expect("clean shutdown");
 }
 
@@ -752,7 +547,12 @@ async fn the_runbook_api_rate_limit_takes_requests_at_its_rate_and_loses_none() 
     });
     limit(&mut config, "e2e.throttled", 10);
     let started = tokio::time::Instant::now();
-    let (service, _conn, ch, observed, workers) = start_with_workers(&vhost, config).await;
+    let service = Service::start(config).await.expect("service starts");
+    let conn = connect(&vhost).await;
+    let ch = confirm_channel(&conn).await;
+    wait_for_topology(&conn).await;
+    let limits: HashMap<String, u32> = [("e2e.throttled".to_owned(), 10)].into();
+    let workers = start_workers(&vhost, &limits).await;
 
     let ids: Vec<u64> = (1..=8).collect();
     for id in &ids {
@@ -772,22 +572,23 @@ async fn the_runbook_api_rate_limit_takes_requests_at_its_rate_and_loses_none() 
         Duration::from_secs(60),
         "all throttled executions completed",
         || async {
-            let o = observed.lock().expect("lock");
-            let allowed = 3 + 2 * started.elapsed().as_secs();
+            let r = workers.record.lock().expect("record");
+            let dispatched: usize = r.first_order.values().map(Vec::len).sum();
+            let allowed = 3 + 2 * started.elapsed().as_secs() as usize;
             assert!(
-                o.dispatches <= allowed,
-                "{} dispatched after {:?}, the throttle allows {allowed}",
-                o.dispatches,
+                dispatched <= allowed,
+                "{dispatched} dispatched after {:?}, the throttle allows {allowed}",
                 started.elapsed()
             );
-            o.completed.len() == ids.len()
+            r.finished == ids.len()
         },
     )
     .await;
     {
-        let o = observed.lock().expect("lock");
-        assert_eq!(o.order.get("e2e.throttled"), Some(&ids), "FIFO order");
-        assert!(o.completed.values().all(|n| *n == 1));
+        let r = workers.record.lock().expect("record");
+        let submitted: HashMap<String, Vec<u64>> =
+            [("e2e.throttled".to_owned(), ids.clone())].into();
+        assert_eq!(r.violations(&submitted, &limits), Vec::<String>::new());
     }
     // The consumer had to wait for tokens at least once: eight requests, bursts of two.
     let metrics = fifo_executor::http::client::Client::for_listen_address(service.http_addr())
@@ -799,6 +600,6 @@ async fn the_runbook_api_rate_limit_takes_requests_at_its_rate_and_loses_none() 
         metrics.contains("attune_intake_throttled_total"),
         "the throttle's waits are counted"
     );
-    workers.abort();
+    drop(workers);
     service.shutdown().await.expect("clean shutdown");
 }

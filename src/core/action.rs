@@ -215,11 +215,13 @@ fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects) {
             .remove_if(id, |_, owner| owner.get_id() == me);
     }
     let ports = &st.shared.ports;
-    if !dispatches.is_empty() {
-        ports.dispatcher.dispatch(dispatches);
-    }
+    // Events first: a ledger that holds dispatches until their admissions are committed must
+    // have those admissions ahead of them.
     if !events.is_empty() {
         ports.sink.record(events);
+    }
+    if !dispatches.is_empty() {
+        ports.dispatcher.dispatch(dispatches);
     }
     if changed {
         ports.observer.observe(&st.queue.stats());

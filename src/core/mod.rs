@@ -14,6 +14,9 @@ pub mod supervisor;
 
 pub use clock::{Clock, Stamp};
 pub use policy::{ActionPolicy, PolicySource, QueueSettings, RateLimit, UniformPolicy};
-pub use ports::{Dispatch, Dispatcher, Event, OutcomeSink, Ports, QueueStats, StatsObserver};
+pub use ports::{
+    Dispatch, Dispatcher, Event, History, HistoryError, OutcomeSink, Ports, QueueStats,
+    StatsObserver,
+};
 pub use queue::{PurgeOrder, PurgedEntry, Restored};
 pub use registry::{CoreError, Executor};

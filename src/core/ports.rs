@@ -211,6 +211,24 @@ pub trait StatsObserver: Send + Sync + 'static {
     fn observe(&self, stats: &QueueStats);
 }
 
+/// The record of executions the executor no longer holds in memory. The intake asks it, per
+/// batch, about supplied execution ids that memory does not know, once memory can no longer
+/// tell that such an id is new (see
+/// [`remembers_every_ended_id`](crate::core::Executor::remembers_every_ended_id)). Awaited by
+/// the intake edge before it submits; never called from an actor.
+pub trait History: Send + Sync + 'static {
+    /// Which of `ids` were ever accepted (whatever became of them).
+    fn recorded(
+        &self,
+        ids: Vec<ExecutionId>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<ExecutionId>, HistoryError>>;
+}
+
+/// Why [`History::recorded`] could not answer; the caller asks again later.
+#[derive(Debug, thiserror::Error)]
+#[error("could not look up past executions: {0}")]
+pub struct HistoryError(pub String);
+
 /// The three ports an executor is built with.
 #[derive(Clone)]
 pub struct Ports {

@@ -67,11 +67,16 @@ impl Shared {
 }
 
 /// The last `capacity` execution ids that ended (completed, canceled, timed out, purged or
-/// reclaimed). Bounded, so memory stays flat; the ledger answers for anything older.
+/// reclaimed). Bounded, so memory stays flat; the ledger answers for anything older (see
+/// [`Executor::remembers_every_ended_id`]).
 pub struct RecentlyEnded {
     set: dashmap::DashSet<ExecutionId>,
     order: std::sync::Mutex<std::collections::VecDeque<ExecutionId>>,
     capacity: usize,
+    /// True while every id that ever ended is in the set: nothing was evicted, and no id ended
+    /// before this process started. Only then may an id missing here be taken for new without
+    /// asking the ledger.
+    complete: AtomicBool,
 }
 
 impl RecentlyEnded {
@@ -80,12 +85,17 @@ impl RecentlyEnded {
             set: dashmap::DashSet::new(),
             order: std::sync::Mutex::new(std::collections::VecDeque::new()),
             capacity,
+            complete: AtomicBool::new(true),
         }
     }
 
     /// Remembers ids that just ended (one lock per batch, not per id).
     pub fn remember(&self, ids: &[ExecutionId]) {
-        if self.capacity == 0 || ids.is_empty() {
+        if ids.is_empty() {
+            return;
+        }
+        if self.capacity == 0 {
+            self.mark_incomplete();
             return;
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -93,6 +103,9 @@ impl RecentlyEnded {
             if self.set.insert(id) {
                 order.push_back(id);
             }
+        }
+        if order.len() > self.capacity {
+            self.mark_incomplete();
         }
         while order.len() > self.capacity {
             if let Some(old) = order.pop_front() {
@@ -103,6 +116,17 @@ impl RecentlyEnded {
 
     pub fn contains(&self, id: ExecutionId) -> bool {
         self.set.contains(&id)
+    }
+
+    /// Whether every id that ever ended is remembered.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Some ended ids are not (or no longer) remembered. Never undone: once the window has
+    /// lost an id, it cannot know which one.
+    pub fn mark_incomplete(&self) {
+        self.complete.store(false, Ordering::Release);
     }
 }
 
@@ -226,6 +250,33 @@ impl Executor {
     /// Whether an execution id is queued or running right now.
     pub fn is_live(&self, id: ExecutionId) -> bool {
         self.shared.live.contains_key(&id)
+    }
+
+    /// Whether a request with this id would be a duplicate by what the executor holds in
+    /// memory: it is queued or running, or it ended within the remembered window.
+    pub fn is_known(&self, id: ExecutionId) -> bool {
+        self.is_live(id) || self.shared.ended.contains(id)
+    }
+
+    /// Whether every execution id that ever ended is still remembered, so that an id
+    /// [`is_known`](Self::is_known) does not know is new. False once the window of
+    /// `remember_ended` ids has evicted one, or after
+    /// [`ended_before_start`](Self::ended_before_start); the intake then asks the ledger
+    /// about unknown ids before it submits them.
+    pub fn remembers_every_ended_id(&self) -> bool {
+        self.shared.ended.is_complete()
+    }
+
+    /// Says that executions ended before this executor started (recovery calls it when the
+    /// ledger holds any), so that memory alone can no longer tell that an id is new.
+    pub fn ended_before_start(&self) {
+        self.shared.ended.mark_incomplete();
+    }
+
+    /// Remembers ids the intake found ended in the ledger, so that another copy of their
+    /// request is answered from memory.
+    pub fn remember_ended(&self, ids: &[ExecutionId]) {
+        self.shared.ended.remember(ids);
     }
 
     /// Completions that freed nothing because no action knew their id (per-action counters
@@ -557,5 +608,39 @@ fn reject_all(subs: Vec<Submission>, rejection: Rejection) {
                 rejection: rejection.clone(),
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ended_window_is_complete_until_it_evicts() {
+        let ended = RecentlyEnded::new(3);
+        ended.remember(&[1, 2, 3]);
+        ended.remember(&[2]);
+        assert!(ended.is_complete(), "nothing was evicted yet");
+        ended.remember(&[4]);
+        assert!(!ended.is_complete(), "1 was evicted");
+        assert!(!ended.contains(1));
+        assert!(ended.contains(4));
+    }
+
+    #[test]
+    fn a_window_of_zero_is_incomplete_as_soon_as_anything_ends() {
+        let ended = RecentlyEnded::new(0);
+        assert!(ended.is_complete());
+        ended.remember(&[1]);
+        assert!(!ended.is_complete());
+        assert!(!ended.contains(1));
+    }
+
+    #[test]
+    fn ends_before_the_start_make_the_window_incomplete_for_good() {
+        let ended = RecentlyEnded::new(10);
+        ended.mark_incomplete();
+        ended.remember(&[1]);
+        assert!(!ended.is_complete());
     }
 }

@@ -2,14 +2,25 @@
 //! settled only after the commit.
 //!
 //! ```text
-//!   ActionActor ──record(events)──┐
-//!   RabbitMQ dispatcher ──mark_running(ids)──┤ unbounded channel
+//!   ActionActor ──record(events), then dispatch(batch)──┐
+//!   RabbitMQ dispatcher ──mark_running(ids)──────────────┤ unbounded channel
 //!                                 ▼
 //!                           writer task ── one transaction per flush ──► Postgres
 //!                                 │ after COMMIT
 //!                                 ├── settle each event's receipt (acks the intake message)
+//!                                 ├── release held dispatches to the RabbitMQ dispatcher
 //!                                 └── inner OutcomeSink (dead letters, metrics), same order
 //! ```
+//!
+//! # Dispatches wait for their admissions
+//!
+//! The service dispatches through [`LedgerSink::dispatch_after_commit`]: a dispatch goes to
+//! RabbitMQ only once the batch holding its `Admitted` event has committed. So every
+//! execution a worker may have received is `scheduled` or later in the ledger, and a restart
+//! restores it holding its slot; it is never restored as waiting and dispatched a second time
+//! as a first attempt while a worker runs it (`tests/pg_kill_restart.rs` saw 77 such repeated
+//! first attempts over three SIGKILLs before this). It adds the flush interval and a commit to
+//! each dispatch's latency, not a write.
 //!
 //! # Batching
 //!
@@ -49,7 +60,8 @@
 //!
 //! A failed flush is retried, unchanged, with exponential backoff (`retry_min` doubling up to
 //! `retry_max`); the pool replaces broken connections by itself. Nothing is settled until its
-//! batch commits, so the RabbitMQ edge acknowledges nothing and the broker keeps every message.
+//! batch commits, so the RabbitMQ edge acknowledges nothing and the broker keeps every message;
+//! completions still free slots in memory, but the dispatches they admit wait for the commit.
 //! [`LedgerSink::healthy`] is false from the first failed attempt to the next commit.
 //!
 //! Memory: pending items live in the channel and the writer's queue. Their number is bounded
@@ -81,7 +93,7 @@ use super::{
     DbError, MAX_STORABLE_EXECUTION_ID, Schema, Worker, db_id, is_transient, jsonb_text, pg_text,
 };
 use crate::core::ports::RemovalReason;
-use crate::core::{Event, OutcomeSink};
+use crate::core::{Dispatch, Dispatcher, Event, OutcomeSink};
 use crate::model::{ActionRef, ExecutionId};
 
 /// How the writer batches and retries.
@@ -143,6 +155,9 @@ struct Shared {
 enum Input {
     Events(Vec<Event>),
     Running(Vec<ExecutionId>, DateTime<Utc>),
+    /// Dispatches held until everything handed in before them is committed; see
+    /// [`LedgerSink::dispatch_after_commit`].
+    Dispatches(Vec<Dispatch>, Arc<dyn Dispatcher>),
     /// Answered once everything handed in before it is committed.
     Sync(oneshot::Sender<()>),
 }
@@ -158,13 +173,22 @@ enum Item {
         id: ExecutionId,
         at: DateTime<Utc>,
     },
+    /// Released once the batch that holds this item has committed.
+    Dispatches {
+        /// One handler's dispatches, in FIFO order.
+        batch: Vec<Dispatch>,
+        /// The dispatcher they were meant for.
+        to: Arc<dyn Dispatcher>,
+    },
 }
 
 impl Item {
-    fn execution_id(&self) -> ExecutionId {
+    /// The execution a row change is about; `None` for held dispatches, which write nothing.
+    fn execution_id(&self) -> Option<ExecutionId> {
         match self {
-            Item::Event { event, .. } => event.execution_id(),
-            Item::Running { id, .. } => *id,
+            Item::Event { event, .. } => Some(event.execution_id()),
+            Item::Running { id, .. } => Some(*id),
+            Item::Dispatches { .. } => None,
         }
     }
 }
@@ -222,6 +246,26 @@ impl LedgerSink {
         }
     }
 
+    /// A [`Dispatcher`] that hands each batch to `inner` only once everything recorded before
+    /// it is committed, above all the admissions of the executions it carries.
+    ///
+    /// So a worker never gets an execution the ledger does not show as `scheduled`: after a
+    /// crash, whatever a worker may have received is restored holding its slot (and sent
+    /// again with `attempt + 1` if the broker never confirmed it), never as waiting, where it
+    /// would be dispatched a second time as a first attempt while a worker runs it. The price
+    /// is the flush interval and a commit added to each dispatch's latency, and no dispatches
+    /// while Postgres is unreachable (slots still free in memory; the held dispatches leave in
+    /// order once it is back).
+    ///
+    /// The action actors record their events before handing over the dispatches of the same
+    /// handler, so a batch's admissions are always ahead of it in the writer's queue.
+    pub fn dispatch_after_commit(self: &Arc<Self>, inner: Arc<dyn Dispatcher>) -> AfterCommit {
+        AfterCommit {
+            tx: self.tx.clone(),
+            inner,
+        }
+    }
+
     /// Items handed in and not yet committed.
     pub fn pending(&self) -> usize {
         self.shared.pending.load(Ordering::Relaxed)
@@ -267,6 +311,32 @@ impl OutcomeSink for LedgerSink {
         // their messages stay with the broker and come back to the next executor.
         if self.tx.send(Input::Events(events)).is_err() {
             tracing::error!("ledger writer stopped; events left unsettled");
+        }
+    }
+}
+
+/// The dispatcher [`LedgerSink::dispatch_after_commit`] returns.
+pub struct AfterCommit {
+    /// The ledger writer's own channel, so that dispatches queue behind the events before them.
+    tx: mpsc::UnboundedSender<Input>,
+    /// Where the dispatches go once committed (the RabbitMQ publisher).
+    inner: Arc<dyn Dispatcher>,
+}
+
+impl Dispatcher for AfterCommit {
+    fn dispatch(&self, batch: Vec<Dispatch>) {
+        if batch.is_empty() {
+            return;
+        }
+        // The writer stops only at shutdown, after the actors: nothing can be admitted then.
+        if let Err(mpsc::error::SendError(Input::Dispatches(batch, _))) =
+            self.tx.send(Input::Dispatches(batch, self.inner.clone()))
+        {
+            tracing::error!(
+                count = batch.len(),
+                "ledger writer stopped; dispatches not sent (their executions are restored \
+                 as waiting at the next start)"
+            );
         }
     }
 }
@@ -394,8 +464,9 @@ impl<'a> Plan<'a> {
     fn build(items: impl IntoIterator<Item = &'a Item>) -> Self {
         let mut p = Plan::default();
         for item in items {
-            // Ids beyond BIGINT were counted as dropped when the batch arrived.
-            let Some(id) = db_id(item.execution_id()) else {
+            // Ids beyond BIGINT were counted as dropped when the batch arrived; held dispatches
+            // write nothing.
+            let Some(id) = item.execution_id().and_then(db_id) else {
                 continue;
             };
             match item {
@@ -408,6 +479,7 @@ impl<'a> Plan<'a> {
                     row.advance("running", *at, None);
                 }
                 Item::Event { event, created } => p.add_event(id, event, *created),
+                Item::Dispatches { .. } => {}
             }
         }
         p
@@ -580,6 +652,10 @@ impl Inbox {
                 self.pending
                     .extend(ids.into_iter().map(|id| Item::Running { id, at }));
             }
+            Input::Dispatches(batch, to) => {
+                self.received += 1;
+                self.pending.push_back(Item::Dispatches { batch, to });
+            }
             Input::Sync(done) => self.syncs.push_back((self.received, done)),
         }
     }
@@ -742,7 +818,7 @@ impl Writer {
     async fn write(&self, batch: Vec<Item>) {
         let unstorable = batch
             .iter()
-            .filter(|i| i.execution_id() > MAX_STORABLE_EXECUTION_ID)
+            .filter(|i| i.execution_id() > Some(MAX_STORABLE_EXECUTION_ID))
             .count();
         if unstorable > 0 {
             self.shared
@@ -782,7 +858,9 @@ fn plans_per_execution(batch: &[Item]) -> Vec<(ExecutionId, usize, Plan<'_>)> {
     let mut order: Vec<ExecutionId> = Vec::new();
     let mut members: HashMap<ExecutionId, Vec<&Item>> = HashMap::new();
     for item in batch {
-        let id = item.execution_id();
+        let Some(id) = item.execution_id() else {
+            continue;
+        };
         members
             .entry(id)
             .or_insert_with(|| {
@@ -943,17 +1021,25 @@ impl Writer {
 
     /// Settles every receipt in the batch, then forwards the events in their order. Settling
     /// takes each receipt out of its event, so the inner sink's own `settle` finds nothing.
+    /// Held dispatches are released here too, in their order.
     fn finish(&self, batch: Vec<Item>) {
-        let n = batch.len();
-        let mut events = Vec::with_capacity(n);
+        let mut events = Vec::with_capacity(batch.len());
+        let mut rows = 0;
         for item in batch {
-            if let Item::Event { mut event, .. } = item {
-                event.settle();
-                events.push(event);
+            match item {
+                Item::Event { mut event, .. } => {
+                    event.settle();
+                    events.push(event);
+                    rows += 1;
+                }
+                Item::Running { .. } => rows += 1,
+                Item::Dispatches { batch, to } => to.dispatch(batch),
             }
         }
-        self.shared.pending.fetch_sub(n, Ordering::Relaxed);
-        self.shared.committed.fetch_add(n as u64, Ordering::Relaxed);
+        self.shared.pending.fetch_sub(rows, Ordering::Relaxed);
+        self.shared
+            .committed
+            .fetch_add(rows as u64, Ordering::Relaxed);
         if !events.is_empty() {
             self.inner.record(events);
         }

@@ -15,6 +15,9 @@
 //!   and the poller that applies operators' changes (the runbook's "disable low-priority
 //!   actions") within two seconds.
 //! - [`actions`]: the `ref → action.id` cache both writers share.
+//! - [`history`]: [`LedgerHistory`](history::LedgerHistory), which the intake asks whether a
+//!   supplied execution id was accepted before, once the executor's memory of ended ids is no
+//!   longer complete.
 //!
 //! Nothing here runs inside an action actor: the ports only push to channels or maps, and the
 //! I/O happens in the tasks this module spawns.
@@ -38,6 +41,7 @@
 //! which is the point of choosing another one (e.g. a second executor in the same database).
 
 pub mod actions;
+pub mod history;
 pub mod ledger;
 pub mod policies;
 pub mod recovery;

@@ -12,6 +12,12 @@
 //!
 //! Slots taken by restored executions may exceed a limit lowered meanwhile; the limit then
 //! holds back new admissions until enough of them finish.
+//!
+//! Executions that ended before the restart are not loaded: when the ledger holds any,
+//! recovery tells the executor that its memory of ended ids is incomplete, and the intake then
+//! asks the ledger ([`history`](super::history)) about supplied ids memory does not know. So a
+//! request redelivered after its execution ended (the executor died between the ledger commit
+//! and the acknowledgement) is a duplicate, not a second run.
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -37,6 +43,9 @@ pub struct RecoveryReport {
     pub max_execution_id: Option<ExecutionId>,
     /// Live rows that could not be restored, with the reason.
     pub skipped: Vec<SkippedExecution>,
+    /// Whether the ledger holds executions that ended; if so, the intake asks it about ids
+    /// memory does not know.
+    pub ended_before: bool,
 }
 
 /// A `scheduled` execution: admitted, dispatch not confirmed.
@@ -137,6 +146,10 @@ pub async fn recover(
     if let Some((action, restored)) = current.take() {
         executor.restore(&action, restored)?;
     }
+    report.ended_before = super::history::any_ended(pool, schema).await?;
+    if report.ended_before {
+        executor.ended_before_start();
+    }
     report.max_execution_id = max_execution_id(pool, schema).await?;
     if let Some(max) = report.max_execution_id {
         executor.observe_execution_id(max);
@@ -150,6 +163,29 @@ pub async fn recover(
         "recovered live executions from the ledger"
     );
     Ok(report)
+}
+
+/// Raises `attempt` of these `scheduled` executions by one. Call it before dispatching them
+/// again, so that the copy sent now carries an attempt no earlier copy carried, even if the
+/// executor dies again before the broker confirms it.
+pub async fn record_resends(
+    pool: &PgPool,
+    schema: &Schema,
+    ids: &[ExecutionId],
+) -> Result<(), DbError> {
+    let ids: Vec<i64> = ids.iter().filter_map(|id| super::db_id(*id)).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(schema.sql(
+        "UPDATE {s}.execution SET attempt = attempt + 1 \
+         WHERE id = ANY($1) AND status = 'scheduled'",
+    ))
+    .bind(&ids)
+    .execute(pool)
+    .await
+    .map_err(DbError::query("counting dispatches sent again"))?;
+    Ok(())
 }
 
 /// One live row, checked.

@@ -7,6 +7,12 @@
 //! otherwise), a completion or cancel when the executor has applied it, and anything that goes
 //! to the dead-letter queue only once the broker confirmed the dead letter. Nothing is ever
 //! requeued, except when the executor is shutting down and gives a request back.
+//!
+//! Intake may wait on Postgres, the actors never do: once the executor's memory of ended ids
+//! is incomplete (after a restart on the ledger, or once its window evicted an id), the
+//! request consumer asks the [`History`] about the supplied ids memory does not know, one
+//! query per batch, before it submits the batch; ids found there are duplicates. The next
+//! batch waits meanwhile, so acceptance order is kept.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -17,6 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, ShortString};
 
@@ -24,10 +31,10 @@ use super::acks::Acks;
 use super::publisher::{Outgoing, PublisherHandle};
 use super::throttle::IntakeThrottle;
 use super::wire::{self, DeadLetter, QueueFrom, Reply};
-use crate::core::Executor;
+use crate::core::{Executor, History};
 use crate::model::{
-    ActionRef, CancelRequest, Completion, CompletionVerdict, Receipt, Rejection, Submission,
-    Verdict,
+    ActionRef, CancelRequest, Completion, CompletionVerdict, ExecutionId, Receipt, Rejection,
+    Submission, Verdict, settle,
 };
 
 /// What the consumers need to know, shared by all three.
@@ -45,6 +52,9 @@ pub struct ConsumerContext {
     redeliveries: Mutex<HashMap<u64, u32>>,
     /// What the completion listener reports in its periodic log line.
     completion_log: CompletionLog,
+    /// Where to ask about supplied ids that ended beyond what the executor remembers; `None`
+    /// in memory mode, where nothing is remembered across a restart anyway.
+    history: Option<Arc<dyn History>>,
 }
 
 /// The runbook checks the completion listener with `journalctl … | grep CompletionListener`
@@ -126,7 +136,15 @@ impl ConsumerContext {
             dlq_enabled,
             redeliveries: Mutex::new(HashMap::new()),
             completion_log: CompletionLog::new(),
+            history: None,
         }
+    }
+
+    /// Checks supplied execution ids that memory does not know against `history` before
+    /// they are submitted.
+    pub fn with_history(mut self, history: Arc<dyn History>) -> Self {
+        self.history = Some(history);
+        self
     }
 
     /// How many times this message has been delivered, counting this time: from the broker's
@@ -292,8 +310,18 @@ fn reply(publisher: &PublisherHandle, d: &Delivery, reply: Reply) {
     );
 }
 
+/// What a handler leaves to be awaited before the next batch is read: nothing (a ready
+/// future) for completions and cancels, the history lookup and the submission for requests
+/// that need one.
+pub type Handled = BoxFuture<'static, ()>;
+
+fn done() -> Handled {
+    Box::pin(std::future::ready(()))
+}
+
 /// Reads a consumer in batches and hands each batch to `handle` until the consumer ends
-/// (`Ok`, it was canceled) or fails (`Err`, the channel or connection is gone).
+/// (`Ok`, it was canceled) or fails (`Err`, the channel or connection is gone). The next
+/// batch is read only once the future `handle` returned has finished.
 ///
 /// With a `throttle`, batches are no larger than its burst and each waits for as many tokens
 /// as it holds before it is handled; meanwhile the deliveries stay unacknowledged and the rest
@@ -303,7 +331,7 @@ pub async fn consume(
     acks: Acks,
     max_batch: usize,
     throttle: Option<Arc<IntakeThrottle>>,
-    mut handle: impl FnMut(Vec<Delivery>, &Acks),
+    mut handle: impl FnMut(Vec<Delivery>, &Acks) -> Handled,
 ) -> Result<(), lapin::Error> {
     let max_batch = throttle
         .as_ref()
@@ -334,16 +362,19 @@ pub async fn consume(
         for d in &batch {
             acks.track(d.delivery_tag);
         }
-        handle(batch, &acks);
+        handle(batch, &acks).await;
         if let Some(e) = failure {
             return Err(e);
         }
     }
 }
 
-/// Intake: decodes requests and submits them, one call per action per batch.
-pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &Acks) {
+/// Intake: decodes requests and submits them, one call per action per batch, after asking
+/// the history about supplied ids when memory cannot tell that they are new.
+pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &Acks) -> Handled {
     let mut per_action: Vec<(ActionRef, Vec<Submission>)> = Vec::new();
+    // Supplied ids only: assigned ones are above every id seen, so they are new.
+    let mut supplied: Vec<ExecutionId> = Vec::new();
     for d in batch {
         if ctx.is_poison(&d, acks, QueueFrom::Requested) {
             continue;
@@ -361,6 +392,9 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
                 continue;
             }
         };
+        if let Some(id) = req.execution_id {
+            supplied.push(id);
+        }
         let execution_id = req
             .execution_id
             .unwrap_or_else(|| ctx.executor.next_execution_id());
@@ -376,8 +410,81 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
             None => per_action.push((req.action_ref, vec![sub])),
         }
     }
+    let unknown: Vec<ExecutionId> = match &ctx.history {
+        Some(_) if !ctx.executor.remembers_every_ended_id() => supplied
+            .into_iter()
+            .filter(|id| !ctx.executor.is_known(*id))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let Some(history) = ctx.history.clone().filter(|_| !unknown.is_empty()) else {
+        submit(ctx, per_action);
+        return done();
+    };
+    let ctx = ctx.clone();
+    Box::pin(async move {
+        let recorded = recorded_among(&*history, unknown).await;
+        if !recorded.is_empty() {
+            ctx.executor.remember_ended(&recorded);
+            let recorded: std::collections::HashSet<ExecutionId> = recorded.into_iter().collect();
+            for (_, subs) in &mut per_action {
+                subs.retain_mut(|sub| {
+                    if !recorded.contains(&sub.execution_id) {
+                        return true;
+                    }
+                    let execution_id = sub.execution_id;
+                    tracing::info!(
+                        execution_id,
+                        "request for an execution the ledger already has; duplicate"
+                    );
+                    settle(sub.receipt.take(), Verdict::Duplicate { execution_id });
+                    false
+                });
+            }
+        }
+        submit(&ctx, per_action);
+    })
+}
+
+fn submit(ctx: &ConsumerContext, per_action: Vec<(ActionRef, Vec<Submission>)>) {
     for (action, subs) in per_action {
-        ctx.executor.submit(&action, subs);
+        if !subs.is_empty() {
+            ctx.executor.submit(&action, subs);
+        }
+    }
+}
+
+/// Longest a history lookup may take before it counts as failed.
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pauses between failed lookups: from the first to the last, doubling.
+const HISTORY_RETRY: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
+
+/// Which of `ids` the history holds, asking again until it answers: nothing in this batch
+/// may be submitted before (it could run a second time), and nothing is acknowledged
+/// meanwhile, so the broker keeps the messages. The same holds while the ledger itself
+/// cannot commit.
+async fn recorded_among(history: &dyn History, ids: Vec<ExecutionId>) -> Vec<ExecutionId> {
+    let mut pause = HISTORY_RETRY.0;
+    let mut failures = 0u32;
+    loop {
+        let error = match tokio::time::timeout(HISTORY_TIMEOUT, history.recorded(ids.clone())).await
+        {
+            Ok(Ok(found)) => {
+                if failures > 0 {
+                    tracing::info!(failures, "past executions can be looked up again");
+                }
+                return found;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {HISTORY_TIMEOUT:?}"),
+        };
+        if failures == 0 {
+            tracing::warn!(error = %error, ids = ids.len(),
+                "cannot tell whether requested executions ran before; intake waits");
+        }
+        failures += 1;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(HISTORY_RETRY.1);
     }
 }
 
@@ -443,7 +550,11 @@ fn request_receipt(
 }
 
 /// Completions: decodes them and hands them to the owning actors.
-pub fn handle_completions(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &Acks) {
+pub fn handle_completions(
+    ctx: &Arc<ConsumerContext>,
+    batch: Vec<Delivery>,
+    acks: &Acks,
+) -> Handled {
     let mut completions = Vec::with_capacity(batch.len());
     for d in batch {
         if ctx.is_poison(&d, acks, QueueFrom::Completed) {
@@ -483,10 +594,11 @@ pub fn handle_completions(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks
         ctx.executor.complete(completions);
     }
     let _ = ctx.completion_log.maybe_log();
+    done()
 }
 
 /// Cancels: decodes them and hands them to the owning actors.
-pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &Acks) {
+pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &Acks) -> Handled {
     let mut requests = Vec::with_capacity(batch.len());
     for d in batch {
         if ctx.is_poison(&d, acks, QueueFrom::Cancel) {
@@ -511,6 +623,7 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
     if !requests.is_empty() {
         ctx.executor.cancel(requests);
     }
+    done()
 }
 
 #[cfg(test)]

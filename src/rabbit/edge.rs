@@ -107,7 +107,7 @@ where
 struct ConsumerSpec {
     queue: &'static str,
     tag: &'static str,
-    handle: fn(&Arc<ConsumerContext>, Vec<lapin::message::Delivery>, &Acks),
+    handle: fn(&Arc<ConsumerContext>, Vec<lapin::message::Delivery>, &Acks) -> consumers::Handled,
     /// Subject to `intake_throttle`: requests only, never completions or cancels.
     throttled: bool,
     /// The name its log lines carry (the runbook greps for `CompletionListener`).

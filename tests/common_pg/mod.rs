@@ -218,13 +218,43 @@ impl Rig {
         inner: Arc<dyn OutcomeSink>,
         options: LedgerOptions,
     ) -> Rig {
+        Self::build(pool, schema, settings, policies, inner, options, false).await
+    }
+
+    /// Like [`start_with`](Self::start_with), with dispatches held until their admissions
+    /// are committed, as the service runs.
+    pub async fn start_gated(
+        pool: &PgPool,
+        schema: &Schema,
+        settings: QueueSettings,
+        policies: Arc<dyn PolicySource>,
+        options: LedgerOptions,
+    ) -> Rig {
+        let inner = Arc::new(fifo_executor::core::memory::DiscardSink);
+        Self::build(pool, schema, settings, policies, inner, options, true).await
+    }
+
+    async fn build(
+        pool: &PgPool,
+        schema: &Schema,
+        settings: QueueSettings,
+        policies: Arc<dyn PolicySource>,
+        inner: Arc<dyn OutcomeSink>,
+        options: LedgerOptions,
+        after_commit: bool,
+    ) -> Rig {
         let ids = Arc::new(ActionIds::new(schema));
         let (ledger, ledger_worker) =
             LedgerSink::start(pool.clone(), schema, ids.clone(), options, inner);
         let stats = StatsWriter::new(pool.clone(), schema, ids.clone());
         let (dispatcher, dispatched) = ChannelDispatcher::new();
+        let dispatcher: Arc<dyn fifo_executor::core::Dispatcher> = if after_commit {
+            Arc::new(ledger.dispatch_after_commit(Arc::new(dispatcher)))
+        } else {
+            Arc::new(dispatcher)
+        };
         let ports = Ports {
-            dispatcher: Arc::new(dispatcher),
+            dispatcher,
             sink: ledger.clone(),
             observer: stats.clone(),
         };
@@ -298,7 +328,8 @@ impl Rig {
     }
 
     /// Everything the actors were sent so far is handled and committed to the ledger. The
-    /// actors record events after handing out dispatches, so seeing a dispatch is not enough.
+    /// ledger commits in batches, so seeing a dispatch (handed straight to the channel here) is
+    /// not enough.
     pub async fn sync(&self) {
         self.settle_actors().await;
         self.ledger.sync().await.expect("ledger sync");
@@ -443,4 +474,71 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// Waits until the ledger shows at least `n` executions ended as `succeeded` or `failed` (the
+/// end statuses test workers report), at most `timeout`; returns whether it does. Callers
+/// then list what is missing with [`ledger_disagreements`].
+pub async fn until_ended(pool: &PgPool, n: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ended: Option<i64> = sqlx::query_scalar(
+            "SELECT count(*) FROM attune.execution WHERE status IN ('succeeded', 'failed')",
+        )
+        .fetch_one(pool)
+        .await
+        .ok();
+        if ended.is_some_and(|e| e >= n as i64) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How the ledger disagrees with what the workers reported: every id of `expected` must have
+/// a row in the status its worker reported, and there must be no other rows. Empty when it
+/// agrees.
+pub async fn ledger_disagreements(
+    pool: &PgPool,
+    expected: &std::collections::HashMap<u64, &str>,
+) -> Vec<String> {
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, status FROM attune.execution")
+        .fetch_all(pool)
+        .await
+        .expect("read the ledger");
+    let in_ledger: std::collections::HashMap<u64, String> = rows
+        .into_iter()
+        .filter_map(|(id, s)| Some((u64::try_from(id).ok()?, s)))
+        .collect();
+    let mut wrong: Vec<(u64, Option<&str>, &str)> = expected
+        .iter()
+        .filter(|(id, status)| in_ledger.get(*id).map(String::as_str) != Some(**status))
+        .map(|(id, status)| (*id, in_ledger.get(id).map(String::as_str), *status))
+        .collect();
+    wrong.sort_unstable();
+    let mut extra: Vec<u64> = in_ledger
+        .keys()
+        .filter(|id| !expected.contains_key(*id))
+        .copied()
+        .collect();
+    extra.sort_unstable();
+    let mut problems = Vec::new();
+    if !wrong.is_empty() {
+        problems.push(format!(
+            "{} ledger rows disagree with the workers (id, ledger, worker): {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(20)]
+        ));
+    }
+    if !extra.is_empty() {
+        problems.push(format!(
+            "{} ledger rows for executions never submitted: {:?}",
+            extra.len(),
+            &extra[..extra.len().min(20)]
+        ));
+    }
+    problems
 }

@@ -8,6 +8,8 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::future::Future;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,11 +105,35 @@ pub async fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Sends the library's logs to the test's output (warnings and above unless `RUST_LOG` says
+/// otherwise); the first call in a test binary wins.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// Calls `condition` every 20 ms until it returns true; panics naming `what` if that has not
 /// happened within `deadline`.
 ///
 /// Time is tokio's, so under paused time the deadline is virtual too.
-pub async fn poll_until<F, Fut>(deadline: Duration, what: &str, mut condition: F)
+pub async fn poll_until<F, Fut>(deadline: Duration, what: &str, condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if !wait_until(deadline, condition).await {
+        panic!("gave up after {deadline:?} waiting until {what}");
+    }
+}
+
+/// Like [`poll_until`], but returns whether `condition` became true, for tests that report
+/// what went wrong in more detail than "timed out".
+pub async fn wait_until<F, Fut>(deadline: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -115,10 +141,10 @@ where
     let start = tokio::time::Instant::now();
     loop {
         if condition().await {
-            return;
+            return true;
         }
         if start.elapsed() >= deadline {
-            panic!("gave up after {deadline:?} waiting until {what}");
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -1,0 +1,235 @@
+//! The whole service on the Postgres ledger, in-process, with test workers over the real
+//! RabbitMQ: a request for an execution that ended before a restart, or beyond the ended ids
+//! the executor remembers, is a duplicate; Postgres restarted in the middle of a load loses
+//! nothing.
+
+mod common_pg;
+mod support;
+
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use common_pg::{TempPg, TestDb};
+use fifo_executor::app::Service;
+use fifo_executor::config::{self, Config};
+use fifo_executor::rabbit::topology;
+use futures::StreamExt;
+use lapin::Connection;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use support::fleet::{self, Fleet, WorkerSettings};
+use support::{TestVhost, poll_until, wait_until};
+
+fn config_for(vhost: &TestVhost, db: &TestDb, limits: &HashMap<String, u32>) -> Config {
+    support::init_tracing();
+    let mut c = Config::default();
+    c.rabbitmq.url = vhost.url.clone();
+    c.database.url = db.url.clone();
+    c.executor.durability = config::Durability::Ledger;
+    c.executor.shutdown_timeout_seconds = 5;
+    c.api.listen = ([127, 0, 0, 1], 0).into();
+    c.health.enabled = false;
+    c.purge.enabled = false;
+    for (action, n) in limits {
+        c.policies.actions.insert(
+            action.clone(),
+            config::ActionPolicy {
+                concurrency_limit: Some(*n),
+                rate_limit: None,
+                enabled: None,
+            },
+        );
+    }
+    c
+}
+
+fn workers(limits: &HashMap<String, u32>) -> WorkerSettings {
+    WorkerSettings {
+        duration_ms: 0..=3,
+        failure_rate: 0.05,
+        limits: limits.clone(),
+    }
+}
+
+/// Per action, the ids of `requests` in submission order.
+fn by_action(requests: &[(u64, String)]) -> HashMap<String, Vec<u64>> {
+    let mut out: HashMap<String, Vec<u64>> = HashMap::new();
+    for (id, action) in requests {
+        out.entry(action.clone()).or_default().push(*id);
+    }
+    out
+}
+
+/// The one action of the tests about ended ids, at limit 1.
+const ONE_ACTION: &str = "history.a";
+
+fn one_action() -> HashMap<String, u32> {
+    HashMap::from([(ONE_ACTION.to_owned(), 1)])
+}
+
+/// Runs executions `ids` (the next ones after those already run, from 1) through the service
+/// until the workers finished them and the ledger has them ended.
+async fn run_to_the_end(fleet: &Fleet, vhost: &TestVhost, db: &TestDb, ids: RangeInclusive<u64>) {
+    let requests: Vec<(u64, String)> = ids.clone().map(|id| (id, ONE_ACTION.to_owned())).collect();
+    fleet::publish_requests(&vhost.url, &requests).await;
+    let n = *ids.end() as usize;
+    poll_until(
+        Duration::from_secs(30),
+        &format!("{n} executions finished"),
+        || async { fleet.finished() >= n },
+    )
+    .await;
+    assert!(
+        common_pg::until_ended(&db.pool, n, Duration::from_secs(10)).await,
+        "the ledger has {n} ends"
+    );
+}
+
+/// Publishes a request for `id` again, with `reply_to`, and returns the executor's answer.
+async fn request_again(conn: &Connection, id: u64) -> Value {
+    let ch = fleet::confirm_channel(conn).await;
+    let replies = fleet::reply_queue(&ch).await;
+    let mut answers = ch
+        .basic_consume(
+            replies.as_str().into(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies");
+    let body = json!({"execution_id": id, "action_ref": ONE_ACTION, "parameters": {"again": true}});
+    fleet::publish(
+        &ch,
+        topology::REQUESTED_ROUTING_KEY,
+        body.to_string().as_bytes(),
+        fleet::json_props().with_reply_to(replies),
+    )
+    .await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("an answer on reply_to")
+        .expect("reply stream open")
+        .expect("reply delivered");
+    serde_json::from_slice(&answer.data).expect("reply is JSON")
+}
+
+/// Asks again for `id`, which ended, expects the answer "duplicate", and then runs one more
+/// execution behind it: a second run of `id` would have been dispatched before it, so the
+/// workers would have seen it.
+async fn expect_duplicate(
+    fleet: &Fleet,
+    vhost: &TestVhost,
+    db: &TestDb,
+    conn: &Connection,
+    id: u64,
+    ran: u64,
+) {
+    let answer = request_again(conn, id).await;
+    assert_eq!(answer["execution_id"], id);
+    assert_eq!(answer["status"], "queued");
+    assert_eq!(answer["duplicate"], true, "{answer}");
+    run_to_the_end(fleet, vhost, db, ran + 1..=ran + 1).await;
+    let all: Vec<(u64, String)> = (1..=ran + 1).map(|i| (i, ONE_ACTION.to_owned())).collect();
+    let problems = fleet
+        .record
+        .lock()
+        .expect("record")
+        .violations(&by_action(&all), &one_action());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_an_execution_that_ended_before_a_restart_is_a_duplicate() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let service = Service::start(config_for(&vhost, &db, &one_action()))
+        .await
+        .expect("service starts");
+    let probe = fleet::connect(&vhost.url).await;
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "history.workers", workers(&one_action())).await;
+    run_to_the_end(&fleet, &vhost, &db, 1..=5).await;
+    service.shutdown().await.expect("clean shutdown");
+
+    // A new life knows nothing of 1..=5 in memory; only the ledger does.
+    let service = Service::start(config_for(&vhost, &db, &one_action()))
+        .await
+        .expect("service starts again");
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    expect_duplicate(&fleet, &vhost, &db, &probe, 3, 5).await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_an_execution_that_ended_beyond_the_remembered_window_is_a_duplicate() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let mut config = config_for(&vhost, &db, &one_action());
+    config.executor.remember_ended_ids = 2;
+    let service = Service::start(config).await.expect("service starts");
+    let probe = fleet::connect(&vhost.url).await;
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "window.workers", workers(&one_action())).await;
+    // Memory keeps 3 and 4; 1 and 2 are only in the ledger.
+    run_to_the_end(&fleet, &vhost, &db, 1..=4).await;
+    expect_duplicate(&fleet, &vhost, &db, &probe, 1, 4).await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_load_loses_nothing_and_repeats_nothing() {
+    const EXECUTIONS: u64 = 3000;
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let vhost = TestVhost::create().await;
+    let limits: HashMap<String, u32> = (0..5u32)
+        .map(|i| (format!("outage.action-{i}"), i + 1))
+        .collect();
+    let requests: Vec<(u64, String)> = (1..=EXECUTIONS)
+        .map(|id| (id, format!("outage.action-{}", id * 7 % 5)))
+        .collect();
+
+    let service = Service::start(config_for(&vhost, &db, &limits))
+        .await
+        .expect("service starts");
+    let probe = fleet::connect(&vhost.url).await;
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "outage.workers", workers(&limits)).await;
+    let url = vhost.url.clone();
+    let to_publish = requests.clone();
+    let producer = tokio::spawn(async move { fleet::publish_requests(&url, &to_publish).await });
+
+    poll_until(Duration::from_secs(60), "a third finished", || async {
+        fleet.finished() >= EXECUTIONS as usize / 3
+    })
+    .await;
+    pg.stop().await;
+    let at_stop = fleet.finished();
+    pg.restart().await;
+    println!("Postgres stopped and restarted after {at_stop} finished executions");
+
+    producer.await.expect("every request published");
+    // On a timeout the checks below say which executions are missing.
+    wait_until(Duration::from_secs(120), || async {
+        fleet.finished() >= EXECUTIONS as usize
+    })
+    .await;
+    // Whatever it lacks after the wait is listed below.
+    common_pg::until_ended(&db.pool, EXECUTIONS as usize, Duration::from_secs(30)).await;
+    let (mut problems, outcomes) = {
+        let record = fleet.record.lock().expect("record");
+        (
+            record.violations(&by_action(&requests), &limits),
+            record.outcomes(),
+        )
+    };
+    problems.extend(common_pg::ledger_disagreements(&db.pool, &outcomes).await);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    service.shutdown().await.expect("clean shutdown");
+}
