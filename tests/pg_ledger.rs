@@ -451,6 +451,29 @@ async fn a_dispatch_leaves_only_once_its_admission_is_committed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_dispatch_is_committed_at_once_not_after_the_flush_interval() {
+    let db = TestDb::new().await;
+    let mut rig = Rig::start_gated(
+        &db.pool,
+        &db.schema,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(1))),
+        LedgerOptions {
+            // Were dispatches to wait for it, none would leave within the test's deadline.
+            flush_interval: Duration::from_secs(3600),
+            ..LedgerOptions::default()
+        },
+    )
+    .await;
+    let a = action("core.prompt");
+    let _first = rig.submit(&a, [1, 2]);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 1);
+    rig.complete(1, EndStatus::Succeeded);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 2);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_postgres_refuses_costs_only_its_own_execution() {
     let db = TestDb::new().await;
     let mut rig = Rig::start(

@@ -19,8 +19,9 @@
 //! execution a worker may have received is `scheduled` or later in the ledger, and a restart
 //! restores it holding its slot; it is never restored as waiting and dispatched a second time
 //! as a first attempt while a worker runs it (`tests/pg_kill_restart.rs` saw 77 such repeated
-//! first attempts over three SIGKILLs before this). It adds the flush interval and a commit to
-//! each dispatch's latency, not a write.
+//! first attempts over three SIGKILLs before this). It adds a commit to each dispatch's
+//! latency, not a write: while a dispatch waits, the writer does not wait out
+//! the flush interval but commits at once (what arrives meanwhile joins the next commit).
 //!
 //! # Batching
 //!
@@ -253,7 +254,8 @@ impl LedgerSink {
     /// crash, whatever a worker may have received is restored holding its slot (and sent
     /// again with `attempt + 1` if the broker never confirmed it), never as waiting, where it
     /// would be dispatched a second time as a first attempt while a worker runs it. The price
-    /// is the flush interval and a commit added to each dispatch's latency, and no dispatches
+    /// is a commit added to each dispatch's latency (the writer flushes at once while a
+    /// dispatch waits, rather than after the flush interval), and no dispatches
     /// while Postgres is unreachable (slots still free in memory; the held dispatches leave in
     /// order once it is back).
     ///
@@ -613,6 +615,10 @@ struct Inbox {
     syncs: VecDeque<(u64, oneshot::Sender<()>)>,
     /// The `created` last given to an acceptance of each action.
     last_created: HashMap<ActionRef, DateTime<Utc>>,
+    /// `Item::Dispatches` in `pending`. While any wait, the writer flushes at once instead of
+    /// waiting out the flush interval: a worker is idle until they go out. Under load this
+    /// still batches, since what arrives during one commit goes into the next.
+    dispatches: usize,
 }
 
 impl Default for Inbox {
@@ -623,6 +629,7 @@ impl Default for Inbox {
             received: 0,
             syncs: VecDeque::new(),
             last_created: HashMap::new(),
+            dispatches: 0,
         }
     }
 }
@@ -654,6 +661,7 @@ impl Inbox {
             }
             Input::Dispatches(batch, to) => {
                 self.received += 1;
+                self.dispatches += 1;
                 self.pending.push_back(Item::Dispatches { batch, to });
             }
             Input::Sync(done) => self.syncs.push_back((self.received, done)),
@@ -764,6 +772,7 @@ impl Writer {
             let deadline = inbox.oldest + self.options.flush_interval;
             if !stopping {
                 let waiting_for_more = !inbox.pending.is_empty()
+                    && inbox.dispatches == 0
                     && inbox.pending.len() < batch_max
                     && Instant::now() < deadline;
                 if inbox.pending.is_empty() {
@@ -802,6 +811,7 @@ impl Writer {
                 continue;
             }
             let due = stopping
+                || inbox.dispatches > 0
                 || inbox.pending.len() >= batch_max
                 || Instant::now() >= inbox.oldest + self.options.flush_interval;
             if !due {
@@ -809,6 +819,10 @@ impl Writer {
             }
             let n = inbox.pending.len().min(batch_max);
             let batch: Vec<Item> = inbox.pending.drain(..n).collect();
+            inbox.dispatches -= batch
+                .iter()
+                .filter(|i| matches!(i, Item::Dispatches { .. }))
+                .count();
             self.write(batch).await;
             committed += n as u64;
         }
