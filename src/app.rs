@@ -126,23 +126,50 @@ impl crate::core::StatsObserver for BothStats {
     }
 }
 
-/// Where the service keeps what the Postgres edge will persist. The defaults keep everything
-/// in memory; the Postgres edge passes its own to [`Service::start_with`].
-#[derive(Clone)]
+/// Where the service keeps policies set over HTTP, health results and old ledger rows. A hook
+/// left `None` (the default) is the service's own: the Postgres one under
+/// `executor.durability: ledger`, the in-memory no-op under `memory`. Tests set their own.
+#[derive(Clone, Default)]
 pub struct Hooks {
-    pub policies: Arc<dyn PolicyStore>,
-    pub health: Arc<dyn HealthStore>,
-    pub ledger_purge: Arc<dyn LedgerPurge>,
+    pub policies: Option<Arc<dyn PolicyStore>>,
+    pub health: Option<Arc<dyn HealthStore>>,
+    pub ledger_purge: Option<Arc<dyn LedgerPurge>>,
 }
 
-impl Default for Hooks {
-    fn default() -> Self {
-        Self {
-            policies: Arc::new(NoPolicyStore),
-            health: Arc::new(NoHealthStore),
-            ledger_purge: Arc::new(NoLedgerPurge),
+impl Hooks {
+    /// Fills the hooks left `None`: from the Postgres side if there is one, else no-ops.
+    fn resolve(self, durable: Option<&Durable>) -> ResolvedHooks {
+        use crate::db::ops::{DbHealthStore, DbLedgerPurge};
+        use crate::db::policies::DbPolicyStore;
+        let policies = self.policies.unwrap_or_else(|| match durable {
+            Some(d) => Arc::new(DbPolicyStore::new(
+                d.pool.clone(),
+                &d.schema,
+                d.policies.clone(),
+            )),
+            None => Arc::new(NoPolicyStore),
+        });
+        let health = self.health.unwrap_or_else(|| match durable {
+            Some(d) => Arc::new(DbHealthStore::new(d.pool.clone(), &d.schema)),
+            None => Arc::new(NoHealthStore),
+        });
+        let ledger_purge = self.ledger_purge.unwrap_or_else(|| match durable {
+            Some(d) => Arc::new(DbLedgerPurge::new(d.pool.clone(), &d.schema)),
+            None => Arc::new(NoLedgerPurge),
+        });
+        ResolvedHooks {
+            policies,
+            health,
+            ledger_purge,
         }
     }
+}
+
+/// [`Hooks`] with every hook chosen.
+struct ResolvedHooks {
+    policies: Arc<dyn PolicyStore>,
+    health: Arc<dyn HealthStore>,
+    ledger_purge: Arc<dyn LedgerPurge>,
 }
 
 /// How often recent histogram samples are folded into buckets when nobody scrapes (the
@@ -169,7 +196,7 @@ pub struct Service {
 }
 
 impl Service {
-    /// Builds everything and starts consuming, with in-memory hooks.
+    /// Builds everything and starts consuming, with the service's own hooks.
     pub async fn start(config: Config) -> Result<Self, AppError> {
         Self::start_with(config, Hooks::default()).await
     }
@@ -277,6 +304,7 @@ impl Service {
             );
         }
 
+        let hooks = hooks.resolve(durable.as_ref());
         let dlq = config
             .dlq
             .enabled

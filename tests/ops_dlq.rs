@@ -375,6 +375,7 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
                 max_running_age: Duration::from_secs(3600),
                 max_completed_age: Duration::from_secs(604_800),
                 max_stale_stats_age: Duration::from_secs(3600),
+                max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
             },
             Arc::new(NoLedgerPurge),
         )),

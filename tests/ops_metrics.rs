@@ -5,6 +5,8 @@
 //! The recorder is process-wide, so each test uses its own action names; the unlabelled health
 //! gauges are asserted by one test only.
 
+mod support;
+
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use fifo_executor::model::{
 use fifo_executor::ops::health::HealthMonitor;
 use fifo_executor::ops::hooks::NoHealthStore;
 use fifo_executor::ops::metrics::{self, Metrics, MetricsSink, names};
+use support::metric_value as value;
 
 struct Rig {
     exec: Arc<Executor>,
@@ -80,23 +83,6 @@ async fn submit(exec: &Executor, a: &ActionRef, ids: &[u64]) -> Vec<Verdict> {
         verdicts.push(rx.await.expect("a verdict"));
     }
     verdicts
-}
-
-/// The value of the series `name{labels…}` in Prometheus text, if present.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            let Some(rest) = l.strip_prefix(name) else {
-                return false;
-            };
-            (rest.starts_with('{') || rest.starts_with(' '))
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn wall_now(exec: &Executor) -> chrono::DateTime<chrono::Utc> {

@@ -62,6 +62,7 @@ async fn rig(emergency_mode: bool) -> Rig {
             max_running_age: MAX_RUNNING,
             max_completed_age: Duration::from_secs(604_800),
             max_stale_stats_age: Duration::from_secs(3600),
+            max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
         },
         Arc::new(NoLedgerPurge),
     ));

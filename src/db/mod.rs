@@ -14,6 +14,9 @@
 //! - [`policies`]: a [`PolicySource`](crate::core::PolicySource) backed by the `action` table
 //!   and the poller that applies operators' changes (the runbook's "disable low-priority
 //!   actions") within two seconds.
+//!   [`DbPolicyStore`](policies::DbPolicyStore) writes policies set over HTTP to the same table.
+//! - [`ops`]: the history of health checks and the purge of old ledger rows, behind the seams
+//!   of [`crate::ops::hooks`].
 //! - [`actions`]: the `ref → action.id` cache both writers share.
 //!
 //! Nothing here runs inside an action actor: the ports only push to channels or maps, and the
@@ -39,6 +42,7 @@
 
 pub mod actions;
 pub mod ledger;
+pub mod ops;
 pub mod policies;
 pub mod recovery;
 pub mod stats;

@@ -337,13 +337,23 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
 /// How long after start the first check runs (see [`HealthMonitor::run`]).
 pub const FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
 
+/// Longest the [`HealthStore`] may take to keep one result; past it the result is not kept
+/// and the check goes on (a slow Postgres must not hold up `/health` and the gauges).
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs the checks and keeps the latest result.
 pub struct HealthMonitor {
+    /// Asked for every action's counters and the stuck count.
     executor: Arc<Executor>,
+    /// `None` when `dlq.enabled` is false.
     dlq: Option<Arc<Dlq>>,
+    /// `health.thresholds`.
     thresholds: HealthThresholds,
+    /// Shown in the report and the log line: it changes what the queue checks mean.
     emergency_mode: bool,
+    /// Where each result goes besides memory (Postgres with the ledger).
     store: Arc<dyn super::hooks::HealthStore>,
+    /// The latest result, for `/health`.
     latest: watch::Sender<Option<Arc<HealthReport>>>,
 }
 
@@ -405,8 +415,15 @@ impl HealthMonitor {
         } else {
             tracing::warn!("{}", report.log_line());
         }
-        if let Err(e) = self.store.store(&report).await {
-            tracing::warn!(error = %e, "[health] could not store the health check result");
+        match tokio::time::timeout(STORE_TIMEOUT, self.store.store(&report)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "[health] could not store the health check result");
+            }
+            Err(_) => tracing::warn!(
+                "[health] storing the health check result took longer than {STORE_TIMEOUT:?}; \
+                 not stored"
+            ),
         }
         self.latest.send_replace(Some(report.clone()));
         report

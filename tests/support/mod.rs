@@ -123,3 +123,40 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The value of the series `name{labels…}` in Prometheus text, if present.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let Some(rest) = l.strip_prefix(name) else {
+                return false;
+            };
+            (rest.starts_with('{') || rest.starts_with(' '))
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An executor with in-memory ports and nothing queued, for checks that only need one to ask.
+pub async fn idle_executor() -> std::sync::Arc<fifo_executor::core::Executor> {
+    use fifo_executor::core::memory::{ChannelDispatcher, DiscardSink, LatestStats};
+    use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
+    use std::sync::Arc;
+    Arc::new(
+        Executor::start(
+            QueueSettings::default(),
+            Ports {
+                dispatcher: Arc::new(ChannelDispatcher::new().0),
+                sink: Arc::new(DiscardSink),
+                observer: Arc::new(LatestStats::default()),
+            },
+            Arc::new(UniformPolicy(ActionPolicy::default())),
+        )
+        .await
+        .expect("the executor starts"),
+    )
+}
