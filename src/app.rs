@@ -309,13 +309,16 @@ impl Service {
             .dlq
             .enabled
             .then(|| Arc::new(Dlq::new(config.rabbitmq.url.clone())));
-        let health = Arc::new(HealthMonitor::new(
-            executor.clone(),
-            dlq.clone(),
-            config.health.thresholds.clone(),
-            config.executor.emergency_mode,
-            hooks.health.clone(),
-        ));
+        let health = Arc::new(
+            HealthMonitor::new(
+                executor.clone(),
+                dlq.clone(),
+                config.health.thresholds.clone(),
+                config.executor.emergency_mode,
+                hooks.health.clone(),
+            )
+            .with_dlq_breakdown(metrics_handle.is_some()),
+        );
         let purger = Arc::new(Purger::new(
             executor.clone(),
             PurgeSettings::from_config(&config.purge),

@@ -39,6 +39,9 @@ pub mod names {
     pub const DLQ_MESSAGES_TOTAL: &str = "attune_dlq_messages_total";
     /// Messages ready in `attune.dlq`, all origins (RabbitMQ's own count).
     pub const DLQ_SIZE: &str = "attune_dlq_size";
+    /// The same split by `queue_from`, from reading the DLQ's head at each health check
+    /// (see `ops::health::HealthMonitor::check` for how stale it can be).
+    pub const DLQ_SIZE_BY_QUEUE_FROM: &str = "attune_dlq_size_by_queue_from";
     pub const HEALTH_STATUS: &str = "attune_health_status";
     pub const HEALTH_STUCK_EXECUTIONS: &str = "attune_health_stuck_executions";
     pub const HEALTH_STALLED_QUEUES: &str = "attune_health_stalled_queues";
@@ -67,6 +70,7 @@ pub mod names {
         EXECUTIONS_TOTAL,
         DLQ_MESSAGES_TOTAL,
         DLQ_SIZE,
+        DLQ_SIZE_BY_QUEUE_FROM,
         HEALTH_STATUS,
         HEALTH_STUCK_EXECUTIONS,
         HEALTH_STALLED_QUEUES,
