@@ -561,3 +561,46 @@ async fn dead_letters_expire_one_by_one_and_the_dlq_itself_stays() {
         "the DLQ is still bound and takes dead letters: {routed:?}"
     );
 }
+
+#[tokio::test]
+async fn the_dlq_check_turns_degraded_above_the_warning_unhealthy_above_critical_and_back() {
+    let (vhost, _conn, ch) = broker().await;
+    let exec = idle_executor().await;
+    let monitor = HealthMonitor::new(
+        exec.clone(),
+        Some(Arc::new(Dlq::new(vhost.url.clone()))),
+        HealthThresholds {
+            dlq_warning: 2,
+            dlq_critical: 4,
+            ..HealthThresholds::default()
+        },
+        false,
+        Arc::new(NoHealthStore),
+    );
+    let mut next = 0;
+    for (total, want) in [
+        (0, Status::Healthy),
+        (2, Status::Healthy),
+        (3, Status::Degraded),
+        (4, Status::Degraded),
+        (5, Status::Unhealthy),
+    ] {
+        let letters: Vec<Value> = (next..total)
+            .map(|i| letter(i + 1, "requested", "QueueFull", 0))
+            .collect();
+        publish_letters(&ch, &letters).await;
+        next = total;
+        let report = monitor.check().await;
+        assert_eq!(report.totals.dlq, Some(total), "{total} dead letters");
+        assert_eq!(report.checks["dlq"].status, want, "{total} dead letters");
+        assert_eq!(report.status, want, "{total} dead letters");
+    }
+    ch.queue_purge(
+        topology::DLQ.into(),
+        lapin::options::QueuePurgeOptions::default(),
+    )
+    .await
+    .expect("purge");
+    assert_eq!(monitor.check().await.status, Status::Healthy, "emptied");
+    exec.shutdown(Duration::from_secs(5)).await;
+}

@@ -439,7 +439,10 @@ impl HealthMonitor {
                 stats: &stats,
                 dlq,
                 stuck: &stuck,
-                now: Utc::now(),
+                // The core's clock, which every time in `stats` comes from: the wall clock
+                // can step (NTP) while the core's cannot, and paused tokio time drives it in
+                // tests.
+                now: self.executor.clock().wall(self.executor.clock().now()),
                 emergency_mode: self.emergency_mode,
             },
             &self.thresholds,

@@ -160,3 +160,31 @@ pub async fn idle_executor() -> std::sync::Arc<fifo_executor::core::Executor> {
         .expect("the executor starts"),
     )
 }
+
+/// Submits executions with empty parameters to `action` and waits until each has its verdict.
+pub async fn submit_and_wait(
+    exec: &fifo_executor::core::Executor,
+    action: &fifo_executor::model::ActionRef,
+    ids: &[u64],
+) -> Vec<fifo_executor::model::Verdict> {
+    use fifo_executor::model::{Payload, Receipt, Submission};
+    let mut rxs = Vec::new();
+    let subs = ids
+        .iter()
+        .map(|&id| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rxs.push(rx);
+            let mut s = Submission::new(id, Payload::empty_object());
+            s.receipt = Some(Receipt::new(move |v| {
+                let _ = tx.send(v);
+            }));
+            s
+        })
+        .collect();
+    exec.submit(action, subs);
+    let mut verdicts = Vec::new();
+    for rx in rxs {
+        verdicts.push(rx.await.expect("a verdict"));
+    }
+    verdicts
+}
