@@ -376,8 +376,17 @@ async fn the_ledger_purge_counts_in_a_dry_run_deletes_in_batches_and_spares_live
         old_health_checks: 2,
     };
 
+    let (logs, _guard) = support::capture_logs();
     let dry = purger.run_cycle(true, Trigger::Manual).await;
     assert_eq!(dry.ledger, Some(want), "{:?}", dry.ledger_error);
+    for line in [
+        "[purge][dry-run] Would purge 7 finished executions from the ledger (age over max: 604800s)",
+        "[purge][dry-run] Would purge 1 idle queue_stats rows from the ledger (age over max: 3600s)",
+        "[purge][dry-run] Would purge 3 queue_snapshots rows from the ledger (age over max: 2592000s)",
+        "[purge][dry-run] Would purge 2 health_checks rows from the ledger (age over max: 2592000s)",
+    ] {
+        assert!(logs.text().contains(line), "{line} in {}", logs.text());
+    }
     assert_eq!(
         count(&db, "SELECT count(*) FROM attune.execution").await,
         11
@@ -397,6 +406,13 @@ async fn the_ledger_purge_counts_in_a_dry_run_deletes_in_batches_and_spares_live
 
     let live = purger.run_cycle(false, Trigger::Scheduled).await;
     assert_eq!(live.ledger, Some(want), "{:?}", live.ledger_error);
+    assert!(
+        logs.text().contains(
+            "[purge] Purged 7 finished executions from the ledger (age over max: 604800s)"
+        ),
+        "{}",
+        logs.text()
+    );
     let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM attune.execution ORDER BY id")
         .fetch_all(&db.pool)
         .await

@@ -186,6 +186,7 @@ impl Purger {
             }
         }
         if let Some(l) = &ledger {
+            self.log_ledger(l, dry_run);
             for (table, n) in l.by_table() {
                 if n > 0 {
                     metrics::counter!(names::PURGE_LEDGER_ROWS_TOTAL, "table" => table, "mode" => mode)
@@ -243,6 +244,42 @@ impl Purger {
                 _ = super::stopped(&mut shutdown) => return,
             }
             self.run_cycle(dry_run, Trigger::Scheduled).await;
+        }
+    }
+}
+
+impl Purger {
+    /// One line per kind of ledger row that was (or would be) deleted, with its age limit.
+    fn log_ledger(&self, l: &LedgerPurged, dry_run: bool) {
+        let st = &self.settings;
+        for (what, n, limit) in [
+            (
+                "finished executions",
+                l.completed_executions,
+                st.max_completed_age,
+            ),
+            (
+                "idle queue_stats rows",
+                l.stale_stats,
+                st.max_stale_stats_age,
+            ),
+            ("queue_snapshots rows", l.old_snapshots, st.max_history_age),
+            (
+                "health_checks rows",
+                l.old_health_checks,
+                st.max_history_age,
+            ),
+        ] {
+            let max = limit.as_secs();
+            match (n, dry_run) {
+                (0, _) => {}
+                (_, true) => tracing::info!(
+                    "[purge][dry-run] Would purge {n} {what} from the ledger (age over max: {max}s)"
+                ),
+                (_, false) => tracing::info!(
+                    "[purge] Purged {n} {what} from the ledger (age over max: {max}s)"
+                ),
+            }
         }
     }
 }
