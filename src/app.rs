@@ -131,8 +131,11 @@ impl crate::core::StatsObserver for BothStats {
 /// `executor.durability: ledger`, the in-memory no-op under `memory`. Tests set their own.
 #[derive(Clone, Default)]
 pub struct Hooks {
+    /// Stores and applies `PUT /api/v1/actions/{ref}/policy`.
     pub policies: Option<Arc<dyn PolicyStore>>,
+    /// Keeps each health check's result.
     pub health: Option<Arc<dyn HealthStore>>,
+    /// Deletes old ledger rows in each purge cycle.
     pub ledger_purge: Option<Arc<dyn LedgerPurge>>,
 }
 
@@ -167,8 +170,11 @@ impl Hooks {
 
 /// [`Hooks`] with every hook chosen.
 struct ResolvedHooks {
+    /// For the HTTP edge.
     policies: Arc<dyn PolicyStore>,
+    /// For the health monitor.
     health: Arc<dyn HealthStore>,
+    /// For the purger.
     ledger_purge: Arc<dyn LedgerPurge>,
 }
 

@@ -3,9 +3,10 @@
 //! Operators change policies with plain SQL, e.g. the runbook's emergency step
 //! `UPDATE attune.action SET enabled = false WHERE priority < 5 OR tags @> '["low-priority"]';`.
 //! The poller reads the policy columns of every action each `interval` (default 1 s) and
-//! compares them with what it read last time; an action whose columns changed gets its new
-//! policy through [`Executor::set_policy`] at once, so a disabled action stops dispatching
-//! within `interval` plus one mailbox turn, and resumes in FIFO order when enabled again.
+//! compares the policy each row gives with the one the executor has; an action where they
+//! differ gets the row's through [`Executor::set_policy`] at once, so a disabled action stops
+//! dispatching within `interval` plus one mailbox turn, and resumes in FIFO order when enabled
+//! again.
 //!
 //! Why compare values rather than watch `updated` (which a trigger keeps current): a
 //! transaction that commits late carries an `updated` older than one the poller has already
@@ -30,11 +31,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures::future::BoxFuture;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, SqlStr};
 use tokio::time::MissedTickBehavior;
-
-use futures::future::BoxFuture;
 
 use super::{DbError, Schema, Worker};
 use crate::core::{ActionPolicy, Executor, PolicySource, RateLimit};

@@ -113,7 +113,9 @@ pub struct DlqStats {
     pub sampled: usize,
     /// `(none)` counts entries without a `queue_from` (not this executor's dead letters).
     pub by_queue_from: BTreeMap<String, u64>,
+    /// `(none)` likewise.
     pub by_error_class: BTreeMap<String, u64>,
+    /// The earliest and latest `failed_at` among the entries read (RFC 3339).
     pub oldest_failed_at: Option<String>,
     pub newest_failed_at: Option<String>,
 }
