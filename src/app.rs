@@ -127,23 +127,56 @@ impl crate::core::StatsObserver for BothStats {
     }
 }
 
-/// Where the service keeps what the Postgres edge will persist. The defaults keep everything
-/// in memory; the Postgres edge passes its own to [`Service::start_with`].
-#[derive(Clone)]
+/// Where the service keeps policies set over HTTP, health results and old ledger rows. A hook
+/// left `None` (the default) is the service's own: the Postgres one under
+/// `executor.durability: ledger`, the in-memory no-op under `memory`. Tests set their own.
+#[derive(Clone, Default)]
 pub struct Hooks {
-    pub policies: Arc<dyn PolicyStore>,
-    pub health: Arc<dyn HealthStore>,
-    pub ledger_purge: Arc<dyn LedgerPurge>,
+    /// Stores and applies `PUT /api/v1/actions/{ref}/policy`.
+    pub policies: Option<Arc<dyn PolicyStore>>,
+    /// Keeps each health check's result.
+    pub health: Option<Arc<dyn HealthStore>>,
+    /// Deletes old ledger rows in each purge cycle.
+    pub ledger_purge: Option<Arc<dyn LedgerPurge>>,
 }
 
-impl Default for Hooks {
-    fn default() -> Self {
-        Self {
-            policies: Arc::new(NoPolicyStore),
-            health: Arc::new(NoHealthStore),
-            ledger_purge: Arc::new(NoLedgerPurge),
+impl Hooks {
+    /// Fills the hooks left `None`: from the Postgres side if there is one, else no-ops.
+    fn resolve(self, durable: Option<&Durable>) -> ResolvedHooks {
+        use crate::db::ops::{DbHealthStore, DbLedgerPurge};
+        use crate::db::policies::DbPolicyStore;
+        let policies = self.policies.unwrap_or_else(|| match durable {
+            Some(d) => Arc::new(DbPolicyStore::new(
+                d.pool.clone(),
+                &d.schema,
+                d.policies.clone(),
+            )),
+            None => Arc::new(NoPolicyStore),
+        });
+        let health = self.health.unwrap_or_else(|| match durable {
+            Some(d) => Arc::new(DbHealthStore::new(d.pool.clone(), &d.schema)),
+            None => Arc::new(NoHealthStore),
+        });
+        let ledger_purge = self.ledger_purge.unwrap_or_else(|| match durable {
+            Some(d) => Arc::new(DbLedgerPurge::new(d.pool.clone(), &d.schema)),
+            None => Arc::new(NoLedgerPurge),
+        });
+        ResolvedHooks {
+            policies,
+            health,
+            ledger_purge,
         }
     }
+}
+
+/// [`Hooks`] with every hook chosen.
+struct ResolvedHooks {
+    /// For the HTTP edge.
+    policies: Arc<dyn PolicyStore>,
+    /// For the health monitor.
+    health: Arc<dyn HealthStore>,
+    /// For the purger.
+    ledger_purge: Arc<dyn LedgerPurge>,
 }
 
 /// How often recent histogram samples are folded into buckets when nobody scrapes (the
@@ -170,7 +203,7 @@ pub struct Service {
 }
 
 impl Service {
-    /// Builds everything and starts consuming, with in-memory hooks.
+    /// Builds everything and starts consuming, with the service's own hooks.
     pub async fn start(config: Config) -> Result<Self, AppError> {
         Self::start_with(config, Hooks::default()).await
     }
@@ -287,17 +320,21 @@ impl Service {
             );
         }
 
+        let hooks = hooks.resolve(durable.as_ref());
         let dlq = config
             .dlq
             .enabled
             .then(|| Arc::new(Dlq::new(config.rabbitmq.url.clone())));
-        let health = Arc::new(HealthMonitor::new(
-            executor.clone(),
-            dlq.clone(),
-            config.health.thresholds.clone(),
-            config.executor.emergency_mode,
-            hooks.health.clone(),
-        ));
+        let health = Arc::new(
+            HealthMonitor::new(
+                executor.clone(),
+                dlq.clone(),
+                config.health.thresholds.clone(),
+                config.executor.emergency_mode,
+                hooks.health.clone(),
+            )
+            .with_dlq_breakdown(metrics_handle.is_some()),
+        );
         let purger = Arc::new(Purger::new(
             executor.clone(),
             PurgeSettings::from_config(&config.purge),

@@ -11,12 +11,12 @@
 //!   [`core::registry`] is the [`core::Executor`] handle every edge calls; [`core::ports`]
 //!   are the traits through which the core reaches the edges.
 //! - [`db`]: the Postgres edge: the ledger of executions (an outcome sink that settles receipts
-//!   only after the commit), the `queue_stats` writer, recovery at start and the `action`
-//!   table as a policy source.
+//!   only after the commit), the `queue_stats` writer, recovery at start, the `action`
+//!   table as the one source of policies, the health history and the ledger purge.
 //! - [`rabbit`]: the RabbitMQ edge (intake, dispatch, completions, cancels, dead letters).
 //! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
-//!   health check and purge, reading and replaying the DLQ, and hooks for what the Postgres
-//!   edge will persist.
+//!   health check and purge, reading and replaying the DLQ, and the hooks through which the
+//!   Postgres edge keeps policies, health results and the ledger's history in check.
 //! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`.
 //! - [`app`]: builds the service from the config and stops it, in one fixed order.
 //! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP

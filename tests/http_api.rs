@@ -90,6 +90,7 @@ async fn rig_with(o: Options) -> Rig {
             max_running_age: Duration::from_secs(3600),
             max_completed_age: Duration::from_secs(604_800),
             max_stale_stats_age: Duration::from_secs(3600),
+            max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
         },
         o.ledger,
     ));
@@ -634,6 +635,15 @@ async fn bad_policy_bodies_are_a_400_naming_the_field_and_change_nothing() {
             json!({"concurrency_limit": 4294967296_u64, "enabled": true}),
             Some("concurrency_limit"),
         ),
+        // Larger than the action table's INT can keep.
+        (
+            json!({"concurrency_limit": 2147483648_u64, "enabled": true}),
+            Some("concurrency_limit"),
+        ),
+        (
+            json!({"concurrency_limit": 2, "enabled": true, "rate_limit": {"max": 2147483648_u64, "per_seconds": 1}}),
+            Some("rate_limit.max"),
+        ),
         (json!({"concurrency_limit": 2}), None),
         (
             json!({"concurrency_limit": 2, "enabled": "yes"}),
@@ -745,8 +755,9 @@ async fn a_body_without_a_json_content_type_is_a_415_and_an_oversized_one_a_413(
 struct BrokenStore;
 
 impl PolicyStore for BrokenStore {
-    fn save<'a>(
+    fn apply<'a>(
         &'a self,
+        _executor: &'a Executor,
         _action: &'a ActionRef,
         _policy: ActionPolicy,
     ) -> BoxFuture<'a, Result<(), HookError>> {
@@ -933,7 +944,8 @@ async fn a_manual_purge_while_a_cycle_runs_is_a_409_and_cycles_never_overlap() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body["data"]["ledger"],
-        json!({"completed_executions": 0, "stale_stats": 0})
+        json!({"completed_executions": 0, "stale_stats": 0, "old_snapshots": 0,
+               "old_health_checks": 0})
     );
 }
 

@@ -14,16 +14,17 @@ use fifo_executor::config::{HealthThresholds, Secret};
 use fifo_executor::core::memory::{DiscardSink, LatestStats};
 use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
 use fifo_executor::http::{self, AppState};
-use fifo_executor::ops::dlq::{Dlq, DlqError, Selection};
-use fifo_executor::ops::health::{HealthMonitor, Status};
+use fifo_executor::ops::dlq::{Dlq, DlqError, MAX_PEEK, Selection};
+use fifo_executor::ops::health::{HealthMonitor, Status, UNREAD_QUEUE_FROM};
 use fifo_executor::ops::hooks::{NoHealthStore, NoLedgerPurge, NoPolicyStore};
+use fifo_executor::ops::metrics::names;
 use fifo_executor::ops::purge::{PurgeSettings, Purger};
 use fifo_executor::rabbit::topology::{self, QueueKind, TopologySpec};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use support::{TestVhost, poll_until};
+use support::{TestVhost, idle_executor, poll_until};
 use tower::ServiceExt;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -276,19 +277,7 @@ async fn an_unreachable_broker_is_an_error_the_health_check_reports_as_degraded(
         Dlq::new("amqp://guest:guest@127.0.0.1:1/%2f").with_timeout(Duration::from_secs(10)),
     );
     assert!(matches!(dlq.size().await, Err(DlqError::Connect(_))));
-    let exec = Arc::new(
-        Executor::start(
-            QueueSettings::default(),
-            Ports {
-                dispatcher: Arc::new(fifo_executor::core::memory::ChannelDispatcher::new().0),
-                sink: Arc::new(DiscardSink),
-                observer: Arc::new(LatestStats::default()),
-            },
-            Arc::new(UniformPolicy(ActionPolicy::default())),
-        )
-        .await
-        .expect("starts"),
-    );
+    let exec = idle_executor().await;
     let monitor = HealthMonitor::new(
         exec.clone(),
         Some(dlq),
@@ -375,6 +364,7 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
                 max_running_age: Duration::from_secs(3600),
                 max_completed_age: Duration::from_secs(604_800),
                 max_stale_stats_age: Duration::from_secs(3600),
+                max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
             },
             Arc::new(NoLedgerPurge),
         )),
@@ -417,5 +407,200 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
     assert_eq!(dlq.size().await.expect("size"), 2);
     assert_eq!(requests(&ch).await.len(), 1);
     dlq.close().await;
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Publishes many dead letters and then waits for all the confirms (one round trip each
+/// would make a thousand letters slow).
+async fn publish_many(ch: &Channel, letters: &[Value]) {
+    let mut confirms = Vec::new();
+    for l in letters {
+        let from = l["queue_from"].as_str().unwrap_or("requested");
+        confirms.push(
+            ch.basic_publish(
+                topology::DLX.into(),
+                topology::dlq_routing_key(from).as_str().into(),
+                BasicPublishOptions::default(),
+                l.to_string().as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for c in confirms {
+        c.await.expect("confirmed");
+    }
+}
+
+// The metrics recorder is process-wide: this is the only test in this binary that exports
+// the DLQ gauges.
+#[tokio::test]
+async fn a_health_check_exports_the_dlq_size_by_queue_from_and_counts_what_it_did_not_read() {
+    let handle = fifo_executor::ops::metrics::install().expect("recorder");
+    let (vhost, _conn, ch) = broker().await;
+    let exec = idle_executor().await;
+    let monitor = HealthMonitor::new(
+        exec.clone(),
+        Some(Arc::new(Dlq::new(vhost.url.clone()))),
+        HealthThresholds::default(),
+        false,
+        Arc::new(NoHealthStore),
+    );
+    let by = |origin: &str| {
+        support::metric_value(
+            &handle.render(),
+            names::DLQ_SIZE_BY_QUEUE_FROM,
+            &[("queue_from", origin)],
+        )
+    };
+
+    let mut letters: Vec<Value> = (1..=3)
+        .map(|i| letter(i, "requested", "QueueFull", 0))
+        .collect();
+    letters.extend((4..=5).map(|i| letter(i, "queued", "QueueTimeout", 0)));
+    letters.push(letter(6, "running", "LostCompletion", 0));
+    publish_letters(&ch, &letters).await;
+    // Not a dead letter of this executor at all.
+    dead_letter(&ch, "completed", b"plain text").await;
+
+    let report = monitor.check().await;
+    assert_eq!(report.totals.dlq, Some(7));
+    let text = handle.render();
+    assert_eq!(
+        support::metric_value(&text, names::DLQ_SIZE, &[]),
+        Some(7.0)
+    );
+    for (origin, n) in [
+        ("requested", 3.0),
+        ("queued", 2.0),
+        ("running", 1.0),
+        ("completed", 0.0),
+        ("cancel", 0.0),
+        ("(none)", 1.0),
+        (UNREAD_QUEUE_FROM, 0.0),
+    ] {
+        assert_eq!(by(origin), Some(n), "queue_from {origin}");
+    }
+    // Reading did not consume anything.
+    assert_eq!(Dlq::new(vhost.url.clone()).size().await.expect("size"), 7);
+
+    // Beyond the first MAX_PEEK entries only the total is known.
+    let more: Vec<Value> = (100..1100)
+        .map(|i| letter(i, "queued", "Purge", 0))
+        .collect();
+    publish_many(&ch, &more).await;
+    monitor.check().await;
+    assert_eq!(by("requested"), Some(3.0));
+    assert_eq!(by("queued"), Some(2.0 + (MAX_PEEK - 7) as f64));
+    assert_eq!(by(UNREAD_QUEUE_FROM), Some(7.0));
+    assert_eq!(by("(none)"), Some(1.0));
+
+    // An emptied DLQ shows 0 for every origin, also the ones seen only once.
+    ch.queue_purge(
+        topology::DLQ.into(),
+        lapin::options::QueuePurgeOptions::default(),
+    )
+    .await
+    .expect("purge");
+    monitor.check().await;
+    for origin in [
+        "requested",
+        "queued",
+        "running",
+        "(none)",
+        UNREAD_QUEUE_FROM,
+    ] {
+        assert_eq!(by(origin), Some(0.0), "queue_from {origin}");
+    }
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn dead_letters_expire_one_by_one_and_the_dlq_itself_stays() {
+    let (vhost, _conn, ch) = broker().await;
+    // The executor's own TTL is whole hours; a policy with a shorter message TTL takes over
+    // (RabbitMQ applies the lower of the two), so expiry can be watched within a test.
+    vhost
+        .rabbitmqctl(
+            "set_policy",
+            &[
+                "short-dlq-ttl",
+                "^attune\\.dlq$",
+                r#"{"message-ttl": 300}"#,
+                "--apply-to",
+                "queues",
+            ],
+        )
+        .await;
+    let dlq = Dlq::new(vhost.url.clone());
+    publish_letters(&ch, &[letter(1, "requested", "QueueFull", 0)]).await;
+    poll_until(DEADLINE, "the dead letter has expired", || async {
+        dlq.size().await.is_ok_and(|n| n == 0)
+    })
+    .await;
+    // Each entry expired on its own: the queue is still there (a TTL on the queue would have
+    // deleted it, and the size reading would fail) and still takes dead letters.
+    let routed = ch
+        .basic_publish(
+            topology::DLX.into(),
+            topology::dlq_routing_key("queued").as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            letter(2, "queued", "Purge", 0).to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        matches!(routed, lapin::Confirmation::Ack(None)),
+        "the DLQ is still bound and takes dead letters: {routed:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_dlq_check_turns_degraded_above_the_warning_unhealthy_above_critical_and_back() {
+    let (vhost, _conn, ch) = broker().await;
+    let exec = idle_executor().await;
+    let monitor = HealthMonitor::new(
+        exec.clone(),
+        Some(Arc::new(Dlq::new(vhost.url.clone()))),
+        HealthThresholds {
+            dlq_warning: 2,
+            dlq_critical: 4,
+            ..HealthThresholds::default()
+        },
+        false,
+        Arc::new(NoHealthStore),
+    );
+    let mut next = 0;
+    for (total, want) in [
+        (0, Status::Healthy),
+        (2, Status::Healthy),
+        (3, Status::Degraded),
+        (4, Status::Degraded),
+        (5, Status::Unhealthy),
+    ] {
+        let letters: Vec<Value> = (next..total)
+            .map(|i| letter(i + 1, "requested", "QueueFull", 0))
+            .collect();
+        publish_letters(&ch, &letters).await;
+        next = total;
+        let report = monitor.check().await;
+        assert_eq!(report.totals.dlq, Some(total), "{total} dead letters");
+        assert_eq!(report.checks["dlq"].status, want, "{total} dead letters");
+        assert_eq!(report.status, want, "{total} dead letters");
+    }
+    ch.queue_purge(
+        topology::DLQ.into(),
+        lapin::options::QueuePurgeOptions::default(),
+    )
+    .await
+    .expect("purge");
+    assert_eq!(monitor.check().await.status, Status::Healthy, "emptied");
     exec.shutdown(Duration::from_secs(5)).await;
 }

@@ -5,6 +5,8 @@
 //! The recorder is process-wide, so each test uses its own action names; the unlabelled health
 //! gauges are asserted by one test only.
 
+mod support;
+
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +14,11 @@ use std::time::Duration;
 use fifo_executor::config::HealthThresholds;
 use fifo_executor::core::memory::{ChannelDispatcher, DiscardSink, LatestStats};
 use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
-use fifo_executor::model::{
-    ActionRef, CancelRequest, Completion, EndStatus, Payload, Receipt, Submission, Verdict,
-};
+use fifo_executor::model::{ActionRef, CancelRequest, Completion, EndStatus, Verdict};
 use fifo_executor::ops::health::HealthMonitor;
 use fifo_executor::ops::hooks::NoHealthStore;
 use fifo_executor::ops::metrics::{self, Metrics, MetricsSink, names};
+use support::{metric_value as value, submit_and_wait as submit};
 
 struct Rig {
     exec: Arc<Executor>,
@@ -57,46 +58,6 @@ async fn rig(max_queue_length: usize) -> Rig {
 
 fn action(s: &str) -> ActionRef {
     ActionRef::parse(s).expect("valid ref")
-}
-
-/// Submits ids and waits until each has its verdict.
-async fn submit(exec: &Executor, a: &ActionRef, ids: &[u64]) -> Vec<Verdict> {
-    let mut rxs = Vec::new();
-    let subs = ids
-        .iter()
-        .map(|&id| {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            rxs.push(rx);
-            let mut s = Submission::new(id, Payload::empty_object());
-            s.receipt = Some(Receipt::new(move |v| {
-                let _ = tx.send(v);
-            }));
-            s
-        })
-        .collect();
-    exec.submit(a, subs);
-    let mut verdicts = Vec::new();
-    for rx in rxs {
-        verdicts.push(rx.await.expect("a verdict"));
-    }
-    verdicts
-}
-
-/// The value of the series `name{labels…}` in Prometheus text, if present.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            let Some(rest) = l.strip_prefix(name) else {
-                return false;
-            };
-            (rest.starts_with('{') || rest.starts_with(' '))
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn wall_now(exec: &Executor) -> chrono::DateTime<chrono::Utc> {

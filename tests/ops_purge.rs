@@ -3,8 +3,9 @@
 //! runs on its interval, emergency mode spares queued executions, and the log lines have the
 //! operator guide's shape.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod support;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use fifo_executor::core::memory::{ChannelDispatcher, ChannelSink, LatestStats};
@@ -62,6 +63,7 @@ async fn rig(emergency_mode: bool) -> Rig {
             max_running_age: MAX_RUNNING,
             max_completed_age: Duration::from_secs(604_800),
             max_stale_stats_age: Duration::from_secs(3600),
+            max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
         },
         Arc::new(NoLedgerPurge),
     ));
@@ -243,42 +245,11 @@ async fn the_periodic_task_runs_a_cycle_each_interval_and_stops_on_shutdown() {
     r.exec.shutdown(Duration::from_secs(5)).await;
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_log_lines_have_the_operator_guide_s_shape() {
     let _serial = SERIAL.lock().await;
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .finish();
     // The test runtime is single-threaded, so everything below logs through this subscriber.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = support::capture_logs();
     let r = rig(false).await;
     let a = action("core.http.get");
     submit(&r.exec, &a, &[122, 123]);

@@ -14,6 +14,9 @@
 //! - [`policies`]: a [`PolicySource`](crate::core::PolicySource) backed by the `action` table
 //!   and the poller that applies operators' changes (the runbook's "disable low-priority
 //!   actions") within two seconds.
+//!   [`DbPolicyStore`](policies::DbPolicyStore) writes policies set over HTTP to the same table.
+//! - [`ops`]: the history of health checks and the purge of old ledger rows, behind the seams
+//!   of [`crate::ops::hooks`].
 //! - [`actions`]: the `ref → action.id` cache both writers share.
 //! - [`history`]: [`LedgerHistory`](history::LedgerHistory), which the intake asks whether a
 //!   supplied execution id was accepted before, once the executor's memory of ended ids is no
@@ -43,6 +46,7 @@
 pub mod actions;
 pub mod history;
 pub mod ledger;
+pub mod ops;
 pub mod policies;
 pub mod recovery;
 pub mod stats;

@@ -3,9 +3,10 @@
 //! Operators change policies with plain SQL, e.g. the runbook's emergency step
 //! `UPDATE attune.action SET enabled = false WHERE priority < 5 OR tags @> '["low-priority"]';`.
 //! The poller reads the policy columns of every action each `interval` (default 1 s) and
-//! compares them with what it read last time; an action whose columns changed gets its new
-//! policy through [`Executor::set_policy`] at once, so a disabled action stops dispatching
-//! within `interval` plus one mailbox turn, and resumes in FIFO order when enabled again.
+//! compares the policy each row gives with the one the executor has; an action where they
+//! differ gets the row's through [`Executor::set_policy`] at once, so a disabled action stops
+//! dispatching within `interval` plus one mailbox turn, and resumes in FIFO order when enabled
+//! again.
 //!
 //! Why compare values rather than watch `updated` (which a trigger keeps current): a
 //! transaction that commits late carries an `updated` older than one the poller has already
@@ -15,6 +16,14 @@
 //! A column that is NULL means "what the configuration says": the fallback [`PolicySource`]
 //! (built from `policies.default` and `policies.actions.*`) supplies it. `enabled` is
 //! never NULL; an action is enabled only if its row and the fallback both say so.
+//!
+//! Except on a *pinned* row (`policy_pinned`), which `PUT /api/v1/actions/{ref}/policy`
+//! writes through [`DbPolicyStore`]: there the row is the whole policy, so NULL rate-limit
+//! columns mean no rate limit and `enabled` alone decides. Either way the table is the one
+//! truth: every poll compares each row's policy with the executor's and corrects the executor
+//! where they differ, not only where the row changed, so two policy PUTs racing each other (or
+//! the poll) cannot leave the executor on a policy the table does not hold for longer than one
+//! `interval`.
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
@@ -22,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures::future::BoxFuture;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, SqlStr};
 use tokio::time::MissedTickBehavior;
@@ -29,6 +39,7 @@ use tokio::time::MissedTickBehavior;
 use super::{DbError, Schema, Worker};
 use crate::core::{ActionPolicy, Executor, PolicySource, RateLimit};
 use crate::model::ActionRef;
+use crate::ops::hooks::{HookError, PolicyStore};
 
 /// How often the poller reads the `action` table by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,14 +47,27 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// What an `action` row says about the policy; `None` defers to the fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredPolicy {
+    /// The operators' switch (the runbook's emergency UPDATE).
     pub enabled: bool,
+    /// `None`: the configured limit.
     pub concurrency_limit: Option<NonZeroU32>,
+    /// `None`: the configured rate limit, or none at all on a pinned row.
     pub rate_limit: Option<RateLimit>,
+    /// Set over HTTP: the row is the whole policy rather than a layer over the configuration
+    /// (see the module docs).
+    pub pinned: bool,
 }
 
 impl StoredPolicy {
     /// This row's policy over the configured one.
     pub fn over(&self, fallback: ActionPolicy) -> ActionPolicy {
+        if self.pinned {
+            return ActionPolicy {
+                concurrency_limit: self.concurrency_limit.unwrap_or(fallback.concurrency_limit),
+                rate_limit: self.rate_limit,
+                enabled: self.enabled,
+            };
+        }
         ActionPolicy {
             concurrency_limit: self.concurrency_limit.unwrap_or(fallback.concurrency_limit),
             rate_limit: self.rate_limit.or(fallback.rate_limit),
@@ -59,6 +83,10 @@ pub struct DbPolicySource {
     select: SqlStr,
     stored: DashMap<ActionRef, StoredPolicy>,
     fallback: Arc<dyn PolicySource>,
+    /// Held by a poll from its read to its last `set_policy`, and by [`DbPolicyStore`] from
+    /// its write to its `set_policy`: without it a poll that read the table just before a PUT
+    /// committed would put the old policy back over the new one until the next poll.
+    apply_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for DbPolicySource {
@@ -85,11 +113,12 @@ impl DbPolicySource {
         Self {
             schema: schema.clone(),
             select: schema.sql(
-                "SELECT ref, enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds \
-                 FROM {s}.action",
+                "SELECT ref, enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds, \
+                 policy_pinned FROM {s}.action",
             ),
             stored: DashMap::new(),
             fallback,
+            apply_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -112,13 +141,14 @@ impl DbPolicySource {
         self.stored.get(action).map(|s| *s)
     }
 
-    /// Reads the table once and applies every change since the last read to `executor`.
-    /// Returns the policies it set.
+    /// Reads the table once and makes `executor` agree with it: every action whose row gives
+    /// another policy than the one in force gets the row's. Returns the policies it set.
     pub async fn refresh(
         &self,
         pool: &PgPool,
         executor: &Executor,
     ) -> Result<Vec<(ActionRef, ActionPolicy)>, DbError> {
+        let _in_step = self.apply_lock.lock().await;
         let rows = self.read(pool).await?;
         let mut applied = Vec::new();
         let mut seen = HashSet::with_capacity(rows.len());
@@ -127,9 +157,6 @@ impl DbPolicySource {
             let Some(stored) = stored else {
                 continue;
             };
-            if self.stored(&action) == Some(stored) {
-                continue;
-            }
             let policy = stored.over(self.fallback.policy_for(&action));
             // A row seen for the first time (the ledger just created it with defaults) usually
             // says what the executor already does; only a real difference is worth a message.
@@ -243,10 +270,12 @@ fn stored_policy(row: &PgRow) -> Option<(ActionRef, Option<StoredPolicy>)> {
             (None, None) => None,
             _ => return Err("rate_limit_max and rate_limit_per_seconds go together".to_owned()),
         };
+        let pinned: bool = row.try_get("policy_pinned").map_err(|e| e.to_string())?;
         Ok(StoredPolicy {
             enabled,
             concurrency_limit,
             rate_limit,
+            pinned,
         })
     };
     match read() {
@@ -255,5 +284,106 @@ fn stored_policy(row: &PgRow) -> Option<(ActionRef, Option<StoredPolicy>)> {
             tracing::warn!(action = %action, %reason, "action row with an unusable policy ignored");
             Some((action, None))
         }
+    }
+}
+
+/// Writes policies set with `PUT /api/v1/actions/{ref}/policy` to the `action` table as a
+/// pinned row (see the module docs), then applies them, under the poller's lock so that the
+/// poller and the API never undo each other. The row is created if the action has none yet.
+pub struct DbPolicyStore {
+    /// The service's pool.
+    pool: PgPool,
+    /// The poller's source: its lock, and its last read, updated with what was written.
+    source: Arc<DbPolicySource>,
+    /// The upsert, built once for the schema.
+    upsert: SqlStr,
+}
+
+impl std::fmt::Debug for DbPolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbPolicyStore")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl DbPolicyStore {
+    pub fn new(pool: PgPool, schema: &Schema, source: Arc<DbPolicySource>) -> Self {
+        Self {
+            pool,
+            source,
+            // An INSERT that conflicts burns a BIGSERIAL value; one per policy change is
+            // nothing, and a single statement cannot lose a race with the ledger creating the
+            // same row.
+            upsert: schema.sql(
+                "INSERT INTO {s}.action AS a \
+                   (ref, enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds, \
+                    policy_pinned) \
+                 VALUES ($1, $2, $3, $4, $5, true) \
+                 ON CONFLICT (ref) DO UPDATE SET \
+                   enabled = EXCLUDED.enabled, \
+                   concurrency_limit = EXCLUDED.concurrency_limit, \
+                   rate_limit_max = EXCLUDED.rate_limit_max, \
+                   rate_limit_per_seconds = EXCLUDED.rate_limit_per_seconds, \
+                   policy_pinned = true",
+            ),
+        }
+    }
+
+    async fn store_and_apply(
+        &self,
+        executor: &Executor,
+        action: &ActionRef,
+        policy: ActionPolicy,
+    ) -> Result<(), HookError> {
+        // The HTTP edge refuses values the INT columns cannot hold; refusing again here keeps
+        // a caller that skipped that check from storing a wrapped-around limit.
+        let int = |v: u64, what: &str| {
+            i32::try_from(v).map_err(|_| HookError(format!("{what} {v} is too large to store")))
+        };
+        let limit = int(
+            u64::from(policy.concurrency_limit.get()),
+            "concurrency_limit",
+        )?;
+        let (max, per) = match policy.rate_limit {
+            Some(r) => (
+                Some(int(u64::from(r.max.get()), "rate_limit.max")?),
+                Some(int(r.per.as_secs(), "rate_limit.per_seconds")?),
+            ),
+            None => (None, None),
+        };
+        let _in_step = self.source.apply_lock.lock().await;
+        sqlx::query(self.upsert.clone())
+            .bind(action.as_str())
+            .bind(policy.enabled)
+            .bind(limit)
+            .bind(max)
+            .bind(per)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| HookError(DbError::query("storing a policy")(e).to_string()))?;
+        self.source.stored.insert(
+            action.clone(),
+            StoredPolicy {
+                enabled: policy.enabled,
+                concurrency_limit: Some(policy.concurrency_limit),
+                rate_limit: policy.rate_limit,
+                pinned: true,
+            },
+        );
+        executor
+            .set_policy(action, policy)
+            .map_err(|e| HookError(e.to_string()))
+    }
+}
+
+impl PolicyStore for DbPolicyStore {
+    fn apply<'a>(
+        &'a self,
+        executor: &'a Executor,
+        action: &'a ActionRef,
+        policy: ActionPolicy,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        Box::pin(self.store_and_apply(executor, action, policy))
     }
 }

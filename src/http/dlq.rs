@@ -3,18 +3,18 @@
 //! How entries are read without being consumed, and what a replay publishes, is in
 //! [`crate::ops::dlq`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Params};
 use super::queues::Data;
-use crate::ops::dlq::{Dlq, DlqError, MAX_PEEK, MAX_REPLAY, Peek, ReplayReport, Selection};
+use crate::ops::dlq::{
+    Dlq, DlqError, DlqStats, MAX_PEEK, MAX_REPLAY, Peek, ReplayReport, Selection,
+};
 use crate::rabbit::wire::MAX_EXECUTION_ID;
 
 fn dlq(state: &AppState) -> Result<&Dlq, ApiError> {
@@ -41,20 +41,6 @@ pub async fn list(
     Ok(axum::Json(Data { data: peek }))
 }
 
-/// Counts over the entries at the head of the DLQ.
-#[derive(Debug, Serialize)]
-pub struct DlqStats {
-    /// Messages ready in the queue.
-    pub queue_size: u64,
-    /// Entries the counts below are taken over: the first [`MAX_PEEK`] at most. RabbitMQ
-    /// gives only the queue's total; counting by origin means reading the entries.
-    pub sampled: usize,
-    pub by_queue_from: BTreeMap<String, u64>,
-    pub by_error_class: BTreeMap<String, u64>,
-    pub oldest_failed_at: Option<String>,
-    pub newest_failed_at: Option<String>,
-}
-
 /// `GET /api/v1/dlq/stats`
 pub async fn stats(
     State(state): State<Arc<AppState>>,
@@ -62,33 +48,8 @@ pub async fn stats(
 ) -> Result<axum::Json<Data<DlqStats>>, ApiError> {
     params.only(&[])?;
     let peek = dlq(&state)?.peek(MAX_PEEK).await.map_err(unavailable)?;
-    let mut by_queue_from = BTreeMap::new();
-    let mut by_error_class = BTreeMap::new();
-    let mut failed_at: Vec<&str> = Vec::new();
-    for e in &peek.entries {
-        let field = |k: &str| {
-            e.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or("(none)")
-                .to_owned()
-        };
-        *by_queue_from.entry(field("queue_from")).or_insert(0) += 1;
-        *by_error_class.entry(field("error_class")).or_insert(0) += 1;
-        if let Some(t) = e.get("failed_at").and_then(Value::as_str) {
-            failed_at.push(t);
-        }
-    }
-    // RFC 3339 in UTC with a fixed format sorts as text.
-    failed_at.sort_unstable();
     Ok(axum::Json(Data {
-        data: DlqStats {
-            queue_size: peek.queue_size,
-            sampled: peek.entries.len(),
-            by_queue_from,
-            by_error_class,
-            oldest_failed_at: failed_at.first().map(|s| (*s).to_owned()),
-            newest_failed_at: failed_at.last().map(|s| (*s).to_owned()),
-        },
+        data: DlqStats::of(&peek),
     }))
 }
 

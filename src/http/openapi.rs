@@ -124,7 +124,7 @@ pub fn document() -> Value {
             },
             "put": {
                 "summary": "Set an action's policy; takes effect at once",
-                "description": "Stored through the PolicyStore hook first (a no-op until the Postgres edge provides one: until then the policy lasts until restart), then applied. A higher limit admits from the head of the queue at once; a lower one preempts nothing.",
+                "description": "Stored first (with durability: ledger in the action table, so it survives a restart and the table's poller agrees with it; in memory mode until restart), then applied; if storing fails nothing changes. A higher limit admits from the head of the queue at once; a lower one preempts nothing.",
                 "security": admin,
                 "parameters": [action_ref_param()],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": schema("PolicyInput")}}},
@@ -298,14 +298,14 @@ pub fn document() -> Value {
                 "RateLimit": {
                     "type": "object", "required": ["max", "per_seconds"], "additionalProperties": false,
                     "properties": {
-                        "max": {"type": "integer", "minimum": 1},
+                        "max": {"type": "integer", "minimum": 1, "maximum": 2147483647},
                         "per_seconds": {"type": "integer", "minimum": 1, "maximum": 31536000}
                     }
                 },
                 "PolicyInput": {
                     "type": "object", "required": ["concurrency_limit", "enabled"], "additionalProperties": false,
                     "properties": {
-                        "concurrency_limit": {"type": "integer", "minimum": 1},
+                        "concurrency_limit": {"type": "integer", "minimum": 1, "maximum": 2147483647},
                         "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true},
                         "enabled": {"type": "boolean"}
                     }
@@ -371,7 +371,16 @@ pub fn document() -> Value {
                             "age_seconds": {"type": "number"},
                             "limit_seconds": {"type": "number"}
                         }}},
-                        "ledger": {"type": "object", "nullable": true},
+                        "ledger": {
+                            "type": "object", "nullable": true,
+                            "description": "Ledger rows deleted (or, in a dry run, that would be); null without the Postgres ledger",
+                            "properties": {
+                                "completed_executions": {"type": "integer"},
+                                "stale_stats": {"type": "integer"},
+                                "old_snapshots": {"type": "integer"},
+                                "old_health_checks": {"type": "integer"}
+                            }
+                        },
                         "ledger_error": {"type": "string"}
                     }
                 }

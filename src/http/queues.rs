@@ -203,6 +203,10 @@ impl PolicyView {
 /// would overflow the rate limiter's nanosecond arithmetic.
 pub const MAX_RATE_WINDOW_SECONDS: u64 = 365 * 24 * 3600;
 
+/// Largest concurrency limit or `rate_limit.max` accepted: the `action` table keeps them as
+/// `INT`, and a policy set over HTTP must be one the table can hold.
+pub const MAX_STORED_LIMIT: u32 = i32::MAX as u32;
+
 impl PolicyBody {
     fn validate(&self) -> Result<ActionPolicy, ApiError> {
         let concurrency_limit = NonZeroU32::new(self.concurrency_limit).ok_or_else(|| {
@@ -211,12 +215,23 @@ impl PolicyBody {
                 "concurrency_limit must be at least 1 (0 would never run anything)",
             )
         })?;
+        if self.concurrency_limit > MAX_STORED_LIMIT {
+            return Err(ApiError::bad_request(
+                "concurrency_limit",
+                format!("concurrency_limit must be at most {MAX_STORED_LIMIT}"),
+            ));
+        }
         let rate_limit = match self.rate_limit {
             None => None,
             Some(r) => {
-                let max = NonZeroU32::new(r.max).ok_or_else(|| {
-                    ApiError::bad_request("rate_limit.max", "rate_limit.max must be at least 1")
-                })?;
+                let max = NonZeroU32::new(r.max)
+                    .filter(|m| m.get() <= MAX_STORED_LIMIT)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "rate_limit.max",
+                            format!("rate_limit.max must be from 1 to {MAX_STORED_LIMIT}"),
+                        )
+                    })?;
                 if !(1..=MAX_RATE_WINDOW_SECONDS).contains(&r.per_seconds) {
                     return Err(ApiError::bad_request(
                         "rate_limit.per_seconds",
@@ -250,9 +265,10 @@ pub async fn get_policy(
     }))
 }
 
-/// `PUT /api/v1/actions/{ref}/policy` (admin): stores the policy through the [`PolicyStore`]
-/// hook first (if that fails, nothing changes), then applies it at once: a higher limit admits
-/// from the head of the queue now; a lower one preempts nothing.
+/// `PUT /api/v1/actions/{ref}/policy` (admin): the [`PolicyStore`] hook stores the policy
+/// (with the Postgres ledger: in the `action` table) and then applies it at once; if storing
+/// fails, nothing changes. A higher limit admits from the head of the queue now; a lower one
+/// preempts nothing.
 ///
 /// [`PolicyStore`]: crate::ops::hooks::PolicyStore
 pub async fn put_policy(
@@ -262,13 +278,13 @@ pub async fn put_policy(
 ) -> Result<axum::Json<Data<PolicyView>>, ApiError> {
     let action = action_ref(&raw)?;
     let policy = body.validate()?;
-    state.policies.save(&action, policy).await.map_err(|e| {
-        ApiError::Unavailable(format!("could not store the policy, nothing changed: {e}"))
-    })?;
     state
-        .executor
-        .set_policy(&action, policy)
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .policies
+        .apply(&state.executor, &action, policy)
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!("could not store the policy, nothing changed: {e}"))
+        })?;
     tracing::info!(
         action = %action,
         concurrency_limit = policy.concurrency_limit.get(),

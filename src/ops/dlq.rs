@@ -44,7 +44,7 @@
 //!   does not decode as a request (it would only be dead-lettered again). These stay in the
 //!   DLQ and are reported as skipped, with the reason.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use lapin::options::{
@@ -100,6 +100,56 @@ pub struct Peek {
     /// Entries from the head, oldest first: each dead letter's JSON as published, or for a
     /// message that is not a JSON object, `{"unreadable": true, "raw": …}`.
     pub entries: Vec<Value>,
+}
+
+/// Counts over the entries at the head of the DLQ (`dlq stats`, and the per-origin gauges the
+/// health check exports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DlqStats {
+    /// Messages ready in the queue.
+    pub queue_size: u64,
+    /// Entries the counts below are taken over: the first [`MAX_PEEK`] at most. RabbitMQ
+    /// gives only the queue's total; counting by origin means reading the entries.
+    pub sampled: usize,
+    /// `(none)` counts entries without a `queue_from` (not this executor's dead letters).
+    pub by_queue_from: BTreeMap<String, u64>,
+    /// `(none)` likewise.
+    pub by_error_class: BTreeMap<String, u64>,
+    /// The earliest and latest `failed_at` among the entries read (RFC 3339).
+    pub oldest_failed_at: Option<String>,
+    pub newest_failed_at: Option<String>,
+}
+
+impl DlqStats {
+    /// Counts what a peek saw.
+    pub fn of(peek: &Peek) -> Self {
+        let mut by_queue_from = BTreeMap::new();
+        let mut by_error_class = BTreeMap::new();
+        let mut failed_at: Vec<&str> = Vec::new();
+        for e in &peek.entries {
+            let field = |k: &str| {
+                e.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or("(none)")
+                    .to_owned()
+            };
+            *by_queue_from.entry(field("queue_from")).or_insert(0) += 1;
+            *by_error_class.entry(field("error_class")).or_insert(0) += 1;
+            if let Some(t) = e.get("failed_at").and_then(Value::as_str) {
+                failed_at.push(t);
+            }
+        }
+        // RFC 3339 in UTC with a fixed format sorts as text.
+        failed_at.sort_unstable();
+        Self {
+            queue_size: peek.queue_size,
+            sampled: peek.entries.len(),
+            by_queue_from,
+            by_error_class,
+            oldest_failed_at: failed_at.first().map(|s| (*s).to_owned()),
+            newest_failed_at: failed_at.last().map(|s| (*s).to_owned()),
+        }
+    }
 }
 
 /// One replayed entry.
@@ -178,8 +228,14 @@ impl Dlq {
 
     /// The first `limit` entries (at most [`MAX_PEEK`]), left in the queue in their order.
     pub async fn peek(&self, limit: usize) -> Result<Peek, DlqError> {
+        self.peek_within(limit, self.timeout).await
+    }
+
+    /// [`peek`](Self::peek), given up after `timeout` (the entries read so far go back to the
+    /// queue when the channel closes).
+    pub async fn peek_within(&self, limit: usize, timeout: Duration) -> Result<Peek, DlqError> {
         let limit = limit.min(MAX_PEEK);
-        self.with_channel(|ch| async move {
+        self.with_channel_within(timeout.min(self.timeout), |ch| async move {
             let queue_size = queue_size(&ch).await?;
             let mut entries = Vec::new();
             let mut last_tag = None;

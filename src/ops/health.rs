@@ -25,7 +25,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::dlq::Dlq;
+use super::dlq::{Dlq, DlqStats};
 use super::hooks::HealthStore;
 use super::metrics::names;
 use crate::config::HealthThresholds;
@@ -337,13 +337,40 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
 /// How long after start the first check runs (see [`HealthMonitor::run`]).
 pub const FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
 
+/// Longest the [`HealthStore`] may take to keep one result; past it the result is not kept
+/// and the check goes on (a slow Postgres must not hold up `/health` and the gauges).
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest the DLQ may be read to count its entries by origin (see [`HealthMonitor::check`]).
+pub const DLQ_BREAKDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `queue_from` label of `attune_dlq_size_by_queue_from` for entries beyond those read
+/// (the DLQ holds more than [`dlq::MAX_PEEK`](super::dlq::MAX_PEEK)). The parentheses keep it
+/// apart from every real origin.
+pub const UNREAD_QUEUE_FROM: &str = "(unread)";
+
+/// Every origin a dead letter of this executor can have: always exported, as 0 when none.
+const QUEUE_FROMS: &[&str] = &["requested", "queued", "running", "completed", "cancel"];
+
 /// Runs the checks and keeps the latest result.
 pub struct HealthMonitor {
+    /// Asked for every action's counters and the stuck count.
     executor: Arc<Executor>,
+    /// `None` when `dlq.enabled` is false.
     dlq: Option<Arc<Dlq>>,
+    /// `health.thresholds`.
     thresholds: HealthThresholds,
+    /// Shown in the report and the log line: it changes what the queue checks mean.
     emergency_mode: bool,
+    /// Where each result goes besides memory (Postgres with the ledger).
     store: Arc<dyn super::hooks::HealthStore>,
+    /// Whether each check also reads the DLQ to export its size by origin: only worth the
+    /// broker reads when metrics are exported.
+    dlq_breakdown: bool,
+    /// Origins exported before that are not in [`QUEUE_FROMS`], so they go back to 0 when
+    /// they leave the DLQ rather than keep their last count.
+    extra_origins: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The latest result, for `/health`.
     latest: watch::Sender<Option<Arc<HealthReport>>>,
 }
 
@@ -362,8 +389,17 @@ impl HealthMonitor {
             thresholds,
             emergency_mode,
             store,
+            dlq_breakdown: true,
+            extra_origins: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             latest: watch::channel(None).0,
         }
+    }
+
+    /// Whether each check reads the DLQ's entries to export `attune_dlq_size_by_queue_from`
+    /// (on by default; the service turns it off when metrics are off).
+    pub fn with_dlq_breakdown(mut self, on: bool) -> Self {
+        self.dlq_breakdown = on;
+        self
     }
 
     /// The last check's result; `None` before the first one (or when checks are disabled).
@@ -376,6 +412,15 @@ impl HealthMonitor {
     }
 
     /// Runs one check now: gathers the inputs, judges, exports, logs, stores, keeps.
+    ///
+    /// With the DLQ breakdown on, it also reads the entries at the head of the DLQ, the way
+    /// `dlq stats` does (at most [`dlq::MAX_PEEK`](super::dlq::MAX_PEEK), within
+    /// [`DLQ_BREAKDOWN_TIMEOUT`]; nothing when the DLQ is empty), and sets
+    /// `attune_dlq_size_by_queue_from{queue_from}`. RabbitMQ counts only the whole queue, so
+    /// this is the one honest way to split it. **How stale:** the values are those of the
+    /// last check, i.e. up to `health.interval_seconds` plus the read old; entries beyond the
+    /// first 1,000 are counted under [`UNREAD_QUEUE_FROM`]; when a read fails the gauges keep
+    /// their last values (the failure is logged, and `attune_dlq_size` still moves).
     pub async fn check(&self) -> Arc<HealthReport> {
         let stats = self.executor.all_stats().await;
         let stuck = self
@@ -394,7 +439,10 @@ impl HealthMonitor {
                 stats: &stats,
                 dlq,
                 stuck: &stuck,
-                now: Utc::now(),
+                // The core's clock, which every time in `stats` comes from: the wall clock
+                // can step (NTP) while the core's cannot, and paused tokio time drives it in
+                // tests.
+                now: self.executor.clock().wall(self.executor.clock().now()),
                 emergency_mode: self.emergency_mode,
             },
             &self.thresholds,
@@ -405,8 +453,18 @@ impl HealthMonitor {
         } else {
             tracing::warn!("{}", report.log_line());
         }
-        if let Err(e) = self.store.store(&report).await {
-            tracing::warn!(error = %e, "[health] could not store the health check result");
+        if let (true, Some(dlq), Some(size)) = (self.dlq_breakdown, &self.dlq, report.totals.dlq) {
+            self.export_dlq_breakdown(dlq, size).await;
+        }
+        match tokio::time::timeout(STORE_TIMEOUT, self.store.store(&report)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "[health] could not store the health check result");
+            }
+            Err(_) => tracing::warn!(
+                "[health] storing the health check result took longer than {STORE_TIMEOUT:?}; \
+                 not stored"
+            ),
         }
         self.latest.send_replace(Some(report.clone()));
         report
@@ -431,6 +489,51 @@ impl HealthMonitor {
                 _ = super::stopped(&mut shutdown) => return,
             }
         }
+    }
+}
+
+impl HealthMonitor {
+    /// Reads the DLQ's head and sets the per-origin gauges (see [`HealthMonitor::check`]).
+    async fn export_dlq_breakdown(&self, dlq: &Dlq, size: u64) {
+        let stats = if size == 0 {
+            // Nothing to read; every origin is 0.
+            DlqStats::of(&super::dlq::Peek {
+                queue_size: 0,
+                entries: Vec::new(),
+            })
+        } else {
+            match dlq
+                .peek_within(super::dlq::MAX_PEEK, DLQ_BREAKDOWN_TIMEOUT)
+                .await
+            {
+                Ok(peek) => DlqStats::of(&peek),
+                Err(e) => {
+                    tracing::warn!(error = %e, "[health] could not read the DLQ to count its \
+                        entries by queue_from; attune_dlq_size_by_queue_from keeps its last values");
+                    return;
+                }
+            }
+        };
+        let mut extra = self.extra_origins.lock().unwrap_or_else(|p| p.into_inner());
+        for origin in QUEUE_FROMS
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+        {
+            let n = stats.by_queue_from.get(origin).copied().unwrap_or(0);
+            ::metrics::gauge!(names::DLQ_SIZE_BY_QUEUE_FROM, "queue_from" => origin.to_owned())
+                .set(n as f64);
+        }
+        for (origin, n) in &stats.by_queue_from {
+            if !QUEUE_FROMS.contains(&origin.as_str()) {
+                ::metrics::gauge!(names::DLQ_SIZE_BY_QUEUE_FROM, "queue_from" => origin.clone())
+                    .set(*n as f64);
+                extra.insert(origin.clone());
+            }
+        }
+        let unread = stats.queue_size.saturating_sub(stats.sampled as u64);
+        ::metrics::gauge!(names::DLQ_SIZE_BY_QUEUE_FROM, "queue_from" => UNREAD_QUEUE_FROM)
+            .set(unread as f64);
     }
 }
 

@@ -1,6 +1,7 @@
-//! Seams for what the Postgres edge will store: operator policies, health results, and the
-//! purge of old ledger rows. Each has a no-op implementation that the service uses until the
-//! Postgres edge provides a real one (see `app::Hooks`).
+//! Seams for what the Postgres edge stores: operator policies, health results, and the purge of
+//! old ledger rows. Each has an in-memory (no-op) implementation, which the service uses with
+//! `executor.durability: memory`; with `ledger` it uses the Postgres ones in
+//! [`crate::db::policies`] and [`crate::db::ops`] (see `app::Hooks`).
 //!
 //! The traits return boxed futures rather than using `async fn`, because the service holds
 //! them as `Arc<dyn …>` and `async fn` in a trait cannot be called through `dyn`.
@@ -10,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use super::health::HealthReport;
-use crate::core::ActionPolicy;
+use crate::core::{ActionPolicy, Executor};
 use crate::model::ActionRef;
 
 /// A store refused or failed; the message is for the operator (it is returned in the HTTP
@@ -19,11 +20,14 @@ use crate::model::ActionRef;
 #[error("{0}")]
 pub struct HookError(pub String);
 
-/// Persists policies set over HTTP, so they survive a restart. Called before the policy is
-/// applied: if it fails, nothing changes.
+/// Sets policies over HTTP: stores a policy so that it survives a restart, then applies it to
+/// the executor. Both steps are the store's, so that a store which has other writers of the
+/// same policies (the `action`-table poller) can keep them in step. If storing fails, nothing
+/// changes.
 pub trait PolicyStore: Send + Sync + 'static {
-    fn save<'a>(
+    fn apply<'a>(
         &'a self,
+        executor: &'a Executor,
         action: &'a ActionRef,
         policy: ActionPolicy,
     ) -> BoxFuture<'a, Result<(), HookError>>;
@@ -34,16 +38,22 @@ pub trait PolicyStore: Send + Sync + 'static {
 pub struct NoPolicyStore;
 
 impl PolicyStore for NoPolicyStore {
-    fn save<'a>(
+    fn apply<'a>(
         &'a self,
-        _action: &'a ActionRef,
-        _policy: ActionPolicy,
+        executor: &'a Executor,
+        action: &'a ActionRef,
+        policy: ActionPolicy,
     ) -> BoxFuture<'a, Result<(), HookError>> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async move {
+            executor
+                .set_policy(action, policy)
+                .map_err(|e| HookError(e.to_string()))
+        })
     }
 }
 
-/// Records each health check's result (the Postgres edge will keep a history of them).
+/// Records each health check's result (the Postgres edge keeps a history of them). The health
+/// loop bounds each call in time and only logs a failure.
 pub trait HealthStore: Send + Sync + 'static {
     fn store<'a>(&'a self, report: &'a HealthReport) -> BoxFuture<'a, Result<(), HookError>>;
 }
@@ -58,6 +68,10 @@ impl HealthStore for NoHealthStore {
     }
 }
 
+/// How long `queue_snapshots` and `health_checks` rows are kept: the runbook's weekly
+/// maintenance deletes snapshots older than 30 days, and the health history follows suit.
+pub const HISTORY_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// What a purge cycle asks of the ledger: rows the runbook's weekly maintenance deletes by hand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LedgerPurgeOrder {
@@ -66,6 +80,8 @@ pub struct LedgerPurgeOrder {
     /// Idle `queue_stats` rows not updated for this long go
     /// (`purge.max_stale_stats_age_seconds`).
     pub max_stale_stats_age: Duration,
+    /// `queue_snapshots` and `health_checks` rows older than this go ([`HISTORY_RETENTION`]).
+    pub max_history_age: Duration,
     /// Count only.
     pub dry_run: bool,
 }
@@ -73,8 +89,26 @@ pub struct LedgerPurgeOrder {
 /// Rows a ledger purge deleted (or, in a dry run, would delete).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LedgerPurged {
+    /// `execution` rows in an end status.
     pub completed_executions: u64,
+    /// Idle `queue_stats` rows.
     pub stale_stats: u64,
+    /// `queue_snapshots` rows.
+    pub old_snapshots: u64,
+    /// `health_checks` rows.
+    pub old_health_checks: u64,
+}
+
+impl LedgerPurged {
+    /// Each count with the table it is about, for logs and metrics.
+    pub fn by_table(&self) -> [(&'static str, u64); 4] {
+        [
+            ("execution", self.completed_executions),
+            ("queue_stats", self.stale_stats),
+            ("queue_snapshots", self.old_snapshots),
+            ("health_checks", self.old_health_checks),
+        ]
+    }
 }
 
 /// Deletes old rows from the ledger during each purge cycle.
@@ -86,7 +120,7 @@ pub trait LedgerPurge: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<LedgerPurged>, HookError>>;
 }
 
-/// No ledger (memory mode, or until the Postgres edge is wired in).
+/// No ledger (`executor.durability: memory`).
 #[derive(Debug, Default)]
 pub struct NoLedgerPurge;
 

@@ -37,7 +37,11 @@ pub mod names {
     pub const EXECUTIONS_TOTAL: &str = "attune_executions_total";
     /// Counted by the RabbitMQ edge when it publishes a dead letter.
     pub const DLQ_MESSAGES_TOTAL: &str = "attune_dlq_messages_total";
+    /// Messages ready in `attune.dlq`, all origins (RabbitMQ's own count).
     pub const DLQ_SIZE: &str = "attune_dlq_size";
+    /// The same split by `queue_from`, from reading the DLQ's head at each health check
+    /// (see `ops::health::HealthMonitor::check` for how stale it can be).
+    pub const DLQ_SIZE_BY_QUEUE_FROM: &str = "attune_dlq_size_by_queue_from";
     pub const HEALTH_STATUS: &str = "attune_health_status";
     pub const HEALTH_STUCK_EXECUTIONS: &str = "attune_health_stuck_executions";
     pub const HEALTH_STALLED_QUEUES: &str = "attune_health_stalled_queues";
@@ -46,6 +50,8 @@ pub mod names {
     pub const PURGE_CYCLE_SECONDS: &str = "attune_purge_cycle_seconds";
     pub const PURGE_CYCLES_TOTAL: &str = "attune_purge_cycles_total";
     pub const PURGE_ENTRIES_TOTAL: &str = "attune_purge_entries_total";
+    /// Ledger rows a purge deleted (or would, `mode="dry_run"`), by `table`.
+    pub const PURGE_LEDGER_ROWS_TOTAL: &str = "attune_purge_ledger_rows_total";
     pub const HTTP_REQUESTS_TOTAL: &str = "attune_http_requests_total";
     pub const HTTP_REQUEST_DURATION_SECONDS: &str = "attune_http_request_duration_seconds";
     /// Set by the RabbitMQ edge.
@@ -64,6 +70,7 @@ pub mod names {
         EXECUTIONS_TOTAL,
         DLQ_MESSAGES_TOTAL,
         DLQ_SIZE,
+        DLQ_SIZE_BY_QUEUE_FROM,
         HEALTH_STATUS,
         HEALTH_STUCK_EXECUTIONS,
         HEALTH_STALLED_QUEUES,
@@ -72,6 +79,7 @@ pub mod names {
         PURGE_CYCLE_SECONDS,
         PURGE_CYCLES_TOTAL,
         PURGE_ENTRIES_TOTAL,
+        PURGE_LEDGER_ROWS_TOTAL,
         HTTP_REQUESTS_TOTAL,
         HTTP_REQUEST_DURATION_SECONDS,
         RABBITMQ_CONNECTED,

@@ -6,8 +6,8 @@
 //! - [`health`]: the periodic health check (a pure verdict function plus the task around it).
 //! - [`purge`]: the periodic purge of stale queued and lost running executions.
 //! - [`dlq`]: reading and replaying the dead-letter queue.
-//! - [`hooks`]: seams for what the Postgres edge will persist (policies, health results, old
-//!   ledger rows), with no-op implementations.
+//! - [`hooks`]: seams for what the Postgres edge keeps (policies, health results, old ledger
+//!   rows), with the in-memory implementations; the Postgres ones are in [`crate::db`].
 
 pub mod dlq;
 pub mod health;

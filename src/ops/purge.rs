@@ -6,8 +6,11 @@
 //! - Executions *running* without a completion for longer than
 //!   `purge.max_running_age_seconds` give their slot back (`queue_from: running`,
 //!   `error_class: LostCompletion`); a completion arriving later frees nothing.
-//! - The ledger's old rows (finished executions, idle `queue_stats`) go through the
-//!   [`LedgerPurge`] hook, a no-op until the Postgres edge provides one.
+//! - The ledger's old rows go through the [`LedgerPurge`] hook (`crate::db::ops` with the
+//!   Postgres ledger, nothing in memory mode): finished executions older than
+//!   `purge.max_completed_age_seconds`, `queue_stats` rows of idle actions not updated for
+//!   `purge.max_stale_stats_age_seconds`, `queue_snapshots` and `health_checks` older than
+//!   [`HISTORY_RETENTION`] (30 days). Counted per table in `attune_purge_ledger_rows_total`.
 //!
 //! The removal itself is the core's ([`Executor::purge`]): each action's actor applies it
 //! between two messages, so it never races a dispatch. The dead letters come from the outcome
@@ -26,7 +29,7 @@ use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 use tokio::sync::{Mutex, watch};
 
-use super::hooks::{LedgerPurge, LedgerPurgeOrder, LedgerPurged};
+use super::hooks::{HISTORY_RETENTION, LedgerPurge, LedgerPurgeOrder, LedgerPurged};
 use super::metrics::names;
 use crate::config::PurgeConfig;
 use crate::core::{Executor, PurgeOrder, PurgedEntry};
@@ -38,6 +41,9 @@ pub struct PurgeSettings {
     pub max_running_age: Duration,
     pub max_completed_age: Duration,
     pub max_stale_stats_age: Duration,
+    /// `queue_snapshots` and `health_checks` rows older than this go (not configurable:
+    /// [`HISTORY_RETENTION`], as in the runbook).
+    pub max_history_age: Duration,
 }
 
 impl PurgeSettings {
@@ -47,6 +53,7 @@ impl PurgeSettings {
             max_running_age: Duration::from_secs(c.max_running_age_seconds),
             max_completed_age: Duration::from_secs(c.max_completed_age_seconds),
             max_stale_stats_age: Duration::from_secs(c.max_stale_stats_age_seconds),
+            max_history_age: HISTORY_RETENTION,
         }
     }
 }
@@ -155,6 +162,7 @@ impl Purger {
             .purge(LedgerPurgeOrder {
                 max_completed_age: self.settings.max_completed_age,
                 max_stale_stats_age: self.settings.max_stale_stats_age,
+                max_history_age: self.settings.max_history_age,
                 dry_run,
             })
             .await
@@ -177,10 +185,20 @@ impl Purger {
                     .increment(n as u64);
             }
         }
+        if let Some(l) = &ledger {
+            self.log_ledger(l, dry_run);
+            for (table, n) in l.by_table() {
+                if n > 0 {
+                    metrics::counter!(names::PURGE_LEDGER_ROWS_TOTAL, "table" => table, "mode" => mode)
+                        .increment(n);
+                }
+            }
+        }
         let ledger_note = ledger.map_or(String::new(), |l| {
             format!(
-                " (ledger: {} finished executions, {} stale stats rows)",
-                l.completed_executions, l.stale_stats
+                " (ledger: {} finished executions, {} stale stats rows, {} snapshots, {} health \
+                 checks)",
+                l.completed_executions, l.stale_stats, l.old_snapshots, l.old_health_checks
             )
         });
         if dry_run {
@@ -226,6 +244,42 @@ impl Purger {
                 _ = super::stopped(&mut shutdown) => return,
             }
             self.run_cycle(dry_run, Trigger::Scheduled).await;
+        }
+    }
+}
+
+impl Purger {
+    /// One line per kind of ledger row that was (or would be) deleted, with its age limit.
+    fn log_ledger(&self, l: &LedgerPurged, dry_run: bool) {
+        let st = &self.settings;
+        for (what, n, limit) in [
+            (
+                "finished executions",
+                l.completed_executions,
+                st.max_completed_age,
+            ),
+            (
+                "idle queue_stats rows",
+                l.stale_stats,
+                st.max_stale_stats_age,
+            ),
+            ("queue_snapshots rows", l.old_snapshots, st.max_history_age),
+            (
+                "health_checks rows",
+                l.old_health_checks,
+                st.max_history_age,
+            ),
+        ] {
+            let max = limit.as_secs();
+            match (n, dry_run) {
+                (0, _) => {}
+                (_, true) => tracing::info!(
+                    "[purge][dry-run] Would purge {n} {what} from the ledger (age over max: {max}s)"
+                ),
+                (_, false) => tracing::info!(
+                    "[purge] Purged {n} {what} from the ledger (age over max: {max}s)"
+                ),
+            }
         }
     }
 }

@@ -320,6 +320,22 @@ pub mod render {
             text(&d["running"]),
             d["duration_seconds"].as_f64().unwrap_or(0.0)
         );
+        let ledger = &d["ledger"];
+        if ledger.is_object() {
+            out.push_str(&format!(
+                "\nledger rows {}: {} finished executions, {} idle queue_stats, {} \
+                 queue_snapshots, {} health_checks",
+                if dry {
+                    "that would be deleted"
+                } else {
+                    "deleted"
+                },
+                text(&ledger["completed_executions"]),
+                text(&ledger["stale_stats"]),
+                text(&ledger["old_snapshots"]),
+                text(&ledger["old_health_checks"]),
+            ));
+        }
         if let Some(e) = d["ledger_error"].as_str() {
             out.push_str(&format!("\nledger purge failed: {e}"));
         }
@@ -583,6 +599,17 @@ mod tests {
             out.starts_with("Dry run: 1 entries would be purged (1 queued, 0 running) in 0.01s")
         );
         assert!(out.contains("2h00m"));
+        assert!(!out.contains("ledger"), "no ledger, no ledger line");
+        let out = render::purge(&json!({"data": {"dry_run": false, "purged": 0, "queued": 0,
+            "running": 0, "duration_seconds": 0.5, "entries": [], "ledger":
+            {"completed_executions": 12, "stale_stats": 1, "old_snapshots": 0, "old_health_checks": 3}}}));
+        assert!(
+            out.contains(
+                "ledger rows deleted: 12 finished executions, 1 idle queue_stats, 0 \
+                 queue_snapshots, 3 health_checks"
+            ),
+            "{out}"
+        );
         // Garbage in, something out.
         for f in [
             render::queues,

@@ -149,3 +149,106 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The value of the series `name{labels…}` in Prometheus text, if present.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let Some(rest) = l.strip_prefix(name) else {
+                return false;
+            };
+            (rest.starts_with('{') || rest.starts_with(' '))
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An executor with in-memory ports and nothing queued, for checks that only need one to ask.
+pub async fn idle_executor() -> std::sync::Arc<fifo_executor::core::Executor> {
+    use fifo_executor::core::memory::{ChannelDispatcher, DiscardSink, LatestStats};
+    use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
+    use std::sync::Arc;
+    Arc::new(
+        Executor::start(
+            QueueSettings::default(),
+            Ports {
+                dispatcher: Arc::new(ChannelDispatcher::new().0),
+                sink: Arc::new(DiscardSink),
+                observer: Arc::new(LatestStats::default()),
+            },
+            Arc::new(UniformPolicy(ActionPolicy::default())),
+        )
+        .await
+        .expect("the executor starts"),
+    )
+}
+
+/// Submits executions with empty parameters to `action` and waits until each has its verdict.
+pub async fn submit_and_wait(
+    exec: &fifo_executor::core::Executor,
+    action: &fifo_executor::model::ActionRef,
+    ids: &[u64],
+) -> Vec<fifo_executor::model::Verdict> {
+    use fifo_executor::model::{Payload, Receipt, Submission};
+    let mut rxs = Vec::new();
+    let subs = ids
+        .iter()
+        .map(|&id| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rxs.push(rx);
+            let mut s = Submission::new(id, Payload::empty_object());
+            s.receipt = Some(Receipt::new(move |v| {
+                let _ = tx.send(v);
+            }));
+            s
+        })
+        .collect();
+    exec.submit(action, subs);
+    let mut verdicts = Vec::new();
+    for rx in rxs {
+        verdicts.push(rx.await.expect("a verdict"));
+    }
+    verdicts
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+/// Captures what this thread logs, as plain lines without time or target, until the guard is
+/// dropped. Only for single-threaded test runtimes: other threads log elsewhere.
+pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
