@@ -1454,7 +1454,7 @@ impl Validator<'_> {
             api.max_body_bytes == 0,
             "every request with a body would be refused",
         );
-        if let Some(global) = &api.rate_limits.global {
+        if let Some(global) = api.rate_limits.global.as_ref().filter(|g| g.enabled) {
             self.positive(
                 &["api", "rate_limits", "global", "max_requests_per_minute"],
                 global.max_requests_per_minute == 0,
@@ -1647,6 +1647,12 @@ mod tests {
         )
         .expect("loads");
         assert_eq!(off.api.rate_limits.intake_per_minute(), None);
+        let off_at_zero = from_yaml(
+            "api:\n  rate_limits:\n    global:\n      enabled: false\n      \
+             max_requests_per_minute: 0\n",
+        )
+        .expect("switched off, the number is not checked");
+        assert_eq!(off_at_zero.api.rate_limits.intake_per_minute(), None);
         assert_eq!(Config::default().api.rate_limits.intake_per_minute(), None);
     }
 

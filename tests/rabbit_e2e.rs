@@ -546,7 +546,6 @@ async fn the_runbook_api_rate_limit_takes_requests_at_its_rate_and_loses_none() 
         max_requests_per_minute: 120,
     });
     limit(&mut config, "e2e.throttled", 10);
-    let started = tokio::time::Instant::now();
     let service = Service::start(config).await.expect("service starts");
     let conn = connect(&vhost).await;
     let ch = confirm_channel(&conn).await;
@@ -565,23 +564,12 @@ async fn the_runbook_api_rate_limit_takes_requests_at_its_rate_and_loses_none() 
         )
         .await;
     }
-    // Nothing can have been dispatched faster than the throttle lets requests in: at most the
-    // burst plus two a second since the service started (plus one for rounding). Measured from
-    // before the start, so a slow machine only makes the bound looser.
+    // How fast requests are taken is checked on paused time in `rabbit::throttle`; here, that
+    // a throttled intake loses nothing and keeps the order.
     poll_until(
         Duration::from_secs(60),
         "all throttled executions completed",
-        || async {
-            let r = workers.record.lock().expect("record");
-            let dispatched: usize = r.first_order.values().map(Vec::len).sum();
-            let allowed = 3 + 2 * started.elapsed().as_secs() as usize;
-            assert!(
-                dispatched <= allowed,
-                "{dispatched} dispatched after {:?}, the throttle allows {allowed}",
-                started.elapsed()
-            );
-            r.finished == ids.len()
-        },
+        || async { workers.finished() == ids.len() },
     )
     .await;
     {

@@ -244,8 +244,17 @@ async fn setup(
         futures::stream::FuturesUnordered::new();
     for spec in &CONSUMERS {
         let ch = conn.create_channel().await?;
-        ch.basic_qos(settings.prefetch, BasicQosOptions::default())
-            .await?;
+        let throttle = settings.intake_throttle.clone().filter(|_| spec.throttled);
+        // A throttled consumer holds deliveries unacknowledged while it waits for tokens; with
+        // the full prefetch the last of them could wait past the broker's consumer_timeout
+        // (30 min by default), which closes the channel and counts a redelivery against every
+        // message held. So it is sent no more than one batch ahead.
+        let prefetch = throttle.as_ref().map_or(settings.prefetch, |t| {
+            u16::try_from(t.max_batch())
+                .unwrap_or(u16::MAX)
+                .min(settings.prefetch)
+        });
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let consumer = ch
             .basic_consume(
                 spec.queue.into(),
@@ -261,7 +270,6 @@ async fn setup(
         let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
         let acks_for_loop = acks.clone();
         tracing::info!(queue, "{}: consuming", spec.listener);
-        let throttle = settings.intake_throttle.clone().filter(|_| spec.throttled);
         loops.push(Box::pin(async move {
             let r = consumers::consume(consumer, acks_for_loop, batch, throttle, |b, a| {
                 handle(&ctx, b, a)
