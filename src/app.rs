@@ -269,8 +269,11 @@ impl Service {
             (sink, stats.clone(), config_policies, None)
         };
         // On the ledger, a dispatch leaves only once its admission is committed.
+        let live_only = Arc::new(crate::db::ledger::LiveOnly::new(Arc::new(
+            publisher.clone(),
+        )));
         let dispatcher: Arc<dyn crate::core::Dispatcher> = match ledger_cell.get() {
-            Some(ledger) => Arc::new(ledger.dispatch_after_commit(Arc::new(publisher.clone()))),
+            Some(ledger) => Arc::new(ledger.dispatch_after_commit(live_only.clone())),
             None => Arc::new(publisher.clone()),
         };
         let ports = Ports {
@@ -279,6 +282,7 @@ impl Service {
             observer,
         };
         let executor = Arc::new(Executor::start(queue_settings(&config), ports, policies).await?);
+        live_only.bind(&executor);
         if let Some(d) = durable.as_mut() {
             // Everything the ledger holds goes back into the queues before anything is consumed.
             let report = crate::db::recovery::recover(&d.pool, &d.schema, &executor).await?;

@@ -474,6 +474,56 @@ async fn a_waiting_dispatch_is_committed_at_once_not_after_the_flush_interval() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_held_through_an_outage_is_not_sent_once_the_purge_reclaimed_its_slot() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let mut rig = Rig::start_gated(
+        &db.pool,
+        &db.schema,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(1))),
+        LedgerOptions {
+            retry_max: Duration::from_millis(200),
+            ..LedgerOptions::default()
+        },
+    )
+    .await;
+    let a = action("core.reclaimed");
+
+    pg.stop().await;
+    // 1 is admitted in memory; its dispatch waits for the ledger.
+    let _during = rig.submit(&a, [1, 2]);
+    rig.settle_actors().await;
+    eventually(
+        Duration::from_secs(10),
+        "the ledger failed to write",
+        || async { (rig.ledger.counters().failed_attempts >= 1).then_some(()) },
+    )
+    .await;
+    // The outage outlasts the running age: the purge reclaims 1's slot and admits 2.
+    let purged = rig
+        .exec
+        .purge(fifo_executor::core::PurgeOrder {
+            max_queued_age: None,
+            max_running_age: Some(Duration::ZERO),
+            dry_run: false,
+        })
+        .await;
+    assert_eq!(purged.len(), 1, "{purged:?}");
+    assert!(rig.no_dispatch_waiting());
+    pg.restart().await;
+    let sent = rig.next_dispatches(1).await;
+    assert_eq!(
+        sent.iter().map(|d| d.execution_id).collect::<Vec<_>>(),
+        vec![2],
+        "1 was reclaimed (and dead-lettered) while its dispatch was held: it must not go out"
+    );
+    rig.ledger.sync().await.expect("sync");
+    assert!(rig.no_dispatch_waiting(), "nothing else is sent");
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_postgres_refuses_costs_only_its_own_execution() {
     let db = TestDb::new().await;
     let mut rig = Rig::start(

@@ -317,6 +317,56 @@ impl OutcomeSink for LedgerSink {
     }
 }
 
+/// Passes on only the dispatches of executions that are still live when the ledger releases
+/// them. A dispatch waits for its admission's commit; if Postgres is down for longer than
+/// `purge.max_running_age_seconds`, the purge reclaims the slot meanwhile (the execution is
+/// dead-lettered as `LostCompletion` and the next one admitted), and the held dispatch must
+/// then never reach a worker: it would run an execution the DLQ calls lost, beside the one
+/// that took its slot. Put between [`LedgerSink::dispatch_after_commit`] and the publisher.
+pub struct LiveOnly {
+    /// The executor whose live index decides; weak, because the executor holds this
+    /// dispatcher. Unset (before [`LiveOnly::bind`]) everything passes.
+    executor: std::sync::OnceLock<std::sync::Weak<crate::core::Executor>>,
+    /// Where live dispatches go (the RabbitMQ publisher).
+    inner: Arc<dyn Dispatcher>,
+}
+
+impl LiveOnly {
+    pub fn new(inner: Arc<dyn Dispatcher>) -> Self {
+        Self {
+            executor: std::sync::OnceLock::new(),
+            inner,
+        }
+    }
+
+    /// Names the executor, once it is built.
+    pub fn bind(&self, executor: &Arc<crate::core::Executor>) {
+        let _ = self.executor.set(Arc::downgrade(executor));
+    }
+}
+
+impl Dispatcher for LiveOnly {
+    fn dispatch(&self, mut batch: Vec<Dispatch>) {
+        if let Some(executor) = self.executor.get().and_then(std::sync::Weak::upgrade) {
+            let before = batch.len();
+            batch.retain(|d| executor.is_live(d.execution_id));
+            let dropped = before - batch.len();
+            if dropped > 0 {
+                metrics::counter!("attune_dispatches_dropped_total", "reason" => "ended_while_held")
+                    .increment(dropped as u64);
+                tracing::warn!(
+                    count = dropped,
+                    "dispatches held for the ledger were not sent: their executions ended \
+                     meanwhile (slot reclaimed by the purge)"
+                );
+            }
+        }
+        if !batch.is_empty() {
+            self.inner.dispatch(batch);
+        }
+    }
+}
+
 /// The dispatcher [`LedgerSink::dispatch_after_commit`] returns.
 pub struct AfterCommit {
     /// The ledger writer's own channel, so that dispatches queue behind the events before them.

@@ -248,21 +248,27 @@ impl Rig {
             LedgerSink::start(pool.clone(), schema, ids.clone(), options, inner);
         let stats = StatsWriter::new(pool.clone(), schema, ids.clone());
         let (dispatcher, dispatched) = ChannelDispatcher::new();
+        let live_only = Arc::new(fifo_executor::db::ledger::LiveOnly::new(Arc::new(
+            dispatcher,
+        )));
         let dispatcher: Arc<dyn fifo_executor::core::Dispatcher> = if after_commit {
-            Arc::new(ledger.dispatch_after_commit(Arc::new(dispatcher)))
+            Arc::new(ledger.dispatch_after_commit(live_only.clone()))
         } else {
-            Arc::new(dispatcher)
+            live_only.clone()
         };
         let ports = Ports {
             dispatcher,
             sink: ledger.clone(),
             observer: stats.clone(),
         };
-        let exec = Executor::start(settings, ports, policies)
-            .await
-            .expect("executor starts");
+        let exec = Arc::new(
+            Executor::start(settings, ports, policies)
+                .await
+                .expect("executor starts"),
+        );
+        live_only.bind(&exec);
         Rig {
-            exec: Arc::new(exec),
+            exec,
             ledger,
             ledger_worker: Some(ledger_worker),
             stats,
