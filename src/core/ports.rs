@@ -214,7 +214,7 @@ pub trait StatsObserver: Send + Sync + 'static {
 /// The record of executions the executor no longer holds in memory. The intake asks it, per
 /// batch, about supplied execution ids that memory does not know, once memory can no longer
 /// tell that such an id is new (see
-/// [`remembers_every_ended_id`](crate::core::Executor::remembers_every_ended_id)). Awaited by
+/// [`may_have_forgotten`](crate::core::Executor::may_have_forgotten)). Awaited by
 /// the intake edge before it submits; never called from an actor.
 pub trait History: Send + Sync + 'static {
     /// Which of `ids` were ever accepted (whatever became of them).

@@ -68,15 +68,16 @@ impl Shared {
 
 /// The last `capacity` execution ids that ended (completed, canceled, timed out, purged or
 /// reclaimed). Bounded, so memory stays flat; the ledger answers for anything older (see
-/// [`Executor::remembers_every_ended_id`]).
+/// [`Executor::may_have_forgotten`]).
 pub struct RecentlyEnded {
     set: dashmap::DashSet<ExecutionId>,
     order: std::sync::Mutex<std::collections::VecDeque<ExecutionId>>,
     capacity: usize,
-    /// True while every id that ever ended is in the set: nothing was evicted, and no id ended
-    /// before this process started. Only then may an id missing here be taken for new without
-    /// asking the ledger.
-    complete: AtomicBool,
+    /// The highest id that may have ended without being in the set: evicted from it, or ended
+    /// before this process started (the ledger's highest id at start). 0 while nothing is
+    /// forgotten. An id above it that is not in the set has never ended, without asking the
+    /// ledger: producers that number executions upwards never need a lookup.
+    forgotten_up_to: AtomicU64,
 }
 
 impl RecentlyEnded {
@@ -85,7 +86,7 @@ impl RecentlyEnded {
             set: dashmap::DashSet::new(),
             order: std::sync::Mutex::new(std::collections::VecDeque::new()),
             capacity,
-            complete: AtomicBool::new(true),
+            forgotten_up_to: AtomicU64::new(0),
         }
     }
 
@@ -95,7 +96,9 @@ impl RecentlyEnded {
             return;
         }
         if self.capacity == 0 {
-            self.mark_incomplete();
+            if let Some(&max) = ids.iter().max() {
+                self.forget_up_to(max);
+            }
             return;
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -104,12 +107,10 @@ impl RecentlyEnded {
                 order.push_back(id);
             }
         }
-        if order.len() > self.capacity {
-            self.mark_incomplete();
-        }
         while order.len() > self.capacity {
             if let Some(old) = order.pop_front() {
                 self.set.remove(&old);
+                self.forget_up_to(old);
             }
         }
     }
@@ -118,15 +119,14 @@ impl RecentlyEnded {
         self.set.contains(&id)
     }
 
-    /// Whether every id that ever ended is remembered.
-    pub fn is_complete(&self) -> bool {
-        self.complete.load(Ordering::Acquire)
+    /// Whether `id` may have ended without being remembered here.
+    pub fn may_have_forgotten(&self, id: ExecutionId) -> bool {
+        id <= self.forgotten_up_to.load(Ordering::Acquire)
     }
 
-    /// Some ended ids are not (or no longer) remembered. Never undone: once the window has
-    /// lost an id, it cannot know which one.
-    pub fn mark_incomplete(&self) {
-        self.complete.store(false, Ordering::Release);
+    /// Ids up to `id` may have ended unremembered. Only ever raised.
+    pub fn forget_up_to(&self, id: ExecutionId) {
+        self.forgotten_up_to.fetch_max(id, Ordering::AcqRel);
     }
 }
 
@@ -258,19 +258,20 @@ impl Executor {
         self.is_live(id) || self.shared.ended.contains(id)
     }
 
-    /// Whether every execution id that ever ended is still remembered, so that an id
-    /// [`is_known`](Self::is_known) does not know is new. False once the window of
-    /// `remember_ended` ids has evicted one, or after
-    /// [`ended_before_start`](Self::ended_before_start); the intake then asks the ledger
-    /// about unknown ids before it submits them.
-    pub fn remembers_every_ended_id(&self) -> bool {
-        self.shared.ended.is_complete()
+    /// Whether an id [`is_known`](Self::is_known) does not know may still have ended: it is
+    /// not above the highest id the window of `remember_ended` ids evicted, nor above the
+    /// highest id the ledger held at start (see [`ended_before_start`](Self::ended_before_start)).
+    /// The intake asks the ledger about such ids before it submits them; any other unknown id
+    /// is new.
+    pub fn may_have_forgotten(&self, id: ExecutionId) -> bool {
+        self.shared.ended.may_have_forgotten(id)
     }
 
-    /// Says that executions ended before this executor started (recovery calls it when the
-    /// ledger holds any), so that memory alone can no longer tell that an id is new.
-    pub fn ended_before_start(&self) {
-        self.shared.ended.mark_incomplete();
+    /// Says that executions with ids up to `max_id` may have ended before this executor
+    /// started (recovery calls it with the ledger's highest id when the ledger holds ended
+    /// executions), so that memory alone can no longer tell that such an id is new.
+    pub fn ended_before_start(&self, max_id: ExecutionId) {
+        self.shared.ended.forget_up_to(max_id);
     }
 
     /// Remembers ids the intake found ended in the ledger, so that another copy of their
@@ -616,31 +617,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ended_window_is_complete_until_it_evicts() {
+    fn the_ended_window_forgets_nothing_until_it_evicts_and_then_only_up_to_the_evicted_id() {
         let ended = RecentlyEnded::new(3);
-        ended.remember(&[1, 2, 3]);
+        ended.remember(&[5, 2, 3]);
         ended.remember(&[2]);
-        assert!(ended.is_complete(), "nothing was evicted yet");
+        assert!(!ended.may_have_forgotten(1), "nothing was evicted yet");
         ended.remember(&[4]);
-        assert!(!ended.is_complete(), "1 was evicted");
-        assert!(!ended.contains(1));
+        assert!(!ended.contains(5), "5 was the oldest and was evicted");
         assert!(ended.contains(4));
+        assert!(ended.may_have_forgotten(5) && ended.may_have_forgotten(1));
+        assert!(!ended.may_have_forgotten(6), "above every evicted id: new");
+        ended.remember(&[9]);
+        assert!(ended.may_have_forgotten(2), "2 was evicted");
+        assert!(
+            !ended.may_have_forgotten(6),
+            "the bound only follows the ids evicted"
+        );
     }
 
     #[test]
-    fn a_window_of_zero_is_incomplete_as_soon_as_anything_ends() {
+    fn a_window_of_zero_forgets_every_id_that_ends() {
         let ended = RecentlyEnded::new(0);
-        assert!(ended.is_complete());
-        ended.remember(&[1]);
-        assert!(!ended.is_complete());
-        assert!(!ended.contains(1));
+        assert!(!ended.may_have_forgotten(1));
+        ended.remember(&[7, 3]);
+        assert!(!ended.contains(7));
+        assert!(ended.may_have_forgotten(7));
+        assert!(!ended.may_have_forgotten(8));
     }
 
     #[test]
-    fn ends_before_the_start_make_the_window_incomplete_for_good() {
+    fn ends_before_the_start_are_forgotten_up_to_the_ledgers_highest_id_for_good() {
         let ended = RecentlyEnded::new(10);
-        ended.mark_incomplete();
+        ended.forget_up_to(100);
         ended.remember(&[1]);
-        assert!(!ended.is_complete());
+        ended.forget_up_to(50);
+        assert!(ended.may_have_forgotten(100));
+        assert!(!ended.may_have_forgotten(101));
     }
 }

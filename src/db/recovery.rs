@@ -147,12 +147,12 @@ pub async fn recover(
         executor.restore(&action, restored)?;
     }
     report.ended_before = super::history::any_ended(pool, schema).await?;
-    if report.ended_before {
-        executor.ended_before_start();
-    }
     report.max_execution_id = max_execution_id(pool, schema).await?;
     if let Some(max) = report.max_execution_id {
         executor.observe_execution_id(max);
+        if report.ended_before {
+            executor.ended_before_start(max);
+        }
     }
     tracing::info!(
         actions = report.actions,

@@ -411,9 +411,9 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
         }
     }
     let unknown: Vec<ExecutionId> = match &ctx.history {
-        Some(_) if !ctx.executor.remembers_every_ended_id() => supplied
+        Some(_) => supplied
             .into_iter()
-            .filter(|id| !ctx.executor.is_known(*id))
+            .filter(|id| !ctx.executor.is_known(*id) && ctx.executor.may_have_forgotten(*id))
             .collect(),
         _ => Vec::new(),
     };
