@@ -188,6 +188,9 @@ pub struct Service {
     pub executor: Arc<Executor>,
     pub stats: Arc<LatestStats>,
     durable: Option<Durable>,
+    /// The ledger writer, with `durability: ledger`; its counters tell tests and operators
+    /// whether Postgres is taking writes.
+    ledger: Option<Arc<crate::db::ledger::LedgerSink>>,
     pub health: Arc<HealthMonitor>,
     pub purger: Arc<Purger>,
     dlq: Option<Arc<Dlq>>,
@@ -442,6 +445,7 @@ impl Service {
             executor,
             stats,
             durable,
+            ledger: ledger_cell.get().cloned(),
             health,
             purger,
             dlq,
@@ -459,6 +463,11 @@ impl Service {
     /// The address the HTTP API listens on (the real port when `api.listen` asked for 0).
     pub fn http_addr(&self) -> std::net::SocketAddr {
         self.http_addr
+    }
+
+    /// The ledger writer's counters (`None` with `durability: memory`).
+    pub fn ledger_counters(&self) -> Option<crate::db::ledger::LedgerCounters> {
+        self.ledger.as_ref().map(|l| l.counters())
     }
 
     /// Stops the service in the one fixed order and waits for it.

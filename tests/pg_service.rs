@@ -211,6 +211,18 @@ async fn postgres_restarted_mid_load_loses_nothing_and_repeats_nothing() {
     .await;
     pg.stop().await;
     let at_stop = fleet.finished();
+    // The outage must be felt before it ends: the ledger fails a write while requests and
+    // completions keep coming.
+    poll_until(
+        Duration::from_secs(30),
+        "the ledger failed a write",
+        || async {
+            service
+                .ledger_counters()
+                .is_some_and(|c| c.failed_attempts > 0)
+        },
+    )
+    .await;
     pg.restart().await;
     println!("Postgres stopped and restarted after {at_stop} finished executions");
 
