@@ -90,6 +90,11 @@ pub enum DbError {
     Core(#[from] CoreError),
     #[error("the ledger writer has stopped")]
     WriterStopped,
+    #[error("{context}: Postgres did not answer within {after:?}")]
+    TimedOut {
+        context: &'static str,
+        after: std::time::Duration,
+    },
 }
 
 impl DbError {

@@ -44,6 +44,10 @@ use crate::ops::hooks::{HookError, PolicyStore};
 /// How often the poller reads the `action` table by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Longest one read or write of the `action` table may take while holding the lock that keeps
+/// the poller and `PUT …/policy` apart.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What an `action` row says about the policy; `None` defers to the fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredPolicy {
@@ -149,7 +153,14 @@ impl DbPolicySource {
         executor: &Executor,
     ) -> Result<Vec<(ActionRef, ActionPolicy)>, DbError> {
         let _in_step = self.apply_lock.lock().await;
-        let rows = self.read(pool).await?;
+        // Bounded, because a `PUT …/policy` waits for this lock: a hung Postgres must not hang
+        // the operator's call too.
+        let rows = tokio::time::timeout(STEP_TIMEOUT, self.read(pool))
+            .await
+            .map_err(|_| DbError::TimedOut {
+                context: "reading the action table",
+                after: STEP_TIMEOUT,
+            })??;
         let mut applied = Vec::new();
         let mut seen = HashSet::with_capacity(rows.len());
         for (action, stored) in rows {
@@ -352,16 +363,30 @@ impl DbPolicyStore {
             ),
             None => (None, None),
         };
-        let _in_step = self.source.apply_lock.lock().await;
-        sqlx::query(self.upsert.clone())
-            .bind(action.as_str())
-            .bind(policy.enabled)
-            .bind(limit)
-            .bind(max)
-            .bind(per)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| HookError(DbError::query("storing a policy")(e).to_string()))?;
+        let stored = tokio::time::timeout(STEP_TIMEOUT, async {
+            let in_step = self.source.apply_lock.lock().await;
+            sqlx::query(self.upsert.clone())
+                .bind(action.as_str())
+                .bind(policy.enabled)
+                .bind(limit)
+                .bind(max)
+                .bind(per)
+                .execute(&self.pool)
+                .await
+                .map(|_| in_step)
+        })
+        .await;
+        let _in_step = match stored {
+            Ok(Ok(guard)) => guard,
+            Ok(Err(e)) => return Err(HookError(DbError::query("storing a policy")(e).to_string())),
+            Err(_) => {
+                return Err(HookError(format!(
+                    "storing a policy: Postgres did not answer within {STEP_TIMEOUT:?}; the \
+                     policy in force is unchanged, the row may or may not have been written \
+                     (the table's poller applies it if it was)"
+                )));
+            }
+        };
         self.source.stored.insert(
             action.clone(),
             StoredPolicy {
