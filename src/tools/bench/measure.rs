@@ -6,14 +6,17 @@
 //! An executor started in-process runs on a tokio runtime of its own whose threads are named
 //! [`EXECUTOR_THREADS`] (the blocking pool too), and everything it spawns stays there; the
 //! load generator (producers, simulated workers, the verifier) runs on the bench's own
-//! runtime. The executor's CPU time is the sum of `utime + stime` over the threads of this
-//! process with that name, read from `/proc/self/task/*/stat` at the start and the end of the
-//! measured window; every other thread counts as load generator. The per-name breakdown goes
+//! runtime. lapin runs one I/O thread per connection, all named `lapin-io-loop`; those that
+//! appear while the executor starts (before the load generator connects) are its own. The
+//! executor's CPU time is the sum of `utime + stime` over its runtime's threads and its lapin
+//! I/O threads, read from `/proc/self/task/*/stat` at the start and the end of the measured
+//! window; every other thread counts as load generator. A connection the executor opens
+//! later (a reconnect, the health check's DLQ reader) counts as load generator. The per-name breakdown goes
 //! into the report so that a thread nobody expected (a library's own I/O thread) is visible.
 //! For `--external`, `--executor-pid` reads the whole other process instead. RSS is the
 //! process's (`VmRSS`), so in-process it includes the load generator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -163,22 +166,68 @@ impl Timeline {
 /// CPU seconds by thread name (digits dropped, so a pool's threads add up under one name).
 pub type CpuByThread = BTreeMap<String, f64>;
 
-/// CPU seconds spent so far by this process's threads, by name.
-pub fn own_threads_cpu() -> CpuByThread {
-    let mut by_name = CpuByThread::new();
+/// Name of the I/O thread lapin starts for each connection.
+pub const LAPIN_IO_THREAD: &str = "lapin-io-loop";
+
+/// What the executor's (or relay's) own lapin I/O threads are reported as: under the
+/// executor's prefix, so they count as its CPU.
+pub const EXECUTOR_IO_THREADS: &str = "fx-exec/lapin-io-loop";
+
+/// One thread of this process and the CPU it has used so far.
+#[derive(Debug, Clone)]
+pub struct ThreadCpu {
+    pub tid: u32,
+    pub name: String,
+    pub seconds: f64,
+}
+
+/// This process's threads now.
+pub fn threads() -> Vec<ThreadCpu> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return by_name;
+        return Vec::new();
     };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let (name, seconds) = parse_stat(&stat)?;
+            Some(ThreadCpu { tid, name, seconds })
+        })
+        .collect()
+}
+
+/// Ids of this process's lapin I/O threads now.
+pub fn lapin_io_threads() -> HashSet<u32> {
+    threads()
+        .into_iter()
+        .filter(|t| t.name == LAPIN_IO_THREAD)
+        .map(|t| t.tid)
+        .collect()
+}
+
+/// CPU seconds by thread name; the lapin I/O threads in `executor_io` are named
+/// [`EXECUTOR_IO_THREADS`].
+pub fn by_name(threads: &[ThreadCpu], executor_io: &HashSet<u32>) -> CpuByThread {
+    let mut by_name = CpuByThread::new();
+    for t in threads {
+        let name = if executor_io.contains(&t.tid) {
+            EXECUTOR_IO_THREADS.to_owned()
+        } else {
+            t.name.chars().filter(|c| !c.is_ascii_digit()).collect()
         };
-        if let Some((name, seconds)) = parse_stat(&stat) {
-            let name: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
-            *by_name.entry(name).or_default() += seconds;
-        }
+        *by_name.entry(name).or_default() += t.seconds;
     }
     by_name
+}
+
+/// CPU seconds of the threads counted as the executor's: its runtime and its lapin I/O.
+pub fn executor_seconds(by_name: &CpuByThread) -> f64 {
+    by_name
+        .iter()
+        .filter(|(n, _)| n.starts_with(EXECUTOR_THREADS))
+        .map(|(_, s)| s)
+        .sum()
 }
 
 /// CPU seconds spent so far by process `pid` (all its threads, including those that ended).
@@ -256,7 +305,7 @@ mod tests {
 
     #[test]
     fn this_process_has_threads_with_cpu_and_an_rss() {
-        assert!(!own_threads_cpu().is_empty());
+        assert!(!threads().is_empty());
         assert!(rss_kb(None).is_some_and(|(rss, peak)| rss > 0 && peak >= rss));
     }
 

@@ -245,7 +245,7 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let mut executor = None;
     if args.baseline != Baseline::BrokerOnly {
         let target = if args.external {
-            Target::external(&config, args.executor_pid)
+            Target::external(&config, args.executor_pid).await?
         } else {
             Target::in_process(&config, &workload, args.isolated, args.executor_threads).await?
         };
@@ -388,14 +388,15 @@ async fn phase(
     workload: &Arc<Workload>,
     args: &BenchArgs,
 ) -> Result<Phase, BenchError> {
-    let outcome = drive(name, &target, config, workload, args).await;
+    let mut target = target;
+    let outcome = drive(name, &mut target, config, workload, args).await;
     target.stop().await;
     outcome
 }
 
 async fn drive(
     name: &str,
-    target: &Target,
+    target: &mut Target,
     config: &Config,
     workload: &Arc<Workload>,
     args: &BenchArgs,
@@ -428,7 +429,7 @@ async fn drive(
     let (stop_tx, stop_rx) = watch::channel(false);
     let workers = tokio::spawn(workers.run(collector.clone(), stop_rx));
 
-    let cpu_before = measure::own_threads_cpu();
+    let cpu_before = target.threads_cpu();
     let target_cpu_before = target.cpu();
     let rss_start = target.rss();
     let mut rss_after_warmup = None;
@@ -469,7 +470,7 @@ async fn drive(
         }
     }
     progress.finish_and_clear();
-    let cpu_after = measure::own_threads_cpu();
+    let cpu_after = target.threads_cpu();
     let target_cpu_after = target.cpu();
     let rss_end = target.rss();
     let _ = stop_tx.send(true);
@@ -489,12 +490,7 @@ async fn drive(
         (Some(b), Some(a)) => Some((a - b).max(0.0)),
         _ => None,
     };
-    let executor_threads: f64 = by_thread
-        .iter()
-        .filter(|(n, _)| n.starts_with(measure::EXECUTOR_THREADS))
-        .map(|(_, s)| s)
-        .sum();
-    let load_generator_s = by_thread.values().sum::<f64>() - executor_threads;
+    let load_generator_s = by_thread.values().sum::<f64>() - measure::executor_seconds(&by_thread);
     let completed = collected.completed;
     let elapsed = collected.elapsed.as_secs_f64();
     let mut violations: Vec<String> = collected

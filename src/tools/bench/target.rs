@@ -5,6 +5,7 @@
 //! An in-process executor or relay runs on a tokio runtime of its own, with threads named
 //! [`measure::EXECUTOR_THREADS`], so its CPU time can be told from the load generator's.
 
+use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -230,8 +231,20 @@ where
     rx.await.map_err(|_| TargetError::Panicked)
 }
 
-/// What a phase runs against.
-pub enum Target {
+/// What a phase runs against, with the probe connection that watches it start.
+pub struct Target {
+    kind: Kind,
+    /// Opened before the target starts, so its lapin I/O thread is not taken for the
+    /// executor's; closed at the end.
+    probe: lapin::Connection,
+    /// lapin I/O threads that existed before the target started.
+    io_before: HashSet<u32>,
+    /// The target's own lapin I/O threads, known once it consumes.
+    executor_io: HashSet<u32>,
+}
+
+/// The three kinds of target.
+enum Kind {
     InProcess {
         runtime: tokio::runtime::Runtime,
         /// Boxed: the service is large beside the other variants.
@@ -300,8 +313,8 @@ impl Target {
             );
         }
         let url = config.rabbitmq.url.clone();
-        let rt = match runtime(threads) {
-            Ok(rt) => rt,
+        let (probe, io_before, rt) = match prepare(&url, threads).await {
+            Ok(p) => p,
             Err(e) => {
                 cleanup(vhost, database).await;
                 return Err(e);
@@ -309,13 +322,17 @@ impl Target {
         };
         let started = on_runtime(rt.handle().clone(), move || Service::start(config)).await;
         match started {
-            Ok(Ok(service)) => Ok(Target::InProcess {
-                runtime: rt,
-                service: Box::new(service),
-                url,
-                vhost,
-                database,
-            }),
+            Ok(Ok(service)) => Ok(Target::new(
+                Kind::InProcess {
+                    runtime: rt,
+                    service: Box::new(service),
+                    url,
+                    vhost,
+                    database,
+                },
+                probe,
+                io_before,
+            )),
             Ok(Err(e)) => {
                 rt.shutdown_background();
                 cleanup(vhost, database).await;
@@ -332,8 +349,8 @@ impl Target {
     /// Starts the broker relay in a vhost of its own, with the executor's tuning.
     pub async fn relay(config: &Config, threads: usize) -> Result<Target, TargetError> {
         let vhost = Vhost::create(&config.rabbitmq.url).await?;
-        let rt = match runtime(threads) {
-            Ok(rt) => rt,
+        let (probe, io_before, rt) = match prepare(&vhost.url, threads).await {
+            Ok(p) => p,
             Err(e) => {
                 vhost.delete().await;
                 return Err(e);
@@ -354,37 +371,53 @@ impl Target {
             },
             stop_rx,
         ));
-        Ok(Target::Relay {
-            runtime: rt,
-            stop,
-            task,
-            vhost,
-        })
+        Ok(Target::new(
+            Kind::Relay {
+                runtime: rt,
+                stop,
+                task,
+                vhost,
+            },
+            probe,
+            io_before,
+        ))
     }
 
     /// An executor already running on `rabbitmq.url`.
-    pub fn external(config: &Config, pid: Option<u32>) -> Target {
-        Target::External {
-            url: config.rabbitmq.url.clone(),
-            pid,
+    pub async fn external(config: &Config, pid: Option<u32>) -> Result<Target, TargetError> {
+        let url = config.rabbitmq.url.clone();
+        let probe = edge::connect(&url, "fifo-executor bench probe").await?;
+        Ok(Target::new(
+            Kind::External { url, pid },
+            probe,
+            HashSet::new(),
+        ))
+    }
+
+    fn new(kind: Kind, probe: lapin::Connection, io_before: HashSet<u32>) -> Self {
+        Self {
+            kind,
+            probe,
+            io_before,
+            executor_io: HashSet::new(),
         }
     }
 
     /// The AMQP URL the load generator uses.
     pub fn url(&self) -> &str {
-        match self {
-            Target::InProcess { url, .. } | Target::External { url, .. } => url,
-            Target::Relay { vhost, .. } => &vhost.url,
+        match &self.kind {
+            Kind::InProcess { url, .. } | Kind::External { url, .. } => url,
+            Kind::Relay { vhost, .. } => &vhost.url,
         }
     }
 
     /// Waits until something consumes the requests queue (the executor's topology is
     /// declared and bound), so no request is published into nowhere.
-    pub async fn wait_until_consuming(&self, deadline: Duration) -> Result<(), TargetError> {
-        let conn = edge::connect(self.url(), "fifo-executor bench probe").await?;
+    pub async fn wait_until_consuming(&mut self, deadline: Duration) -> Result<(), TargetError> {
+        let conn = &self.probe;
         let start = tokio::time::Instant::now();
         let outcome = loop {
-            if let Target::Relay { task, .. } = self
+            if let Kind::Relay { task, .. } = &self.kind
                 && task.is_finished()
             {
                 break Err(TargetError::NotConsuming {
@@ -419,60 +452,63 @@ impl Target {
             }
             tokio::time::sleep(CONSUMING_POLL).await;
         };
-        let _ = conn.close(200, "probe done".into()).await;
+        if !matches!(self.kind, Kind::External { .. }) {
+            self.executor_io = &measure::lapin_io_threads() - &self.io_before;
+        }
         outcome
+    }
+
+    /// CPU seconds by thread name of this process, the target's lapin I/O threads named as
+    /// its own.
+    pub fn threads_cpu(&self) -> measure::CpuByThread {
+        measure::by_name(&measure::threads(), &self.executor_io)
     }
 
     /// Whether the target applies the actions' limits (the relay passes everything on).
     pub fn has_limits(&self) -> bool {
-        !matches!(self, Target::Relay { .. })
+        !matches!(self.kind, Kind::Relay { .. })
     }
 
     /// CPU seconds the target has used so far, when they can be read.
     pub fn cpu(&self) -> Option<f64> {
-        match self {
-            Target::External { pid, .. } => pid.and_then(measure::process_cpu),
-            _ => Some(
-                measure::own_threads_cpu()
-                    .iter()
-                    .filter(|(n, _)| n.starts_with(measure::EXECUTOR_THREADS))
-                    .map(|(_, s)| s)
-                    .sum(),
-            ),
+        match &self.kind {
+            Kind::External { pid, .. } => pid.and_then(measure::process_cpu),
+            _ => Some(measure::executor_seconds(&self.threads_cpu())),
         }
     }
 
     /// What [`Target::cpu`] counts.
     pub fn cpu_counted(&self) -> &'static str {
-        match self {
-            Target::InProcess { .. } => "executor runtime threads (fx-exec*)",
-            Target::Relay { .. } => "relay runtime threads (fx-exec*)",
-            Target::External { pid: Some(_), .. } => "executor process (--executor-pid)",
-            Target::External { pid: None, .. } => "not measured (no --executor-pid)",
+        match &self.kind {
+            Kind::InProcess { .. } => "executor runtime and its lapin I/O threads (fx-exec*)",
+            Kind::Relay { .. } => "relay runtime and its lapin I/O threads (fx-exec*)",
+            Kind::External { pid: Some(_), .. } => "executor process (--executor-pid)",
+            Kind::External { pid: None, .. } => "not measured (no --executor-pid)",
         }
     }
 
     /// `(RSS, peak RSS)` in kB of the process the target runs in.
     pub fn rss(&self) -> Option<(u64, u64)> {
-        match self {
-            Target::External { pid, .. } => pid.and_then(|p| measure::rss_kb(Some(p))),
+        match &self.kind {
+            Kind::External { pid, .. } => pid.and_then(|p| measure::rss_kb(Some(p))),
             _ => measure::rss_kb(None),
         }
     }
 
     /// What [`Target::rss`] is of.
     pub fn rss_counted(&self) -> &'static str {
-        match self {
-            Target::External { pid: Some(_), .. } => "executor process",
-            Target::External { pid: None, .. } => "not measured (no --executor-pid)",
+        match &self.kind {
+            Kind::External { pid: Some(_), .. } => "executor process",
+            Kind::External { pid: None, .. } => "not measured (no --executor-pid)",
             _ => "whole bench process: executor and load generator",
         }
     }
 
     /// Stops what was started and drops what was created for the run.
     pub async fn stop(self) {
-        match self {
-            Target::InProcess {
+        let _ = self.probe.close(200, "bench done".into()).await;
+        match self.kind {
+            Kind::InProcess {
                 runtime,
                 service,
                 vhost,
@@ -488,7 +524,7 @@ impl Target {
                 runtime.shutdown_background();
                 cleanup(vhost, database).await;
             }
-            Target::Relay {
+            Kind::Relay {
                 runtime,
                 stop,
                 task,
@@ -501,7 +537,24 @@ impl Target {
                 runtime.shutdown_background();
                 vhost.delete().await;
             }
-            Target::External { .. } => {}
+            Kind::External { .. } => {}
+        }
+    }
+}
+
+/// Opens the probe connection, notes the lapin I/O threads that exist without the target,
+/// and builds the target's runtime.
+async fn prepare(
+    url: &str,
+    threads: usize,
+) -> Result<(lapin::Connection, HashSet<u32>, tokio::runtime::Runtime), TargetError> {
+    let probe = edge::connect(url, "fifo-executor bench probe").await?;
+    let io_before = measure::lapin_io_threads();
+    match runtime(threads) {
+        Ok(rt) => Ok((probe, io_before, rt)),
+        Err(e) => {
+            let _ = probe.close(200, "bench failed".into()).await;
+            Err(e)
         }
     }
 }
