@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -129,10 +129,10 @@ impl Collector {
         inner.verifier.submitted(action as usize, id, now);
     }
 
-    fn dispatched(&self, id: u64, attempt: u32) -> Dispatched {
+    fn dispatched(&self, id: u64, attempt: u32, enqueued_at: Option<SystemTime>) -> Dispatched {
         let now = Instant::now();
         let mut inner = self.lock();
-        let outcome = inner.verifier.dispatched(id, attempt, now);
+        let outcome = inner.verifier.dispatched(id, attempt, now, enqueued_at);
         if let Dispatched::Run {
             queue_wait,
             since_completion,
@@ -154,7 +154,7 @@ impl Collector {
         let now = Instant::now();
         let first = {
             let mut inner = self.lock();
-            let first = inner.verifier.completed(id, now);
+            let first = inner.verifier.completed(id, now, SystemTime::now());
             if first {
                 let since_start = now.saturating_duration_since(inner.start.unwrap_or(now));
                 inner.timeline.completion(since_start);
@@ -387,7 +387,7 @@ impl Workers {
             };
             let tag = d.delivery_tag;
             acks.track(tag);
-            let (id, attempt) = match read_dispatch(&d.data) {
+            let (id, attempt, enqueued_at) = match read_dispatch(&d.data) {
                 Ok(x) => x,
                 Err(e) => {
                     collector.undecodable(e);
@@ -395,7 +395,7 @@ impl Workers {
                     continue;
                 }
             };
-            if collector.dispatched(id, attempt) == Dispatched::Skip {
+            if collector.dispatched(id, attempt, enqueued_at) == Dispatched::Skip {
                 acks.ack(tag);
                 continue;
             }
@@ -476,15 +476,22 @@ impl Completing {
     }
 }
 
-/// `(execution_id, attempt)` of a dispatch body.
-fn read_dispatch(body: &[u8]) -> Result<(u64, u32), String> {
+/// `(execution_id, attempt, enqueued_at)` of a dispatch body.
+fn read_dispatch(body: &[u8]) -> Result<(u64, u32, Option<SystemTime>), String> {
     #[derive(serde::Deserialize)]
     struct Wire {
         execution_id: u64,
         attempt: u32,
+        enqueued_at: Option<chrono::DateTime<chrono::Utc>>,
     }
     serde_json::from_slice::<Wire>(body)
-        .map(|w| (w.execution_id, w.attempt))
+        .map(|w| {
+            (
+                w.execution_id,
+                w.attempt,
+                w.enqueued_at.map(SystemTime::from),
+            )
+        })
         .map_err(|e| {
             format!(
                 "{e}: {}",

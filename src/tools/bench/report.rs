@@ -57,8 +57,9 @@ pub struct Phase {
     pub throughput: f64,
     /// Request published → dispatch received by a worker.
     pub queue_wait: Percentiles,
-    /// A worker publishes a completion while its action has executions waiting → the next
-    /// dispatch of that action arrives.
+    /// A worker publishes a completion while its action has executions waiting in the
+    /// executor (accepted before the completion was sent, by the dispatch's `enqueued_at`) →
+    /// the next dispatch of that action arrives.
     pub completion_to_dispatch: Percentiles,
     pub cpu: Cpu,
     pub memory: Memory,

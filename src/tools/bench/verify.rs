@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Most violations kept with their details; the rest are only counted.
 const MAX_KEPT: usize = 1000;
@@ -140,9 +140,9 @@ struct ActionState {
     dispatched: usize,
     /// Running now, from the workers' point of view.
     running: Vec<u64>,
-    /// Completions published while executions of this action were waiting, oldest first:
-    /// each is answered by the next first dispatch.
-    freed_at: VecDeque<Instant>,
+    /// Completions published while executions of this action were waiting, oldest first, by
+    /// monotonic and wall clock: each is answered by the next first dispatch.
+    freed_at: VecDeque<(Instant, SystemTime)>,
 }
 
 /// The verifier. Ids the bench submits are `base .. base + capacity`.
@@ -218,8 +218,15 @@ impl Verifier {
         self.submitted += 1;
     }
 
-    /// A worker received a dispatch of `id` with `attempt`.
-    pub fn dispatched(&mut self, id: u64, attempt: u32, now: Instant) -> Dispatched {
+    /// A worker received a dispatch of `id` with `attempt`; `enqueued_at` is when the
+    /// executor says it accepted the execution (its `enqueued_at`), if it said.
+    pub fn dispatched(
+        &mut self,
+        id: u64,
+        attempt: u32,
+        now: Instant,
+        enqueued_at: Option<SystemTime>,
+    ) -> Dispatched {
         let Some(slot) = self.slot(id) else {
             self.foreign += 1;
             return Dispatched::Skip;
@@ -271,10 +278,14 @@ impl Verifier {
                 running: a.running.clone(),
             });
         }
+        // Only a completion the executor could act on counts: one sent after it had accepted
+        // this execution. One sent while the request was still on its way in measures the
+        // intake, not the hand-off (the queue wait already covers that).
         let since_completion = a
             .freed_at
             .pop_front()
-            .map(|t| now.saturating_duration_since(t));
+            .filter(|(_, wall)| enqueued_at.is_none_or(|e| e <= *wall))
+            .map(|(t, _)| now.saturating_duration_since(t));
         for v in found {
             self.violate(v);
         }
@@ -290,9 +301,10 @@ impl Verifier {
             .is_some_and(|e| e.state != State::Submitted)
     }
 
-    /// A worker is about to publish the completion of `id`. Returns whether the completion
-    /// is a first one for an execution of this run (a worker sends nothing otherwise).
-    pub fn completed(&mut self, id: u64, now: Instant) -> bool {
+    /// A worker is about to publish the completion of `id` (at `now`, `wall` by the wall
+    /// clock). Returns whether the completion is a first one for an execution of this run (a
+    /// worker sends nothing otherwise).
+    pub fn completed(&mut self, id: u64, now: Instant, wall: SystemTime) -> bool {
         let Some(exec) = self.slot(id).and_then(|s| self.execs[s].as_mut()) else {
             return false;
         };
@@ -310,7 +322,7 @@ impl Verifier {
                 let a = &mut self.actions[exec.action as usize];
                 a.running.retain(|r| *r != id);
                 if a.dispatched < a.order.len() {
-                    a.freed_at.push_back(now);
+                    a.freed_at.push_back((now, wall));
                 }
                 self.completed += 1;
                 true
@@ -385,8 +397,11 @@ mod tests {
     }
 
     fn run(v: &mut Verifier, id: u64, now: Instant) {
-        assert!(matches!(v.dispatched(id, 1, now), Dispatched::Run { .. }));
-        assert!(v.completed(id, now));
+        assert!(matches!(
+            v.dispatched(id, 1, now, None),
+            Dispatched::Run { .. }
+        ));
+        assert!(v.completed(id, now, SystemTime::now()));
     }
 
     #[test]
@@ -432,7 +447,7 @@ mod tests {
             v.submitted(0, id, now);
         }
         for id in 100..103 {
-            v.dispatched(id, 1, now);
+            v.dispatched(id, 1, now, None);
         }
         let (violations, _) = v.finish();
         assert!(violations.contains(&Violation::OverLimit {
@@ -457,8 +472,8 @@ mod tests {
         let (mut v, now) = verifier(1);
         v.submitted(0, 100, now);
         run(&mut v, 100, now);
-        assert!(!v.completed(100, now));
-        assert_eq!(v.dispatched(100, 1, now), Dispatched::Skip);
+        assert!(!v.completed(100, now, SystemTime::now()));
+        assert_eq!(v.dispatched(100, 1, now, None), Dispatched::Skip);
         let (violations, total) = v.finish();
         assert_eq!(total, 2);
         assert!(violations.contains(&Violation::CompletedTwice { execution_id: 100 }));
@@ -469,10 +484,13 @@ mod tests {
     fn a_resent_dispatch_is_counted_and_not_run_again() {
         let (mut v, now) = verifier(1);
         v.submitted(0, 100, now);
-        assert!(matches!(v.dispatched(100, 1, now), Dispatched::Run { .. }));
-        assert_eq!(v.dispatched(100, 2, now), Dispatched::Skip);
-        assert!(v.completed(100, now));
-        assert_eq!(v.dispatched(100, 3, now), Dispatched::Skip);
+        assert!(matches!(
+            v.dispatched(100, 1, now, None),
+            Dispatched::Run { .. }
+        ));
+        assert_eq!(v.dispatched(100, 2, now, None), Dispatched::Skip);
+        assert!(v.completed(100, now, SystemTime::now()));
+        assert_eq!(v.dispatched(100, 3, now, None), Dispatched::Skip);
         assert_eq!(v.resends(), 2);
         assert_eq!(v.finish().1, 0);
     }
@@ -484,7 +502,7 @@ mod tests {
             v.submitted(0, id, now);
         }
         run(&mut v, 100, now);
-        v.dispatched(101, 1, now);
+        v.dispatched(101, 1, now, None);
         let (violations, total) = v.finish();
         assert_eq!(total, 1);
         assert_eq!(
@@ -501,8 +519,8 @@ mod tests {
     #[test]
     fn dispatches_of_other_ids_are_counted_as_foreign() {
         let (mut v, now) = verifier(1);
-        assert_eq!(v.dispatched(5, 1, now), Dispatched::Skip);
-        assert_eq!(v.dispatched(105, 1, now), Dispatched::Skip);
+        assert_eq!(v.dispatched(5, 1, now, None), Dispatched::Skip);
+        assert_eq!(v.dispatched(105, 1, now, None), Dispatched::Skip);
         assert_eq!(v.foreign(), 2);
         assert_eq!(v.finish().1, 0);
     }
@@ -510,24 +528,43 @@ mod tests {
     #[test]
     fn completion_to_next_dispatch_is_measured_only_when_executions_were_waiting() {
         let (mut v, t0) = verifier(1);
+        let wall = SystemTime::now();
         v.submitted(0, 100, t0);
         v.submitted(0, 101, t0);
-        v.dispatched(100, 1, t0);
+        v.dispatched(100, 1, t0, None);
         let t1 = t0 + Duration::from_millis(10);
-        v.completed(100, t1);
+        v.completed(100, t1, wall);
         let t2 = t1 + Duration::from_millis(3);
         assert_eq!(
-            v.dispatched(101, 1, t2),
+            v.dispatched(101, 1, t2, Some(wall)),
             Dispatched::Run {
                 queue_wait: Duration::from_millis(13),
                 since_completion: Some(Duration::from_millis(3))
             }
         );
         // Nothing waits behind 101: its completion starts no measurement.
-        v.completed(101, t2);
+        v.completed(101, t2, wall);
         v.submitted(0, 102, t2);
         assert!(matches!(
-            v.dispatched(102, 1, t2),
+            v.dispatched(102, 1, t2, None),
+            Dispatched::Run {
+                since_completion: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_completion_sent_before_the_executor_accepted_the_next_one_is_not_a_sample() {
+        let (mut v, t0) = verifier(1);
+        let wall = SystemTime::now();
+        v.submitted(0, 100, t0);
+        v.submitted(0, 101, t0);
+        v.dispatched(100, 1, t0, None);
+        v.completed(100, t0, wall);
+        let accepted_later = wall + Duration::from_millis(5);
+        assert!(matches!(
+            v.dispatched(101, 1, t0, Some(accepted_later)),
             Dispatched::Run {
                 since_completion: None,
                 ..
