@@ -248,7 +248,8 @@ impl Service {
                 }
             }) as publisher::DispatchConfirmed
         });
-        let (publisher, slot, _publisher_task) = publisher::spawn(on_confirmed);
+        let (publisher, slot, _publisher_task) =
+            publisher::spawn(on_confirmed, config.rabbitmq.confirm_window);
         let stats = Arc::new(LatestStats::default());
         let dead_letters: Arc<dyn OutcomeSink> = Arc::new(DeadLetterSink::new(
             publisher.clone(),

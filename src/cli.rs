@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
@@ -14,7 +13,7 @@ use crate::app::{self, Service};
 use crate::config::Config;
 use crate::http::client::Client;
 use crate::tools::ops::{self, render};
-use crate::tools::{submit, worker};
+use crate::tools::{DurationDist, bench, submit, worker};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,13 +70,17 @@ pub enum Command {
         queue: String,
         #[arg(long, default_value_t = 10)]
         concurrency: u16,
-        /// Simulated duration in milliseconds, `MIN` or `MIN-MAX`.
+        /// Simulated duration in milliseconds: `MS`, `MIN-MAX` or `exp:MEAN`.
         #[arg(long, default_value = "100")]
         duration_ms: String,
         /// Share of executions reported as failed (0 to 1).
         #[arg(long, default_value_t = 0.0)]
         failure_rate: f64,
     },
+    /// The FIFO-ordering load benchmark: drives an executor (in-process or running) through
+    /// RabbitMQ, checks order, limits and exactly-once completion, and reports throughput,
+    /// latency, CPU and memory, optionally against the bare broker's ceiling.
+    Bench(Box<bench::BenchArgs>),
     /// Queue statistics of one action, or of every action (longest queues first).
     Stats {
         /// Action ref; all actions when left out.
@@ -230,22 +233,6 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn parse_range(s: &str) -> anyhow::Result<(Duration, Duration)> {
-    let (a, b) = s.split_once('-').unwrap_or((s, s));
-    let a: u64 = a
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--duration-ms: {s:?} is not MIN or MIN-MAX"))?;
-    let b: u64 = b
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--duration-ms: {s:?} is not MIN or MIN-MAX"))?;
-    Ok((
-        Duration::from_millis(a.min(b)),
-        Duration::from_millis(a.max(b)),
-    ))
-}
-
 /// Runs a command; the exit status is success unless the command says otherwise (`health`).
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -319,6 +306,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!("fifo-executor stopped");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(args) => {
+            // The in-process executor logs warnings and errors only: the summary is the output.
+            // lapin logs every closed channel as an error, and the probe that waits for the
+            // executor's queue closes one each time the queue does not exist yet.
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+            bench::main(*args).await
+        }
         Command::CheckConfig { config } => {
             let config = load(config.as_ref())?;
             println!("{config:#?}");
@@ -364,7 +360,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load(config.as_ref())?;
             init_logging(&config);
-            let (min_duration, max_duration) = parse_range(&duration_ms)?;
+            let duration = DurationDist::parse_ms(&duration_ms)
+                .map_err(|e| anyhow::anyhow!("--duration-ms: {e}"))?;
             anyhow::ensure!(
                 (0.0..=1.0).contains(&failure_rate),
                 "--failure-rate must be between 0 and 1"
@@ -375,8 +372,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     actions,
                     queue,
                     concurrency,
-                    min_duration,
-                    max_duration,
+                    duration,
                     failure_rate,
                 },
                 app::termination_signal(),

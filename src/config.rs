@@ -229,6 +229,10 @@ pub struct RabbitConfig {
     /// Unacknowledged messages the broker may push to each consumer; bounds memory and sets
     /// how much can be acknowledged in one batch.
     pub prefetch: u16,
+    /// Dispatches, dead letters and replies the executor keeps awaiting their publisher
+    /// confirm at once: enough to keep the broker's fsync batches full, small enough that a
+    /// reconnect sends little again.
+    pub confirm_window: usize,
     /// Largest message body accepted; bigger ones are dead-lettered unread.
     pub max_message_bytes: usize,
     /// Ceiling of the exponential back-off between reconnection attempts.
@@ -242,6 +246,7 @@ impl Default for RabbitConfig {
             max_deliveries: 5,
             queue_type: QueueType::default(),
             prefetch: 1000,
+            confirm_window: 512,
             max_message_bytes: 1024 * 1024,
             reconnect_max_backoff_ms: 5000,
         }
@@ -256,6 +261,7 @@ impl fmt::Debug for RabbitConfig {
             .field("max_deliveries", &self.max_deliveries)
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
+            .field("confirm_window", &self.confirm_window)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
             .finish()
@@ -1276,6 +1282,11 @@ impl Validator<'_> {
             "AMQP reads 0 as unlimited, which would let the broker flood the executor",
         );
         self.positive(
+            &["rabbitmq", "confirm_window"],
+            rabbitmq.confirm_window == 0,
+            "nothing could ever be published",
+        );
+        self.positive(
             &["rabbitmq", "max_message_bytes"],
             rabbitmq.max_message_bytes == 0,
             "every message would be too big",
@@ -1530,6 +1541,7 @@ mod tests {
             "rabbitmq.max_deliveries",
             "rabbitmq.queue_type",
             "rabbitmq.prefetch",
+            "rabbitmq.confirm_window",
             "rabbitmq.max_message_bytes",
             "rabbitmq.reconnect_max_backoff_ms",
             "database.url",

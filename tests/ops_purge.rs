@@ -33,7 +33,7 @@ struct Rig {
 }
 
 async fn rig(emergency_mode: bool) -> Rig {
-    let (publisher, slot, _task) = publisher::spawn(None);
+    let (publisher, slot, _task) = publisher::spawn(None, publisher::CONFIRM_WINDOW);
     let (sink, events) = ChannelSink::new();
     let (dispatcher, dispatched) = ChannelDispatcher::new();
     let ports = Ports {

@@ -25,8 +25,8 @@ use super::publisher::ChannelSlot;
 use super::throttle::IntakeThrottle;
 use super::topology::{self, TopologyError, TopologySpec};
 
-/// Most deliveries handed to the executor in one batch.
-const MAX_BATCH: usize = 256;
+/// Most deliveries handed to the executor in one batch (also the bench's broker baseline's).
+pub const MAX_BATCH: usize = 256;
 
 /// Settings of the RabbitMQ edge.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 //!
 //! The task owns a confirm-mode channel handed to it by the current session. It publishes in
 //! the order jobs arrive (so one action's dispatches reach the broker in FIFO order), keeps up
-//! to [`CONFIRM_WINDOW`] publishes awaiting their confirm without waiting on each, and runs each
+//! to `rabbitmq.confirm_window` (default [`CONFIRM_WINDOW`]) publishes awaiting their confirm without waiting on each, and runs each
 //! job's `on_confirmed` hook when the broker confirms it. When the connection drops, every
 //! unconfirmed job goes back to the front of the line, in its original order, and is published
 //! again on the next session's channel; a dispatch sent again carries `attempt + 1`, since the
@@ -26,7 +26,7 @@ use super::wire::{self, DeadLetter, Reply};
 use crate::core::{Dispatch, Dispatcher};
 use crate::model::ExecutionId;
 
-/// Publishes awaiting a confirm at once. Enough to keep the broker busy (persistent messages
+/// Publishes awaiting a confirm at once by default (`rabbitmq.confirm_window`). Enough to keep the broker busy (persistent messages
 /// are confirmed after an fsync batch, a few ms), small enough that a reconnect re-sends little.
 pub const CONFIRM_WINDOW: usize = 512;
 
@@ -113,13 +113,21 @@ impl Dispatcher for PublisherHandle {
 pub type ChannelSlot = watch::Sender<Option<Channel>>;
 
 /// Starts the publisher task. It runs until every handle is dropped and all is confirmed.
+/// At most `confirm_window` publishes (at least 1) await their confirm at once.
 pub fn spawn(
     on_dispatch_confirmed: Option<DispatchConfirmed>,
+    confirm_window: usize,
 ) -> (PublisherHandle, ChannelSlot, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (slot, channel) = watch::channel(None);
     let pending = Arc::new(AtomicUsize::new(0));
-    let task = tokio::spawn(run(rx, channel, pending.clone(), on_dispatch_confirmed));
+    let task = tokio::spawn(run(
+        rx,
+        channel,
+        pending.clone(),
+        on_dispatch_confirmed,
+        confirm_window.max(1),
+    ));
     (PublisherHandle { tx, pending }, slot, task)
 }
 
@@ -131,6 +139,7 @@ async fn run(
     mut channel: watch::Receiver<Option<Channel>>,
     pending: Arc<AtomicUsize>,
     on_dispatch_confirmed: Option<DispatchConfirmed>,
+    confirm_window: usize,
 ) {
     let mut retry: VecDeque<Job> = VecDeque::new();
     let mut closed = false;
@@ -164,7 +173,7 @@ async fn run(
                         }
                     }
                 }
-                job = next_job(&mut retry, &mut rx, &mut closed), if in_flight.len() < CONFIRM_WINDOW => {
+                job = next_job(&mut retry, &mut rx, &mut closed), if in_flight.len() < confirm_window => {
                     let Some(job) = job else { continue };
                     match send(&ch, &job.out).await {
                         Ok(confirm) => {

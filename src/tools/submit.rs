@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 
 use crate::rabbit::{edge, topology};
@@ -26,9 +25,7 @@ pub async fn run(opts: &SubmitOptions) -> Result<Duration, lapin::Error> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let start = Instant::now();
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
+    let props = super::persistent_json();
     for i in 0..opts.count {
         if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
             let due = start + Duration::from_secs_f64(i as f64 / rate);

@@ -2,18 +2,16 @@
 //! duration, failing a given share of them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use tokio::sync::Mutex;
 
-use super::XorShift;
+use super::{DurationDist, XorShift};
 use crate::rabbit::{edge, topology};
 
 #[derive(Debug, Clone)]
@@ -25,9 +23,8 @@ pub struct WorkerOptions {
     pub queue: String,
     /// Executions worked on at once.
     pub concurrency: u16,
-    /// Simulated duration range.
-    pub min_duration: Duration,
-    pub max_duration: Duration,
+    /// How long each simulated execution takes.
+    pub duration: DurationDist,
     /// Share of executions reported as failed, 0..=1.
     pub failure_rate: f64,
 }
@@ -39,35 +36,7 @@ pub async fn run(
 ) -> Result<u64, lapin::Error> {
     let conn = edge::connect(&opts.url, "fifo-executor worker").await?;
     let ch = conn.create_channel().await?;
-    ch.exchange_declare(
-        topology::EXCHANGE.into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        opts.queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_bind(
-        opts.queue.as_str().into(),
-        topology::EXCHANGE.into(),
-        topology::dispatch_routing_key(&opts.actions)
-            .as_str()
-            .into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    super::declare_dispatch_queue(&ch, &opts.queue, &opts.actions, FieldTable::default()).await?;
     ch.basic_qos(opts.concurrency.max(1), BasicQosOptions::default())
         .await?;
     let publish = conn.create_channel().await?;
@@ -94,31 +63,20 @@ pub async fn run(
             tokio::spawn(async move {
                 let (duration, failed) = {
                     let mut r = rng.lock().await;
-                    let span = opts.max_duration.saturating_sub(opts.min_duration);
-                    (
-                        opts.min_duration + span.mul_f64(r.unit()),
-                        r.unit() < opts.failure_rate,
-                    )
+                    (opts.duration.sample(&mut r), r.unit() < opts.failure_rate)
                 };
                 tokio::time::sleep(duration).await;
                 let id = serde_json::from_slice::<serde_json::Value>(&delivery.data)
                     .ok()
                     .and_then(|v| v.get("execution_id").cloned())
                     .unwrap_or(serde_json::Value::Null);
-                let body = serde_json::json!({
-                    "execution_id": id,
-                    "status": if failed { "failed" } else { "succeeded" },
-                    "result": {"simulated_ms": duration.as_millis() as u64},
-                });
                 let sent = publish
                     .basic_publish(
                         topology::EXCHANGE.into(),
                         topology::COMPLETED_ROUTING_KEY.into(),
                         BasicPublishOptions::default(),
-                        &serde_json::to_vec(&body).unwrap_or_default(),
-                        BasicProperties::default()
-                            .with_content_type("application/json".into())
-                            .with_delivery_mode(2),
+                        &super::completion_body(id, failed, duration),
+                        super::persistent_json(),
                     )
                     .await;
                 // Acknowledge the dispatch only once the completion is with the broker: a

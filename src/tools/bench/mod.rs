@@ -1,0 +1,561 @@
+//! `fifo-executor bench`: the FIFO-ordering load benchmark (issue 6).
+//!
+//! A run drives an executor through the real RabbitMQ with simulated producers and workers,
+//! checks while it goes that every action's dispatches keep submission order, that no action
+//! ever runs more than its limit and that every execution completes exactly once, and
+//! reports throughput, latencies, CPU and memory. With `--baseline broker` it first measures
+//! the same three persistent hops through a bare relay ([`relay`]), the ceiling the executor's
+//! throughput is given as a ratio of.
+//!
+//! # Layout
+//!
+//! - [`plan`]: presets and the workload (actions, counts, limits, pacing).
+//! - [`load`]: producers, simulated workers and the [`load::Collector`] they feed.
+//! - [`verify`]: the checks, as a plain state machine.
+//! - [`measure`]: histograms, the timeline, CPU and RSS from `/proc`.
+//! - [`relay`]: the broker baseline.
+//! - [`report`]: the summary, the JSON report and the SVG plot.
+//! - [`target`]: what is measured (an executor in-process or already running, or the
+//!   relay) and the vhost and database a run may create for itself.
+
+pub mod load;
+pub mod measure;
+pub mod plan;
+pub mod relay;
+pub mod report;
+pub mod target;
+pub mod verify;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, ValueEnum};
+use tokio::sync::watch;
+
+use self::load::{Collector, LoadError, WorkerSettings, Workers};
+use self::plan::{Overrides, Preset, Workload};
+use self::report::{Cpu, Machine, Memory, Phase, Report};
+use self::target::{Target, TargetError};
+use crate::config::{Config, Durability, QueueType};
+use crate::tools::DurationDist;
+
+/// Errors that stop a run before it can report.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("could not write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `--baseline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Baseline {
+    /// The executor only.
+    None,
+    /// The broker ceiling first, then the executor, and the ratio.
+    Broker,
+    /// The broker ceiling only.
+    BrokerOnly,
+}
+
+/// `--durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    Ledger,
+    Memory,
+}
+
+/// `--queue-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueTypeArg {
+    Classic,
+    Quorum,
+}
+
+/// The command line of `fifo-executor bench`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bench")]
+pub struct BenchArgs {
+    /// The executor's config file (in-process: the service's whole config; --external: the
+    /// broker URL). Built-in defaults and ATTUNE__ variables otherwise.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The workload; the flags below override its parts.
+    #[arg(long, value_enum, default_value_t = Preset::Wide)]
+    pub preset: Preset,
+    /// Ordinary actions.
+    #[arg(long)]
+    pub actions: Option<u32>,
+    /// Executions per ordinary action.
+    #[arg(long)]
+    pub executions: Option<u64>,
+    /// Concurrency limit of each ordinary action (set in-process; with --external it must
+    /// match the executor's policies, it is what the check holds the executor to).
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Executions of one hot action besides the others (0: none).
+    #[arg(long)]
+    pub hot_executions: Option<u64>,
+    /// Concurrency limit of the hot action.
+    #[arg(long)]
+    pub hot_limit: Option<u32>,
+    /// Requests per second over all producers (flat out when absent).
+    #[arg(long, conflicts_with = "flat_out")]
+    pub rate: Option<f64>,
+    /// Publish as fast as the broker confirms, whatever the preset says.
+    #[arg(long)]
+    pub flat_out: bool,
+    /// Requests published back to back before producers pause, keeping the average rate.
+    #[arg(long)]
+    pub burst: Option<u64>,
+    /// Producer channels (each owns a share of the actions). Default 4.
+    #[arg(long)]
+    pub producers: Option<u16>,
+    /// Simulated execution time in milliseconds: `MS`, `MIN-MAX` or `exp:MEAN`.
+    #[arg(long)]
+    pub duration_ms: Option<String>,
+    /// Share of executions the workers report as failed (0 to 1).
+    #[arg(long)]
+    pub failure_rate: Option<f64>,
+    /// Dispatches the simulated workers take at once (default: the larger of
+    /// rabbitmq.prefetch and the sum of the limits, at most 65535).
+    #[arg(long)]
+    pub worker_prefetch: Option<u16>,
+    /// Overrides executor.durability.
+    #[arg(long, value_enum)]
+    pub durability: Option<DurabilityArg>,
+    /// Overrides rabbitmq.queue_type (executor and relay queues).
+    #[arg(long, value_enum)]
+    pub queue_type: Option<QueueTypeArg>,
+    /// Overrides rabbitmq.prefetch (executor and relay consumers).
+    #[arg(long)]
+    pub prefetch: Option<u16>,
+    /// Overrides rabbitmq.confirm_window (executor and relay publisher, and the producers').
+    #[arg(long)]
+    pub confirm_window: Option<usize>,
+    /// Drive an executor that is already running (on rabbitmq.url) instead of starting one.
+    #[arg(long)]
+    pub external: bool,
+    /// With --external: the executor's process id, to read its CPU time and RSS.
+    #[arg(long, requires = "external")]
+    pub executor_pid: Option<u32>,
+    /// Run in a RabbitMQ vhost and (with the ledger) a Postgres database of the run's own,
+    /// created with rabbitmqctl and CREATE DATABASE and dropped afterwards.
+    #[arg(long, conflicts_with = "external")]
+    pub isolated: bool,
+    /// Measure the broker ceiling too (in a vhost of its own, made with rabbitmqctl).
+    #[arg(long, value_enum, default_value_t = Baseline::None)]
+    pub baseline: Baseline,
+    /// Seconds the executor (or relay) may take to start consuming requests.
+    #[arg(long, default_value_t = 60)]
+    pub start_timeout: u64,
+    /// Seconds each phase may take before the run fails, saying what is missing.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Write the SVG plot here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Width of the timeline's intervals, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Worker threads of the in-process executor's runtime.
+    #[arg(long, default_value_t = 2)]
+    pub executor_threads: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Runs `fifo-executor bench`, prints the summary and writes the files asked for. Exit status
+/// 1 when anything was violated, missing or too slow.
+pub async fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let report = run(&args).await?;
+    println!("{}", report.summary());
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs the phases asked for and returns the report (also written to `--report`/`--plot`).
+pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
+    let mut config =
+        Config::load(args.config.as_deref()).map_err(|e| BenchError::Config(e.to_string()))?;
+    apply_overrides(&mut config, args);
+    let duration = args
+        .duration_ms
+        .as_deref()
+        .map(DurationDist::parse_ms)
+        .transpose()
+        .map_err(|e| BenchError::Usage(format!("--duration-ms: {e}")))?;
+    if let Some(f) = args.failure_rate
+        && !(0.0..=1.0).contains(&f)
+    {
+        return Err(BenchError::Usage(
+            "--failure-rate must be between 0 and 1".to_owned(),
+        ));
+    }
+    let workload = Arc::new(Workload::resolve(
+        args.preset,
+        &Overrides {
+            actions: args.actions,
+            executions: args.executions,
+            limit: args.limit,
+            hot_executions: args.hot_executions,
+            hot_limit: args.hot_limit,
+            rate: args.rate,
+            flat_out: args.flat_out,
+            burst: args.burst,
+            producers: args.producers,
+            duration,
+            failure_rate: args.failure_rate,
+        },
+    ));
+    if workload.total() == 0 {
+        return Err(BenchError::Usage(
+            "the workload has no executions".to_owned(),
+        ));
+    }
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let load_start = measure::load_average();
+    let settings = settings(args, &config, &workload);
+
+    let mut baseline = None;
+    if args.baseline != Baseline::None {
+        let target = Target::relay(&config, args.executor_threads).await?;
+        baseline = Some(phase("broker", target, &config, &workload, args).await?);
+    }
+    let mut executor = None;
+    if args.baseline != Baseline::BrokerOnly {
+        let target = if args.external {
+            Target::external(&config, args.executor_pid).await?
+        } else {
+            Target::in_process(&config, &workload, args.isolated, args.executor_threads).await?
+        };
+        executor = Some(phase("executor", target, &config, &workload, args).await?);
+    }
+    let ratio = match (&baseline, &executor) {
+        (Some(b), Some(e)) if b.throughput > 0.0 => Some(e.throughput / b.throughput),
+        _ => None,
+    };
+    let ok = [&baseline, &executor]
+        .into_iter()
+        .flatten()
+        .all(|p| p.violations_total == 0 && !p.timed_out);
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started_at,
+        machine: Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load_average_start: load_start,
+            load_average_end: measure::load_average(),
+        },
+        settings,
+        baseline,
+        executor,
+        ratio,
+        ok,
+    };
+    if let Some(path) = &args.report {
+        let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+        write(path, &json)?;
+    }
+    if let Some(path) = &args.plot {
+        write(path, report::svg(&report).as_bytes())?;
+    }
+    Ok(report)
+}
+
+fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), BenchError> {
+    std::fs::write(path, bytes).map_err(|source| BenchError::Write {
+        path: path.clone(),
+        source,
+    })
+}
+
+fn apply_overrides(config: &mut Config, args: &BenchArgs) {
+    if let Some(d) = args.durability {
+        config.executor.durability = match d {
+            DurabilityArg::Ledger => Durability::Ledger,
+            DurabilityArg::Memory => Durability::Memory,
+        };
+    }
+    if let Some(q) = args.queue_type {
+        config.rabbitmq.queue_type = match q {
+            QueueTypeArg::Classic => QueueType::Classic,
+            QueueTypeArg::Quorum => QueueType::Quorum,
+        };
+    }
+    if let Some(p) = args.prefetch {
+        config.rabbitmq.prefetch = p.max(1);
+    }
+    if let Some(w) = args.confirm_window {
+        config.rabbitmq.confirm_window = w.max(1);
+    }
+}
+
+/// The settings that shape the figures, for the report.
+fn settings(args: &BenchArgs, c: &Config, w: &Workload) -> BTreeMap<String, String> {
+    let preset = args
+        .preset
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default();
+    BTreeMap::from([
+        ("preset".to_owned(), preset),
+        ("actions".to_owned(), w.actions.len().to_string()),
+        ("executions".to_owned(), w.total().to_string()),
+        (
+            "limits".to_owned(),
+            format!(
+                "{}..{}",
+                w.actions.iter().map(|a| a.limit).min().unwrap_or(0),
+                w.actions.iter().map(|a| a.limit).max().unwrap_or(0)
+            ),
+        ),
+        (
+            "rate".to_owned(),
+            w.rate.map_or("flat-out".to_owned(), |r| format!("{r}/s")),
+        ),
+        ("burst".to_owned(), w.burst.to_string()),
+        ("producers".to_owned(), w.producers.to_string()),
+        ("duration_ms".to_owned(), w.duration.to_string()),
+        ("failure_rate".to_owned(), w.failure_rate.to_string()),
+        (
+            "worker_prefetch".to_owned(),
+            worker_prefetch(args, c, w).to_string(),
+        ),
+        (
+            "durability".to_owned(),
+            if args.external {
+                "external".to_owned()
+            } else {
+                format!("{:?}", c.executor.durability).to_lowercase()
+            },
+        ),
+        ("queue_type".to_owned(), c.rabbitmq.queue_type.to_string()),
+        ("prefetch".to_owned(), c.rabbitmq.prefetch.to_string()),
+        (
+            "confirm_window".to_owned(),
+            c.rabbitmq.confirm_window.to_string(),
+        ),
+        ("isolated".to_owned(), args.isolated.to_string()),
+    ])
+}
+
+fn worker_prefetch(args: &BenchArgs, c: &Config, w: &Workload) -> u16 {
+    args.worker_prefetch.unwrap_or_else(|| {
+        let want = w.total_limit().max(u64::from(c.rabbitmq.prefetch));
+        u16::try_from(want).unwrap_or(u16::MAX)
+    })
+}
+
+/// A unique suffix for the names a run creates.
+fn run_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// How often the progress bar and the RSS sample are refreshed.
+const TICK: Duration = Duration::from_millis(200);
+
+/// One measured phase against `target`, which is stopped (and its vhost and database dropped)
+/// before this returns.
+async fn phase(
+    name: &str,
+    target: Target,
+    config: &Config,
+    workload: &Arc<Workload>,
+    args: &BenchArgs,
+) -> Result<Phase, BenchError> {
+    let mut target = target;
+    let outcome = drive(name, &mut target, config, workload, args).await;
+    target.stop().await;
+    outcome
+}
+
+async fn drive(
+    name: &str,
+    target: &mut Target,
+    config: &Config,
+    workload: &Arc<Workload>,
+    args: &BenchArgs,
+) -> Result<Phase, BenchError> {
+    let url = target.url().to_owned();
+    target
+        .wait_until_consuming(Duration::from_secs(args.start_timeout))
+        .await?;
+    // Ids above everything a previous run (or the executor itself) used: Unix microseconds.
+    let base = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1);
+    let collector = Arc::new(Collector::new(
+        workload,
+        base,
+        Duration::from_millis(args.interval_ms),
+        target.has_limits(),
+    ));
+    let workers = Workers::connect(
+        &url,
+        WorkerSettings {
+            queue: format!("fifo-executor.bench.{}", run_id()),
+            prefetch: worker_prefetch(args, config, workload),
+            duration: workload.duration,
+            failure_rate: workload.failure_rate,
+        },
+    )
+    .await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = tokio::spawn(workers.run(collector.clone(), stop_rx));
+
+    let cpu_before = target.threads_cpu();
+    let target_cpu_before = target.cpu();
+    let rss_start = target.rss();
+    let mut rss_after_warmup = None;
+    let mut producers = tokio::spawn(load::produce(
+        url.clone(),
+        workload.clone(),
+        base,
+        config.rabbitmq.confirm_window,
+        collector.clone(),
+    ));
+    let progress = progress_bar(args, name, collector.total());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let mut ticks = tokio::time::interval(TICK);
+    let mut produced = false;
+    let mut timed_out = false;
+    let mut produce_error = None;
+    while !collector.finished() {
+        tokio::select! {
+            _ = collector.done.notified() => {}
+            _ = ticks.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => { timed_out = true; break; }
+            r = &mut producers, if !produced => {
+                produced = true;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => { produce_error = Some(e); break; }
+                    Err(join) => { produce_error = Some(LoadError::Task(join)); break; }
+                }
+            }
+        }
+        let done = collector.completed();
+        progress.set_position(done);
+        if let Some((rss, _)) = target.rss() {
+            collector.sample_rss(rss);
+            if rss_after_warmup.is_none() && done * 5 >= collector.total() {
+                rss_after_warmup = Some(rss);
+            }
+        }
+    }
+    progress.finish_and_clear();
+    let cpu_after = target.threads_cpu();
+    let target_cpu_after = target.cpu();
+    let rss_end = target.rss();
+    let _ = stop_tx.send(true);
+    if !produced {
+        producers.abort();
+    }
+    if let Ok(Err(e)) = workers.await {
+        tracing::warn!(error = %e, "the simulated workers stopped with an error");
+    }
+    if let Some(e) = produce_error {
+        return Err(e.into());
+    }
+
+    let collected = collector.finish();
+    let by_thread = measure::cpu_delta(&cpu_before, &cpu_after);
+    let executor_s = match (target_cpu_before, target_cpu_after) {
+        (Some(b), Some(a)) => Some((a - b).max(0.0)),
+        _ => None,
+    };
+    let load_generator_s = by_thread.values().sum::<f64>() - measure::executor_seconds(&by_thread);
+    let completed = collected.completed;
+    let elapsed = collected.elapsed.as_secs_f64();
+    let mut violations: Vec<String> = collected
+        .violations
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if timed_out {
+        violations.push(format!(
+            "timeout: {} of {} executions completed within --timeout {} s (submitted {})",
+            completed,
+            collector.total(),
+            args.timeout,
+            collected.submitted
+        ));
+    }
+    Ok(Phase {
+        name: name.to_owned(),
+        executions: collector.total(),
+        completed,
+        failed: collected.failed,
+        resends: collected.resends,
+        foreign: collected.foreign,
+        elapsed_s: elapsed,
+        throughput: if elapsed > 0.0 {
+            completed as f64 / elapsed
+        } else {
+            0.0
+        },
+        queue_wait: measure::Percentiles::of(&collected.queue_wait),
+        completion_to_dispatch: measure::Percentiles::of(&collected.completion_to_dispatch),
+        cpu: Cpu {
+            counted: target.cpu_counted().to_owned(),
+            executor_s,
+            load_generator_s,
+            executor_us_per_execution: executor_s
+                .filter(|_| completed > 0)
+                .map(|s| s * 1e6 / completed as f64),
+            by_thread,
+        },
+        memory: Memory {
+            counted: target.rss_counted().to_owned(),
+            rss_start_kb: rss_start.map(|r| r.0),
+            rss_after_warmup_kb: rss_after_warmup,
+            rss_end_kb: rss_end.map(|r| r.0),
+            rss_peak_kb: rss_end.map(|r| r.1),
+        },
+        timeline: collected.timeline.buckets(collected.elapsed),
+        violations,
+        violations_total: collected.violations_total + u64::from(timed_out),
+        timed_out,
+    })
+}
+
+fn progress_bar(args: &BenchArgs, name: &str, total: u64) -> indicatif::ProgressBar {
+    if args.no_progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    // Drawn on standard error, and only when it is a terminal (indicatif's default).
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(name.to_owned());
+    bar
+}

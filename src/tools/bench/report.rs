@@ -1,0 +1,441 @@
+//! What a bench run reports: a summary on standard output, a JSON file (`--report`) and an
+//! SVG plot of throughput and latency over time (`--plot`), drawn by hand: two panels of
+//! polylines need no plotting library.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::measure::{Bucket, Percentiles};
+
+/// The whole report of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The command line, so a figure can be reproduced.
+    pub command: String,
+    /// When the run started (UTC, RFC 3339).
+    pub started_at: String,
+    pub machine: Machine,
+    /// The workload and the settings that shape it.
+    pub settings: BTreeMap<String, String>,
+    /// The broker ceiling, when `--baseline broker`.
+    pub baseline: Option<Phase>,
+    /// The executor, unless only the baseline ran.
+    pub executor: Option<Phase>,
+    /// Executor throughput / broker ceiling, when both ran.
+    pub ratio: Option<f64>,
+    /// No violation, nothing missing, no phase timed out.
+    pub ok: bool,
+}
+
+/// Where the figures come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    /// 1-minute load average at the start and the end of the run.
+    pub load_average_start: Option<f64>,
+    pub load_average_end: Option<f64>,
+}
+
+/// One measured phase: the broker baseline or the executor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    /// `broker` or `executor`.
+    pub name: String,
+    pub executions: u64,
+    pub completed: u64,
+    /// Completions reported as failed by the simulated workers.
+    pub failed: u64,
+    /// Re-sent dispatches (attempt > 1) seen and not run again.
+    pub resends: u64,
+    /// Dispatches of executions this run did not submit.
+    pub foreign: u64,
+    /// First submission → last completion.
+    pub elapsed_s: f64,
+    /// Executions completed per second over `elapsed_s`.
+    pub throughput: f64,
+    /// Request published → dispatch received by a worker.
+    pub queue_wait: Percentiles,
+    /// A worker publishes a completion while its action has executions waiting in the
+    /// executor (accepted before the completion was sent, by the dispatch's `enqueued_at`) →
+    /// the next dispatch of that action arrives.
+    pub completion_to_dispatch: Percentiles,
+    pub cpu: Cpu,
+    pub memory: Memory,
+    pub timeline: Vec<Bucket>,
+    /// The first violations in full (execution ids included).
+    pub violations: Vec<String>,
+    pub violations_total: u64,
+    /// The phase did not finish within `--timeout`.
+    pub timed_out: bool,
+}
+
+/// CPU time over the measured window (first submission to the last completion).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cpu {
+    /// What `executor_s` counts.
+    pub counted: String,
+    /// The executor's (or relay's) CPU seconds; `None` when it cannot be read.
+    pub executor_s: Option<f64>,
+    /// Everything else in this process: producers, workers, the verifier.
+    pub load_generator_s: f64,
+    /// Executor CPU per execution, in microseconds.
+    pub executor_us_per_execution: Option<f64>,
+    /// CPU seconds by thread name in this process.
+    pub by_thread: BTreeMap<String, f64>,
+}
+
+/// Memory of the measured process.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    /// What the figures are of.
+    pub counted: String,
+    pub rss_start_kb: Option<u64>,
+    /// RSS when a fifth of the executions had completed (after warm-up).
+    pub rss_after_warmup_kb: Option<u64>,
+    pub rss_end_kb: Option<u64>,
+    pub rss_peak_kb: Option<u64>,
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+impl Report {
+    /// The summary printed at the end of a run.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "machine: {} cpus, load average {} → {}",
+            self.machine.cpus,
+            fmt_opt(self.machine.load_average_start),
+            fmt_opt(self.machine.load_average_end)
+        );
+        let settings: Vec<String> = self
+            .settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(out, "settings: {}", settings.join(" "));
+        for phase in [&self.baseline, &self.executor].into_iter().flatten() {
+            phase.summary(&mut out);
+        }
+        match (self.ratio, &self.baseline, &self.executor) {
+            (Some(r), Some(b), Some(e)) => {
+                let _ = writeln!(
+                    out,
+                    "ratio: executor {:.0}/s ÷ broker ceiling {:.0}/s = {:.2}",
+                    e.throughput, b.throughput, r
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "ratio: no broker ceiling measured (--baseline broker)");
+            }
+        }
+        let _ = writeln!(out, "{}", if self.ok { "OK" } else { "FAILED" });
+        out
+    }
+}
+
+impl Phase {
+    fn summary(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "[{}] {}/{} completed ({} failed by the workers, {} re-sent dispatches, {} foreign) in {:.2}s: {:.0} executions/s",
+            self.name,
+            self.completed,
+            self.executions,
+            self.failed,
+            self.resends,
+            self.foreign,
+            self.elapsed_s,
+            self.throughput
+        );
+        for (what, p) in [
+            ("queue wait", &self.queue_wait),
+            ("completion → next dispatch", &self.completion_to_dispatch),
+        ] {
+            let _ = writeln!(
+                out,
+                "[{}] {what} (ms, {} samples): p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+                self.name,
+                p.count,
+                ms(p.p50_us),
+                ms(p.p90_us),
+                ms(p.p99_us),
+                ms(p.max_us)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "[{}] CPU: {} {} s ({} µs/execution); load generator {:.2} s",
+            self.name,
+            self.cpu.counted,
+            fmt_opt(self.cpu.executor_s),
+            fmt_opt(self.cpu.executor_us_per_execution),
+            self.cpu.load_generator_s
+        );
+        let kb =
+            |v: Option<u64>| v.map_or("?".to_owned(), |v| format!("{:.1} MB", v as f64 / 1024.0));
+        let _ = writeln!(
+            out,
+            "[{}] RSS ({}): start {}, after warm-up {}, end {}, peak {}",
+            self.name,
+            self.memory.counted,
+            kb(self.memory.rss_start_kb),
+            kb(self.memory.rss_after_warmup_kb),
+            kb(self.memory.rss_end_kb),
+            kb(self.memory.rss_peak_kb)
+        );
+        if self.timed_out {
+            let _ = writeln!(out, "[{}] TIMED OUT", self.name);
+        }
+        if self.violations_total > 0 {
+            let _ = writeln!(out, "[{}] {} VIOLATIONS:", self.name, self.violations_total);
+            for v in &self.violations {
+                let _ = writeln!(out, "[{}]   {v}", self.name);
+            }
+        }
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("?".to_owned(), |v| format!("{v:.2}"))
+}
+
+/// Plot size and margins, in SVG user units.
+const WIDTH: f64 = 900.0;
+const PANEL_HEIGHT: f64 = 220.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 40.0;
+const GAP: f64 = 60.0;
+
+/// A line of a panel: its legend, its colour and its (seconds, value) points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// Two panels over time: throughput (executions/s) and completion → next dispatch p50/p99
+/// (ms), for every phase of the report.
+pub fn svg(report: &Report) -> String {
+    let phases: Vec<&Phase> = [&report.baseline, &report.executor]
+        .into_iter()
+        .flatten()
+        .collect();
+    let t_max = phases
+        .iter()
+        .flat_map(|p| p.timeline.last().map(|b| b.t_s + 1.0))
+        .fold(1.0_f64, f64::max);
+    let height = TOP + 2.0 * PANEL_HEIGHT + GAP + 40.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let title = escape(&format!(
+        "fifo-executor bench: {}",
+        report
+            .settings
+            .get("preset")
+            .map(String::as_str)
+            .unwrap_or("")
+    ));
+    let _ = writeln!(
+        out,
+        r#"<text x="{LEFT}" y="20" font-size="14">{title}</text>"#
+    );
+
+    let throughput: Vec<Series> = phases
+        .iter()
+        .map(|p| {
+            let colour = if p.name == "broker" {
+                "#888888"
+            } else {
+                "#1f77b4"
+            };
+            let points = p.timeline.iter().map(|b| (b.t_s, b.throughput)).collect();
+            (p.name.as_str(), colour, points)
+        })
+        .collect();
+    panel(&mut out, TOP, "executions/s", t_max, &throughput);
+
+    let mut latency = Vec::new();
+    for p in &phases {
+        let (c50, c99) = if p.name == "broker" {
+            ("#bbbbbb", "#666666")
+        } else {
+            ("#2ca02c", "#d62728")
+        };
+        let series = |f: fn(&Bucket) -> u64| -> Vec<(f64, f64)> {
+            p.timeline
+                .iter()
+                .filter(|b| f(b) > 0)
+                .map(|b| (b.t_s, ms(f(b))))
+                .collect()
+        };
+        if p.name != "broker" {
+            latency.push(("p50", c50, series(|b| b.completion_to_dispatch_p50_us)));
+            latency.push(("p99", c99, series(|b| b.completion_to_dispatch_p99_us)));
+        }
+    }
+    panel(
+        &mut out,
+        TOP + PANEL_HEIGHT + GAP,
+        "completion → next dispatch, ms",
+        t_max,
+        &latency,
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="{}" text-anchor="middle">seconds since the first request</text>"#,
+        LEFT + (WIDTH - LEFT - RIGHT) / 2.0,
+        height - 8.0
+    );
+    out.push_str("</svg>\n");
+    out
+}
+
+/// One panel: axes, a y scale from 0 to the largest value, and a polyline per series.
+fn panel(out: &mut String, top: f64, label: &str, t_max: f64, series: &[Series]) {
+    let w = WIDTH - LEFT - RIGHT;
+    let h = PANEL_HEIGHT;
+    let y_max = series
+        .iter()
+        .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
+        .fold(0.0_f64, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let _ = writeln!(
+        out,
+        r##"<rect x="{LEFT}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#333"/>"##
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{LEFT}" y="{}">{}</text>"#,
+        top - 6.0,
+        escape(label)
+    );
+    for i in 0..=4 {
+        let v = y_max * f64::from(i) / 4.0;
+        let y = top + h - h * f64::from(i) / 4.0;
+        let _ = writeln!(
+            out,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            LEFT + w,
+            LEFT - 4.0,
+            y + 4.0,
+            short(v)
+        );
+        let t = t_max * f64::from(i) / 4.0;
+        let x = LEFT + w * f64::from(i) / 4.0;
+        let _ = writeln!(
+            out,
+            r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{:.0}</text>"#,
+            top + h + 14.0,
+            t
+        );
+    }
+    for (k, (name, colour, pts)) in series.iter().enumerate() {
+        let points: Vec<String> = pts
+            .iter()
+            .map(|(t, v)| {
+                format!(
+                    "{:.1},{:.1}",
+                    LEFT + w * (t / t_max),
+                    top + h - h * (v / y_max)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
+            points.join(" ")
+        );
+        let lx = LEFT + w - 120.0;
+        let ly = top + 14.0 + 14.0 * k as f64;
+        let _ = writeln!(
+            out,
+            r#"<line x1="{lx}" y1="{:.1}" x2="{}" y2="{:.1}" stroke="{colour}" stroke-width="2"/><text x="{}" y="{ly:.1}">{}</text>"#,
+            ly - 4.0,
+            lx + 20.0,
+            ly - 4.0,
+            lx + 26.0,
+            escape(name)
+        );
+    }
+}
+
+fn short(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(name: &str) -> Phase {
+        Phase {
+            name: name.to_owned(),
+            executions: 10,
+            completed: 10,
+            failed: 0,
+            resends: 0,
+            foreign: 0,
+            elapsed_s: 2.0,
+            throughput: 5.0,
+            queue_wait: Percentiles::default(),
+            completion_to_dispatch: Percentiles::default(),
+            cpu: Cpu::default(),
+            memory: Memory::default(),
+            timeline: vec![Bucket {
+                t_s: 0.0,
+                throughput: 5.0,
+                completion_to_dispatch_p50_us: 1000,
+                completion_to_dispatch_p99_us: 3000,
+                queue_wait_p50_us: 10,
+                queue_wait_p99_us: 20,
+                rss_kb: None,
+            }],
+            violations: Vec::new(),
+            violations_total: 0,
+            timed_out: false,
+        }
+    }
+
+    #[test]
+    fn the_plot_is_one_svg_with_a_line_per_series() {
+        let report = Report {
+            command: "bench".to_owned(),
+            started_at: String::new(),
+            machine: Machine {
+                cpus: 2,
+                load_average_start: None,
+                load_average_end: None,
+            },
+            settings: BTreeMap::from([("preset".to_owned(), "a<b".to_owned())]),
+            baseline: Some(phase("broker")),
+            executor: Some(phase("executor")),
+            ratio: Some(1.0),
+            ok: true,
+        };
+        let svg = svg(&report);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert!(svg.contains("a&lt;b"));
+        assert!(report.summary().contains("ratio: executor 5/s"));
+    }
+}

@@ -1,0 +1,574 @@
+//! The checks a bench run makes while it goes, as a plain state machine fed with what the
+//! producers submitted and what the simulated workers saw, so each check is tested without a
+//! broker.
+//!
+//! What is checked, per execution the bench submitted:
+//! - **order**: per action, first attempts are dispatched in submission order;
+//! - **limit**: per action, executions running from the workers' point of view (dispatch
+//!   received → completion published) never exceed the action's limit;
+//! - **exactly once**: no execution is dispatched twice as a first attempt (a re-sent
+//!   dispatch, attempt > 1, is counted and not run again) and none is completed twice;
+//! - **nothing missing**: at the end every execution is completed.
+//!
+//! Dispatches of ids the bench did not submit (a shared vhost) are counted, not checked.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Most violations kept with their details; the rest are only counted.
+const MAX_KEPT: usize = 1000;
+
+/// Execution ids listed in a "missing" line.
+const MISSING_LISTED: usize = 20;
+
+/// Something the executor (or the harness) got wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// A first dispatch overtook an execution submitted earlier for the same action.
+    OutOfOrder {
+        action: String,
+        expected: u64,
+        got: u64,
+    },
+    /// More executions of one action running at once than its limit.
+    OverLimit {
+        action: String,
+        limit: u32,
+        running: Vec<u64>,
+    },
+    /// A second first-attempt dispatch of an execution already dispatched.
+    DispatchedTwice { execution_id: u64 },
+    /// A second completion of one execution.
+    CompletedTwice { execution_id: u64 },
+    /// A completion for an execution that was never dispatched (a harness fault).
+    CompletedUndispatched { execution_id: u64 },
+    /// A dispatch the workers could not read.
+    Undecodable { detail: String },
+    /// Executions that never completed.
+    Missing {
+        count: u64,
+        never_dispatched: Vec<u64>,
+        dispatched_not_completed: Vec<u64>,
+    },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::OutOfOrder {
+                action,
+                expected,
+                got,
+            } => write!(
+                f,
+                "order: action {action} dispatched execution {got} before {expected}, which was submitted earlier"
+            ),
+            Violation::OverLimit {
+                action,
+                limit,
+                running,
+            } => write!(
+                f,
+                "limit: action {action} had {} executions running at once (limit {limit}): {running:?}",
+                running.len()
+            ),
+            Violation::DispatchedTwice { execution_id } => write!(
+                f,
+                "exactly once: execution {execution_id} was dispatched twice as a first attempt"
+            ),
+            Violation::CompletedTwice { execution_id } => {
+                write!(f, "exactly once: execution {execution_id} completed twice")
+            }
+            Violation::CompletedUndispatched { execution_id } => write!(
+                f,
+                "exactly once: execution {execution_id} completed without being dispatched"
+            ),
+            Violation::Undecodable { detail } => write!(f, "undecodable dispatch: {detail}"),
+            Violation::Missing {
+                count,
+                never_dispatched,
+                dispatched_not_completed,
+            } => write!(
+                f,
+                "missing: {count} executions never completed; never dispatched (first \
+                 {MISSING_LISTED}): {never_dispatched:?}; dispatched but not completed: \
+                 {dispatched_not_completed:?}"
+            ),
+        }
+    }
+}
+
+/// What a worker should do with a dispatch it received.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dispatched {
+    /// Run it. `queue_wait` is submission → dispatch received; `since_completion` is the time
+    /// from the completion that freed the slot, when the action had executions waiting then.
+    Run {
+        queue_wait: Duration,
+        since_completion: Option<Duration>,
+    },
+    /// Do not run it (a re-send, a duplicate, or not ours); just acknowledge it.
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Submitted,
+    Running,
+    Completed,
+}
+
+#[derive(Debug, Clone)]
+struct Exec {
+    action: u32,
+    /// Position in its action's submission order.
+    pos: u32,
+    submitted_at: Instant,
+    state: State,
+}
+
+#[derive(Debug)]
+struct ActionState {
+    name: String,
+    limit: u32,
+    /// Execution ids in submission order.
+    order: Vec<u64>,
+    /// Index in `order` of the next first dispatch expected.
+    next: usize,
+    /// First dispatches received so far.
+    dispatched: usize,
+    /// Running now, from the workers' point of view.
+    running: Vec<u64>,
+    /// Completions published while executions of this action were waiting, oldest first, by
+    /// monotonic and wall clock: each is answered by the next first dispatch.
+    freed_at: VecDeque<(Instant, SystemTime)>,
+}
+
+/// The verifier. Ids the bench submits are `base .. base + capacity`.
+#[derive(Debug)]
+pub struct Verifier {
+    base: u64,
+    execs: Vec<Option<Exec>>,
+    actions: Vec<ActionState>,
+    violations: Vec<Violation>,
+    violations_total: u64,
+    submitted: u64,
+    completed: u64,
+    resends: u64,
+    foreign: u64,
+}
+
+impl Verifier {
+    /// `actions` are (name, limit) by index; ids from `base`, at most `capacity` of them.
+    pub fn new(base: u64, capacity: usize, actions: Vec<(String, u32)>) -> Self {
+        Self {
+            base,
+            execs: vec![None; capacity],
+            actions: actions
+                .into_iter()
+                .map(|(name, limit)| ActionState {
+                    name,
+                    limit,
+                    order: Vec::new(),
+                    next: 0,
+                    dispatched: 0,
+                    running: Vec::new(),
+                    freed_at: VecDeque::new(),
+                })
+                .collect(),
+            violations: Vec::new(),
+            violations_total: 0,
+            submitted: 0,
+            completed: 0,
+            resends: 0,
+            foreign: 0,
+        }
+    }
+
+    fn slot(&self, id: u64) -> Option<usize> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        (i < self.execs.len()).then_some(i)
+    }
+
+    fn violate(&mut self, v: Violation) {
+        self.violations_total += 1;
+        if self.violations.len() < MAX_KEPT {
+            self.violations.push(v);
+        }
+    }
+
+    /// Records a submission, before its request is published (so its dispatch cannot come
+    /// first). An id out of range or submitted twice is a harness fault and is ignored.
+    pub fn submitted(&mut self, action: usize, id: u64, now: Instant) {
+        let (Some(slot), Some(a)) = (self.slot(id), self.actions.get_mut(action)) else {
+            return;
+        };
+        if self.execs[slot].is_some() {
+            return;
+        }
+        let pos = a.order.len() as u32;
+        a.order.push(id);
+        self.execs[slot] = Some(Exec {
+            action: action as u32,
+            pos,
+            submitted_at: now,
+            state: State::Submitted,
+        });
+        self.submitted += 1;
+    }
+
+    /// A worker received a dispatch of `id` with `attempt`; `enqueued_at` is when the
+    /// executor says it accepted the execution (its `enqueued_at`), if it said.
+    pub fn dispatched(
+        &mut self,
+        id: u64,
+        attempt: u32,
+        now: Instant,
+        enqueued_at: Option<SystemTime>,
+    ) -> Dispatched {
+        let Some(slot) = self.slot(id) else {
+            self.foreign += 1;
+            return Dispatched::Skip;
+        };
+        let Some(exec) = self.execs[slot].as_mut() else {
+            self.foreign += 1;
+            return Dispatched::Skip;
+        };
+        if exec.state != State::Submitted {
+            if attempt > 1 {
+                self.resends += 1;
+            } else {
+                self.violate(Violation::DispatchedTwice { execution_id: id });
+            }
+            return Dispatched::Skip;
+        }
+        if attempt > 1 {
+            // The first copy never reached us; a re-send may follow later first attempts.
+            self.resends += 1;
+        }
+        exec.state = State::Running;
+        let (action, pos, queue_wait) = (
+            exec.action as usize,
+            exec.pos as usize,
+            now.saturating_duration_since(exec.submitted_at),
+        );
+        let a = &self.actions[action];
+        let mut found = Vec::new();
+        if pos != a.next && attempt == 1 {
+            found.push(Violation::OutOfOrder {
+                action: a.name.clone(),
+                expected: a.order[a.next],
+                got: id,
+            });
+        }
+        // Past everything already dispatched: an overtaken execution stays expected.
+        while let Some(&next) = self.actions[action].order.get(self.actions[action].next)
+            && self.is_dispatched(next)
+        {
+            self.actions[action].next += 1;
+        }
+        let a = &mut self.actions[action];
+        a.dispatched += 1;
+        a.running.push(id);
+        if a.running.len() > a.limit as usize {
+            found.push(Violation::OverLimit {
+                action: a.name.clone(),
+                limit: a.limit,
+                running: a.running.clone(),
+            });
+        }
+        // Only a completion the executor could act on counts: one sent after it had accepted
+        // this execution. One sent while the request was still on its way in measures the
+        // intake, not the hand-off (the queue wait already covers that).
+        let since_completion = a
+            .freed_at
+            .pop_front()
+            .filter(|(_, wall)| enqueued_at.is_none_or(|e| e <= *wall))
+            .map(|(t, _)| now.saturating_duration_since(t));
+        for v in found {
+            self.violate(v);
+        }
+        Dispatched::Run {
+            queue_wait,
+            since_completion,
+        }
+    }
+
+    fn is_dispatched(&self, id: u64) -> bool {
+        self.slot(id)
+            .and_then(|s| self.execs[s].as_ref())
+            .is_some_and(|e| e.state != State::Submitted)
+    }
+
+    /// A worker is about to publish the completion of `id` (at `now`, `wall` by the wall
+    /// clock). Returns whether the completion is a first one for an execution of this run (a
+    /// worker sends nothing otherwise).
+    pub fn completed(&mut self, id: u64, now: Instant, wall: SystemTime) -> bool {
+        let Some(exec) = self.slot(id).and_then(|s| self.execs[s].as_mut()) else {
+            return false;
+        };
+        match exec.state {
+            State::Completed => {
+                self.violate(Violation::CompletedTwice { execution_id: id });
+                false
+            }
+            State::Submitted => {
+                self.violate(Violation::CompletedUndispatched { execution_id: id });
+                false
+            }
+            State::Running => {
+                exec.state = State::Completed;
+                let a = &mut self.actions[exec.action as usize];
+                a.running.retain(|r| *r != id);
+                if a.dispatched < a.order.len() {
+                    a.freed_at.push_back((now, wall));
+                }
+                self.completed += 1;
+                true
+            }
+        }
+    }
+
+    /// A dispatch the workers could not read.
+    pub fn undecodable(&mut self, detail: String) {
+        self.violate(Violation::Undecodable { detail });
+    }
+
+    /// Executions submitted so far.
+    pub fn submitted_count(&self) -> u64 {
+        self.submitted
+    }
+
+    /// Executions completed so far.
+    pub fn completed_count(&self) -> u64 {
+        self.completed
+    }
+
+    /// Re-sent dispatches (attempt > 1) seen.
+    pub fn resends(&self) -> u64 {
+        self.resends
+    }
+
+    /// Dispatches of executions this run did not submit.
+    pub fn foreign(&self) -> u64 {
+        self.foreign
+    }
+
+    /// Ends the run: adds what is missing and returns every violation (the first
+    /// [`MAX_KEPT`] in full) and how many there were in all.
+    pub fn finish(&mut self) -> (Vec<Violation>, u64) {
+        let mut never = Vec::new();
+        let mut running = Vec::new();
+        let mut count = 0u64;
+        for (i, e) in self.execs.iter().enumerate() {
+            let Some(e) = e else { continue };
+            let id = self.base + i as u64;
+            match e.state {
+                State::Completed => continue,
+                State::Submitted if never.len() < MISSING_LISTED => never.push(id),
+                State::Running if running.len() < MISSING_LISTED => running.push(id),
+                _ => {}
+            }
+            count += 1;
+        }
+        if count > 0 {
+            self.violate(Violation::Missing {
+                count,
+                never_dispatched: never,
+                dispatched_not_completed: running,
+            });
+        }
+        (self.violations.clone(), self.violations_total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier(limit: u32) -> (Verifier, Instant) {
+        let v = Verifier::new(
+            100,
+            10,
+            vec![("a".to_owned(), limit), ("b".to_owned(), limit)],
+        );
+        (v, Instant::now())
+    }
+
+    fn run(v: &mut Verifier, id: u64, now: Instant) {
+        assert!(matches!(
+            v.dispatched(id, 1, now, None),
+            Dispatched::Run { .. }
+        ));
+        assert!(v.completed(id, now, SystemTime::now()));
+    }
+
+    #[test]
+    fn a_correct_run_has_no_violations() {
+        let (mut v, now) = verifier(1);
+        for id in 100..104 {
+            v.submitted((id % 2) as usize, id, now);
+        }
+        // Actions interleave freely; within each, submission order holds.
+        for id in [101, 100, 103, 102] {
+            run(&mut v, id, now);
+        }
+        let (violations, total) = v.finish();
+        assert_eq!(total, 0, "{violations:?}");
+        assert_eq!(v.completed_count(), 4);
+    }
+
+    #[test]
+    fn a_dispatch_out_of_submission_order_is_caught_with_both_ids() {
+        let (mut v, now) = verifier(5);
+        for id in 100..103 {
+            v.submitted(0, id, now);
+        }
+        for id in [100, 102, 101] {
+            run(&mut v, id, now);
+        }
+        let (violations, total) = v.finish();
+        assert_eq!(total, 1);
+        assert_eq!(
+            violations[0],
+            Violation::OutOfOrder {
+                action: "a".to_owned(),
+                expected: 101,
+                got: 102
+            }
+        );
+    }
+
+    #[test]
+    fn running_more_than_the_limit_is_caught_with_the_running_ids() {
+        let (mut v, now) = verifier(2);
+        for id in 100..103 {
+            v.submitted(0, id, now);
+        }
+        for id in 100..103 {
+            v.dispatched(id, 1, now, None);
+        }
+        let (violations, _) = v.finish();
+        assert!(violations.contains(&Violation::OverLimit {
+            action: "a".to_owned(),
+            limit: 2,
+            running: vec![100, 101, 102]
+        }));
+    }
+
+    #[test]
+    fn a_completion_frees_the_slot_for_the_limit() {
+        let (mut v, now) = verifier(1);
+        v.submitted(0, 100, now);
+        v.submitted(0, 101, now);
+        run(&mut v, 100, now);
+        run(&mut v, 101, now);
+        assert_eq!(v.finish().1, 0);
+    }
+
+    #[test]
+    fn a_double_completion_and_a_double_first_dispatch_are_caught() {
+        let (mut v, now) = verifier(1);
+        v.submitted(0, 100, now);
+        run(&mut v, 100, now);
+        assert!(!v.completed(100, now, SystemTime::now()));
+        assert_eq!(v.dispatched(100, 1, now, None), Dispatched::Skip);
+        let (violations, total) = v.finish();
+        assert_eq!(total, 2);
+        assert!(violations.contains(&Violation::CompletedTwice { execution_id: 100 }));
+        assert!(violations.contains(&Violation::DispatchedTwice { execution_id: 100 }));
+    }
+
+    #[test]
+    fn a_resent_dispatch_is_counted_and_not_run_again() {
+        let (mut v, now) = verifier(1);
+        v.submitted(0, 100, now);
+        assert!(matches!(
+            v.dispatched(100, 1, now, None),
+            Dispatched::Run { .. }
+        ));
+        assert_eq!(v.dispatched(100, 2, now, None), Dispatched::Skip);
+        assert!(v.completed(100, now, SystemTime::now()));
+        assert_eq!(v.dispatched(100, 3, now, None), Dispatched::Skip);
+        assert_eq!(v.resends(), 2);
+        assert_eq!(v.finish().1, 0);
+    }
+
+    #[test]
+    fn a_missing_execution_is_reported_with_its_id_and_state() {
+        let (mut v, now) = verifier(1);
+        for id in 100..103 {
+            v.submitted(0, id, now);
+        }
+        run(&mut v, 100, now);
+        v.dispatched(101, 1, now, None);
+        let (violations, total) = v.finish();
+        assert_eq!(total, 1);
+        assert_eq!(
+            violations[0],
+            Violation::Missing {
+                count: 2,
+                never_dispatched: vec![102],
+                dispatched_not_completed: vec![101]
+            }
+        );
+        assert!(violations[0].to_string().contains("102"));
+    }
+
+    #[test]
+    fn dispatches_of_other_ids_are_counted_as_foreign() {
+        let (mut v, now) = verifier(1);
+        assert_eq!(v.dispatched(5, 1, now, None), Dispatched::Skip);
+        assert_eq!(v.dispatched(105, 1, now, None), Dispatched::Skip);
+        assert_eq!(v.foreign(), 2);
+        assert_eq!(v.finish().1, 0);
+    }
+
+    #[test]
+    fn completion_to_next_dispatch_is_measured_only_when_executions_were_waiting() {
+        let (mut v, t0) = verifier(1);
+        let wall = SystemTime::now();
+        v.submitted(0, 100, t0);
+        v.submitted(0, 101, t0);
+        v.dispatched(100, 1, t0, None);
+        let t1 = t0 + Duration::from_millis(10);
+        v.completed(100, t1, wall);
+        let t2 = t1 + Duration::from_millis(3);
+        assert_eq!(
+            v.dispatched(101, 1, t2, Some(wall)),
+            Dispatched::Run {
+                queue_wait: Duration::from_millis(13),
+                since_completion: Some(Duration::from_millis(3))
+            }
+        );
+        // Nothing waits behind 101: its completion starts no measurement.
+        v.completed(101, t2, wall);
+        v.submitted(0, 102, t2);
+        assert!(matches!(
+            v.dispatched(102, 1, t2, None),
+            Dispatched::Run {
+                since_completion: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_completion_sent_before_the_executor_accepted_the_next_one_is_not_a_sample() {
+        let (mut v, t0) = verifier(1);
+        let wall = SystemTime::now();
+        v.submitted(0, 100, t0);
+        v.submitted(0, 101, t0);
+        v.dispatched(100, 1, t0, None);
+        v.completed(100, t0, wall);
+        let accepted_later = wall + Duration::from_millis(5);
+        assert!(matches!(
+            v.dispatched(101, 1, t0, Some(accepted_later)),
+            Dispatched::Run {
+                since_completion: None,
+                ..
+            }
+        ));
+    }
+}

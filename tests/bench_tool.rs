@@ -1,0 +1,89 @@
+//! `fifo-executor bench` end to end: the tiny preset against the real RabbitMQ and Postgres,
+//! the executor in-process with its ledger, in a vhost and a database of the run's own, after
+//! the broker baseline. What is checked is the tool's verdict and its counts, never its
+//! timings (benchmarks are benchmarks).
+
+mod support;
+
+use clap::Parser;
+use fifo_executor::tools::bench::{self, BenchArgs};
+use support::TestVhost;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tiny_preset_completes_every_execution_with_no_violation_and_writes_its_files() {
+    let dir = std::env::temp_dir();
+    let stem = format!("fifo-bench-test-{}", std::process::id());
+    let report_path = dir.join(format!("{stem}.json"));
+    let plot_path = dir.join(format!("{stem}.svg"));
+    let args = BenchArgs::try_parse_from([
+        "bench",
+        "--preset",
+        "tiny",
+        "--isolated",
+        "--baseline",
+        "broker",
+        "--durability",
+        "ledger",
+        "--no-progress",
+        "--timeout",
+        "120",
+        "--report",
+        report_path.to_str().expect("utf-8 temp dir"),
+        "--plot",
+        plot_path.to_str().expect("utf-8 temp dir"),
+    ])
+    .expect("valid arguments");
+
+    let report = bench::run(&args).await.expect("the run reports");
+
+    assert!(report.ok, "{}", report.summary());
+    let executor = report.executor.as_ref().expect("the executor phase ran");
+    assert_eq!(executor.executions, 100);
+    assert_eq!(executor.completed, 100);
+    assert_eq!(executor.violations_total, 0, "{:?}", executor.violations);
+    assert!(executor.completion_to_dispatch.count > 0);
+    let baseline = report.baseline.as_ref().expect("the broker phase ran");
+    assert_eq!(baseline.completed, 100);
+    assert!(report.ratio.is_some());
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
+            .expect("the report is JSON");
+    assert_eq!(json["executor"]["completed"], 100);
+    assert_eq!(json["ok"], true);
+    let svg = std::fs::read_to_string(&plot_path).expect("plot written");
+    assert!(svg.starts_with("<svg"));
+    let _ = std::fs::remove_file(report_path);
+    let _ = std::fs::remove_file(plot_path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_that_never_consumes_fails_the_run_with_a_reason() {
+    // --external against a vhost of no executor: nothing consumes the requests queue.
+    let vhost = TestVhost::create().await;
+    // The URL goes in through a config file: setting the environment would reach the other
+    // test running in this binary at the same time.
+    let config = std::env::temp_dir().join(format!("{}.yaml", vhost.name));
+    std::fs::write(&config, format!("rabbitmq:\n  url: \"{}\"\n", vhost.url))
+        .expect("config written");
+    let args = BenchArgs::try_parse_from([
+        "bench",
+        "--preset",
+        "tiny",
+        "--external",
+        "--start-timeout",
+        "2",
+        "--no-progress",
+        "--config",
+        config.to_str().expect("utf-8 temp dir"),
+    ])
+    .expect("valid arguments");
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(120), bench::run(&args))
+        .await
+        .expect("the probe gives up by itself");
+    let _ = std::fs::remove_file(config);
+    let error = outcome
+        .expect_err("nothing consumes, so the run cannot start")
+        .to_string();
+    assert!(error.contains("nobody consumes"), "{error}");
+}
