@@ -94,7 +94,7 @@ async fn consume(
     conn: &Connection,
     queue: &'static str,
     prefetch: u16,
-    handle: impl FnMut(Vec<lapin::message::Delivery>, &Acks),
+    mut handle: impl FnMut(Vec<lapin::message::Delivery>, &Acks),
 ) -> Result<(), RelayError> {
     let ch: Channel = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
@@ -108,7 +108,12 @@ async fn consume(
         .await?;
     let (acks, _task) = Acks::spawn(ch.clone());
     let batch = edge::MAX_BATCH.min(usize::from(prefetch.max(1)));
-    consumers::consume(consumer, acks, batch, handle).await?;
+    // The relay has nothing to await between batches and is never throttled.
+    consumers::consume(consumer, acks, batch, None, |b, a| -> consumers::Handled {
+        handle(b, a);
+        Box::pin(std::future::ready(()))
+    })
+    .await?;
     Ok(())
 }
 
