@@ -277,8 +277,10 @@ impl Service {
             publisher.clone(),
         )));
         let dispatcher: Arc<dyn crate::core::Dispatcher> = match ledger_cell.get() {
-            Some(ledger) => Arc::new(ledger.dispatch_after_commit(live_only.clone())),
-            None => Arc::new(publisher.clone()),
+            Some(ledger) if config.database.dispatch_after_commit => {
+                Arc::new(ledger.dispatch_after_commit(live_only.clone()))
+            }
+            _ => Arc::new(publisher.clone()),
         };
         let ports = Ports {
             dispatcher,

@@ -286,6 +286,12 @@ pub struct DatabaseConfig {
     pub flush_interval_ms: u64,
     /// Most rows written in one batch.
     pub batch_max_rows: usize,
+    /// Whether a dispatch waits until its admission is committed. On (the default), a worker
+    /// never holds an execution the ledger shows as waiting, so a restart never sends a first
+    /// attempt twice; the price is a commit (an fsync) in every hand-off. Off, dispatches
+    /// leave at once, and an executor crash can send an execution whose admission was not yet
+    /// committed a second time with the same `attempt` (workers key on `execution_id`).
+    pub dispatch_after_commit: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -296,6 +302,7 @@ impl Default for DatabaseConfig {
             max_connections: 8,
             flush_interval_ms: 5,
             batch_max_rows: 5000,
+            dispatch_after_commit: true,
         }
     }
 }
@@ -309,6 +316,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("max_connections", &self.max_connections)
             .field("flush_interval_ms", &self.flush_interval_ms)
             .field("batch_max_rows", &self.batch_max_rows)
+            .field("dispatch_after_commit", &self.dispatch_after_commit)
             .finish()
     }
 }
@@ -1549,6 +1557,7 @@ mod tests {
             "database.max_connections",
             "database.flush_interval_ms",
             "database.batch_max_rows",
+            "database.dispatch_after_commit",
             "stats.interval_ms",
             "stats.snapshot_interval_seconds",
             "dlq.enabled",

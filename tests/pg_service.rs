@@ -245,3 +245,37 @@ async fn postgres_restarted_mid_load_loses_nothing_and_repeats_nothing() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     service.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dispatch_after_commit_off_executions_still_run_once_in_order_and_the_ledger_agrees() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let limits: HashMap<String, u32> = (0..3u32)
+        .map(|i| (format!("prompt.action-{i}"), i + 1))
+        .collect();
+    let requests: Vec<(u64, String)> = (1..=600u64)
+        .map(|id| (id, format!("prompt.action-{}", id % 3)))
+        .collect();
+    let mut config = config_for(&vhost, &db, &limits);
+    config.database.dispatch_after_commit = false;
+    let service = Service::start(config).await.expect("service starts");
+    let probe = fleet::connect(&vhost.url).await;
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "prompt.workers", workers(&limits)).await;
+    fleet::publish_requests(&vhost.url, &requests).await;
+    wait_until(Duration::from_secs(60), || async {
+        fleet.finished() >= requests.len()
+    })
+    .await;
+    common_pg::until_ended(&db.pool, requests.len(), Duration::from_secs(30)).await;
+    let (mut problems, outcomes) = {
+        let record = fleet.record.lock().expect("record");
+        (
+            record.violations(&by_action(&requests), &limits),
+            record.outcomes(),
+        )
+    };
+    problems.extend(common_pg::ledger_disagreements(&db.pool, &outcomes).await);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    service.shutdown().await.expect("clean shutdown");
+}
