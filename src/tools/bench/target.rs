@@ -334,11 +334,13 @@ impl Target {
                 io_before,
             )),
             Ok(Err(e)) => {
+                let _ = probe.close(200, "executor did not start".into()).await;
                 rt.shutdown_background();
                 cleanup(vhost, database).await;
                 Err(e.into())
             }
             Err(e) => {
+                let _ = probe.close(200, "executor did not start".into()).await;
                 rt.shutdown_background();
                 cleanup(vhost, database).await;
                 Err(e)
