@@ -476,8 +476,15 @@ impl Service {
     /// Stops the service in the one fixed order and waits for it.
     pub async fn shutdown(self) -> Result<(), AppError> {
         let _ = self.ops_shutdown.send(true);
-        for task in self.ops_tasks {
-            let _ = task.await;
+        for mut task in self.ops_tasks {
+            // A purge or health check in the middle of a slow call is cut off rather than
+            // waited for without end.
+            if tokio::time::timeout(self.shutdown_timeout, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
         }
         let _ = self.shutdown.send(true);
         let edge = self.edge.await;
@@ -500,8 +507,10 @@ impl Service {
         http: tokio::task::JoinHandle<std::io::Result<()>>,
         timeout: Duration,
     ) -> Result<(), AppError> {
-        if let Some(dlq) = dlq {
-            dlq.close().await;
+        if let Some(dlq) = dlq
+            && tokio::time::timeout(timeout, dlq.close()).await.is_err()
+        {
+            tracing::warn!("the DLQ reader's RabbitMQ connection did not close in time");
         }
         let _ = http_shutdown.send(());
         match tokio::time::timeout(timeout, http).await {
@@ -598,7 +607,10 @@ async fn stop_durable(durable: Option<Durable>, timeout: Duration) {
             tracing::warn!("a Postgres writer did not finish its last batch before the timeout");
         }
     }
-    d.pool.close().await;
+    // close() waits for every connection lent out to come back.
+    if tokio::time::timeout(timeout, d.pool.close()).await.is_err() {
+        tracing::warn!("Postgres connections still in use at shutdown were left to close");
+    }
 }
 
 /// Folds histogram samples into buckets every few seconds until shutdown.

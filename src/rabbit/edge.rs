@@ -175,11 +175,15 @@ where
 
     // Graceful shutdown, in order: stop taking work, settle what was taken, drain the core,
     // get the last publishes confirmed, close.
-    for (ch, _, _, tag) in &channels {
-        let _ = ch
-            .basic_cancel((*tag).into(), BasicCancelOptions::default())
-            .await;
-    }
+    // Every step below is bounded: a broker that stops answering must not hold the process.
+    let _ = tokio::time::timeout(settings.shutdown_timeout, async {
+        for (ch, _, _, tag) in &channels {
+            let _ = ch
+                .basic_cancel((*tag).into(), BasicCancelOptions::default())
+                .await;
+        }
+    })
+    .await;
     // Let the consumer loops see their streams end and hand over what they had buffered.
     let _ = tokio::time::timeout(settings.shutdown_timeout, async {
         while loops.next().await.is_some() {}
@@ -204,7 +208,15 @@ where
         );
     }
     publisher_slot.send_replace(None);
-    let _ = conn.close(200, "fifo-executor shutting down".into()).await;
+    if tokio::time::timeout(
+        settings.shutdown_timeout,
+        conn.close(200, "fifo-executor shutting down".into()),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("RabbitMQ did not confirm the connection close in time; leaving it");
+    }
     Ok(())
 }
 
