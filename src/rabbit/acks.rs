@@ -127,6 +127,10 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>, state: A
                     outstanding.remove(t);
                     ready.remove(t);
                 }
+                // Deliveries per frame is how well the batching works (BENCHMARKS.md).
+                metrics::counter!("attune_rabbitmq_acks_total", "kind" => "frame").increment(1);
+                metrics::counter!("attune_rabbitmq_acks_total", "kind" => "delivery")
+                    .increment(covered.len() as u64);
             }
             upto
         };
