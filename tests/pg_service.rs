@@ -62,6 +62,30 @@ fn by_action(requests: &[(u64, String)]) -> HashMap<String, Vec<u64>> {
     out
 }
 
+/// Waits (up to `deadline`) until the workers finished every one of `requests` and the ledger
+/// ended them, then fails listing every execution that ran out of order, above its limit,
+/// twice, not at all, or that the ledger records otherwise than its worker reported.
+async fn assert_every_execution_ran_once(
+    fleet: &Fleet,
+    db: &TestDb,
+    requests: &[(u64, String)],
+    limits: &HashMap<String, u32>,
+    deadline: Duration,
+) {
+    // On a timeout the checks below say which executions are missing.
+    wait_until(deadline, || async { fleet.finished() >= requests.len() }).await;
+    common_pg::until_ended(&db.pool, requests.len(), Duration::from_secs(30)).await;
+    let (mut problems, outcomes) = {
+        let record = fleet.record.lock().expect("record");
+        (
+            record.violations(&by_action(requests), limits),
+            record.outcomes(),
+        )
+    };
+    problems.extend(common_pg::ledger_disagreements(&db.pool, &outcomes).await);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 /// The one action of the tests about ended ids, at limit 1.
 const ONE_ACTION: &str = "history.a";
 
@@ -227,22 +251,8 @@ async fn postgres_restarted_mid_load_loses_nothing_and_repeats_nothing() {
     println!("Postgres stopped and restarted after {at_stop} finished executions");
 
     producer.await.expect("every request published");
-    // On a timeout the checks below say which executions are missing.
-    wait_until(Duration::from_secs(120), || async {
-        fleet.finished() >= EXECUTIONS as usize
-    })
-    .await;
-    // Whatever it lacks after the wait is listed below.
-    common_pg::until_ended(&db.pool, EXECUTIONS as usize, Duration::from_secs(30)).await;
-    let (mut problems, outcomes) = {
-        let record = fleet.record.lock().expect("record");
-        (
-            record.violations(&by_action(&requests), &limits),
-            record.outcomes(),
-        )
-    };
-    problems.extend(common_pg::ledger_disagreements(&db.pool, &outcomes).await);
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_every_execution_ran_once(&fleet, &db, &requests, &limits, Duration::from_secs(120))
+        .await;
     service.shutdown().await.expect("clean shutdown");
 }
 
@@ -263,19 +273,6 @@ async fn with_dispatch_after_commit_off_executions_still_run_once_in_order_and_t
     fleet::until_consuming(&probe, Duration::from_secs(30)).await;
     let fleet = Fleet::start(&vhost.url, "prompt.workers", workers(&limits)).await;
     fleet::publish_requests(&vhost.url, &requests).await;
-    wait_until(Duration::from_secs(60), || async {
-        fleet.finished() >= requests.len()
-    })
-    .await;
-    common_pg::until_ended(&db.pool, requests.len(), Duration::from_secs(30)).await;
-    let (mut problems, outcomes) = {
-        let record = fleet.record.lock().expect("record");
-        (
-            record.violations(&by_action(&requests), &limits),
-            record.outcomes(),
-        )
-    };
-    problems.extend(common_pg::ledger_disagreements(&db.pool, &outcomes).await);
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_every_execution_ran_once(&fleet, &db, &requests, &limits, Duration::from_secs(60)).await;
     service.shutdown().await.expect("clean shutdown");
 }
