@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, DispatchWait};
 use crate::core::memory::{DiscardSink, LatestStats};
 use crate::core::{
     ActionPolicy, Executor, OutcomeSink, PolicySource, Ports, QueueSettings, RateLimit,
@@ -104,6 +104,8 @@ struct Durable {
     pool: sqlx::PgPool,
     schema: crate::db::Schema,
     policies: Arc<crate::db::policies::DbPolicySource>,
+    /// The ledger, to tell at shutdown whether everything was committed.
+    ledger: Arc<crate::db::ledger::LedgerSink>,
     /// Stopped in this order at shutdown: the policy poller, then the ledger (its last batch),
     /// then the stats writer (the final counters).
     workers: Vec<crate::db::Worker>,
@@ -272,15 +274,18 @@ impl Service {
         } else {
             (sink, stats.clone(), config_policies, None)
         };
-        // On the ledger, a dispatch leaves only once its admission is committed.
+        // On the ledger, a dispatch leaves only once recovery could cope with a crash.
         let live_only = Arc::new(crate::db::ledger::LiveOnly::new(Arc::new(
             publisher.clone(),
         )));
         let dispatcher: Arc<dyn crate::core::Dispatcher> = match ledger_cell.get() {
-            Some(ledger) if config.database.dispatch_after_commit => {
-                Arc::new(ledger.dispatch_after_commit(live_only.clone()))
-            }
-            _ => Arc::new(publisher.clone()),
+            Some(ledger) => match config.database.dispatch_wait {
+                DispatchWait::Acceptance => Arc::new(ledger.dispatch_when_safe(live_only.clone())),
+                DispatchWait::Admission => {
+                    Arc::new(ledger.dispatch_after_commit(live_only.clone()))
+                }
+            },
+            None => Arc::new(publisher.clone()),
         };
         let ports = Ports {
             dispatcher,
@@ -591,6 +596,7 @@ async fn open_ledger(
         pool,
         schema,
         policies,
+        ledger: ledger.clone(),
         workers: vec![ledger_worker, stats_worker],
     };
     Ok((ledger, Arc::new(BothStats(latest, writer)), durable))
@@ -602,9 +608,21 @@ async fn stop_durable(durable: Option<Durable>, timeout: Duration) {
     let Some(d) = durable else {
         return;
     };
+    let mut drained = true;
     for worker in d.workers {
         if !worker.stop(timeout).await {
+            drained = false;
             tracing::warn!("a Postgres writer did not finish its last batch before the timeout");
+        }
+    }
+    // Every admission committed: the next start need not treat any waiting execution as
+    // possibly sent (db::recovery).
+    if drained && d.ledger.pending() == 0 {
+        let mark = crate::db::recovery::mark_clean_stop(&d.pool, &d.schema);
+        match tokio::time::timeout(timeout, mark).await {
+            Ok(Ok(())) => tracing::debug!("clean stop recorded in executor_run"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not record the clean stop"),
+            Err(_) => tracing::warn!("recording the clean stop timed out"),
         }
     }
     // close() waits for every connection lent out to come back.

@@ -286,12 +286,27 @@ pub struct DatabaseConfig {
     pub flush_interval_ms: u64,
     /// Most rows written in one batch.
     pub batch_max_rows: usize,
-    /// Whether a dispatch waits until its admission is committed. On (the default), a worker
-    /// never holds an execution the ledger shows as waiting, so a restart never sends a first
-    /// attempt twice; the price is a commit (an fsync) in every hand-off. Off, dispatches
-    /// leave at once, and an executor crash can send an execution whose admission was not yet
-    /// committed a second time with the same `attempt` (workers key on `execution_id`).
-    pub dispatch_after_commit: bool,
+    /// What a dispatch waits for before it leaves; see [`DispatchWait`].
+    pub dispatch_wait: DispatchWait,
+}
+
+/// `database.dispatch_wait`: which commit a dispatch waits for. Both keep the same promise
+/// (after a crash, no copy of a dispatch repeats an attempt a worker may have seen); they
+/// differ in where they pay for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DispatchWait {
+    /// The default: a dispatch waits only until its execution's acceptance is committed (long
+    /// done for an execution that waited in the queue), and at most
+    /// [`SENT_AHEAD_PER_ACTION`](crate::db::ledger::SENT_AHEAD_PER_ACTION) of an action may
+    /// leave ahead of their admission's commit. Recovery gives the first that many waiting
+    /// executions of each action a higher attempt. No commit in the hand-off from a completion
+    /// to the next dispatch.
+    #[default]
+    Acceptance,
+    /// A dispatch waits until its admission is committed: a commit (an fsync) in every
+    /// hand-off, and no attempt is ever raised without a dispatch behind it.
+    Admission,
 }
 
 impl Default for DatabaseConfig {
@@ -302,7 +317,7 @@ impl Default for DatabaseConfig {
             max_connections: 8,
             flush_interval_ms: 5,
             batch_max_rows: 5000,
-            dispatch_after_commit: true,
+            dispatch_wait: DispatchWait::default(),
         }
     }
 }
@@ -316,7 +331,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("max_connections", &self.max_connections)
             .field("flush_interval_ms", &self.flush_interval_ms)
             .field("batch_max_rows", &self.batch_max_rows)
-            .field("dispatch_after_commit", &self.dispatch_after_commit)
+            .field("dispatch_wait", &self.dispatch_wait)
             .finish()
     }
 }
@@ -1557,7 +1572,7 @@ mod tests {
             "database.max_connections",
             "database.flush_interval_ms",
             "database.batch_max_rows",
-            "database.dispatch_after_commit",
+            "database.dispatch_wait",
             "stats.interval_ms",
             "stats.snapshot_interval_seconds",
             "dlq.enabled",

@@ -627,6 +627,7 @@ async fn restored_executions_are_live_and_come_out_in_order() {
         payload: common_core::payload_of(id),
         enqueued_at: now.minus(Duration::from_secs(60)),
         admitted_at: running.then(|| now.minus(Duration::from_secs(30))),
+        sent_before: 0,
     };
     r.exec
         .restore(&a, vec![entry(5, true), entry(6, false), entry(7, false)])

@@ -639,6 +639,7 @@ fn restored(id: u64, q: &QueueRig, enqueued_ago: u64, admitted_ago: Option<u64>)
         payload: payload_of(id),
         enqueued_at: now.minus(Duration::from_secs(enqueued_ago)),
         admitted_at: admitted_ago.map(|a| now.minus(Duration::from_secs(a))),
+        sent_before: 0,
     }
 }
 
@@ -679,6 +680,25 @@ async fn restored_running_executions_may_exceed_the_limit_and_hold_back_admissio
     assert!(q.dispatched_ids().is_empty(), "1 active at limit 1");
     q.complete(2);
     assert_eq!(q.dispatched_ids(), vec![3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restored_execution_that_may_have_been_sent_goes_out_with_a_higher_attempt() {
+    let mut q = rig(1);
+    let mut maybe_sent = restored(1, &q, 30, None);
+    maybe_sent.sent_before = 1;
+    q.restore(vec![maybe_sent, restored(2, &q, 20, None)]);
+    assert_eq!(q.dispatched_ids(), vec![1]);
+    assert_eq!(q.dispatched[0].attempt, 2);
+    q.complete(1);
+    assert_eq!(q.dispatched_ids(), vec![1, 2]);
+    assert_eq!(
+        q.dispatched[1].attempt, 1,
+        "never sent before: a first attempt"
+    );
+    q.submit_all([3]);
+    q.complete(2);
+    assert_eq!(q.dispatched[2].attempt, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ use common_pg::{Rig, TempPg, TestDb, action, eventually, limit, statuses};
 use fifo_executor::core::memory::{DiscardSink, VecSink};
 use fifo_executor::core::{Event, OutcomeSink, PurgeOrder, QueueSettings, UniformPolicy};
 use fifo_executor::db::actions::ActionIds;
-use fifo_executor::db::ledger::{LedgerOptions, LedgerSink};
+use fifo_executor::db::ledger::{LedgerOptions, LedgerSink, SENT_AHEAD_PER_ACTION};
 use fifo_executor::model::{CancelRequest, EndStatus, Payload, Receipt, Submission, Verdict};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,6 +447,108 @@ async fn a_dispatch_leaves_only_once_its_admission_is_committed() {
             (3, "requested".to_owned())
         ]
     );
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_safe_a_waiting_execution_leaves_without_a_commit_but_only_so_far_ahead() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let mut rig = Rig::start_when_safe(
+        &db.pool,
+        &db.schema,
+        1,
+        LedgerOptions {
+            retry_max: Duration::from_millis(200),
+            ..LedgerOptions::default()
+        },
+    )
+    .await;
+    let a = action("core.ahead");
+    let ahead = SENT_AHEAD_PER_ACTION as u64;
+    let total = ahead + 4;
+    let _accepted = rig.submit(&a, 1..=total);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 1);
+    rig.sync().await;
+
+    // Postgres goes away: no admission can be committed from here on.
+    pg.stop().await;
+    let mut sent = Vec::new();
+    for id in 1..=ahead {
+        rig.complete(id, EndStatus::Succeeded);
+        sent.push(rig.next_dispatches(1).await[0].execution_id);
+    }
+    assert_eq!(
+        sent,
+        (2..=ahead + 1).collect::<Vec<_>>(),
+        "accepted long before, so each left without waiting for a commit"
+    );
+    // One more uncommitted admission would put the action beyond the bound: it waits.
+    rig.complete(ahead + 1, EndStatus::Succeeded);
+    rig.settle_actors().await;
+    eventually(
+        Duration::from_secs(10),
+        "the ledger failed to write",
+        || async { (rig.ledger.counters().failed_attempts >= 1).then_some(()) },
+    )
+    .await;
+    assert!(
+        rig.no_dispatch_waiting(),
+        "{ahead} admissions are uncommitted; the next must wait for the commit"
+    );
+    pg.restart().await;
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, ahead + 2);
+    // Committed again: the next hand-off is immediate again.
+    rig.sync().await;
+    rig.complete(ahead + 2, EndStatus::Succeeded);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, ahead + 3);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_safe_a_just_accepted_execution_waits_for_its_acceptance_commit() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let mut rig = Rig::start_when_safe(
+        &db.pool,
+        &db.schema,
+        2,
+        LedgerOptions {
+            retry_max: Duration::from_millis(200),
+            ..LedgerOptions::default()
+        },
+    )
+    .await;
+    let a = action("core.fresh");
+    let _warm = rig.submit(&a, [1]);
+    assert_eq!(rig.next_dispatches(1).await[0].execution_id, 1);
+    rig.sync().await;
+
+    pg.stop().await;
+    let _fresh = rig.submit(&a, [2, 3]);
+    rig.settle_actors().await;
+    eventually(
+        Duration::from_secs(10),
+        "the ledger failed to write",
+        || async { (rig.ledger.counters().failed_attempts >= 1).then_some(()) },
+    )
+    .await;
+    assert!(
+        rig.no_dispatch_waiting(),
+        "2's request is not acknowledged and could come back after a crash as a new execution"
+    );
+    // 3 waits behind the held 2 even once a slot frees: FIFO.
+    rig.complete(1, EndStatus::Succeeded);
+    rig.settle_actors().await;
+    assert!(rig.no_dispatch_waiting());
+    pg.restart().await;
+    let order: Vec<u64> = rig
+        .next_dispatches(2)
+        .await
+        .iter()
+        .map(|d| d.execution_id)
+        .collect();
+    assert_eq!(order, vec![2, 3]);
     rig.shutdown().await;
 }
 

@@ -4,11 +4,13 @@
 mod common_pg;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use common_pg::{Rig, TestDb, action, limit, statuses};
+use common_pg::{Rig, TempPg, TestDb, action, limit, statuses};
 use fifo_executor::core::memory::DiscardSink;
 use fifo_executor::core::{QueueSettings, UniformPolicy};
-use fifo_executor::db::recovery::{record_resends, recover};
+use fifo_executor::db::ledger::LedgerOptions;
+use fifo_executor::db::recovery::{mark_clean_stop, record_resends, recover};
 use fifo_executor::model::{EndStatus, Verdict};
 
 const BIG_ID: u64 = 9_000_000_000_000_000_000;
@@ -123,5 +125,167 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
             .iter()
             .all(|(_, s)| s == "succeeded")
     );
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_of_each_waiting_line_goes_out_again_with_a_higher_attempt() {
+    let db = TestDb::new().await;
+    let a = action("core.head");
+    let ahead = fifo_executor::db::ledger::SENT_AHEAD_PER_ACTION as u64;
+    let total = ahead + 3;
+
+    // First life: 1 holds the only slot, everything else waits.
+    let mut first = Rig::start(
+        &db,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(1))),
+        Arc::new(DiscardSink),
+    )
+    .await;
+    let _v = first.submit(&a, 1..=total);
+    first.next_dispatches(1).await;
+    first.ledger.mark_running(vec![1]);
+    first.sync().await;
+    first.shutdown().await;
+    drop(first);
+
+    let mut second = Rig::start(
+        &db,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(1))),
+        Arc::new(DiscardSink),
+    )
+    .await;
+    let report = recover(&db.pool, &db.schema, &second.exec)
+        .await
+        .expect("recovers");
+    assert_eq!(report.maybe_sent, ahead, "the first {ahead} waiting ones");
+    let attempts: Vec<(i64, i32)> =
+        sqlx::query_as("SELECT id, attempt FROM attune.execution ORDER BY accept_seq")
+            .fetch_all(&db.pool)
+            .await
+            .expect("attempts");
+    let raised: Vec<i64> = attempts
+        .iter()
+        .filter(|(_, n)| *n == 1)
+        .map(|(id, _)| *id)
+        .collect();
+    // 1 is running with its one admission; 2..=ahead+1 were raised from 0 to 1.
+    assert_eq!(raised, (1..=ahead as i64 + 1).collect::<Vec<_>>());
+    // Each goes out in order once a slot frees: the raised ones as attempt 2, the rest as 1.
+    let mut seen = Vec::new();
+    for done in 1..total {
+        second.complete(done, EndStatus::Succeeded);
+        let d = second.next_dispatches(1).await;
+        seen.push((d[0].execution_id, d[0].attempt));
+    }
+    let expected: Vec<(u64, u32)> = (2..=total)
+        .map(|id| (id, if id <= ahead + 1 { 2 } else { 1 }))
+        .collect();
+    assert_eq!(seen, expected);
+    second.sync().await;
+    let attempt_of_2: i32 = sqlx::query_scalar("SELECT attempt FROM attune.execution WHERE id = 2")
+        .fetch_one(&db.pool)
+        .await
+        .expect("attempt");
+    assert_eq!(
+        attempt_of_2, 2,
+        "the ledger counts the attempt the dispatch carried"
+    );
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_clean_stop_no_attempt_is_raised_and_after_a_crash_it_is() {
+    let db = TestDb::new().await;
+    let a = action("core.clean");
+    let start = || {
+        Rig::start(
+            &db,
+            QueueSettings::default(),
+            Arc::new(UniformPolicy(limit(1))),
+            Arc::new(DiscardSink),
+        )
+    };
+    let mut first = start().await;
+    let report = recover(&db.pool, &db.schema, &first.exec)
+        .await
+        .expect("recovers");
+    assert!(!report.after_clean_stop, "no run recorded yet");
+    let _v = first.submit(&a, [1, 2, 3]);
+    first.next_dispatches(1).await;
+    first.sync().await;
+    first.shutdown().await;
+    mark_clean_stop(&db.pool, &db.schema)
+        .await
+        .expect("records the clean stop");
+
+    let mut second = start().await;
+    let report = recover(&db.pool, &db.schema, &second.exec)
+        .await
+        .expect("recovers");
+    assert!(report.after_clean_stop);
+    assert_eq!(report.maybe_sent, 0);
+    second.shutdown().await;
+    // No clean stop recorded this time: a crash, as far as the next start can tell.
+
+    let mut third = start().await;
+    let report = recover(&db.pool, &db.schema, &third.exec)
+        .await
+        .expect("recovers");
+    assert!(!report.after_clean_stop);
+    assert_eq!(report.maybe_sent, 2, "2 and 3 wait at the head of the line");
+    third.shutdown().await;
+}
+
+/// The case the raised attempts are for: a dispatch left before its admission was committed,
+/// the executor died, and the worker may still be running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_sent_before_its_admission_committed_goes_out_again_with_a_higher_attempt() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let a = action("core.crash");
+    let options = LedgerOptions {
+        retry_max: Duration::from_millis(200),
+        ..LedgerOptions::default()
+    };
+    let start = || Rig::start_when_safe(&db.pool, &db.schema, 1, options);
+    let mut first = start().await;
+    let _v = first.submit(&a, [1, 2, 3]);
+    assert_eq!(first.next_dispatches(1).await[0].execution_id, 1);
+    first.ledger.mark_running(vec![1]);
+    first.sync().await;
+
+    // Postgres goes away; 1 completes and 2 leaves at once, its admission not committed.
+    pg.stop().await;
+    first.complete(1, EndStatus::Succeeded);
+    let sent = first.next_dispatches(1).await;
+    assert_eq!((sent[0].execution_id, sent[0].attempt), (2, 1));
+    // The executor dies: 1's end and 2's admission never reach the ledger.
+    first.shutdown().await;
+    drop(first);
+    pg.restart().await;
+
+    let mut second = start().await;
+    let report = recover(&db.pool, &db.schema, &second.exec)
+        .await
+        .expect("recovers");
+    assert!(!report.after_clean_stop);
+    assert_eq!(report.running, 1, "1's end was never committed");
+    assert_eq!(report.waiting, 2);
+    assert_eq!(report.maybe_sent, 2, "2 and 3 head the waiting line");
+    assert!(second.no_dispatch_waiting(), "1 holds the slot");
+    // 1's completion was never acknowledged, so the broker brings it again.
+    second.complete(1, EndStatus::Succeeded);
+    let again = second.next_dispatches(1).await;
+    assert_eq!(
+        (again[0].execution_id, again[0].attempt),
+        (2, 2),
+        "a worker may be running 2 as attempt 1: the copy must say it is another attempt"
+    );
+    second.complete(2, EndStatus::Succeeded);
+    let third = second.next_dispatches(1).await;
+    assert_eq!((third[0].execution_id, third[0].attempt), (3, 2));
     second.shutdown().await;
 }

@@ -257,7 +257,8 @@ async fn postgres_restarted_mid_load_loses_nothing_and_repeats_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_dispatch_after_commit_off_executions_still_run_once_in_order_and_the_ledger_agrees() {
+async fn with_dispatch_waiting_for_the_admission_executions_still_run_once_in_order_and_the_ledger_agrees()
+ {
     let db = TestDb::new().await;
     let vhost = TestVhost::create().await;
     let limits: HashMap<String, u32> = (0..3u32)
@@ -267,7 +268,7 @@ async fn with_dispatch_after_commit_off_executions_still_run_once_in_order_and_t
         .map(|id| (id, format!("prompt.action-{}", id % 3)))
         .collect();
     let mut config = config_for(&vhost, &db, &limits);
-    config.database.dispatch_after_commit = false;
+    config.database.dispatch_wait = fifo_executor::config::DispatchWait::Admission;
     let service = Service::start(config).await.expect("service starts");
     let probe = fleet::connect(&vhost.url).await;
     fleet::until_consuming(&probe, Duration::from_secs(30)).await;

@@ -33,6 +33,9 @@ struct Waiting {
     request_id: Option<Box<str>>,
     payload: Payload,
     enqueued: Stamp,
+    /// Dispatches that may already have gone out for it (0 for a new execution; more for one
+    /// restored after a crash that may have been sent before its admission was recorded).
+    sent_before: u32,
 }
 
 /// An execution holding a slot.
@@ -77,6 +80,9 @@ pub struct Restored {
     pub enqueued_at: Stamp,
     /// When it took its slot; `None` if it was still waiting.
     pub admitted_at: Option<Stamp>,
+    /// Dispatches that may already have reached a worker (the ledger's `attempt`); a waiting
+    /// one is dispatched as attempt `sent_before + 1`.
+    pub sent_before: u32,
 }
 
 /// What a purge should remove, and whether only to report it.
@@ -253,6 +259,7 @@ impl ActionQueue {
             request_id,
             payload,
             enqueued: now,
+            sent_before: 0,
         });
         self.pump(now, fx);
     }
@@ -439,6 +446,7 @@ impl ActionQueue {
                     request_id: r.request_id,
                     payload: r.payload,
                     enqueued: r.enqueued_at,
+                    sent_before: r.sent_before,
                 }),
             }
         }
@@ -524,7 +532,7 @@ impl ActionQueue {
                 payload: w.payload,
                 enqueued_at: self.wall(w.enqueued),
                 dispatched_at: at,
-                attempt: 1,
+                attempt: w.sent_before.saturating_add(1),
             });
         }
     }

@@ -12,16 +12,25 @@
 //!                                 └── inner OutcomeSink (dead letters, metrics), same order
 //! ```
 //!
-//! # Dispatches wait for their admissions
+//! # When a dispatch may leave
 //!
-//! The service dispatches through [`LedgerSink::dispatch_after_commit`]: a dispatch goes to
-//! RabbitMQ only once the batch holding its `Admitted` event has committed. So every
-//! execution a worker may have received is `scheduled` or later in the ledger, and a restart
-//! restores it holding its slot; it is never restored as waiting and dispatched a second time
-//! as a first attempt while a worker runs it (`tests/pg_kill_restart.rs` saw 77 such repeated
-//! first attempts over three SIGKILLs before this). It adds a commit to each dispatch's
-//! latency, not a write: while a dispatch waits, the writer does not wait out
-//! the flush interval but commits at once (what arrives meanwhile joins the next commit).
+//! A dispatch must never leave in a way a restart could not account for. The service
+//! dispatches through [`LedgerSink::dispatch_when_safe`] (`database.dispatch_wait:
+//! acceptance`, the default): a dispatch leaves at once if its execution's acceptance is
+//! committed (so its request cannot come back as a new execution), no earlier dispatch of the
+//! action is held, and at most [`SENT_AHEAD_PER_ACTION`] admissions and removals of the action
+//! are uncommitted; otherwise it is held until the commit. Recovery raises the attempt of
+//! the first [`SENT_AHEAD_PER_ACTION`] waiting executions of each action, the only ones a
+//! worker may hold while the ledger shows them waiting. An execution that waited in the queue
+//! was accepted long before its slot freed, so the hand-off from a completion to the next
+//! dispatch waits for no commit.
+//!
+//! [`LedgerSink::dispatch_after_commit`] (`database.dispatch_wait: admission`) holds every
+//! dispatch until its admission is committed: a worker never gets an execution the ledger
+//! shows as waiting (`tests/pg_kill_restart.rs` saw 77 repeated first attempts over three
+//! SIGKILLs when dispatches left with neither rule), at the price of a commit in every
+//! hand-off. Either way, while a dispatch is held the writer does not wait out the flush
+//! interval but commits at once (what arrives meanwhile joins the next commit).
 //!
 //! # Batching
 //!
@@ -31,7 +40,8 @@
 //!
 //! A flush writes every execution it touches once, in the furthest state the batch took it
 //! to: executions accepted in this batch are INSERTed already in that state, the others are
-//! moved there by one UPDATE. So a flush is one transaction of at most two statements, each
+//! moved there by one UPDATE. So a flush is one statement (the INSERT and the UPDATE as two
+//! data-modifying CTEs when it has both), one round trip and one implicit transaction,
 //! covering all its rows through `UNNEST` arrays (plus, only when new action refs appear, one
 //! statement before it, see [`ActionIds`]); and an execution that is accepted, dispatched and
 //! completed within one flush costs one row write, not four. Writes only move a row forward
@@ -62,7 +72,9 @@
 //! A failed flush is retried, unchanged, with exponential backoff (`retry_min` doubling up to
 //! `retry_max`); the pool replaces broken connections by itself. Nothing is settled until its
 //! batch commits, so the RabbitMQ edge acknowledges nothing and the broker keeps every message;
-//! completions still free slots in memory, but the dispatches they admit wait for the commit.
+//! completions still free slots in memory; of the dispatches they admit, at most
+//! [`SENT_AHEAD_PER_ACTION`] per action leave (with `dispatch_wait: acceptance`), the rest
+//! wait for the commit.
 //! [`LedgerSink::healthy`] is false from the first failed attempt to the next commit.
 //!
 //! Memory: pending items live in the channel and the writer's queue. Their number is bounded
@@ -150,6 +162,9 @@ struct Shared {
     transactions: AtomicU64,
     failed_attempts: AtomicU64,
     dropped: AtomicU64,
+    /// Per action, what is recorded and not yet committed; kept only once
+    /// [`LedgerSink::dispatch_when_safe`] is in use.
+    flights: Flights,
 }
 
 /// What the sink hands its writer.
@@ -268,6 +283,32 @@ impl LedgerSink {
         }
     }
 
+    /// A [`Dispatcher`] that sends a batch at once when that is safe for recovery, and
+    /// otherwise holds it, like [`LedgerSink::dispatch_after_commit`], until what was recorded
+    /// before it is committed. Safe means: the acceptance of every execution in it is
+    /// committed (so a crash cannot bring its request back as a new execution), no earlier
+    /// batch of the action is held (FIFO), and at most [`SENT_AHEAD_PER_ACTION`] admissions
+    /// and removals of the action are still uncommitted.
+    ///
+    /// A dispatch sent this way may reach a worker while the ledger still shows the execution
+    /// as `requested`. Recovery copes: such executions are always among the first
+    /// [`SENT_AHEAD_PER_ACTION`] waiting ones of their action (everything accepted before them
+    /// left the queue before them, and every such departure not yet committed counts towards
+    /// the bound), and recovery raises the `attempt` of exactly those, so a second copy never
+    /// carries an attempt a worker has seen. The price is that a few executions at the head of
+    /// a queue may carry attempt 2 after a crash without having been sent before.
+    ///
+    /// A waiting execution's acceptance was committed long before the slot frees, so the
+    /// hand-off from a completion to the next dispatch waits for no commit; only a dispatch
+    /// of an execution accepted moments ago does, which its acknowledgement needs anyway.
+    pub fn dispatch_when_safe(self: &Arc<Self>, inner: Arc<dyn Dispatcher>) -> WhenSafe {
+        self.shared.flights.enabled.store(true, Ordering::Relaxed);
+        WhenSafe {
+            shared: self.shared.clone(),
+            held: self.dispatch_after_commit(inner),
+        }
+    }
+
     /// Items handed in and not yet committed.
     pub fn pending(&self) -> usize {
         self.shared.pending.load(Ordering::Relaxed)
@@ -309,6 +350,7 @@ impl OutcomeSink for LedgerSink {
         self.shared
             .pending
             .fetch_add(events.len(), Ordering::Relaxed);
+        self.shared.flights.recorded(&events);
         // The writer stops only at shutdown. Events that arrive after it are not settled, so
         // their messages stay with the broker and come back to the next executor.
         if self.tx.send(Input::Events(events)).is_err() {
@@ -367,6 +409,158 @@ impl Dispatcher for LiveOnly {
     }
 }
 
+/// How many dispatches of one action may be out before their admissions are committed, when
+/// dispatching through [`LedgerSink::dispatch_when_safe`]. Recovery raises the `attempt` of
+/// this many waiting executions at the head of each action's queue (see
+/// [`recovery`](super::recovery)), so it must not shrink from one version to the next.
+pub const SENT_AHEAD_PER_ACTION: usize = 16;
+
+/// Per action, what has been recorded and is not yet committed: enough to tell whether a
+/// dispatch may leave before the commit. One short lock per handler call and per commit.
+#[derive(Debug, Default)]
+struct Flights {
+    /// Set once [`LedgerSink::dispatch_when_safe`] is in use; until then nothing is tracked.
+    enabled: AtomicBool,
+    by_action: std::sync::Mutex<HashMap<ActionRef, Flight>>,
+}
+
+#[derive(Debug, Default)]
+struct Flight {
+    /// Executions whose acceptance is recorded and not yet committed.
+    unaccepted: std::collections::HashSet<ExecutionId>,
+    /// Admissions and removals from the queue recorded and not yet committed.
+    departures: usize,
+    /// Dispatch batches held in the writer's queue until their commit.
+    held: usize,
+}
+
+impl Flight {
+    fn is_idle(&self) -> bool {
+        self.unaccepted.is_empty() && self.departures == 0 && self.held == 0
+    }
+}
+
+impl Flights {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ActionRef, Flight>> {
+        // A panic while holding this lock leaves counters that are still consistent enough
+        // to go on with (the worst is a dispatch held for one commit that need not be).
+        self.by_action
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts what an actor just recorded.
+    fn recorded(&self, events: &[Event]) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut flights = self.lock();
+        for event in events {
+            match event {
+                Event::Accepted {
+                    action,
+                    execution_id,
+                    ..
+                } => {
+                    flights
+                        .entry(action.clone())
+                        .or_default()
+                        .unaccepted
+                        .insert(*execution_id);
+                }
+                Event::Admitted { action, .. } | Event::Removed { action, .. } => {
+                    flights.entry(action.clone()).or_default().departures += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Forgets what one batch committed, and the held dispatch batches it released.
+    fn committed(&self, events: &[Event], released: &[ActionRef]) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut flights = self.lock();
+        let mut touched: Vec<&ActionRef> = Vec::new();
+        for event in events {
+            let action = match event {
+                Event::Accepted {
+                    action,
+                    execution_id,
+                    ..
+                } => {
+                    if let Some(f) = flights.get_mut(action) {
+                        f.unaccepted.remove(execution_id);
+                    }
+                    action
+                }
+                Event::Admitted { action, .. } | Event::Removed { action, .. } => {
+                    if let Some(f) = flights.get_mut(action) {
+                        f.departures = f.departures.saturating_sub(1);
+                    }
+                    action
+                }
+                _ => continue,
+            };
+            touched.push(action);
+        }
+        for action in released {
+            if let Some(f) = flights.get_mut(action) {
+                f.held = f.held.saturating_sub(1);
+            }
+            touched.push(action);
+        }
+        for action in touched {
+            if flights.get(action).is_some_and(Flight::is_idle) {
+                flights.remove(action);
+            }
+        }
+    }
+
+    /// Whether `batch` (one handler's dispatches of one action, its events recorded already)
+    /// may leave now. If not, it is counted as held here, before it is queued for the writer.
+    fn may_send_now(&self, batch: &[Dispatch]) -> bool {
+        let Some(action) = batch.first().map(|d| &d.action) else {
+            return true;
+        };
+        let mut flights = self.lock();
+        let Some(f) = flights.get_mut(action) else {
+            return true;
+        };
+        let safe = f.held == 0
+            && f.departures <= SENT_AHEAD_PER_ACTION
+            && !batch.iter().any(|d| f.unaccepted.contains(&d.execution_id));
+        if !safe {
+            f.held += 1;
+        }
+        safe
+    }
+}
+
+/// The dispatcher [`LedgerSink::dispatch_when_safe`] returns.
+pub struct WhenSafe {
+    shared: Arc<Shared>,
+    /// The way held batches go: behind the commit of what was recorded before them.
+    held: AfterCommit,
+}
+
+impl Dispatcher for WhenSafe {
+    fn dispatch(&self, batch: Vec<Dispatch>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.shared.flights.may_send_now(&batch) {
+            metrics::counter!("attune_dispatch_batches_total", "sent" => "at_once").increment(1);
+            self.held.inner.dispatch(batch);
+        } else {
+            metrics::counter!("attune_dispatch_batches_total", "sent" => "after_commit")
+                .increment(1);
+            self.held.dispatch(batch);
+        }
+    }
+}
+
 /// The dispatcher [`LedgerSink::dispatch_after_commit`] returns.
 pub struct AfterCommit {
     /// The ledger writer's own channel, so that dispatches queue behind the events before them.
@@ -397,6 +591,9 @@ impl Dispatcher for AfterCommit {
 struct Statements {
     insert: SqlStr,
     update: SqlStr,
+    /// Both in one statement (the two touch different rows): one round trip, one implicit
+    /// transaction, for a flush that has new and earlier executions alike.
+    both: SqlStr,
 }
 
 /// `status` ranked by how far an execution has come, as SQL; a write only ever raises it.
@@ -405,49 +602,69 @@ const RANK_OF_STATUS: &str = "CASE e.status WHEN 'requested' THEN 0 WHEN 'schedu
 
 impl Statements {
     fn new(schema: &Schema) -> Self {
+        // Data-modifying CTEs run exactly once each, and the two never touch the same row: a
+        // flush writes each execution once, INSERTed if it was accepted in this flush and
+        // UPDATEd otherwise. The UPDATE's parameters follow the INSERT's eleven.
+        let both = schema.sql(&format!(
+            "WITH inserted AS ({}), updated AS ({}) SELECT 1",
+            Self::insert_template(),
+            Self::update_template(12)
+        ));
         Self {
-            // New executions, already in the state they reached within the batch. ORDER BY
-            // the array position: the identity default (accept_seq) is evaluated above the
-            // sort, so acceptance order within a batch is the order of the rows. A conflict
-            // (an id accepted again) only moves the existing row forward.
-            insert: schema.sql(&format!(
-                "INSERT INTO {{s}}.execution AS e \
-                   (id, action, status, created, updated, request_id, parameters, enqueued_at, \
-                    dispatched_at, attempt, result) \
-                 SELECT u.id, u.action, u.status, u.created, u.updated, u.request_id, \
-                        u.parameters::jsonb, u.enqueued_at, u.dispatched_at, u.attempt, \
-                        u.result::jsonb \
-                 FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::timestamptz[], \
-                             $5::timestamptz[], $6::text[], $7::text[], $8::timestamptz[], \
-                             $9::timestamptz[], $10::int4[], $11::text[]) \
-                      WITH ORDINALITY \
-                      AS u(id, action, status, created, updated, request_id, parameters, \
-                           enqueued_at, dispatched_at, attempt, result, ord) \
-                 ORDER BY u.ord \
-                 ON CONFLICT (id) DO UPDATE SET \
-                   status = EXCLUDED.status, updated = EXCLUDED.updated, \
-                   dispatched_at = COALESCE(EXCLUDED.dispatched_at, e.dispatched_at), \
-                   attempt = e.attempt + EXCLUDED.attempt, \
-                   result = COALESCE(EXCLUDED.result, e.result) \
-                 WHERE {RANK_OF_STATUS} < \
-                   CASE EXCLUDED.status WHEN 'requested' THEN 0 WHEN 'scheduled' THEN 1 \
-                   WHEN 'running' THEN 2 ELSE 3 END"
-            )),
-            // Executions accepted in an earlier batch: one UPDATE for all of them, each row
-            // moved straight to the furthest state it reached in this batch.
-            update: schema.sql(&format!(
-                "UPDATE {{s}}.execution e SET \
-                   status = u.status, updated = u.updated, \
-                   dispatched_at = COALESCE(u.dispatched_at, e.dispatched_at), \
-                   attempt = GREATEST(e.attempt + u.admissions, u.min_attempt), \
-                   result = COALESCE(u.result::jsonb, e.result) \
-                 FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
-                             $5::int4[], $6::int4[], $7::text[], $8::int4[]) \
-                      AS u(id, status, updated, dispatched_at, admissions, min_attempt, \
-                           result, rank) \
-                 WHERE e.id = u.id AND {RANK_OF_STATUS} < u.rank"
-            )),
+            insert: schema.sql(&Self::insert_template()),
+            update: schema.sql(&Self::update_template(1)),
+            both,
         }
+    }
+
+    /// New executions, already in the state they reached within the batch. ORDER BY the
+    /// array position: the identity default (accept_seq) is evaluated above the sort, so
+    /// acceptance order within a batch is the order of the rows. A conflict (an id accepted
+    /// again) only moves the existing row forward. Parameters $1 to $11.
+    fn insert_template() -> String {
+        format!(
+            "INSERT INTO {{s}}.execution AS e \
+               (id, action, status, created, updated, request_id, parameters, enqueued_at, \
+                dispatched_at, attempt, result) \
+             SELECT u.id, u.action, u.status, u.created, u.updated, u.request_id, \
+                    u.parameters::jsonb, u.enqueued_at, u.dispatched_at, u.attempt, \
+                    u.result::jsonb \
+             FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::timestamptz[], \
+                         $5::timestamptz[], $6::text[], $7::text[], $8::timestamptz[], \
+                         $9::timestamptz[], $10::int4[], $11::text[]) \
+                  WITH ORDINALITY \
+                  AS u(id, action, status, created, updated, request_id, parameters, \
+                       enqueued_at, dispatched_at, attempt, result, ord) \
+             ORDER BY u.ord \
+             ON CONFLICT (id) DO UPDATE SET \
+               status = EXCLUDED.status, updated = EXCLUDED.updated, \
+               dispatched_at = COALESCE(EXCLUDED.dispatched_at, e.dispatched_at), \
+               attempt = e.attempt + EXCLUDED.attempt, \
+               result = COALESCE(EXCLUDED.result, e.result) \
+             WHERE {RANK_OF_STATUS} < \
+               CASE EXCLUDED.status WHEN 'requested' THEN 0 WHEN 'scheduled' THEN 1 \
+               WHEN 'running' THEN 2 ELSE 3 END"
+        )
+    }
+
+    /// Executions accepted in an earlier batch: one UPDATE for all of them, each row moved
+    /// straight to the furthest state it reached in this batch. Eight parameters, numbered
+    /// from `first`.
+    fn update_template(first: usize) -> String {
+        let p: Vec<String> = (first..first + 8).map(|n| format!("${n}")).collect();
+        format!(
+            "UPDATE {{s}}.execution e SET \
+               status = u.status, updated = u.updated, \
+               dispatched_at = COALESCE(u.dispatched_at, e.dispatched_at), \
+               attempt = GREATEST(e.attempt + u.admissions, u.min_attempt), \
+               result = COALESCE(u.result::jsonb, e.result) \
+             FROM UNNEST({}::int8[], {}::text[], {}::timestamptz[], {}::timestamptz[], \
+                         {}::int4[], {}::int4[], {}::text[], {}::int4[]) \
+                  AS u(id, status, updated, dispatched_at, admissions, min_attempt, \
+                       result, rank) \
+             WHERE e.id = u.id AND {RANK_OF_STATUS} < u.rank",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+        )
     }
 }
 
@@ -779,6 +996,33 @@ impl InsertColumns<'_> {
     }
 }
 
+/// The UPDATE's column arrays.
+struct UpdateColumns<'r> {
+    id: Vec<i64>,
+    status: Vec<&'static str>,
+    updated: Vec<DateTime<Utc>>,
+    dispatched_at: Vec<Option<DateTime<Utc>>>,
+    admissions: Vec<i32>,
+    min_attempt: Vec<i32>,
+    result: Vec<Option<&'r str>>,
+    rank: Vec<i32>,
+}
+
+impl<'r> UpdateColumns<'r> {
+    fn of(rows: &[&'r RowChange<'_>]) -> Self {
+        Self {
+            id: rows.iter().map(|r| r.id).collect(),
+            status: rows.iter().map(|r| r.status).collect(),
+            updated: rows.iter().map(|r| r.updated).collect(),
+            dispatched_at: rows.iter().map(|r| r.dispatched_at).collect(),
+            admissions: rows.iter().map(|r| r.admissions).collect(),
+            min_attempt: rows.iter().map(|r| r.min_attempt()).collect(),
+            result: rows.iter().map(|r| r.result.as_deref()).collect(),
+            rank: rows.iter().map(|r| rank(r.status)).collect(),
+        }
+    }
+}
+
 /// The writer task's state.
 struct Writer {
     pool: PgPool,
@@ -873,7 +1117,9 @@ impl Writer {
                 .iter()
                 .filter(|i| matches!(i, Item::Dispatches { .. }))
                 .count();
+            let began = Instant::now();
             self.write(batch).await;
+            tracing::debug!(target: "fifo_executor::db::ledger::flush", items = n, ms = began.elapsed().as_secs_f64() * 1000.0, "ledger flush");
             committed += n as u64;
         }
     }
@@ -988,91 +1234,66 @@ impl Writer {
         self.count(resolved);
         let (inserts, updates): (Vec<&RowChange<'_>>, Vec<&RowChange<'_>>) =
             plan.rows.iter().partition(|r| r.accept.is_some());
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(DbError::query("starting a ledger transaction"))?;
+        let mut c = InsertColumns::with_capacity(inserts.len());
+        for row in &inserts {
+            let Some(accept) = &row.accept else { continue };
+            let Some(action_id) = self.ids.get(accept.action) else {
+                return Err(WriteError::Refused(DbError::Query {
+                    context: "looking up an action id",
+                    source: sqlx::Error::RowNotFound,
+                }));
+            };
+            c.id.push(row.id);
+            c.action.push(action_id);
+            c.status.push(row.status);
+            c.created.push(accept.created);
+            c.updated.push(row.updated);
+            c.request_id.push(accept.request_id.as_deref());
+            c.parameters.push(&accept.parameters);
+            c.enqueued_at.push(accept.enqueued_at);
+            c.dispatched_at.push(row.dispatched_at);
+            c.attempt.push(row.admissions.max(row.min_attempt()));
+            c.result.push(row.result.as_deref());
+        }
+        let u = UpdateColumns::of(&updates);
+        // One statement, so one round trip and an implicit transaction of its own: all of it
+        // commits or none of it does.
+        let (sql, context) = match (inserts.is_empty(), updates.is_empty()) {
+            (false, true) => (&self.sql.insert, "recording accepted executions"),
+            (true, false) => (&self.sql.update, "recording execution transitions"),
+            _ => (&self.sql.both, "recording executions"),
+        };
+        let mut query = sqlx::query(sql.clone());
         if !inserts.is_empty() {
-            let mut c = InsertColumns::with_capacity(inserts.len());
-            for row in &inserts {
-                let Some(accept) = &row.accept else { continue };
-                let Some(action_id) = self.ids.get(accept.action) else {
-                    return Err(WriteError::Refused(DbError::Query {
-                        context: "looking up an action id",
-                        source: sqlx::Error::RowNotFound,
-                    }));
-                };
-                c.id.push(row.id);
-                c.action.push(action_id);
-                c.status.push(row.status);
-                c.created.push(accept.created);
-                c.updated.push(row.updated);
-                c.request_id.push(accept.request_id.as_deref());
-                c.parameters.push(&accept.parameters);
-                c.enqueued_at.push(accept.enqueued_at);
-                c.dispatched_at.push(row.dispatched_at);
-                c.attempt.push(row.admissions.max(row.min_attempt()));
-                c.result.push(row.result.as_deref());
-            }
-            sqlx::query(self.sql.insert.clone())
-                .bind(&c.id)
-                .bind(&c.action)
-                .bind(&c.status)
-                .bind(&c.created)
-                .bind(&c.updated)
-                .bind(&c.request_id)
-                .bind(&c.parameters)
-                .bind(&c.enqueued_at)
-                .bind(&c.dispatched_at)
-                .bind(&c.attempt)
-                .bind(&c.result)
-                .execute(&mut *tx)
-                .await
-                .map_err(DbError::query("recording accepted executions"))?;
-            self.count(1);
+            query = query
+                .bind(c.id)
+                .bind(c.action)
+                .bind(c.status)
+                .bind(c.created)
+                .bind(c.updated)
+                .bind(c.request_id)
+                .bind(c.parameters)
+                .bind(c.enqueued_at)
+                .bind(c.dispatched_at)
+                .bind(c.attempt)
+                .bind(c.result);
         }
         if !updates.is_empty() {
-            let n = updates.len();
-            let (mut id, mut status, mut updated, mut dispatched_at) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            let (mut admissions, mut min_attempt, mut result, mut ranks) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for row in &updates {
-                id.push(row.id);
-                status.push(row.status);
-                updated.push(row.updated);
-                dispatched_at.push(row.dispatched_at);
-                admissions.push(row.admissions);
-                min_attempt.push(row.min_attempt());
-                result.push(row.result.as_deref());
-                ranks.push(rank(row.status));
-            }
-            sqlx::query(self.sql.update.clone())
-                .bind(&id)
-                .bind(&status)
-                .bind(&updated)
-                .bind(&dispatched_at)
-                .bind(&admissions)
-                .bind(&min_attempt)
-                .bind(&result)
-                .bind(&ranks)
-                .execute(&mut *tx)
-                .await
-                .map_err(DbError::query("recording execution transitions"))?;
-            self.count(1);
+            query = query
+                .bind(u.id)
+                .bind(u.status)
+                .bind(u.updated)
+                .bind(u.dispatched_at)
+                .bind(u.admissions)
+                .bind(u.min_attempt)
+                .bind(u.result)
+                .bind(u.rank);
         }
-        tx.commit()
+        query
+            .execute(&self.pool)
             .await
-            .map_err(DbError::query("committing a ledger transaction"))?;
+            .map_err(DbError::query(context))?;
+        self.count(1);
         self.shared.transactions.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1089,6 +1310,7 @@ impl Writer {
     fn finish(&self, batch: Vec<Item>) {
         let mut events = Vec::with_capacity(batch.len());
         let mut rows = 0;
+        let mut released: Vec<ActionRef> = Vec::new();
         for item in batch {
             match item {
                 Item::Event { mut event, .. } => {
@@ -1097,9 +1319,17 @@ impl Writer {
                     rows += 1;
                 }
                 Item::Running { .. } => rows += 1,
-                Item::Dispatches { batch, to } => to.dispatch(batch),
+                Item::Dispatches { batch, to } => {
+                    if let Some(first) = batch.first() {
+                        released.push(first.action.clone());
+                    }
+                    to.dispatch(batch);
+                }
             }
         }
+        // Only after the held dispatches went on: a later dispatch of the same action that
+        // sees them gone may then go straight out without overtaking them.
+        self.shared.flights.committed(&events, &released);
         self.shared.pending.fetch_sub(rows, Ordering::Relaxed);
         self.shared
             .committed

@@ -6,9 +6,25 @@
 //!
 //! | ledger status | restored as |
 //! | --- | --- |
-//! | `requested` | waiting, in acceptance order |
+//! | `requested` | waiting, in acceptance order; the first [`SENT_AHEAD_PER_ACTION`] of each action with `attempt` raised first (below) |
 //! | `running` | holding a slot (a worker has it; its completion frees the slot) |
 //! | `scheduled` | holding a slot, and listed in [`RecoveryReport::unconfirmed`]: the executor admitted it but the broker never confirmed its dispatch, so it may never have reached a worker; whether to dispatch it again is the caller's decision |
+//!
+//! # Executions that may have been sent while the ledger said `requested`
+//!
+//! The service dispatches through [`LedgerSink::dispatch_when_safe`]: a dispatch may leave
+//! before its admission is committed, so a worker may hold an execution the ledger still shows
+//! as `requested`. Such executions are always among the first [`SENT_AHEAD_PER_ACTION`]
+//! `requested` rows of their action in acceptance order. Recovery therefore raises `attempt`
+//! of exactly those rows by one, in one committed statement, before anything is dispatched;
+//! they are restored as waiting with that count ([`Restored::sent_before`]) and, when their
+//! turn comes, dispatched as `attempt + 1`, so no copy repeats an attempt a worker may have
+//! seen. They keep their place at the head of the queue, so the order is unchanged. A few of
+//! them may carry attempt 2 without a first copy ever having left; that is the price of not
+//! committing before every dispatch. After a clean stop (the previous executor drained its
+//! ledger writes and said so in `executor_run`) nothing is raised.
+//!
+//! [`LedgerSink::dispatch_when_safe`]: super::ledger::LedgerSink::dispatch_when_safe
 //!
 //! Slots taken by restored executions may exceed a limit lowered meanwhile; the limit then
 //! holds back new admissions until enough of them finish.
@@ -24,6 +40,7 @@ use futures::TryStreamExt;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 
+use super::ledger::SENT_AHEAD_PER_ACTION;
 use super::{DbError, Schema, max_execution_id};
 use crate::core::{Executor, Restored};
 use crate::model::{ActionRef, ExecutionId, Payload};
@@ -46,6 +63,12 @@ pub struct RecoveryReport {
     /// Whether the ledger holds executions that ended; if so, the intake asks it about ids
     /// memory does not know.
     pub ended_before: bool,
+    /// `requested` executions whose `attempt` was raised because a dispatch may have left
+    /// before their admission was committed (see the module docs).
+    pub maybe_sent: u64,
+    /// Whether the executor before this one stopped with everything committed; then nothing
+    /// can have left ahead of its admission, and no attempt is raised.
+    pub after_clean_stop: bool,
 }
 
 /// A `scheduled` execution: admitted, dispatch not confirmed.
@@ -77,7 +100,13 @@ pub async fn recover(
     schema: &Schema,
     executor: &Executor,
 ) -> Result<RecoveryReport, DbError> {
-    let mut report = RecoveryReport::default();
+    let mut report = RecoveryReport {
+        after_clean_stop: begin_run(pool, schema).await?,
+        ..RecoveryReport::default()
+    };
+    if !report.after_clean_stop {
+        report.maybe_sent = raise_possible_sends(pool, schema).await?;
+    }
     let sql = schema.sql(
         "SELECT e.id, a.ref, e.status, e.request_id, e.parameters::text AS parameters, \
                 e.enqueued_at, e.dispatched_at, e.attempt \
@@ -140,6 +169,7 @@ pub async fn recover(
                 payload: live.payload,
                 enqueued_at: clock.stamp_of(live.enqueued_at),
                 admitted_at,
+                sent_before: u32::try_from(live.attempt).unwrap_or(0),
             });
         }
     }
@@ -159,10 +189,69 @@ pub async fn recover(
         waiting = report.waiting,
         running = report.running,
         unconfirmed = report.unconfirmed.len(),
+        maybe_sent = report.maybe_sent,
         skipped = report.skipped.len(),
         "recovered live executions from the ledger"
     );
     Ok(report)
+}
+
+/// Raises `attempt` of the first [`SENT_AHEAD_PER_ACTION`] `requested` executions of each
+/// action, in acceptance order: the only ones a worker may hold while the ledger shows them
+/// waiting. Returns how many rows it raised.
+async fn raise_possible_sends(pool: &PgPool, schema: &Schema) -> Result<u64, DbError> {
+    let head = i64::try_from(SENT_AHEAD_PER_ACTION).unwrap_or(i64::MAX);
+    let done = sqlx::query(schema.sql(
+        "UPDATE {s}.execution e SET attempt = e.attempt + 1 \
+         FROM (SELECT id, row_number() OVER (PARTITION BY action ORDER BY accept_seq) AS place \
+               FROM {s}.execution WHERE status = 'requested') h \
+         WHERE e.id = h.id AND h.place <= $1",
+    ))
+    .bind(head)
+    .execute(pool)
+    .await
+    .map_err(DbError::query(
+        "raising the attempt of possibly sent executions",
+    ))?;
+    Ok(done.rows_affected())
+}
+
+/// Reads whether the previous run stopped cleanly and marks this one as running, in one
+/// committed transaction, before anything is dispatched.
+async fn begin_run(pool: &PgPool, schema: &Schema) -> Result<bool, DbError> {
+    let err = DbError::query("marking the executor's run in executor_run");
+    let mut tx = pool.begin().await.map_err(err)?;
+    let clean: Option<bool> = sqlx::query_scalar(
+        schema.sql("SELECT stopped_cleanly FROM {s}.executor_run WHERE id = 1 FOR UPDATE"),
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(DbError::query("reading executor_run"))?;
+    sqlx::query(schema.sql(
+        "INSERT INTO {s}.executor_run (id, started_at, stopped_at, stopped_cleanly) \
+         VALUES (1, now(), NULL, false) \
+         ON CONFLICT (id) DO UPDATE SET started_at = now(), stopped_at = NULL, \
+           stopped_cleanly = false",
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(DbError::query("writing executor_run"))?;
+    tx.commit()
+        .await
+        .map_err(DbError::query("committing executor_run"))?;
+    Ok(clean.unwrap_or(false))
+}
+
+/// Records that this run stopped with every ledger write committed, so that the next start
+/// need not raise any attempt. Call it only after the ledger writer has drained.
+pub async fn mark_clean_stop(pool: &PgPool, schema: &Schema) -> Result<(), DbError> {
+    sqlx::query(schema.sql(
+        "UPDATE {s}.executor_run SET stopped_at = now(), stopped_cleanly = true WHERE id = 1",
+    ))
+    .execute(pool)
+    .await
+    .map_err(DbError::query("marking a clean stop in executor_run"))?;
+    Ok(())
 }
 
 /// Raises `attempt` of these `scheduled` executions by one. Call it before dispatching them

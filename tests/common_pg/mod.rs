@@ -182,6 +182,17 @@ pub struct Rig {
     pub dispatched: mpsc::UnboundedReceiver<Vec<Dispatch>>,
 }
 
+/// How a [`Rig`]'s dispatches wait for the ledger.
+#[derive(Debug, Clone, Copy)]
+enum Gate {
+    /// Not at all.
+    None,
+    /// Until their admissions are committed.
+    AfterCommit,
+    /// Only when leaving at once would be unsafe for recovery.
+    WhenSafe,
+}
+
 impl Rig {
     pub async fn start(
         db: &TestDb,
@@ -218,11 +229,11 @@ impl Rig {
         inner: Arc<dyn OutcomeSink>,
         options: LedgerOptions,
     ) -> Rig {
-        Self::build(pool, schema, settings, policies, inner, options, false).await
+        Self::build(pool, schema, settings, policies, inner, options, Gate::None).await
     }
 
     /// Like [`start_with`](Self::start_with), with dispatches held until their admissions
-    /// are committed, as the service runs.
+    /// are committed (`dispatch_wait: admission`).
     pub async fn start_gated(
         pool: &PgPool,
         schema: &Schema,
@@ -231,7 +242,39 @@ impl Rig {
         options: LedgerOptions,
     ) -> Rig {
         let inner = Arc::new(fifo_executor::core::memory::DiscardSink);
-        Self::build(pool, schema, settings, policies, inner, options, true).await
+        Self::build(
+            pool,
+            schema,
+            settings,
+            policies,
+            inner,
+            options,
+            Gate::AfterCommit,
+        )
+        .await
+    }
+
+    /// Like [`start_gated`](Self::start_gated), dispatching the way the service does by
+    /// default ([`LedgerSink::dispatch_when_safe`]), at the given limit for every action.
+    pub async fn start_when_safe(
+        pool: &PgPool,
+        schema: &Schema,
+        limit_of_all: u32,
+        options: LedgerOptions,
+    ) -> Rig {
+        let inner = Arc::new(fifo_executor::core::memory::DiscardSink);
+        let policies = Arc::new(fifo_executor::core::UniformPolicy(limit(limit_of_all)));
+        let settings = QueueSettings::default();
+        Self::build(
+            pool,
+            schema,
+            settings,
+            policies,
+            inner,
+            options,
+            Gate::WhenSafe,
+        )
+        .await
     }
 
     async fn build(
@@ -241,7 +284,7 @@ impl Rig {
         policies: Arc<dyn PolicySource>,
         inner: Arc<dyn OutcomeSink>,
         options: LedgerOptions,
-        after_commit: bool,
+        gate: Gate,
     ) -> Rig {
         let ids = Arc::new(ActionIds::new(schema));
         let (ledger, ledger_worker) =
@@ -251,10 +294,10 @@ impl Rig {
         let live_only = Arc::new(fifo_executor::db::ledger::LiveOnly::new(Arc::new(
             dispatcher,
         )));
-        let dispatcher: Arc<dyn fifo_executor::core::Dispatcher> = if after_commit {
-            Arc::new(ledger.dispatch_after_commit(live_only.clone()))
-        } else {
-            live_only.clone()
+        let dispatcher: Arc<dyn fifo_executor::core::Dispatcher> = match gate {
+            Gate::None => live_only.clone(),
+            Gate::AfterCommit => Arc::new(ledger.dispatch_after_commit(live_only.clone())),
+            Gate::WhenSafe => Arc::new(ledger.dispatch_when_safe(live_only.clone())),
         };
         let ports = Ports {
             dispatcher,
