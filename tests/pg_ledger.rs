@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common_pg::{Rig, TempPg, TestDb, action, eventually, limit, statuses};
+use common_pg::{Rig, TempPg, TestDb, action, eventually, limit, quick_retries, statuses};
 use fifo_executor::core::memory::{DiscardSink, VecSink};
 use fifo_executor::core::{Event, OutcomeSink, PurgeOrder, QueueSettings, UniformPolicy};
 use fifo_executor::db::actions::ActionIds;
@@ -341,10 +341,7 @@ async fn nothing_settles_while_postgres_is_down_and_everything_does_after() {
         Arc::new(UniformPolicy(limit(100))),
         Arc::new(DiscardSink),
         // Short pauses keep the test fast; the behaviour is the same with the defaults.
-        LedgerOptions {
-            retry_max: Duration::from_millis(200),
-            ..LedgerOptions::default()
-        },
+        quick_retries(),
     )
     .await;
     let a = action("core.outage");
@@ -407,10 +404,7 @@ async fn a_dispatch_leaves_only_once_its_admission_is_committed() {
         &db.schema,
         QueueSettings::default(),
         Arc::new(UniformPolicy(limit(2))),
-        LedgerOptions {
-            retry_max: Duration::from_millis(200),
-            ..LedgerOptions::default()
-        },
+        quick_retries(),
     )
     .await;
     let a = action("core.gated");
@@ -426,12 +420,7 @@ async fn a_dispatch_leaves_only_once_its_admission_is_committed() {
     pg.stop().await;
     let _during = rig.submit(&a, [2, 3]);
     rig.settle_actors().await;
-    eventually(
-        Duration::from_secs(10),
-        "the ledger failed to write twice",
-        || async { (rig.ledger.counters().failed_attempts >= 2).then_some(()) },
-    )
-    .await;
+    rig.until_writes_failed(2).await;
     assert!(
         rig.no_dispatch_waiting(),
         "2 was admitted in memory, but must not leave while its admission is not recorded"
@@ -454,16 +443,7 @@ async fn a_dispatch_leaves_only_once_its_admission_is_committed() {
 async fn when_safe_a_waiting_execution_leaves_without_a_commit_but_only_so_far_ahead() {
     let pg = TempPg::start().await;
     let db = TestDb::on_server(&pg.url()).await;
-    let mut rig = Rig::start_when_safe(
-        &db.pool,
-        &db.schema,
-        1,
-        LedgerOptions {
-            retry_max: Duration::from_millis(200),
-            ..LedgerOptions::default()
-        },
-    )
-    .await;
+    let mut rig = Rig::start_when_safe(&db.pool, &db.schema, 1, quick_retries()).await;
     let a = action("core.ahead");
     let ahead = SENT_AHEAD_PER_ACTION as u64;
     let total = ahead + 4;
@@ -486,12 +466,7 @@ async fn when_safe_a_waiting_execution_leaves_without_a_commit_but_only_so_far_a
     // One more uncommitted admission would put the action beyond the bound: it waits.
     rig.complete(ahead + 1, EndStatus::Succeeded);
     rig.settle_actors().await;
-    eventually(
-        Duration::from_secs(10),
-        "the ledger failed to write",
-        || async { (rig.ledger.counters().failed_attempts >= 1).then_some(()) },
-    )
-    .await;
+    rig.until_writes_failed(1).await;
     assert!(
         rig.no_dispatch_waiting(),
         "{ahead} admissions are uncommitted; the next must wait for the commit"
@@ -509,16 +484,7 @@ async fn when_safe_a_waiting_execution_leaves_without_a_commit_but_only_so_far_a
 async fn when_safe_a_just_accepted_execution_waits_for_its_acceptance_commit() {
     let pg = TempPg::start().await;
     let db = TestDb::on_server(&pg.url()).await;
-    let mut rig = Rig::start_when_safe(
-        &db.pool,
-        &db.schema,
-        2,
-        LedgerOptions {
-            retry_max: Duration::from_millis(200),
-            ..LedgerOptions::default()
-        },
-    )
-    .await;
+    let mut rig = Rig::start_when_safe(&db.pool, &db.schema, 2, quick_retries()).await;
     let a = action("core.fresh");
     let _warm = rig.submit(&a, [1]);
     assert_eq!(rig.next_dispatches(1).await[0].execution_id, 1);
@@ -527,12 +493,7 @@ async fn when_safe_a_just_accepted_execution_waits_for_its_acceptance_commit() {
     pg.stop().await;
     let _fresh = rig.submit(&a, [2, 3]);
     rig.settle_actors().await;
-    eventually(
-        Duration::from_secs(10),
-        "the ledger failed to write",
-        || async { (rig.ledger.counters().failed_attempts >= 1).then_some(()) },
-    )
-    .await;
+    rig.until_writes_failed(1).await;
     assert!(
         rig.no_dispatch_waiting(),
         "2's request is not acknowledged and could come back after a crash as a new execution"
@@ -584,10 +545,7 @@ async fn a_dispatch_held_through_an_outage_is_not_sent_once_the_purge_reclaimed_
         &db.schema,
         QueueSettings::default(),
         Arc::new(UniformPolicy(limit(1))),
-        LedgerOptions {
-            retry_max: Duration::from_millis(200),
-            ..LedgerOptions::default()
-        },
+        quick_retries(),
     )
     .await;
     let a = action("core.reclaimed");
@@ -596,12 +554,7 @@ async fn a_dispatch_held_through_an_outage_is_not_sent_once_the_purge_reclaimed_
     // 1 is admitted in memory; its dispatch waits for the ledger.
     let _during = rig.submit(&a, [1, 2]);
     rig.settle_actors().await;
-    eventually(
-        Duration::from_secs(10),
-        "the ledger failed to write",
-        || async { (rig.ledger.counters().failed_attempts >= 1).then_some(()) },
-    )
-    .await;
+    rig.until_writes_failed(1).await;
     // The outage outlasts the running age: the purge reclaims 1's slot and admits 2.
     let purged = rig
         .exec

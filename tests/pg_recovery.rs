@@ -4,12 +4,10 @@
 mod common_pg;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common_pg::{Rig, TempPg, TestDb, action, limit, statuses};
+use common_pg::{Rig, TempPg, TestDb, action, limit, quick_retries, statuses};
 use fifo_executor::core::memory::DiscardSink;
 use fifo_executor::core::{QueueSettings, UniformPolicy};
-use fifo_executor::db::ledger::LedgerOptions;
 use fifo_executor::db::recovery::{mark_clean_stop, record_resends, recover};
 use fifo_executor::model::{EndStatus, Verdict};
 
@@ -246,10 +244,7 @@ async fn a_dispatch_sent_before_its_admission_committed_goes_out_again_with_a_hi
     let pg = TempPg::start().await;
     let db = TestDb::on_server(&pg.url()).await;
     let a = action("core.crash");
-    let options = LedgerOptions {
-        retry_max: Duration::from_millis(200),
-        ..LedgerOptions::default()
-    };
+    let options = quick_retries();
     let start = || Rig::start_when_safe(&db.pool, &db.schema, 1, options);
     let mut first = start().await;
     let _v = first.submit(&a, [1, 2, 3]);

@@ -193,7 +193,26 @@ enum Gate {
     WhenSafe,
 }
 
+/// Ledger options for tests that stop Postgres: retries every 200 ms at most, so the writer
+/// notices soon after it is back.
+pub fn quick_retries() -> LedgerOptions {
+    LedgerOptions {
+        retry_max: Duration::from_millis(200),
+        ..LedgerOptions::default()
+    }
+}
+
 impl Rig {
+    /// Waits until the ledger has failed to write at least `n` times (Postgres is down).
+    pub async fn until_writes_failed(&self, n: u64) {
+        eventually(
+            Duration::from_secs(10),
+            "the ledger failed to write",
+            || async { (self.ledger.counters().failed_attempts >= n).then_some(()) },
+        )
+        .await;
+    }
+
     pub async fn start(
         db: &TestDb,
         settings: QueueSettings,
