@@ -8,7 +8,9 @@ use common_core::rig::QueueRig;
 use common_core::{limit, payload_of, policy};
 use fifo_executor::core::ports::{Event, RemovalReason};
 use fifo_executor::core::{PurgeOrder, QueueSettings, RateLimit, Restored};
-use fifo_executor::model::{CancelVerdict, CompletionVerdict, Rejection, UnmatchedReason, Verdict};
+use fifo_executor::model::{
+    CancelVerdict, CompletionVerdict, Redelivery, Rejection, UnmatchedReason, Verdict,
+};
 use tokio::time::advance;
 
 fn settings(max_queue_length: usize, queue_timeout: Duration) -> QueueSettings {
@@ -699,6 +701,43 @@ async fn a_restored_execution_that_may_have_been_sent_goes_out_with_a_higher_att
     q.submit_all([3]);
     q.complete(2);
     assert_eq!(q.dispatched[2].attempt, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivered_request_that_may_have_been_sent_goes_out_as_attempt_two() {
+    let mut q = rig(1);
+    q.submit_all([1]);
+    let mut copy = common_core::sub(2);
+    copy.redelivery = Redelivery::MaybeSent;
+    q.submit_with(copy);
+    let mut fresh = common_core::sub(3);
+    fresh.redelivery = Redelivery::Expected;
+    q.submit_with(fresh);
+    q.complete(1);
+    q.complete(2);
+    let attempts: Vec<(u64, u32)> = q
+        .dispatched
+        .iter()
+        .map(|d| (d.execution_id, d.attempt))
+        .collect();
+    assert_eq!(attempts, vec![(1, 1), (2, 2), (3, 1)]);
+    let redeliveries: Vec<Redelivery> = q
+        .log
+        .iter()
+        .filter_map(|e| match e {
+            Event::Accepted { redelivery, .. } => Some(*redelivery),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        redeliveries,
+        vec![
+            Redelivery::NotExpected,
+            Redelivery::MaybeSent,
+            Redelivery::Expected
+        ],
+        "the sink learns what the intake knew"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -12,7 +12,9 @@ use fifo_executor::core::memory::{DiscardSink, VecSink};
 use fifo_executor::core::{Event, OutcomeSink, PurgeOrder, QueueSettings, UniformPolicy};
 use fifo_executor::db::actions::ActionIds;
 use fifo_executor::db::ledger::{LedgerOptions, LedgerSink, SENT_AHEAD_PER_ACTION};
-use fifo_executor::model::{CancelRequest, EndStatus, Payload, Receipt, Submission, Verdict};
+use fifo_executor::model::{
+    ActionRef, CancelRequest, EndStatus, Payload, Receipt, Redelivery, Submission, Verdict,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_cycle_leaves_every_execution_in_its_true_status() {
@@ -134,7 +136,7 @@ type LedgerRow = (
     Option<String>,
 );
 
-fn accepted(action: &fifo_executor::model::ActionRef, id: u64, at: DateTime<Utc>) -> Event {
+fn accepted(action: &ActionRef, id: u64, at: DateTime<Utc>) -> Event {
     Event::Accepted {
         action: action.clone(),
         execution_id: id,
@@ -142,6 +144,7 @@ fn accepted(action: &fifo_executor::model::ActionRef, id: u64, at: DateTime<Utc>
         payload: Payload::empty_object(),
         enqueued_at: at,
         receipt: None,
+        redelivery: Redelivery::NotExpected,
     }
 }
 
@@ -212,6 +215,7 @@ async fn stopping_the_writer_commits_and_settles_what_is_pending() {
                 receipt: Some(Receipt::new(move |v| {
                     let _ = tx.send(v);
                 })),
+                redelivery: Redelivery::NotExpected,
             }
         })
         .collect();
@@ -480,15 +484,22 @@ async fn when_safe_a_waiting_execution_leaves_without_a_commit_but_only_so_far_a
     rig.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_safe_a_just_accepted_execution_waits_for_its_acceptance_commit() {
+/// A `dispatch_when_safe` rig at `limit` on a Postgres of its own (for the test to stop),
+/// where execution 1 of `a` is dispatched and everything is committed.
+async fn when_safe_after_one(a: &ActionRef, limit: u32) -> (TempPg, TestDb, Rig) {
     let pg = TempPg::start().await;
     let db = TestDb::on_server(&pg.url()).await;
-    let mut rig = Rig::start_when_safe(&db.pool, &db.schema, 2, quick_retries()).await;
-    let a = action("core.fresh");
-    let _warm = rig.submit(&a, [1]);
+    let mut rig = Rig::start_when_safe(&db.pool, &db.schema, limit, quick_retries()).await;
+    let _warm = rig.submit(a, [1]);
     assert_eq!(rig.next_dispatches(1).await[0].execution_id, 1);
     rig.sync().await;
+    (pg, db, rig)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_safe_a_just_accepted_execution_waits_for_its_acceptance_commit() {
+    let a = action("core.fresh");
+    let (pg, _db, mut rig) = when_safe_after_one(&a, 2).await;
 
     pg.stop().await;
     let _fresh = rig.submit(&a, [2, 3]);
@@ -503,13 +514,48 @@ async fn when_safe_a_just_accepted_execution_waits_for_its_acceptance_commit() {
     rig.settle_actors().await;
     assert!(rig.no_dispatch_waiting());
     pg.restart().await;
-    let order: Vec<u64> = rig
-        .next_dispatches(2)
-        .await
-        .iter()
-        .map(|d| d.execution_id)
-        .collect();
+    let order = rig.next_dispatched_ids(2).await;
     assert_eq!(order, vec![2, 3]);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_safe_a_request_the_broker_would_redeliver_leaves_before_its_acceptance_commits() {
+    let a = action("core.named");
+    let (pg, db, mut rig) = when_safe_after_one(&a, 3).await;
+
+    pg.stop().await;
+    let _named = rig.submit_as(&a, [2], Redelivery::Expected);
+    let sent = rig.next_dispatches(1).await;
+    assert_eq!(
+        (sent[0].execution_id, sent[0].attempt),
+        (2, 1),
+        "a crash now brings 2's request back under its own id: no commit needed"
+    );
+    // 3's id was not named by its producer: it waits for its acceptance's commit, and 4,
+    // named, waits behind it once a slot frees, to keep FIFO.
+    let _assigned = rig.submit(&a, [3]);
+    let _behind = rig.submit_as(&a, [4], Redelivery::Expected);
+    rig.complete(1, EndStatus::Succeeded);
+    rig.settle_actors().await;
+    rig.until_writes_failed(1).await;
+    assert!(rig.no_dispatch_waiting());
+    pg.restart().await;
+    let order = rig.next_dispatched_ids(2).await;
+    assert_eq!(order, vec![3, 4]);
+
+    // A copy delivered again after a crash goes out as attempt 2, and the ledger agrees.
+    let _copy = rig.submit_as(&a, [5], Redelivery::MaybeSent);
+    rig.complete(2, EndStatus::Succeeded);
+    let sent = rig.next_dispatches(1).await;
+    assert_eq!((sent[0].execution_id, sent[0].attempt), (5, 2));
+    rig.sync().await;
+    let attempts: Vec<(i64, i32)> =
+        sqlx::query_as("SELECT id, attempt FROM attune.execution ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("attempts");
+    assert_eq!(attempts, vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]);
     rig.shutdown().await;
 }
 

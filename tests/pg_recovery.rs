@@ -29,12 +29,7 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
     )
     .await;
     let _v = first.submit(&a, [10, 11, 30, 20, 25]);
-    let sent: Vec<u64> = first
-        .next_dispatches(2)
-        .await
-        .iter()
-        .map(|d| d.execution_id)
-        .collect();
+    let sent = first.next_dispatched_ids(2).await;
     assert_eq!(sent, vec![10, 11]);
     first.ledger.mark_running(vec![10]);
     let _v = first.submit(&b, [BIG_ID]);

@@ -277,3 +277,84 @@ async fn with_dispatch_waiting_for_the_admission_executions_still_run_once_in_or
     assert_every_execution_ran_once(&fleet, &db, &requests, &limits, Duration::from_secs(60)).await;
     service.shutdown().await.expect("clean shutdown");
 }
+
+/// Takes `n` requests from the executor's request queue without acknowledging them and
+/// closes the channel: the broker puts them back, flagged as redelivered, as it does for an
+/// executor that died holding them.
+async fn leave_unacknowledged(conn: &Connection, n: usize) {
+    let ch = conn.create_channel().await.expect("channel");
+    let mut taken = ch
+        .basic_consume(
+            topology::REQUESTS_QUEUE.into(),
+            "dies-holding-them".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume requests");
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(10), taken.next())
+            .await
+            .expect("a request within 10 s")
+            .expect("consumer open")
+            .expect("delivered");
+    }
+    ch.close(200, "gone".into()).await.expect("close");
+}
+
+async fn attempt_of(db: &TestDb, id: u64) -> i32 {
+    sqlx::query_scalar("SELECT attempt FROM attune.execution WHERE id = $1")
+        .bind(i64::try_from(id).expect("small id"))
+        .fetch_one(&db.pool)
+        .await
+        .expect("attempt")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_request_goes_out_as_attempt_two_after_a_crash_and_as_attempt_one_after_a_clean_stop()
+ {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let probe = fleet::connect(&vhost.url).await;
+    let start = || async {
+        let service = Service::start(config_for(&vhost, &db, &one_action()))
+            .await
+            .expect("service starts");
+        fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+        service
+    };
+    // A first life declares the topology and records a clean stop.
+    start().await.shutdown().await.expect("clean shutdown");
+    let fleet = Fleet::start(&vhost.url, "redelivery.workers", workers(&one_action())).await;
+
+    // Request 1 was held by no executor that could have sent it: the last one stopped cleanly.
+    fleet::publish_requests(&vhost.url, &[(1, ONE_ACTION.to_owned())]).await;
+    leave_unacknowledged(&probe, 1).await;
+    let service = start().await;
+    assert!(common_pg::until_ended(&db.pool, 1, Duration::from_secs(30)).await);
+    assert_eq!(attempt_of(&db, 1).await, 1);
+    service.shutdown().await.expect("clean shutdown");
+
+    // Now the last executor died (no clean stop on record): it may have dispatched request 2
+    // before its acceptance was committed, so the copy goes out as attempt 2. Request 3,
+    // delivered for the first time, is attempt 1.
+    sqlx::query("UPDATE attune.executor_run SET stopped_cleanly = false, stopped_at = NULL")
+        .execute(&db.pool)
+        .await
+        .expect("the previous run looks crashed");
+    fleet::publish_requests(&vhost.url, &[(2, ONE_ACTION.to_owned())]).await;
+    leave_unacknowledged(&probe, 1).await;
+    fleet::publish_requests(&vhost.url, &[(3, ONE_ACTION.to_owned())]).await;
+    let service = start().await;
+    assert!(common_pg::until_ended(&db.pool, 3, Duration::from_secs(30)).await);
+    assert_eq!(attempt_of(&db, 2).await, 2);
+    assert_eq!(attempt_of(&db, 3).await, 1);
+    let ran: Vec<(u64, String)> = (1..=3).map(|i| (i, ONE_ACTION.to_owned())).collect();
+    let problems = fleet
+        .record
+        .lock()
+        .expect("record")
+        .violations(&by_action(&ran), &one_action());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    service.shutdown().await.expect("clean shutdown");
+}

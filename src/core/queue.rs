@@ -218,6 +218,7 @@ impl ActionQueue {
             request_id,
             payload,
             receipt,
+            redelivery,
         } = sub;
         // What already waited too long leaves first: it must not count against the queue
         // length, even when the timer that removes it is still behind this message.
@@ -253,13 +254,14 @@ impl ActionQueue {
             payload: payload.clone(),
             enqueued_at: self.wall(now),
             receipt,
+            redelivery,
         });
         self.waiting.push_back(Waiting {
             id: execution_id,
             request_id,
             payload,
             enqueued: now,
-            sent_before: 0,
+            sent_before: redelivery.sent_before(),
         });
         self.pump(now, fx);
     }

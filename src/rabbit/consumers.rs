@@ -33,8 +33,8 @@ use super::throttle::IntakeThrottle;
 use super::wire::{self, DeadLetter, QueueFrom, Reply};
 use crate::core::{Executor, History};
 use crate::model::{
-    ActionRef, CancelRequest, Completion, CompletionVerdict, ExecutionId, Receipt, Rejection,
-    Submission, Verdict, settle,
+    ActionRef, CancelRequest, Completion, CompletionVerdict, ExecutionId, Receipt, Redelivery,
+    Rejection, Submission, Verdict, settle,
 };
 
 /// What the consumers need to know, shared by all three.
@@ -55,6 +55,9 @@ pub struct ConsumerContext {
     /// Where to ask about supplied ids that ended beyond what the executor remembers; `None`
     /// in memory mode, where nothing is remembered across a restart anyway.
     history: Option<Arc<dyn History>>,
+    /// The executor before this one died with work the ledger had not committed: a request
+    /// that names its id and comes back redelivered may have been dispatched by it.
+    after_crash: bool,
 }
 
 /// The runbook checks the completion listener with `journalctl … | grep CompletionListener`
@@ -137,7 +140,16 @@ impl ConsumerContext {
             redeliveries: Mutex::new(HashMap::new()),
             completion_log: CompletionLog::new(),
             history: None,
+            after_crash: false,
         }
+    }
+
+    /// Says that the previous executor did not stop cleanly (recovery's
+    /// `RecoveryReport::after_clean_stop` is false), so redelivered requests that name their
+    /// id go out as [`Redelivery::MaybeSent`].
+    pub fn after_crash(mut self, crashed: bool) -> Self {
+        self.after_crash = crashed;
+        self
     }
 
     /// Checks supplied execution ids that memory does not know against `history` before
@@ -395,6 +407,13 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
         if let Some(id) = req.execution_id {
             supplied.push(id);
         }
+        // Unacknowledged until its acceptance commits, a request that names its id comes back
+        // under that id if this executor dies first; one with an assigned id would not.
+        let redelivery = match req.execution_id {
+            None => Redelivery::NotExpected,
+            Some(_) if d.redelivered && ctx.after_crash => Redelivery::MaybeSent,
+            Some(_) => Redelivery::Expected,
+        };
         let execution_id = req
             .execution_id
             .unwrap_or_else(|| ctx.executor.next_execution_id());
@@ -404,6 +423,7 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
             request_id: req.request_id,
             payload: req.payload,
             receipt: Some(receipt),
+            redelivery,
         };
         match per_action.iter_mut().find(|(a, _)| *a == req.action_ref) {
             Some((_, subs)) => subs.push(sub),
