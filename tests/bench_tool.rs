@@ -1,6 +1,6 @@
 //! `fifo-executor bench` end to end: the tiny preset against the real RabbitMQ and Postgres,
 //! the executor in-process with its ledger, in a vhost and a database of the run's own, after
-//! the broker baseline. What is checked is the tool's verdict and its counts, never its
+//! the broker baseline and the limited relay. What is checked is the tool's verdict and its counts, never its
 //! timings (benchmarks are benchmarks).
 
 mod support;
@@ -45,11 +45,21 @@ async fn the_tiny_preset_completes_every_execution_with_no_violation_and_writes_
     let baseline = report.baseline.as_ref().expect("the broker phase ran");
     assert_eq!(baseline.completed, 100);
     assert!(report.ratio.is_some());
+    // The limited relay is checked like the executor: FIFO, limits, exactly once.
+    let limited = report
+        .limited_baseline
+        .as_ref()
+        .expect("the limited relay ran");
+    assert_eq!(limited.completed, 100);
+    assert_eq!(limited.violations_total, 0, "{:?}", limited.violations);
+    assert!(limited.completion_to_dispatch.count > 0);
+    assert!(report.ratio_limited.is_some());
 
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
             .expect("the report is JSON");
     assert_eq!(json["executor"]["completed"], 100);
+    assert_eq!(json["limited_baseline"]["completed"], 100);
     assert_eq!(json["ok"], true);
     let svg = std::fs::read_to_string(&plot_path).expect("plot written");
     assert!(svg.starts_with("<svg"));

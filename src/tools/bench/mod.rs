@@ -5,7 +5,9 @@
 //! ever runs more than its limit and that every execution completes exactly once, and
 //! reports throughput, latencies, CPU and memory. With `--baseline broker` it first measures
 //! the same three persistent hops through a bare relay ([`relay`]), the ceiling the executor's
-//! throughput is given as a ratio of.
+//! throughput is given as a ratio of, and then through the limited relay, which holds each
+//! action to its limit in FIFO order and does nothing else: the ceiling under the workload's
+//! own limits.
 //!
 //! # Layout
 //!
@@ -65,9 +67,9 @@ pub enum BenchError {
 pub enum Baseline {
     /// The executor only.
     None,
-    /// The broker ceiling first, then the executor, and the ratio.
+    /// The broker ceiling and the limited relay first, then the executor, and the ratios.
     Broker,
-    /// The broker ceiling only.
+    /// The broker ceiling and the limited relay only.
     BrokerOnly,
 }
 
@@ -238,9 +240,17 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let settings = settings(args, &config, &workload);
 
     let mut baseline = None;
+    let mut limited_baseline = None;
     if args.baseline != Baseline::None {
-        let target = Target::relay(&config, args.executor_threads).await?;
+        let target = Target::relay(&config, args.executor_threads, None).await?;
         baseline = Some(phase("broker", target, &config, &workload, args).await?);
+        let limits = workload
+            .actions
+            .iter()
+            .map(|a| (a.name.clone(), a.limit))
+            .collect();
+        let target = Target::relay(&config, args.executor_threads, Some(limits)).await?;
+        limited_baseline = Some(phase("limited", target, &config, &workload, args).await?);
     }
     let mut executor = None;
     if args.baseline != Baseline::BrokerOnly {
@@ -251,11 +261,13 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         };
         executor = Some(phase("executor", target, &config, &workload, args).await?);
     }
-    let ratio = match (&baseline, &executor) {
+    let ratio_of = |b: &Option<Phase>| match (b, &executor) {
         (Some(b), Some(e)) if b.throughput > 0.0 => Some(e.throughput / b.throughput),
         _ => None,
     };
-    let ok = [&baseline, &executor]
+    let ratio = ratio_of(&baseline);
+    let ratio_limited = ratio_of(&limited_baseline);
+    let ok = [&baseline, &limited_baseline, &executor]
         .into_iter()
         .flatten()
         .all(|p| p.violations_total == 0 && !p.timed_out);
@@ -269,8 +281,10 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         },
         settings,
         baseline,
+        limited_baseline,
         executor,
         ratio,
+        ratio_limited,
         ok,
     };
     if let Some(path) = &args.report {

@@ -21,10 +21,15 @@ pub struct Report {
     pub settings: BTreeMap<String, String>,
     /// The broker ceiling, when `--baseline broker`.
     pub baseline: Option<Phase>,
+    /// The limited relay (the same hops held to the workload's limits), when `--baseline
+    /// broker`.
+    pub limited_baseline: Option<Phase>,
     /// The executor, unless only the baseline ran.
     pub executor: Option<Phase>,
     /// Executor throughput / broker ceiling, when both ran.
     pub ratio: Option<f64>,
+    /// Executor throughput / limited relay's, when both ran.
+    pub ratio_limited: Option<f64>,
     /// No violation, nothing missing, no phase timed out.
     pub ok: bool,
 }
@@ -119,7 +124,10 @@ impl Report {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         let _ = writeln!(out, "settings: {}", settings.join(" "));
-        for phase in [&self.baseline, &self.executor].into_iter().flatten() {
+        for phase in [&self.baseline, &self.limited_baseline, &self.executor]
+            .into_iter()
+            .flatten()
+        {
             phase.summary(&mut out);
         }
         match (self.ratio, &self.baseline, &self.executor) {
@@ -133,6 +141,16 @@ impl Report {
             _ => {
                 let _ = writeln!(out, "ratio: no broker ceiling measured (--baseline broker)");
             }
+        }
+        if let (Some(r), Some(b), Some(e)) =
+            (self.ratio_limited, &self.limited_baseline, &self.executor)
+        {
+            let _ = writeln!(
+                out,
+                "ratio to the limited relay (same hops, same limits, FIFO, nothing else): \
+                 executor {:.0}/s ÷ {:.0}/s = {:.2}",
+                e.throughput, b.throughput, r
+            );
         }
         let _ = writeln!(out, "{}", if self.ok { "OK" } else { "FAILED" });
         out
@@ -216,10 +234,10 @@ const GAP: f64 = 60.0;
 /// A line of a panel: its legend, its colour and its (seconds, value) points.
 type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
-/// Two panels over time: throughput (executions/s) and completion → next dispatch p50/p99
-/// (ms), for every phase of the report.
+/// Two panels over time: throughput (executions/s) of every phase of the report, and
+/// completion → next dispatch p50/p99 (ms) of the phases that keep limits.
 pub fn svg(report: &Report) -> String {
-    let phases: Vec<&Phase> = [&report.baseline, &report.executor]
+    let phases: Vec<&Phase> = [&report.baseline, &report.limited_baseline, &report.executor]
         .into_iter()
         .flatten()
         .collect();
@@ -250,10 +268,10 @@ pub fn svg(report: &Report) -> String {
     let throughput: Vec<Series> = phases
         .iter()
         .map(|p| {
-            let colour = if p.name == "broker" {
-                "#888888"
-            } else {
-                "#1f77b4"
+            let colour = match p.name.as_str() {
+                "broker" => "#888888",
+                "limited" => "#ff7f0e",
+                _ => "#1f77b4",
             };
             let points = p.timeline.iter().map(|b| (b.t_s, b.throughput)).collect();
             (p.name.as_str(), colour, points)
@@ -263,10 +281,9 @@ pub fn svg(report: &Report) -> String {
 
     let mut latency = Vec::new();
     for p in &phases {
-        let (c50, c99) = if p.name == "broker" {
-            ("#bbbbbb", "#666666")
-        } else {
-            ("#2ca02c", "#d62728")
+        let (l50, l99, c50, c99) = match p.name.as_str() {
+            "limited" => ("limited p50", "limited p99", "#ffbb78", "#ff7f0e"),
+            _ => ("p50", "p99", "#2ca02c", "#d62728"),
         };
         let series = |f: fn(&Bucket) -> u64| -> Vec<(f64, f64)> {
             p.timeline
@@ -276,8 +293,8 @@ pub fn svg(report: &Report) -> String {
                 .collect()
         };
         if p.name != "broker" {
-            latency.push(("p50", c50, series(|b| b.completion_to_dispatch_p50_us)));
-            latency.push(("p99", c99, series(|b| b.completion_to_dispatch_p99_us)));
+            latency.push((l50, c50, series(|b| b.completion_to_dispatch_p50_us)));
+            latency.push((l99, c99, series(|b| b.completion_to_dispatch_p99_us)));
         }
     }
     panel(
@@ -428,14 +445,19 @@ mod tests {
             },
             settings: BTreeMap::from([("preset".to_owned(), "a<b".to_owned())]),
             baseline: Some(phase("broker")),
+            limited_baseline: Some(phase("limited")),
             executor: Some(phase("executor")),
             ratio: Some(1.0),
+            ratio_limited: Some(1.0),
             ok: true,
         };
         let svg = svg(&report);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 4);
+        // Throughput for each of the three phases, p50 and p99 for the two with limits.
+        assert_eq!(svg.matches("<polyline").count(), 7);
         assert!(svg.contains("a&lt;b"));
-        assert!(report.summary().contains("ratio: executor 5/s"));
+        let summary = report.summary();
+        assert!(summary.contains("ratio: executor 5/s"));
+        assert!(summary.contains("ratio to the limited relay"));
     }
 }

@@ -5,7 +5,7 @@
 //! An in-process executor or relay runs on a tokio runtime of its own, with threads named
 //! [`measure::EXECUTOR_THREADS`], so its CPU time can be told from the load generator's.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -258,6 +258,8 @@ enum Kind {
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<Result<(), RelayError>>,
         vhost: Vhost,
+        /// The limited relay: it holds each action to its limit.
+        limited: bool,
     },
     External {
         url: String,
@@ -348,8 +350,14 @@ impl Target {
         }
     }
 
-    /// Starts the broker relay in a vhost of its own, with the executor's tuning.
-    pub async fn relay(config: &Config, threads: usize) -> Result<Target, TargetError> {
+    /// Starts the broker relay in a vhost of its own, with the executor's tuning; with
+    /// `limits` (per action ref), the limited relay.
+    pub async fn relay(
+        config: &Config,
+        threads: usize,
+        limits: Option<HashMap<String, u32>>,
+    ) -> Result<Target, TargetError> {
+        let limited = limits.is_some();
         let vhost = Vhost::create(&config.rabbitmq.url).await?;
         let (probe, io_before, rt) = match prepare(&vhost.url, threads).await {
             Ok(p) => p,
@@ -370,6 +378,7 @@ impl Target {
                 prefetch: config.rabbitmq.prefetch,
                 confirm_window: config.rabbitmq.confirm_window,
                 max_message_bytes: config.rabbitmq.max_message_bytes,
+                limits,
             },
             stop_rx,
         ));
@@ -379,6 +388,7 @@ impl Target {
                 stop,
                 task,
                 vhost,
+                limited,
             },
             probe,
             io_before,
@@ -466,9 +476,9 @@ impl Target {
         measure::by_name(&measure::threads(), &self.executor_io)
     }
 
-    /// Whether the target applies the actions' limits (the relay passes everything on).
+    /// Whether the target applies the actions' limits (the bare relay passes everything on).
     pub fn has_limits(&self) -> bool {
-        !matches!(self.kind, Kind::Relay { .. })
+        !matches!(self.kind, Kind::Relay { limited: false, .. })
     }
 
     /// CPU seconds the target has used so far, when they can be read.
@@ -531,6 +541,7 @@ impl Target {
                 stop,
                 task,
                 vhost,
+                ..
             } => {
                 let _ = stop.send(true);
                 if let Ok(Err(e)) = task.await {
