@@ -294,12 +294,9 @@ impl Service {
         };
         let executor = Arc::new(Executor::start(queue_settings(&config), ports, policies).await?);
         live_only.bind(&executor);
-        // Whether the previous executor died with uncommitted work (only the ledger can tell).
-        let mut after_crash = false;
         if let Some(d) = durable.as_mut() {
             // Everything the ledger holds goes back into the queues before anything is consumed.
             let report = crate::db::recovery::recover(&d.pool, &d.schema, &executor).await?;
-            after_crash = !report.after_clean_stop;
             tracing::info!(
                 actions = report.actions,
                 waiting = report.waiting,
@@ -403,12 +400,12 @@ impl Service {
             config.rabbitmq.max_message_bytes,
             config.rabbitmq.max_deliveries,
             config.dlq.enabled,
-        )
-        .after_crash(after_crash);
-        if let Some(d) = durable.as_ref() {
+        );
+        if let (Some(d), Some(ledger)) = (durable.as_ref(), ledger_cell.get()) {
             ctx = ctx.with_history(Arc::new(crate::db::history::LedgerHistory::new(
                 d.pool.clone(),
                 &d.schema,
+                ledger.clone(),
             )));
         }
         let ctx = Arc::new(ctx);

@@ -244,15 +244,18 @@ pub enum Redelivery {
     /// An unacknowledged RabbitMQ request that names its `execution_id`: the broker delivers
     /// it again, under the same id, to the next executor. It may be dispatched at once.
     Expected,
-    /// Such a request delivered again after an executor died without committing its
-    /// acceptance. That executor may have dispatched it, so it goes out as attempt 2.
+    /// Such a request delivered again and not in the ledger: an executor may have taken it,
+    /// dispatched it and died before committing its acceptance, so it goes out as attempt 2,
+    /// and only once its acceptance is committed.
     MaybeSent,
 }
 
 impl Redelivery {
-    /// Whether a lost acceptance comes back under the same id.
-    pub fn expected(self) -> bool {
-        !matches!(self, Redelivery::NotExpected)
+    /// Whether the execution may be dispatched before its acceptance commits: only a first
+    /// delivery. A copy delivered again waits for the commit, so that a second crash cannot
+    /// send attempt 2 twice.
+    pub fn may_leave_before_commit(self) -> bool {
+        self == Redelivery::Expected
     }
 
     /// Dispatches that may already have gone out for the execution.

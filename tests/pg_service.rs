@@ -93,6 +93,15 @@ fn one_action() -> HashMap<String, u32> {
     HashMap::from([(ONE_ACTION.to_owned(), 1)])
 }
 
+/// Starts the service on the one action and waits until `probe` sees it consuming.
+async fn start_one_action(vhost: &TestVhost, db: &TestDb, probe: &Connection) -> Service {
+    let service = Service::start(config_for(vhost, db, &one_action()))
+        .await
+        .expect("service starts");
+    fleet::until_consuming(probe, Duration::from_secs(30)).await;
+    service
+}
+
 /// Runs executions `ids` (the next ones after those already run, from 1) through the service
 /// until the workers finished them and the ledger has them ended.
 async fn run_to_the_end(fleet: &Fleet, vhost: &TestVhost, db: &TestDb, ids: RangeInclusive<u64>) {
@@ -113,9 +122,20 @@ async fn run_to_the_end(fleet: &Fleet, vhost: &TestVhost, db: &TestDb, ids: Rang
 
 /// Publishes a request for `id` again, with `reply_to`, and returns the executor's answer.
 async fn request_again(conn: &Connection, id: u64) -> Value {
+    let mut answers = publish_again(conn, id).await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("an answer on reply_to")
+        .expect("reply stream open")
+        .expect("reply delivered");
+    serde_json::from_slice(&answer.data).expect("reply is JSON")
+}
+
+/// Publishes a request for `id` again, with `reply_to`, and returns where the answer comes.
+async fn publish_again(conn: &Connection, id: u64) -> lapin::Consumer {
     let ch = fleet::confirm_channel(conn).await;
     let replies = fleet::reply_queue(&ch).await;
-    let mut answers = ch
+    let answers = ch
         .basic_consume(
             replies.as_str().into(),
             "replies".into(),
@@ -135,12 +155,7 @@ async fn request_again(conn: &Connection, id: u64) -> Value {
         fleet::json_props().with_reply_to(replies),
     )
     .await;
-    let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
-        .await
-        .expect("an answer on reply_to")
-        .expect("reply stream open")
-        .expect("reply delivered");
-    serde_json::from_slice(&answer.data).expect("reply is JSON")
+    answers
 }
 
 /// Asks again for `id`, which ended, expects the answer "duplicate", and then runs one more
@@ -172,20 +187,14 @@ async fn expect_duplicate(
 async fn a_request_for_an_execution_that_ended_before_a_restart_is_a_duplicate() {
     let db = TestDb::new().await;
     let vhost = TestVhost::create().await;
-    let service = Service::start(config_for(&vhost, &db, &one_action()))
-        .await
-        .expect("service starts");
     let probe = fleet::connect(&vhost.url).await;
-    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let service = start_one_action(&vhost, &db, &probe).await;
     let fleet = Fleet::start(&vhost.url, "history.workers", workers(&one_action())).await;
     run_to_the_end(&fleet, &vhost, &db, 1..=5).await;
     service.shutdown().await.expect("clean shutdown");
 
     // A new life knows nothing of 1..=5 in memory; only the ledger does.
-    let service = Service::start(config_for(&vhost, &db, &one_action()))
-        .await
-        .expect("service starts again");
-    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let service = start_one_action(&vhost, &db, &probe).await;
     expect_duplicate(&fleet, &vhost, &db, &probe, 3, 5).await;
     service.shutdown().await.expect("clean shutdown");
 }
@@ -311,50 +320,72 @@ async fn attempt_of(db: &TestDb, id: u64) -> i32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redelivered_request_goes_out_as_attempt_two_after_a_crash_and_as_attempt_one_after_a_clean_stop()
- {
+async fn a_redelivered_named_request_goes_out_as_attempt_two_even_after_a_clean_stop() {
     let db = TestDb::new().await;
     let vhost = TestVhost::create().await;
     let probe = fleet::connect(&vhost.url).await;
-    let start = || async {
-        let service = Service::start(config_for(&vhost, &db, &one_action()))
-            .await
-            .expect("service starts");
-        fleet::until_consuming(&probe, Duration::from_secs(30)).await;
-        service
-    };
     // A first life declares the topology and records a clean stop.
-    start().await.shutdown().await.expect("clean shutdown");
+    let service = start_one_action(&vhost, &db, &probe).await;
+    service.shutdown().await.expect("clean shutdown");
     let fleet = Fleet::start(&vhost.url, "redelivery.workers", workers(&one_action())).await;
 
-    // Request 1 was held by no executor that could have sent it: the last one stopped cleanly.
+    // Request 1 was taken by a consumer that went away without acknowledging it, as an
+    // executor that died after dispatching it would have; the clean stop on record says
+    // nothing about it. Request 2 is delivered for the first time.
     fleet::publish_requests(&vhost.url, &[(1, ONE_ACTION.to_owned())]).await;
     leave_unacknowledged(&probe, 1).await;
-    let service = start().await;
-    assert!(common_pg::until_ended(&db.pool, 1, Duration::from_secs(30)).await);
-    assert_eq!(attempt_of(&db, 1).await, 1);
-    service.shutdown().await.expect("clean shutdown");
-
-    // Now the last executor died (no clean stop on record): it may have dispatched request 2
-    // before its acceptance was committed, so the copy goes out as attempt 2. Request 3,
-    // delivered for the first time, is attempt 1.
-    sqlx::query("UPDATE attune.executor_run SET stopped_cleanly = false, stopped_at = NULL")
-        .execute(&db.pool)
-        .await
-        .expect("the previous run looks crashed");
     fleet::publish_requests(&vhost.url, &[(2, ONE_ACTION.to_owned())]).await;
-    leave_unacknowledged(&probe, 1).await;
-    fleet::publish_requests(&vhost.url, &[(3, ONE_ACTION.to_owned())]).await;
-    let service = start().await;
-    assert!(common_pg::until_ended(&db.pool, 3, Duration::from_secs(30)).await);
-    assert_eq!(attempt_of(&db, 2).await, 2);
-    assert_eq!(attempt_of(&db, 3).await, 1);
-    let ran: Vec<(u64, String)> = (1..=3).map(|i| (i, ONE_ACTION.to_owned())).collect();
+    let service = start_one_action(&vhost, &db, &probe).await;
+    assert!(common_pg::until_ended(&db.pool, 2, Duration::from_secs(30)).await);
+    assert_eq!(
+        attempt_of(&db, 1).await,
+        2,
+        "it may have been sent as attempt 1"
+    );
+    assert_eq!(attempt_of(&db, 2).await, 1);
+    let ran: Vec<(u64, String)> = (1..=2).map(|i| (i, ONE_ACTION.to_owned())).collect();
     let problems = fleet
         .record
         .lock()
         .expect("record")
         .violations(&by_action(&ran), &one_action());
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_of_an_uncommitted_execution_is_answered_only_once_it_is_committed() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let vhost = TestVhost::create().await;
+    let probe = fleet::connect(&vhost.url).await;
+    let service = start_one_action(&vhost, &db, &probe).await;
+    let fleet = Fleet::start(&vhost.url, "uncommitted.workers", workers(&one_action())).await;
+
+    // With Postgres down, request 1 (its id named) runs before its acceptance is committed.
+    pg.stop().await;
+    fleet::publish_requests(&vhost.url, &[(1, ONE_ACTION.to_owned())]).await;
+    poll_until(Duration::from_secs(30), "1 ran", || async {
+        fleet.finished() >= 1
+    })
+    .await;
+    // The same request again, as the broker would deliver it after a reconnect: acknowledging
+    // it now would leave nothing of 1 anywhere if the executor died before the commit.
+    let mut answers = publish_again(&probe, 1).await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), answers.next())
+            .await
+            .is_err(),
+        "no answer (and no ack) while 1 is uncommitted"
+    );
+    pg.restart().await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), answers.next())
+        .await
+        .expect("an answer once Postgres is back")
+        .expect("reply stream open")
+        .expect("reply delivered");
+    let answer: Value = serde_json::from_slice(&answer.data).expect("reply is JSON");
+    assert_eq!(answer["duplicate"], true, "{answer}");
+    assert!(common_pg::until_ended(&db.pool, 1, Duration::from_secs(30)).await);
     service.shutdown().await.expect("clean shutdown");
 }

@@ -224,6 +224,12 @@ pub trait History: Send + Sync + 'static {
         &self,
         ids: Vec<ExecutionId>,
     ) -> futures::future::BoxFuture<'static, Result<Vec<ExecutionId>, HistoryError>>;
+
+    /// Resolves once everything recorded before the call is committed. The intake answers a
+    /// duplicate only then: the first copy may still be uncommitted while the delivery that
+    /// would bring it back sits on a channel that died, so acknowledging the duplicate could
+    /// leave no trace of the execution anywhere if the executor died next.
+    fn settled(&self) -> futures::future::BoxFuture<'static, ()>;
 }
 
 /// Why [`History::recorded`] could not answer; the caller asks again later.

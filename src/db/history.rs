@@ -6,10 +6,13 @@
 //! per intake batch for the ids memory does not know, and only once memory can no longer
 //! answer alone.
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use sqlx::SqlStr;
 use sqlx::postgres::PgPool;
 
+use super::ledger::LedgerSink;
 use super::{DbError, Schema, db_id};
 use crate::core::{History, HistoryError};
 use crate::model::ExecutionId;
@@ -21,13 +24,16 @@ pub struct LedgerHistory {
     pool: PgPool,
     /// `SELECT id … WHERE id = ANY($1)`, built once with the schema in it.
     find: SqlStr,
+    /// The ledger writer, whose commits [`History::settled`] waits for.
+    ledger: Arc<LedgerSink>,
 }
 
 impl LedgerHistory {
-    pub fn new(pool: PgPool, schema: &Schema) -> Self {
+    pub fn new(pool: PgPool, schema: &Schema, ledger: Arc<LedgerSink>) -> Self {
         Self {
             pool,
             find: schema.sql("SELECT id FROM {s}.execution WHERE id = ANY($1)"),
+            ledger,
         }
     }
 }
@@ -54,6 +60,15 @@ impl History for LedgerHistory {
                 .into_iter()
                 .filter_map(|id| u64::try_from(id).ok())
                 .collect())
+        })
+    }
+
+    fn settled(&self) -> BoxFuture<'static, ()> {
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            // An error means the writer stopped (shutdown): nothing more will commit, and the
+            // answer goes out as it would have.
+            let _ = ledger.sync().await;
         })
     }
 }

@@ -309,8 +309,10 @@ impl LedgerSink {
     ///
     /// A request that names its id is acknowledged only after its acceptance commits. If
     /// the executor dies before that, the broker delivers it again, flagged as redelivered;
-    /// the next executor, seeing no clean stop recorded, sends it as attempt 2
-    /// ([`Redelivery::MaybeSent`](crate::model::Redelivery::MaybeSent)).
+    /// any executor sends a redelivered named request it does not know as attempt 2, and
+    /// only once its acceptance is committed
+    /// ([`Redelivery::MaybeSent`](crate::model::Redelivery::MaybeSent)), so a second crash
+    /// cannot repeat that attempt.
     pub fn dispatch_when_safe(self: &Arc<Self>, inner: Arc<dyn Dispatcher>) -> WhenSafe {
         self.shared.flights.enabled.store(true, Ordering::Relaxed);
         WhenSafe {
@@ -436,8 +438,8 @@ struct Flights {
 
 #[derive(Debug, Default)]
 struct Flight {
-    /// Executions whose acceptance is recorded and not yet committed, and whose request would
-    /// not come back under the same id after a crash ([`NotExpected`](crate::model::Redelivery::NotExpected)).
+    /// Executions whose acceptance is recorded and not yet committed, and which may not leave
+    /// before that commit (all but [`Expected`](crate::model::Redelivery::Expected)).
     unaccepted: std::collections::HashSet<ExecutionId>,
     /// Admissions and removals from the queue recorded and not yet committed.
     departures: usize,
@@ -477,7 +479,7 @@ impl Flights {
                     ..
                 } => {
                     let flight = flights.entry(action.clone()).or_default();
-                    if !redelivery.expected() {
+                    if !redelivery.may_leave_before_commit() {
                         flight.unaccepted.insert(*execution_id);
                     }
                 }

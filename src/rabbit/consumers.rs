@@ -55,9 +55,6 @@ pub struct ConsumerContext {
     /// Where to ask about supplied ids that ended beyond what the executor remembers; `None`
     /// in memory mode, where nothing is remembered across a restart anyway.
     history: Option<Arc<dyn History>>,
-    /// The executor before this one died with work the ledger had not committed: a request
-    /// that names its id and comes back redelivered may have been dispatched by it.
-    after_crash: bool,
 }
 
 /// The runbook checks the completion listener with `journalctl … | grep CompletionListener`
@@ -140,16 +137,7 @@ impl ConsumerContext {
             redeliveries: Mutex::new(HashMap::new()),
             completion_log: CompletionLog::new(),
             history: None,
-            after_crash: false,
         }
-    }
-
-    /// Says that the previous executor did not stop cleanly (recovery's
-    /// `RecoveryReport::after_clean_stop` is false), so redelivered requests that name their
-    /// id go out as [`Redelivery::MaybeSent`].
-    pub fn after_crash(mut self, crashed: bool) -> Self {
-        self.after_crash = crashed;
-        self
     }
 
     /// Checks supplied execution ids that memory does not know against `history` before
@@ -408,10 +396,13 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
             supplied.push(id);
         }
         // Unacknowledged until its acceptance commits, a request that names its id comes back
-        // under that id if this executor dies first; one with an assigned id would not.
+        // under that id if this executor dies first; one with an assigned id would not. A copy
+        // that comes back may have been dispatched by an executor that died, and nothing but
+        // the broker's flag tells: even after a recorded clean stop, a request the crashed
+        // executor before it had taken may still be waiting in the queue.
         let redelivery = match req.execution_id {
             None => Redelivery::NotExpected,
-            Some(_) if d.redelivered && ctx.after_crash => Redelivery::MaybeSent,
+            Some(_) if d.redelivered => Redelivery::MaybeSent,
             Some(_) => Redelivery::Expected,
         };
         let execution_id = req
@@ -521,17 +512,35 @@ fn request_receipt(
         match verdict {
             Verdict::Queued { execution_id } | Verdict::Duplicate { execution_id } => {
                 let duplicate = matches!(verdict, Verdict::Duplicate { .. });
-                reply(
-                    &ctx.publisher,
-                    &d,
-                    Reply {
-                        execution_id: Some(execution_id),
-                        status: "queued",
-                        error: None,
-                        duplicate,
-                    },
-                );
-                acks.ack(tag);
+                // A duplicate is answered once what was recorded before it is committed (see
+                // `History::settled`).
+                let settled = ctx
+                    .history
+                    .as_ref()
+                    .filter(|_| duplicate)
+                    .map(|h| h.settled());
+                let answer = move || {
+                    reply(
+                        &ctx.publisher,
+                        &d,
+                        Reply {
+                            execution_id: Some(execution_id),
+                            status: "queued",
+                            error: None,
+                            duplicate,
+                        },
+                    );
+                    acks.ack(tag);
+                };
+                match (settled, tokio::runtime::Handle::try_current()) {
+                    (Some(settled), Ok(rt)) => {
+                        rt.spawn(async move {
+                            settled.await;
+                            answer();
+                        });
+                    }
+                    _ => answer(),
+                }
             }
             Verdict::Rejected {
                 rejection: Rejection::ShuttingDown,
