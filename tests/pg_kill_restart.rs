@@ -1,8 +1,11 @@
 //! Kill and restart: the real `fifo-executor serve` as a child process on the Postgres ledger,
-//! SIGKILLed at random moments three times while 20,000 executions over 20 actions flow
-//! through it, and started again each time. Afterwards every execution ran exactly once, per
-//! action in submission order, never more at once than the action's limit, and the ledger
-//! holds each one in the end status its worker reported.
+//! SIGKILLed at random moments three times while executions over 20 actions flow through it,
+//! and started again each time. Afterwards every execution ran exactly once, per action in
+//! submission order, never more at once than the action's limit, no dispatch came again
+//! without a higher attempt, and the ledger holds each one in the end status its worker
+//! reported. Twice: 20,000 published at once (a backlog: everything waits in the queues), and
+//! 6,000 paced so that most arrive at an empty queue and are dispatched before their
+//! acceptance is committed (requests that name their id do not wait for that commit).
 //!
 //! The executor gets a config file of its own: its own vhost, database and HTTP port.
 
@@ -20,7 +23,6 @@ use support::fleet::{self, Fleet, WorkerSettings};
 use support::{TestVhost, poll_until, wait_until};
 use tokio::process::{Child, Command};
 
-const EXECUTIONS: u64 = 20_000;
 const ACTIONS: u32 = 20;
 const KILLS: usize = 3;
 /// Supplied execution ids start here.
@@ -37,8 +39,9 @@ struct Workdir(
 );
 
 impl Workdir {
-    fn new() -> Workdir {
-        let dir = std::env::temp_dir().join(format!("fifo-kill-{}", std::process::id()));
+    /// `name` tells apart the tests of one process.
+    fn new(name: &str) -> Workdir {
+        let dir = std::env::temp_dir().join(format!("fifo-kill-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the test's directory");
         Workdir(dir)
@@ -103,14 +106,26 @@ fn spawn(config: &Path, log: &Path) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_executions_survive_three_sigkills_in_order_within_limits_exactly_once() {
+    kill_three_times(20_000, 500, Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_arrivals_dispatched_before_their_commit_survive_three_sigkills() {
+    // 20 every 20 ms: about 1,000/s over 20 actions, well below what they can run.
+    kill_three_times(6_000, 20, Duration::from_millis(20)).await;
+}
+
+/// `executions` published `chunk` at a time with `pause` between chunks; three SIGKILLs, one
+/// in each third of the run; then every check.
+async fn kill_three_times(executions: u64, chunk: usize, pause: Duration) {
     let db = TestDb::new().await;
     let vhost = TestVhost::create().await;
-    let workdir = Workdir::new();
+    let workdir = Workdir::new(&executions.to_string());
     let limits: HashMap<String, u32> = (0..ACTIONS).map(|i| (action_name(i), i % 5 + 1)).collect();
     let config = workdir.write_config(&vhost, &db, &limits);
 
     let mut rng = XorShift::seeded();
-    let requests: Vec<(u64, String)> = (0..EXECUTIONS)
+    let requests: Vec<(u64, String)> = (0..executions)
         .map(|i| {
             let action = action_name((rng.next_u64() % u64::from(ACTIONS)) as u32);
             (FIRST_ID + i, action)
@@ -121,7 +136,7 @@ async fn twenty_thousand_executions_survive_three_sigkills_in_order_within_limit
         submitted.entry(action.clone()).or_default().push(*id);
     }
     // One kill in each third of the run, at a random point of it.
-    let third = EXECUTIONS as usize / KILLS;
+    let third = executions as usize / KILLS;
     let kill_at: Vec<usize> = (0..KILLS)
         .map(|k| k * third + third / 10 + (rng.next_u64() as usize) % (third * 8 / 10))
         .collect();
@@ -145,7 +160,10 @@ async fn twenty_thousand_executions_survive_three_sigkills_in_order_within_limit
     )
     .await;
     let url = vhost.url.clone();
-    let producer = tokio::spawn(async move { fleet::publish_requests(&url, &requests).await });
+    let producer =
+        tokio::spawn(
+            async move { fleet::publish_requests_paced(&url, &requests, chunk, pause).await },
+        );
 
     for at in &kill_at {
         poll_until(
@@ -168,12 +186,12 @@ async fn twenty_thousand_executions_survive_three_sigkills_in_order_within_limit
     producer.await.expect("every request published");
     // On a timeout the checks below say which executions are missing.
     let all_finished = wait_until(Duration::from_secs(180), || async {
-        workers.finished() >= EXECUTIONS as usize
+        workers.finished() >= executions as usize
     })
     .await;
     // The ledger catches up with the last completions; what it lacks is listed below.
     if all_finished {
-        common_pg::until_ended(&db.pool, EXECUTIONS as usize, Duration::from_secs(30)).await;
+        common_pg::until_ended(&db.pool, executions as usize, Duration::from_secs(30)).await;
     }
     let (mut problems, outcomes, resends) = {
         let record = workers.record.lock().expect("record");

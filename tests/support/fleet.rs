@@ -376,9 +376,20 @@ pub async fn publish(ch: &Channel, routing_key: &str, body: &[u8], props: BasicP
 /// Publishes a request for each `(execution id, action)` in order, many confirms in flight at
 /// once, and returns once the broker has confirmed them all.
 pub async fn publish_requests(url: &str, requests: &[(u64, String)]) {
+    publish_requests_paced(url, requests, 500, Duration::ZERO).await;
+}
+
+/// Publishes `requests` in order, `chunk` at a time, pausing `pause` after each chunk (so that
+/// requests arrive at queues the executor keeps empty, not at a backlog).
+pub async fn publish_requests_paced(
+    url: &str,
+    requests: &[(u64, String)],
+    chunk: usize,
+    pause: Duration,
+) {
     let conn = connect(url).await;
     let ch = confirm_channel(&conn).await;
-    for chunk in requests.chunks(500) {
+    for chunk in requests.chunks(chunk.max(1)) {
         let mut confirms = Vec::with_capacity(chunk.len());
         for (id, action) in chunk {
             let body = json!({"execution_id": id, "action_ref": action, "parameters": {"n": id}});
@@ -396,6 +407,9 @@ pub async fn publish_requests(url: &str, requests: &[(u64, String)]) {
         }
         for confirm in confirms {
             confirm.await.expect("request confirmed");
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
         }
     }
     let _ = conn.close(200, "done".into()).await;
