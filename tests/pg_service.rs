@@ -389,3 +389,74 @@ async fn a_duplicate_of_an_uncommitted_execution_is_answered_only_once_it_is_com
     assert!(common_pg::until_ended(&db.pool, 1, Duration::from_secs(30)).await);
     service.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_for_a_request_held_by_an_id_lookup_waits_for_it_and_cancels_it() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let vhost = TestVhost::create().await;
+    // One dispatch a minute: after the first, executions wait in the queue, where a cancel
+    // can still take them.
+    let config = || {
+        let mut c = config_for(&vhost, &db, &one_action());
+        if let Some(p) = c.policies.actions.get_mut(ONE_ACTION) {
+            p.rate_limit = Some(config::RateLimit {
+                max: 1,
+                per_seconds: 60,
+            });
+        }
+        c
+    };
+    let probe = fleet::connect(&vhost.url).await;
+    let service = Service::start(config()).await.expect("service starts");
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "held.workers", workers(&one_action())).await;
+    fleet::publish_requests(&vhost.url, &[(10, ONE_ACTION.to_owned())]).await;
+    assert!(common_pg::until_ended(&db.pool, 1, Duration::from_secs(30)).await);
+    service.shutdown().await.expect("clean shutdown");
+
+    // A new life, whose memory cannot tell whether ids up to 10 ran: it asks the ledger.
+    let service = Service::start(config())
+        .await
+        .expect("service starts again");
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    fleet::publish_requests(&vhost.url, &[(11, ONE_ACTION.to_owned())]).await;
+    assert!(common_pg::until_ended(&db.pool, 2, Duration::from_secs(30)).await);
+    // With Postgres down, the lookup for 5 cannot answer, and the cancel for 5 comes first.
+    pg.stop().await;
+    fleet::publish_requests(&vhost.url, &[(5, ONE_ACTION.to_owned())]).await;
+    let ch = fleet::confirm_channel(&probe).await;
+    fleet::publish(
+        &ch,
+        topology::CANCEL_ROUTING_KEY,
+        json!({"execution_id": 5}).to_string().as_bytes(),
+        fleet::json_props(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pg.restart().await;
+    poll_until(
+        Duration::from_secs(30),
+        "5 is recorded as canceled",
+        || async {
+            sqlx::query_scalar::<_, String>("SELECT status FROM attune.execution WHERE id = 5")
+                .fetch_optional(&db.pool)
+                .await
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some("canceled")
+        },
+    )
+    .await;
+    assert!(
+        !fleet
+            .record
+            .lock()
+            .expect("record")
+            .outcomes()
+            .contains_key(&5),
+        "5 was canceled, so it never ran"
+    );
+    service.shutdown().await.expect("clean shutdown");
+}

@@ -55,6 +55,12 @@ pub struct ConsumerContext {
     /// Where to ask about supplied ids that ended beyond what the executor remembers; `None`
     /// in memory mode, where nothing is remembered across a restart anyway.
     history: Option<Arc<dyn History>>,
+    /// Ids of requests held while the history is asked about their batch, and how many
+    /// held batches name each. A cancel for one of them waits until they are submitted:
+    /// before that it would find no execution and be lost.
+    held: Mutex<HashMap<ExecutionId, u32>>,
+    /// Woken whenever held requests are submitted.
+    released: tokio::sync::Notify,
 }
 
 /// The runbook checks the completion listener with `journalctl … | grep CompletionListener`
@@ -137,7 +143,36 @@ impl ConsumerContext {
             redeliveries: Mutex::new(HashMap::new()),
             completion_log: CompletionLog::new(),
             history: None,
+            held: Mutex::new(HashMap::new()),
+            released: tokio::sync::Notify::new(),
         }
+    }
+
+    fn hold(&self, ids: &[ExecutionId]) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            *held.entry(*id).or_default() += 1;
+        }
+    }
+
+    fn release(&self, ids: &[ExecutionId]) {
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                if let Some(n) = held.get_mut(id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        held.remove(id);
+                    }
+                }
+            }
+        }
+        self.released.notify_waiters();
+    }
+
+    fn holds_any(&self, ids: &[ExecutionId]) -> bool {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().any(|id| held.contains_key(id))
     }
 
     /// Checks supplied execution ids that memory does not know against `history` before
@@ -433,6 +468,11 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
         return done();
     };
     let ctx = ctx.clone();
+    let held: Vec<ExecutionId> = per_action
+        .iter()
+        .flat_map(|(_, subs)| subs.iter().map(|s| s.execution_id))
+        .collect();
+    ctx.hold(&held);
     Box::pin(async move {
         let recorded = recorded_among(&*history, unknown).await;
         if !recorded.is_empty() {
@@ -454,6 +494,7 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
             }
         }
         submit(&ctx, per_action);
+        ctx.release(&held);
     })
 }
 
@@ -649,10 +690,29 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
             Err(e) => ctx.refuse(&d, acks, QueueFrom::Cancel, e.error_class(), e.to_string()),
         }
     }
-    if !requests.is_empty() {
-        ctx.executor.cancel(requests);
+    if requests.is_empty() {
+        return done();
     }
-    done()
+    let ids: Vec<ExecutionId> = requests.iter().map(|r| r.execution_id).collect();
+    if !ctx.holds_any(&ids) {
+        ctx.executor.cancel(requests);
+        return done();
+    }
+    // A request these cancels name is held while the history is asked about it: they wait
+    // for it to be submitted, behind which they then queue in its actor.
+    let ctx = ctx.clone();
+    Box::pin(async move {
+        loop {
+            let released = ctx.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !ctx.holds_any(&ids) {
+                break;
+            }
+            released.await;
+        }
+        ctx.executor.cancel(requests);
+    })
 }
 
 #[cfg(test)]
