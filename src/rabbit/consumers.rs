@@ -63,6 +63,18 @@ pub struct ConsumerContext {
     released: tokio::sync::Notify,
 }
 
+/// Requests held while the history is asked about them; released when dropped.
+struct Held {
+    ctx: Arc<ConsumerContext>,
+    ids: Vec<ExecutionId>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.ctx.release(&self.ids);
+    }
+}
+
 /// The runbook checks the completion listener with `journalctl … | grep CompletionListener`
 /// ("is the listener running?") and `grep notify_completion` ("recent completions
 /// processed?"). One line at most every [`COMPLETION_LOG_INTERVAL`] answers both without a
@@ -148,10 +160,16 @@ impl ConsumerContext {
         }
     }
 
-    fn hold(&self, ids: &[ExecutionId]) {
+    /// Marks `ids` as held until the returned guard is dropped: when they are submitted, or
+    /// when their batch is dropped unsubmitted (a lost connection; the broker redelivers it).
+    fn hold(self: &Arc<Self>, ids: Vec<ExecutionId>) -> Held {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        for id in ids {
+        for id in &ids {
             *held.entry(*id).or_default() += 1;
+        }
+        Held {
+            ctx: self.clone(),
+            ids,
         }
     }
 
@@ -468,11 +486,12 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
         return done();
     };
     let ctx = ctx.clone();
-    let held: Vec<ExecutionId> = per_action
-        .iter()
-        .flat_map(|(_, subs)| subs.iter().map(|s| s.execution_id))
-        .collect();
-    ctx.hold(&held);
+    let held = ctx.hold(
+        per_action
+            .iter()
+            .flat_map(|(_, subs)| subs.iter().map(|s| s.execution_id))
+            .collect(),
+    );
     Box::pin(async move {
         let recorded = recorded_among(&*history, unknown).await;
         if !recorded.is_empty() {
@@ -494,7 +513,7 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
             }
         }
         submit(&ctx, per_action);
-        ctx.release(&held);
+        drop(held);
     })
 }
 
@@ -721,6 +740,51 @@ mod tests {
     use lapin::types::FieldTable;
 
     use super::*;
+    use crate::core::memory::{DiscardSink, NoStats};
+    use crate::core::{ActionPolicy, Dispatcher, Ports, QueueSettings, UniformPolicy};
+
+    struct Nowhere;
+    impl Dispatcher for Nowhere {
+        fn dispatch(&self, _batch: Vec<crate::core::Dispatch>) {}
+    }
+
+    #[tokio::test]
+    async fn held_requests_are_released_when_their_batch_is_submitted_or_dropped() {
+        let ports = Ports {
+            dispatcher: Arc::new(Nowhere),
+            sink: Arc::new(DiscardSink),
+            observer: Arc::new(NoStats),
+        };
+        let executor = Executor::start(
+            QueueSettings::default(),
+            ports,
+            Arc::new(UniformPolicy(ActionPolicy::default())),
+        )
+        .await
+        .expect("executor");
+        let (publisher, _slot, _task) = crate::rabbit::publisher::spawn(None, 8);
+        let ctx = Arc::new(ConsumerContext::new(
+            Arc::new(executor),
+            publisher,
+            1024,
+            5,
+            false,
+        ));
+        let first = ctx.hold(vec![1, 2]);
+        let second = ctx.hold(vec![2]);
+        assert!(ctx.holds_any(&[1]) && ctx.holds_any(&[2]));
+        // A batch whose lookup is abandoned (its connection lost) is dropped unsubmitted: its
+        // ids must not stay held, or a cancel for them would wait for ever.
+        let abandoned = Box::pin(async move {
+            let _held = first;
+            std::future::pending::<()>().await;
+        });
+        drop(abandoned);
+        assert!(!ctx.holds_any(&[1]));
+        assert!(ctx.holds_any(&[2]), "still held by the other batch");
+        drop(second);
+        assert!(!ctx.holds_any(&[1, 2]));
+    }
 
     #[test]
     fn the_retry_count_comes_from_the_x_retry_count_header_and_defaults_to_zero() {
