@@ -127,6 +127,8 @@ pub struct LedgerOptions {
     pub retry_max: Duration,
 }
 
+/// The writer's own defaults, for tests and benches; the service takes its options from the
+/// config (where `flush_interval_ms` defaults to 20).
 impl Default for LedgerOptions {
     fn default() -> Self {
         Self {

@@ -709,18 +709,21 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
             Err(e) => ctx.refuse(&d, acks, QueueFrom::Cancel, e.error_class(), e.to_string()),
         }
     }
-    if requests.is_empty() {
+    // A cancel whose request is held while the history is asked about it waits for it to be
+    // submitted, behind which it then queues in its actor; the others go at once.
+    let (waiting, now): (Vec<CancelRequest>, Vec<CancelRequest>) = requests
+        .into_iter()
+        .partition(|r| ctx.holds_any(&[r.execution_id]));
+    if !now.is_empty() {
+        ctx.executor.cancel(now);
+    }
+    if waiting.is_empty() {
         return done();
     }
-    let ids: Vec<ExecutionId> = requests.iter().map(|r| r.execution_id).collect();
-    if !ctx.holds_any(&ids) {
-        ctx.executor.cancel(requests);
-        return done();
-    }
-    // A request these cancels name is held while the history is asked about it: they wait
-    // for it to be submitted, behind which they then queue in its actor.
+    // Waited for on a task of their own, so that later cancels are not held up behind them.
+    let ids: Vec<ExecutionId> = waiting.iter().map(|r| r.execution_id).collect();
     let ctx = ctx.clone();
-    Box::pin(async move {
+    tokio::spawn(async move {
         loop {
             let released = ctx.released.notified();
             tokio::pin!(released);
@@ -730,8 +733,9 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
             }
             released.await;
         }
-        ctx.executor.cancel(requests);
-    })
+        ctx.executor.cancel(waiting);
+    });
+    done()
 }
 
 #[cfg(test)]
