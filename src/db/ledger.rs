@@ -473,17 +473,18 @@ impl Flights {
         for event in events {
             match event {
                 // A request the broker would deliver again under the same id may leave before
-                // its acceptance commits: recovery cannot tell it from a new one otherwise.
+                // its acceptance commits (the copy comes back under that id): nothing to track.
                 Event::Accepted {
                     action,
                     execution_id,
                     redelivery,
                     ..
-                } => {
-                    let flight = flights.entry(action.clone()).or_default();
-                    if !redelivery.may_leave_before_commit() {
-                        flight.unaccepted.insert(*execution_id);
-                    }
+                } if !redelivery.may_leave_before_commit() => {
+                    flights
+                        .entry(action.clone())
+                        .or_default()
+                        .unaccepted
+                        .insert(*execution_id);
                 }
                 Event::Admitted { action, .. } | Event::Removed { action, .. } => {
                     flights.entry(action.clone()).or_default().departures += 1;

@@ -342,7 +342,7 @@ fn retry_count(properties: &lapin::BasicProperties) -> u32 {
         .unwrap_or(0)
 }
 
-fn content_type(d: &Delivery) -> Option<&str> {
+pub(crate) fn content_type(d: &Delivery) -> Option<&str> {
     d.properties
         .content_type()
         .as_ref()
@@ -744,18 +744,14 @@ mod tests {
     use lapin::types::FieldTable;
 
     use super::*;
-    use crate::core::memory::{DiscardSink, NoStats};
-    use crate::core::{ActionPolicy, Dispatcher, Ports, QueueSettings, UniformPolicy};
-
-    struct Nowhere;
-    impl Dispatcher for Nowhere {
-        fn dispatch(&self, _batch: Vec<crate::core::Dispatch>) {}
-    }
+    use crate::core::memory::{ChannelDispatcher, DiscardSink, NoStats};
+    use crate::core::{ActionPolicy, Ports, QueueSettings, UniformPolicy};
 
     #[tokio::test]
     async fn held_requests_are_released_when_their_batch_is_submitted_or_dropped() {
+        let (dispatcher, _dispatched) = ChannelDispatcher::new();
         let ports = Ports {
-            dispatcher: Arc::new(Nowhere),
+            dispatcher: Arc::new(dispatcher),
             sink: Arc::new(DiscardSink),
             observer: Arc::new(NoStats),
         };

@@ -108,7 +108,7 @@ pub async fn run(
         move |batch, acks| {
             for d in batch {
                 if let Some(gate) = &gate {
-                    let content_type = d.properties.content_type().as_ref().map(|c| c.as_str());
+                    let content_type = consumers::content_type(&d);
                     if let Ok(c) = wire::decode_completion(&d.data, content_type, max_bytes) {
                         lock(gate).complete(&relay, c.execution_id);
                     }
@@ -158,8 +158,7 @@ async fn consume(
 /// Decodes a request; one that does not decode is acknowledged and dropped (the bench's
 /// requests always decode).
 fn request(d: &lapin::message::Delivery, acks: &Acks, max_bytes: usize) -> Option<RequestMsg> {
-    let content_type = d.properties.content_type().as_ref().map(|c| c.as_str());
-    match wire::decode_request(&d.data, content_type, max_bytes) {
+    match wire::decode_request(&d.data, consumers::content_type(d), max_bytes) {
         Ok(req) => Some(req),
         Err(_) => {
             acks.ack(d.delivery_tag);
