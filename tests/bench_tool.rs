@@ -42,6 +42,16 @@ async fn the_tiny_preset_completes_every_execution_with_no_violation_and_writes_
     assert_eq!(executor.completed, 100);
     assert_eq!(executor.violations_total, 0, "{:?}", executor.violations);
     assert!(executor.completion_to_dispatch.count > 0);
+    // Every hand-off sample is split at the dispatch's `dispatched_at`.
+    assert_eq!(
+        executor.completion_to_admission.count,
+        executor.completion_to_dispatch.count
+    );
+    assert_eq!(
+        executor.admission_to_worker.count,
+        executor.completion_to_dispatch.count
+    );
+    assert!(executor.admission_to_worker.max_us <= executor.completion_to_dispatch.max_us);
     let baseline = report.baseline.as_ref().expect("the broker phase ran");
     assert_eq!(baseline.completed, 100);
     assert!(report.ratio.is_some());

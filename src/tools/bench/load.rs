@@ -55,6 +55,8 @@ struct Inner {
     verifier: Verifier,
     queue_wait: Histogram<u64>,
     completion_to_dispatch: Histogram<u64>,
+    to_admission: Histogram<u64>,
+    from_admission: Histogram<u64>,
     timeline: Timeline,
     /// The first submission: the run's clock starts here.
     start: Option<Instant>,
@@ -74,6 +76,10 @@ pub struct Collected {
     pub foreign: u64,
     pub queue_wait: Histogram<u64>,
     pub completion_to_dispatch: Histogram<u64>,
+    /// The hand-off samples split at the executor's `dispatched_at`: completion → admission.
+    pub to_admission: Histogram<u64>,
+    /// … and admission → the worker received the dispatch.
+    pub from_admission: Histogram<u64>,
     pub timeline: Timeline,
     /// First submission → last completion.
     pub elapsed: Duration,
@@ -93,6 +99,8 @@ impl Collector {
                 verifier: Verifier::new(base, total as usize, actions),
                 queue_wait: measure::latency_histogram(3),
                 completion_to_dispatch: measure::latency_histogram(3),
+                to_admission: measure::latency_histogram(3),
+                from_admission: measure::latency_histogram(3),
                 timeline: Timeline::new(interval),
                 start: None,
                 last_completion: None,
@@ -129,9 +137,11 @@ impl Collector {
         inner.verifier.submitted(action as usize, id, now);
     }
 
-    fn dispatched(&self, id: u64, attempt: u32, enqueued_at: Option<SystemTime>) -> Dispatched {
+    fn dispatched(&self, id: u64, attempt: u32, stamps: Stamps) -> Dispatched {
         let now = Instant::now();
+        let wall = SystemTime::now();
         let mut inner = self.lock();
+        let enqueued_at = stamps.enqueued_at;
         let outcome = inner.verifier.dispatched(id, attempt, now, enqueued_at);
         if let Dispatched::Run {
             queue_wait,
@@ -142,6 +152,12 @@ impl Collector {
             measure::record(&mut inner.queue_wait, queue_wait);
             if let Some(c2d) = since_completion {
                 measure::record(&mut inner.completion_to_dispatch, c2d);
+                if let Some(admitted) = stamps.dispatched_at {
+                    // Both clocks are this machine's; the split is clamped to the sample.
+                    let after = wall.duration_since(admitted).unwrap_or_default().min(c2d);
+                    measure::record(&mut inner.from_admission, after);
+                    measure::record(&mut inner.to_admission, c2d - after);
+                }
             }
             inner
                 .timeline
@@ -205,6 +221,8 @@ impl Collector {
             foreign: inner.verifier.foreign(),
             queue_wait: inner.queue_wait.clone(),
             completion_to_dispatch: inner.completion_to_dispatch.clone(),
+            to_admission: inner.to_admission.clone(),
+            from_admission: inner.from_admission.clone(),
             timeline,
             elapsed,
         }
@@ -387,7 +405,7 @@ impl Workers {
             };
             let tag = d.delivery_tag;
             acks.track(tag);
-            let (id, attempt, enqueued_at) = match read_dispatch(&d.data) {
+            let (id, attempt, stamps) = match read_dispatch(&d.data) {
                 Ok(x) => x,
                 Err(e) => {
                     collector.undecodable(e);
@@ -395,7 +413,7 @@ impl Workers {
                     continue;
                 }
             };
-            if collector.dispatched(id, attempt, enqueued_at) == Dispatched::Skip {
+            if collector.dispatched(id, attempt, stamps) == Dispatched::Skip {
                 acks.ack(tag);
                 continue;
             }
@@ -476,20 +494,32 @@ impl Completing {
     }
 }
 
-/// `(execution_id, attempt, enqueued_at)` of a dispatch body.
-fn read_dispatch(body: &[u8]) -> Result<(u64, u32, Option<SystemTime>), String> {
+/// When the executor says it accepted and admitted an execution (its dispatch's
+/// `enqueued_at` and `dispatched_at`), where it says.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stamps {
+    enqueued_at: Option<SystemTime>,
+    dispatched_at: Option<SystemTime>,
+}
+
+/// `(execution_id, attempt, stamps)` of a dispatch body.
+fn read_dispatch(body: &[u8]) -> Result<(u64, u32, Stamps), String> {
     #[derive(serde::Deserialize)]
     struct Wire {
         execution_id: u64,
         attempt: u32,
         enqueued_at: Option<chrono::DateTime<chrono::Utc>>,
+        dispatched_at: Option<chrono::DateTime<chrono::Utc>>,
     }
     serde_json::from_slice::<Wire>(body)
         .map(|w| {
             (
                 w.execution_id,
                 w.attempt,
-                w.enqueued_at.map(SystemTime::from),
+                Stamps {
+                    enqueued_at: w.enqueued_at.map(SystemTime::from),
+                    dispatched_at: w.dispatched_at.map(SystemTime::from),
+                },
             )
         })
         .map_err(|e| {

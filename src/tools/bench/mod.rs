@@ -536,6 +536,8 @@ async fn drive(
         },
         queue_wait: measure::Percentiles::of(&collected.queue_wait),
         completion_to_dispatch: measure::Percentiles::of(&collected.completion_to_dispatch),
+        completion_to_admission: measure::Percentiles::of(&collected.to_admission),
+        admission_to_worker: measure::Percentiles::of(&collected.from_admission),
         cpu: Cpu {
             counted: target.cpu_counted().to_owned(),
             executor_s,

@@ -66,6 +66,12 @@ pub struct Phase {
     /// executor (accepted before the completion was sent, by the dispatch's `enqueued_at`) →
     /// the next dispatch of that action arrives.
     pub completion_to_dispatch: Percentiles,
+    /// The same samples up to the dispatch's `dispatched_at` (the executor admitted the
+    /// execution): the completion's way in and the executor's work on it.
+    pub completion_to_admission: Percentiles,
+    /// … and from `dispatched_at` until the worker received the dispatch: publishing it and
+    /// the broker's hop. Percentiles of the parts do not add up to the whole's.
+    pub admission_to_worker: Percentiles,
     pub cpu: Cpu,
     pub memory: Memory,
     pub timeline: Vec<Bucket>,
@@ -174,7 +180,12 @@ impl Phase {
         for (what, p) in [
             ("queue wait", &self.queue_wait),
             ("completion → next dispatch", &self.completion_to_dispatch),
+            ("  … completion → admitted", &self.completion_to_admission),
+            ("  … admitted → worker", &self.admission_to_worker),
         ] {
+            if p.count == 0 && what.starts_with(' ') {
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "[{}] {what} (ms, {} samples): p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
@@ -416,6 +427,8 @@ mod tests {
             throughput: 5.0,
             queue_wait: Percentiles::default(),
             completion_to_dispatch: Percentiles::default(),
+            completion_to_admission: Percentiles::default(),
+            admission_to_worker: Percentiles::default(),
             cpu: Cpu::default(),
             memory: Memory::default(),
             timeline: vec![Bucket {
