@@ -7,6 +7,11 @@
 //! 6,000 paced so that most arrive at an empty queue and are dispatched before their
 //! acceptance is committed (requests that name their id do not wait for that commit).
 //!
+//! A third test restarts RabbitMQ instead (its application: every connection is dropped and
+//! the durable queues are recovered from disk) three times under the paced load, while the
+//! executor, its workers and its producer live on and connect again; the same checks hold.
+//! It runs alone: the other tests of this binary wait while it holds [`BROKER`].
+//!
 //! The executor gets a config file of its own: its own vhost, database and HTTP port.
 
 mod common_pg;
@@ -24,7 +29,24 @@ use support::{TestVhost, poll_until, wait_until};
 use tokio::process::{Child, Command};
 
 const ACTIONS: u32 = 20;
+/// Kills (or broker restarts) per run.
 const KILLS: usize = 3;
+
+/// Held for reading by the tests that leave the broker running, and for writing by the one
+/// that restarts it.
+static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// What is done to the running service, once in each third of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disruption {
+    /// SIGKILL the executor and start it again.
+    KillExecutor,
+    /// Stop RabbitMQ's application and start it again; the executor keeps running.
+    RestartBroker,
+    /// SIGKILL the executor, restart RabbitMQ while it is down, and start the executor
+    /// again: what the dead executor had taken comes back from queues recovered from disk.
+    KillBoth,
+}
 /// Supplied execution ids start here.
 const FIRST_ID: u64 = 7_000_001;
 
@@ -87,6 +109,19 @@ impl Workdir {
     }
 }
 
+/// A connection to the vhost once RabbitMQ takes connections again after its restart.
+async fn reconnect(url: &str) -> lapin::Connection {
+    let mut last = String::new();
+    for _ in 0..300 {
+        match lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await {
+            Ok(conn) => return conn,
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("RabbitMQ takes no connections 30 s after its restart: {last}");
+}
+
 /// Starts `fifo-executor serve` with its output in a log file of this life.
 fn spawn(config: &Path, log: &Path) -> Child {
     let out = std::fs::File::create(log).expect("create a log file");
@@ -106,21 +141,40 @@ fn spawn(config: &Path, log: &Path) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_executions_survive_three_sigkills_in_order_within_limits_exactly_once() {
-    kill_three_times(20_000, 500, Duration::ZERO).await;
+    let _broker = BROKER.read().await;
+    disrupt_three_times(20_000, 500, Duration::ZERO, Disruption::KillExecutor).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_arrivals_dispatched_before_their_commit_survive_three_sigkills() {
-    // 20 every 20 ms: about 1,000/s over 20 actions, well below what they can run.
-    kill_three_times(6_000, 20, Duration::from_millis(20)).await;
+    let _broker = BROKER.read().await;
+    paced(Disruption::KillExecutor).await;
 }
 
-/// `executions` published `chunk` at a time with `pause` between chunks; three SIGKILLs, one
-/// in each third of the run; then every check.
-async fn kill_three_times(executions: u64, chunk: usize, pause: Duration) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restarted_three_times_mid_load_loses_nothing_and_repeats_nothing() {
+    let _broker = BROKER.write().await;
+    paced(Disruption::RestartBroker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_killed_and_rabbitmq_restarted_while_it_is_down_loses_nothing() {
+    let _broker = BROKER.write().await;
+    paced(Disruption::KillBoth).await;
+}
+
+/// 6,000 executions, 20 every 20 ms: about 1,000/s over 20 actions, well below what they can
+/// run, so most arrive at an empty queue and leave before their acceptance is committed.
+async fn paced(how: Disruption) {
+    disrupt_three_times(6_000, 20, Duration::from_millis(20), how).await;
+}
+
+/// `executions` published `chunk` at a time with `pause` between chunks; three disruptions,
+/// one in each third of the run; then every check.
+async fn disrupt_three_times(executions: u64, chunk: usize, pause: Duration, how: Disruption) {
     let db = TestDb::new().await;
     let vhost = TestVhost::create().await;
-    let workdir = Workdir::new(&executions.to_string());
+    let workdir = Workdir::new(&format!("{executions}-{how:?}"));
     let limits: HashMap<String, u32> = (0..ACTIONS).map(|i| (action_name(i), i % 5 + 1)).collect();
     let config = workdir.write_config(&vhost, &db, &limits);
 
@@ -141,11 +195,11 @@ async fn kill_three_times(executions: u64, chunk: usize, pause: Duration) {
         .map(|k| k * third + third / 10 + (rng.next_u64() as usize) % (third * 8 / 10))
         .collect();
     println!(
-        "kills after {kill_at:?} finished executions; logs in {}",
+        "{how:?} after {kill_at:?} finished executions; logs in {}",
         workdir.0.display()
     );
 
-    let probe = fleet::connect(&vhost.url).await;
+    let mut probe = fleet::connect(&vhost.url).await;
     let mut life = 0;
     let mut child = spawn(&config, &workdir.log(life));
     fleet::until_consuming(&probe, Duration::from_secs(60)).await;
@@ -172,15 +226,30 @@ async fn kill_three_times(executions: u64, chunk: usize, pause: Duration) {
             || async { workers.finished() >= *at },
         )
         .await;
-        child.start_kill().expect("SIGKILL the executor");
-        let status = child.wait().await.expect("the killed executor exits");
-        println!(
-            "life {life} killed at {} finished: {status}",
-            workers.finished()
-        );
-        fleet::until_not_consuming(&probe, Duration::from_secs(30)).await;
-        life += 1;
-        child = spawn(&config, &workdir.log(life));
+        if how != Disruption::RestartBroker {
+            child.start_kill().expect("SIGKILL the executor");
+            let status = child.wait().await.expect("the killed executor exits");
+            println!(
+                "life {life} killed at {} finished: {status}",
+                workers.finished()
+            );
+            fleet::until_not_consuming(&probe, Duration::from_secs(30)).await;
+        }
+        if how != Disruption::KillExecutor {
+            support::rabbitmqctl(&["stop_app"]).await;
+            println!(
+                "RabbitMQ stopped at {} finished executions",
+                workers.finished()
+            );
+            let down = Duration::from_millis(rng.next_u64() % 1_500);
+            tokio::time::sleep(down).await;
+            support::rabbitmqctl(&["start_app"]).await;
+            probe = reconnect(&vhost.url).await;
+        }
+        if how != Disruption::RestartBroker {
+            life += 1;
+            child = spawn(&config, &workdir.log(life));
+        }
         fleet::until_consuming(&probe, Duration::from_secs(60)).await;
     }
     producer.await.expect("every request published");
@@ -193,22 +262,24 @@ async fn kill_three_times(executions: u64, chunk: usize, pause: Duration) {
     if all_finished {
         common_pg::until_ended(&db.pool, executions as usize, Duration::from_secs(30)).await;
     }
-    let (mut problems, outcomes, resends) = {
+    let (mut problems, outcomes, resends, redelivered) = {
         let record = workers.record.lock().expect("record");
         (
             record.violations(&submitted, &limits),
             record.outcomes(),
             record.resends,
+            record.redelivered,
         )
     };
     problems.extend(common_pg::ledger_disagreements(&db.pool, &outcomes).await);
     println!(
-        "{} lives; {resends} dispatches sent again with a higher attempt (re-sends after a kill)",
+        "{} lives; {resends} dispatches sent again with a higher attempt, {redelivered} \
+         delivered again by the broker",
         life + 1,
     );
     assert!(
         problems.is_empty(),
-        "after {KILLS} kills (logs in {}):\n{}",
+        "after {KILLS} × {how:?} (logs in {}):\n{}",
         workdir.0.display(),
         problems.join("\n")
     );

@@ -51,6 +51,10 @@ pub struct Record {
     /// `(execution id, attempt)` of dispatches of an execution already seen without a higher
     /// attempt.
     pub repeats: Vec<(u64, u32)>,
+    /// Dispatches the broker delivered again (flagged `redelivered`) because the workers had
+    /// not acknowledged them when their connection was lost: the broker's doing, not the
+    /// executor's, and so not repeats.
+    pub redelivered: u64,
     /// Executions that finished (their completion is published).
     pub finished: usize,
 }
@@ -153,26 +157,21 @@ pub struct Fleet {
 
 impl Fleet {
     /// Declares the workers' queue (bound to every dispatch) and starts consuming it. The
-    /// executor must have declared its exchange already.
+    /// executor must have declared its exchange already. The workers outlive a lost
+    /// connection (a broker restart): they connect again and go on, and what they had not
+    /// acknowledged comes back from the broker.
     pub async fn start(url: &str, queue: &str, settings: WorkerSettings) -> Fleet {
-        let conn = connect(url).await;
-        let ch = conn.create_channel().await.expect("worker channel");
-        worker_queue(&ch, queue).await;
-        ch.basic_qos(1000, BasicQosOptions::default())
-            .await
-            .expect("qos");
-        let publisher = confirm_channel(&conn).await;
-        let consumer = ch
-            .basic_consume(
-                queue.into(),
-                "test-fleet".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume dispatches");
         let record = Arc::new(Mutex::new(Record::default()));
-        let task = tokio::spawn(work(conn, consumer, publisher, settings, record.clone()));
+        let session = WorkerSession::open(url, queue)
+            .await
+            .expect("the workers' first connection");
+        let task = tokio::spawn(serve(
+            url.to_owned(),
+            queue.to_owned(),
+            session,
+            settings,
+            record.clone(),
+        ));
         Fleet { record, task }
     }
 
@@ -188,6 +187,60 @@ impl Drop for Fleet {
     }
 }
 
+/// One connection of the workers: its dispatch consumer and its completion publisher.
+struct WorkerSession {
+    conn: Connection,
+    consumer: lapin::Consumer,
+    publisher: Channel,
+}
+
+impl WorkerSession {
+    async fn open(url: &str, queue: &str) -> Result<WorkerSession, lapin::Error> {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        declare_worker_queue(&ch, queue).await?;
+        ch.basic_qos(1000, BasicQosOptions::default()).await?;
+        let publisher = conn.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                "test-fleet".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(WorkerSession {
+            conn,
+            consumer,
+            publisher,
+        })
+    }
+}
+
+/// Works through sessions: when one ends (its connection lost), opens the next, trying every
+/// 200 ms.
+async fn serve(
+    url: String,
+    queue: String,
+    mut session: WorkerSession,
+    settings: WorkerSettings,
+    record: Arc<Mutex<Record>>,
+) {
+    let rng = Arc::new(Mutex::new(XorShift::seeded()));
+    loop {
+        work(session, &settings, &record, &rng).await;
+        session = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Ok(s) = WorkerSession::open(&url, &queue).await {
+                break s;
+            }
+        };
+    }
+}
+
 /// What a worker does with a dispatch.
 enum Plan {
     /// A first dispatch: run it.
@@ -199,14 +252,18 @@ enum Plan {
     Nothing,
 }
 
+/// Runs the dispatches of one session until its connection is lost.
 async fn work(
-    _conn: Connection,
-    mut consumer: lapin::Consumer,
-    publisher: Channel,
-    settings: WorkerSettings,
-    record: Arc<Mutex<Record>>,
+    session: WorkerSession,
+    settings: &WorkerSettings,
+    record: &Arc<Mutex<Record>>,
+    rng: &Arc<Mutex<XorShift>>,
 ) {
-    let rng = Arc::new(Mutex::new(XorShift::seeded()));
+    let WorkerSession {
+        conn: _conn,
+        mut consumer,
+        publisher,
+    } = session;
     while let Some(Ok(delivery)) = consumer.next().await {
         let v: Value = serde_json::from_slice(&delivery.data).expect("a dispatch is JSON");
         let id = v["execution_id"].as_u64().expect("execution_id");
@@ -223,6 +280,8 @@ async fn work(
                     if attempt > run.highest_attempt {
                         run.highest_attempt = attempt;
                         r.resends += 1;
+                    } else if delivery.redelivered {
+                        r.redelivered += 1;
                     } else {
                         r.repeats.push((id, attempt));
                     }
@@ -288,13 +347,18 @@ async fn work(
             };
             if let Some(outcome) = outcome {
                 let body = json!({"execution_id": id, "status": outcome, "result": {"by": "test"}});
-                publish(
+                let sent = try_publish(
                     &publisher,
                     topology::COMPLETED_ROUTING_KEY,
                     body.to_string().as_bytes(),
                     json_props(),
                 )
                 .await;
+                if sent.is_err() {
+                    // The connection is lost: the dispatch stays unacknowledged, comes back
+                    // from the broker, and its outcome is reported again then.
+                    return;
+                }
             }
             // Only once the completion is with the broker.
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
@@ -304,13 +368,21 @@ async fn work(
 
 /// Declares a queue of the test's own bound to every dispatch, as a worker's would be.
 pub async fn worker_queue(ch: &Channel, name: &str) {
+    declare_worker_queue(ch, name)
+        .await
+        .expect("declare and bind a worker queue");
+}
+
+async fn declare_worker_queue(ch: &Channel, name: &str) -> Result<(), lapin::Error> {
     ch.queue_declare(
         name.into(),
-        QueueDeclareOptions::default(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
-    .await
-    .expect("declare a worker queue");
+    .await?;
     ch.queue_bind(
         name.into(),
         topology::EXCHANGE.into(),
@@ -319,7 +391,6 @@ pub async fn worker_queue(ch: &Channel, name: &str) {
         FieldTable::default(),
     )
     .await
-    .expect("bind a worker queue");
 }
 
 /// Declares a server-named exclusive queue for `reply_to` answers and returns its name.
@@ -358,19 +429,37 @@ pub fn json_props() -> BasicProperties {
         .with_delivery_mode(2)
 }
 
+/// Publishes one message and waits for the broker's confirm; an error when the connection is
+/// lost or the broker refuses it.
+pub async fn try_publish(
+    ch: &Channel,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), String> {
+    let confirm = ch
+        .basic_publish(
+            topology::EXCHANGE.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    if confirm.is_nack() {
+        return Err("nacked by the broker".to_owned());
+    }
+    Ok(())
+}
+
 /// Publishes one message and waits for the broker's confirm.
 pub async fn publish(ch: &Channel, routing_key: &str, body: &[u8], props: BasicProperties) {
-    ch.basic_publish(
-        topology::EXCHANGE.into(),
-        routing_key.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirmed");
+    if let Err(e) = try_publish(ch, routing_key, body, props).await {
+        panic!("publish to {routing_key}: {e}");
+    }
 }
 
 /// Publishes a request for each `(execution id, action)` in order, many confirms in flight at
@@ -380,39 +469,84 @@ pub async fn publish_requests(url: &str, requests: &[(u64, String)]) {
 }
 
 /// Publishes `requests` in order, `chunk` at a time, pausing `pause` after each chunk (so that
-/// requests arrive at queues the executor keeps empty, not at a backlog).
+/// requests arrive at queues the executor keeps empty, not at a backlog). A chunk whose
+/// connection is lost before the broker confirmed all of it is published again whole on a new
+/// connection, as a careful producer would: copies the executor has already taken are
+/// duplicates to it, and submission order holds because a chunk leaves only once the one
+/// before it is confirmed. Panics if the broker cannot be reached for two minutes.
 pub async fn publish_requests_paced(
     url: &str,
     requests: &[(u64, String)],
     chunk: usize,
     pause: Duration,
 ) {
-    let conn = connect(url).await;
-    let ch = confirm_channel(&conn).await;
+    let mut open: Option<(Connection, Channel)> = None;
     for chunk in requests.chunks(chunk.max(1)) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for (id, action) in chunk {
-            let body = json!({"execution_id": id, "action_ref": action, "parameters": {"n": id}});
-            confirms.push(
-                ch.basic_publish(
-                    topology::EXCHANGE.into(),
-                    topology::REQUESTED_ROUTING_KEY.into(),
-                    BasicPublishOptions::default(),
-                    body.to_string().as_bytes(),
-                    json_props(),
-                )
-                .await
-                .expect("publish a request"),
+        let give_up = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let attempt = match open.take() {
+                Some(c) => Ok(c),
+                None => open_publisher(url).await,
+            };
+            let failed = match attempt {
+                Ok((conn, ch)) => match publish_chunk(&ch, chunk).await {
+                    Ok(()) => {
+                        open = Some((conn, ch));
+                        break;
+                    }
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            assert!(
+                std::time::Instant::now() < give_up,
+                "requests could not be published for two minutes: {failed}"
             );
-        }
-        for confirm in confirms {
-            confirm.await.expect("request confirmed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    if let Some((conn, _)) = open {
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
+
+async fn open_publisher(url: &str) -> Result<(Connection, Channel), String> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((conn, ch))
+}
+
+/// Publishes one chunk of requests and waits until the broker has confirmed every one.
+async fn publish_chunk(ch: &Channel, chunk: &[(u64, String)]) -> Result<(), String> {
+    let mut confirms = Vec::with_capacity(chunk.len());
+    for (id, action) in chunk {
+        let body = json!({"execution_id": id, "action_ref": action, "parameters": {"n": id}});
+        confirms.push(
+            ch.basic_publish(
+                topology::EXCHANGE.into(),
+                topology::REQUESTED_ROUTING_KEY.into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                json_props(),
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    for confirm in confirms {
+        if confirm.await.map_err(|e| e.to_string())?.is_nack() {
+            return Err("a request was nacked".to_owned());
+        }
+    }
+    Ok(())
 }
 
 /// How many consumers each of the executor's three queues has; `None` while they do not all
