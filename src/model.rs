@@ -373,6 +373,9 @@ pub enum CancelVerdict {
     Running,
     /// No queued or running execution has this id.
     Unknown,
+    /// No execution has this id yet: its request is canceled when it arrives
+    /// ([`Executor::cancel_or_remember`](crate::core::Executor::cancel_or_remember)).
+    Remembered,
 }
 
 #[cfg(test)]

@@ -166,6 +166,88 @@ async fn cancel_answers_canceled_for_waiting_running_for_running_and_unknown_oth
     r.shutdown().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_cancel_that_comes_before_its_request_cancels_it_on_arrival_even_with_a_slot_free() {
+    let mut r = ExecRig::start(no_timeout(100), policy(1)).await;
+    let a = action("ahead.a");
+    // Over the cancels queue, an id no execution has yet is remembered.
+    let got = answers("early cancel", &r.cancel_or_remember(&[7])).await;
+    assert_eq!(got, vec![CancelVerdict::Remembered]);
+    // The slot is free, yet 7 is accepted and at once canceled, never admitted; 8 goes.
+    let verdicts = answers("submissions", &r.submit(&a, &[7, 8])).await;
+    assert_eq!(
+        verdicts,
+        vec![
+            Verdict::Queued { execution_id: 7 },
+            Verdict::Queued { execution_id: 8 }
+        ]
+    );
+    r.until_dispatched(1).await;
+    r.barrier(&[&a]).await;
+    assert_eq!(r.dispatched_ids(), vec![8]);
+    assert!(
+        r.events
+            .iter()
+            .any(|e| is_removed(e, RemovalReason::Canceled, 7))
+    );
+    assert_eq!(r.stats(&a).await.total_canceled, 1);
+    assert!(!r.exec.is_live(7));
+    // The mark is used up: a later request with that id is a duplicate of the canceled one.
+    let again = answers("resubmission", &r.submit(&a, &[7])).await;
+    assert_eq!(again, vec![Verdict::Duplicate { execution_id: 7 }]);
+    // An id that already ended is not remembered; nor is one the operators' API cancels.
+    r.complete(&[8]);
+    r.barrier(&[&a]).await;
+    let got = answers("late cancels", &r.cancel_or_remember(&[8])).await;
+    assert_eq!(got, vec![CancelVerdict::Unknown]);
+    let got = answers("api cancel", &r.cancel(&[9])).await;
+    assert_eq!(got, vec![CancelVerdict::Unknown]);
+    r.submit_accepted(&a, &[9]).await;
+    r.until_dispatched(2).await;
+    assert_eq!(r.dispatched_ids(), vec![8, 9]);
+    r.shutdown().await;
+}
+
+/// Requests and their cancels racing on two threads, cancels in any order relative to their
+/// requests: every one of them is canceled, whichever side got there first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_racing_their_requests_cancel_every_one() {
+    const N: u64 = 2_000;
+    let mut r = ExecRig::start(no_timeout(10_000), policy(1)).await;
+    let a = action("ahead.race");
+    // 0 holds the only slot, so everything else would wait.
+    r.submit_accepted(&a, &[0]).await;
+    let exec = r.exec.clone();
+    let submitter = {
+        let a = a.clone();
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            for chunk in (1..=N).collect::<Vec<_>>().chunks(50) {
+                exec.submit(&a, chunk.iter().map(|&id| sub(id)).collect());
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut verdicts = Vec::new();
+    for chunk in (1..=N).rev().collect::<Vec<_>>().chunks(50) {
+        verdicts.extend(r.cancel_or_remember(chunk));
+        tokio::task::yield_now().await;
+    }
+    submitter.await.expect("submitted");
+    for v in answers("cancels", &verdicts).await {
+        assert!(
+            matches!(v, CancelVerdict::Canceled | CancelVerdict::Remembered),
+            "{v:?}"
+        );
+    }
+    r.barrier(&[&a]).await;
+    let stats = r.stats(&a).await;
+    assert_eq!(stats.total_canceled, N, "every execution canceled");
+    assert_eq!(stats.queue_length, 0);
+    assert_eq!(r.dispatched_ids(), vec![0]);
+    r.shutdown().await;
+}
+
 /// Drives one action actor directly, without the `Executor`, to put a cancel in its mailbox
 /// before the submission it names, as happens when the two come from different tasks.
 #[tokio::test(start_paused = true)]

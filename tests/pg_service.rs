@@ -458,11 +458,23 @@ async fn a_cancel_for_a_request_held_by_an_id_lookup_waits_for_it_and_cancels_it
     )
     .await;
     pg.restart().await;
+    until_recorded_canceled(&db, 5).await;
+    let outcomes = fleet.record.lock().expect("record").outcomes();
+    assert!(
+        !outcomes.contains_key(&5) && !outcomes.contains_key(&12),
+        "5 and 12 were canceled, so they never ran"
+    );
+    service.shutdown().await.expect("clean shutdown");
+}
+
+/// Waits until the ledger records execution `id` as canceled.
+async fn until_recorded_canceled(db: &TestDb, id: i64) {
     poll_until(
         Duration::from_secs(30),
-        "5 is recorded as canceled",
+        &format!("{id} is recorded as canceled"),
         || async {
-            sqlx::query_scalar::<_, String>("SELECT status FROM attune.execution WHERE id = 5")
+            sqlx::query_scalar::<_, String>("SELECT status FROM attune.execution WHERE id = $1")
+                .bind(id)
                 .fetch_optional(&db.pool)
                 .await
                 .ok()
@@ -472,10 +484,74 @@ async fn a_cancel_for_a_request_held_by_an_id_lookup_waits_for_it_and_cancels_it
         },
     )
     .await;
+}
+
+/// Messages ready and unacknowledged in one of the vhost's queues.
+async fn messages_in(vhost: &TestVhost, queue: &str) -> Option<(u64, u64)> {
+    let listing = vhost
+        .rabbitmqctl(
+            "list_queues",
+            &[
+                "--no-table-headers",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ],
+        )
+        .await;
+    listing.lines().find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        match cols.as_slice() {
+            [name, ready, unacked] if *name == queue => {
+                Some((ready.parse().ok()?, unacked.parse().ok()?))
+            }
+            _ => None,
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_overtakes_its_request_cancels_it_when_it_arrives() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let probe = fleet::connect(&vhost.url).await;
+    let service = start_one_action(&vhost, &db, &probe).await;
+    let fleet = Fleet::start(&vhost.url, "ahead.workers", workers(&one_action())).await;
+    // The cancel for 20 comes first (its request still behind others, say) and is settled.
+    let ch = fleet::confirm_channel(&probe).await;
+    fleet::publish(
+        &ch,
+        topology::CANCEL_ROUTING_KEY,
+        json!({"execution_id": 20}).to_string().as_bytes(),
+        fleet::json_props(),
+    )
+    .await;
+    poll_until(Duration::from_secs(10), "the cancel is settled", || async {
+        messages_in(&vhost, topology::CANCEL_QUEUE).await == Some((0, 0))
+    })
+    .await;
+    // Then 20 arrives, with 21 behind it. The slot is free, yet 20 never runs.
+    fleet::publish_requests(
+        &vhost.url,
+        &[(20, ONE_ACTION.to_owned()), (21, ONE_ACTION.to_owned())],
+    )
+    .await;
+    poll_until(Duration::from_secs(30), "21 ran", || async {
+        fleet.finished() >= 1
+    })
+    .await;
+    until_recorded_canceled(&db, 20).await;
+    poll_until(
+        Duration::from_secs(10),
+        "both requests are settled",
+        || async { messages_in(&vhost, topology::REQUESTS_QUEUE).await == Some((0, 0)) },
+    )
+    .await;
     let outcomes = fleet.record.lock().expect("record").outcomes();
     assert!(
-        !outcomes.contains_key(&5) && !outcomes.contains_key(&12),
-        "5 and 12 were canceled, so they never ran"
+        !outcomes.contains_key(&20),
+        "20 was canceled, so it never ran"
     );
+    assert!(outcomes.contains_key(&21));
     service.shutdown().await.expect("clean shutdown");
 }

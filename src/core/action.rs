@@ -93,14 +93,16 @@ impl Actor for ActionActor {
         match msg {
             ActionMsg::Submit(subs) => {
                 for sub in subs {
-                    let id = sub.execution_id;
-                    st.queue.submit(sub, now, &mut fx);
-                    // Almost always empty; checking first saves hashing every id.
-                    if st.early_cancels.is_empty() {
-                        continue;
-                    }
-                    if let Some(receipt) = st.early_cancels.remove(&id) {
-                        st.queue.cancel(id, receipt, now, &mut fx);
+                    // Almost always empty; checking first saves hashing every id. A cancel
+                    // that came first removes its execution before it can be admitted.
+                    let early = if st.early_cancels.is_empty() {
+                        None
+                    } else {
+                        st.early_cancels.remove(&sub.execution_id)
+                    };
+                    match early {
+                        Some(receipt) => st.queue.submit_canceled(sub, receipt, now, &mut fx),
+                        None => st.queue.submit(sub, now, &mut fx),
                     }
                 }
             }

@@ -213,6 +213,34 @@ impl ActionQueue {
     /// Accepts or rejects one submission. The caller has already made sure the id is not live
     /// anywhere else.
     pub fn submit(&mut self, sub: Submission, now: Stamp, fx: &mut Effects) {
+        if self.accept(sub, now, fx) {
+            self.pump(now, fx);
+        }
+    }
+
+    /// A submission whose cancel came first: accepted and, without ever being admitted,
+    /// removed again as canceled (the cancel's receipt travels with the `Removed` event). If
+    /// it is rejected instead, the cancel found nothing to cancel.
+    pub fn submit_canceled(
+        &mut self,
+        sub: Submission,
+        cancel: Option<Receipt<CancelVerdict>>,
+        now: Stamp,
+        fx: &mut Effects,
+    ) {
+        if !self.accept(sub, now, fx) {
+            settle(cancel, CancelVerdict::Unknown);
+            return;
+        }
+        // `accept` put it last in line; nothing was admitted since.
+        if let Some(w) = self.waiting.pop_back() {
+            self.counters.canceled += 1;
+            self.remove_event(w, RemovalReason::Canceled, cancel, now, fx);
+        }
+    }
+
+    /// Records one submission as accepted (last in line) or rejected; admits nothing.
+    fn accept(&mut self, sub: Submission, now: Stamp, fx: &mut Effects) -> bool {
         let Submission {
             execution_id,
             request_id,
@@ -243,7 +271,7 @@ impl ActionQueue {
                 rejection,
                 receipt,
             });
-            return;
+            return false;
         }
         self.counters.enqueued += 1;
         self.touch(now, fx);
@@ -263,7 +291,7 @@ impl ActionQueue {
             enqueued: now,
             sent_before: redelivery.sent_before(),
         });
-        self.pump(now, fx);
+        true
     }
 
     /// Frees the slot of the completed execution and admits from the head.

@@ -5,7 +5,10 @@
 //! - an id is queued or running at most once across all actions (duplicates are answered at
 //!   once and never reach an actor);
 //! - a completion or cancel, which names only the execution id, finds its action;
-//! - a cancel that overtakes its own submission still reaches the right actor after it.
+//! - a cancel that overtakes its own submission still reaches the right actor after it;
+//! - a cancel that arrives before its request (over RabbitMQ, where the two travel on
+//!   different queues) is remembered, and the request is canceled when it arrives
+//!   ([`CanceledAhead`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +39,8 @@ pub struct Shared {
     /// Ids that ended lately, so that a request redelivered after its execution finished (its
     /// acknowledgement lost with a connection) is a duplicate, not a second run.
     pub ended: RecentlyEnded,
+    /// Ids whose cancel came before their request.
+    pub canceled_ahead: CanceledAhead,
 }
 
 /// The live index: touched three times per execution (claimed on submit, looked up on
@@ -62,7 +67,74 @@ impl Shared {
                 LIVE_SHARDS,
             ),
             ended: RecentlyEnded::new(settings.remember_ended),
+            canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
         }
+    }
+}
+
+/// How many cancels that came before their requests are remembered at most (about 40 bytes
+/// each); beyond that the oldest are forgotten, so that cancels for ids that never come
+/// cannot grow memory without bound.
+pub const CANCELED_AHEAD_CAPACITY: usize = 100_000;
+
+/// Execution ids whose cancel arrived while no execution had them and none had ended with
+/// them: a producer's cancel that overtook its request, which waits behind others in the
+/// requests queue. When the request arrives it is accepted and at once recorded as canceled,
+/// never dispatched. Kept in memory only, the oldest forgotten beyond a capacity.
+pub struct CanceledAhead {
+    set: dashmap::DashSet<ExecutionId, foldhash::fast::RandomState>,
+    /// Insertion order, for forgetting the oldest; may hold ids already taken.
+    order: std::sync::Mutex<std::collections::VecDeque<ExecutionId>>,
+    /// Ids in `set`: lets the intake skip hashing every id while there are none.
+    len: std::sync::atomic::AtomicUsize,
+    capacity: usize,
+}
+
+impl CanceledAhead {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            set: dashmap::DashSet::with_hasher(foldhash::fast::RandomState::default()),
+            order: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            len: std::sync::atomic::AtomicUsize::new(0),
+            capacity,
+        }
+    }
+
+    /// Remembers that `id`'s cancel came first.
+    pub fn remember(&self, id: ExecutionId) {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if self.set.insert(id) {
+            self.len.fetch_add(1, Ordering::AcqRel);
+            order.push_back(id);
+        }
+        while order.len() > self.capacity {
+            if let Some(old) = order.pop_front()
+                && self.set.remove(&old).is_some()
+            {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Takes `id`'s mark if it has one: true for exactly one caller.
+    pub fn take(&self, id: ExecutionId) -> bool {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let taken = self.set.remove(&id).is_some();
+        if taken {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+        taken
+    }
+
+    /// Ids remembered now.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -311,6 +383,7 @@ impl Executor {
             self.ids.observe(max);
         }
         let mut batch = Vec::with_capacity(subs.len());
+        let mut canceled = Vec::new();
         for sub in subs {
             if self.shared.ended.contains(sub.execution_id) {
                 let execution_id = sub.execution_id;
@@ -324,12 +397,30 @@ impl Executor {
                 }
                 Entry::Vacant(slot) => {
                     slot.insert(actor.clone());
+                    // Taken after the claim: see `cancel_or_remember`.
+                    if self.shared.canceled_ahead.take(sub.execution_id) {
+                        canceled.push(CancelRequest {
+                            execution_id: sub.execution_id,
+                            receipt: None,
+                        });
+                    }
                     batch.push(sub);
                 }
             }
         }
         if batch.is_empty() {
             return;
+        }
+        // Cast before the batch, from this same caller, so the actor has them first and
+        // removes those executions before it could admit them.
+        if !canceled.is_empty()
+            && let Err(ractor::MessagingErr::SendErr(ActionMsg::Cancel(back))) =
+                actor.cast(ActionMsg::Cancel(canceled))
+        {
+            // The actor stopped: the batch below fails too and its requests come back later.
+            for r in back {
+                self.shared.canceled_ahead.remember(r.execution_id);
+            }
         }
         // The send fails only if the actor stopped between lookup and send: during shutdown or
         // after a crash. Give the claims back and tell the edge to leave the message with the
@@ -373,6 +464,32 @@ impl Executor {
                 })
                 .collect();
             self.shared.ports.sink.record(events);
+        }
+    }
+
+    /// Cancels waiting executions by id, as [`Executor::cancel`] does; a cancel for an id that
+    /// no execution has, and none has ended with, is remembered instead
+    /// ([`CancelVerdict::Remembered`]): its request, when it comes, is accepted and at once
+    /// recorded as canceled. For the cancels queue, where a cancel can overtake its request.
+    pub fn cancel_or_remember(&self, requests: Vec<CancelRequest>) {
+        let mut known = Vec::with_capacity(requests.len());
+        for r in requests {
+            let id = r.execution_id;
+            if self.shared.live.contains_key(&id) || self.shared.ended.contains(id) {
+                known.push(r);
+                continue;
+            }
+            self.shared.canceled_ahead.remember(id);
+            // A submission may have claimed the id since the check above; it takes the mark
+            // after claiming, so whichever of us takes it handles the cancel.
+            let owner = self.shared.live.get(&id).map(|a| a.value().clone());
+            match owner {
+                Some(_) if self.shared.canceled_ahead.take(id) => known.push(r),
+                _ => settle(r.receipt, CancelVerdict::Remembered),
+            }
+        }
+        if !known.is_empty() {
+            self.cancel(known);
         }
     }
 
@@ -615,6 +732,24 @@ fn reject_all(subs: Vec<Submission>, rejection: Rejection) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancel_mark_is_taken_once_and_the_oldest_are_forgotten_beyond_the_capacity() {
+        let ahead = CanceledAhead::new(2);
+        assert!(!ahead.take(1), "nothing remembered yet");
+        ahead.remember(1);
+        ahead.remember(1);
+        assert_eq!(ahead.len(), 1);
+        assert!(ahead.take(1));
+        assert!(!ahead.take(1), "taken once only");
+        for id in [2, 3, 4] {
+            ahead.remember(id);
+        }
+        assert_eq!(ahead.len(), 2);
+        assert!(!ahead.take(2), "the oldest is forgotten");
+        assert!(ahead.take(3) && ahead.take(4));
+        assert!(ahead.is_empty());
+    }
 
     #[test]
     fn the_ended_window_forgets_nothing_until_it_evicts_and_then_only_up_to_the_evicted_id() {

@@ -715,7 +715,7 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
         .into_iter()
         .partition(|r| ctx.holds_any(&[r.execution_id]));
     if !now.is_empty() {
-        ctx.executor.cancel(now);
+        ctx.executor.cancel_or_remember(now);
     }
     if waiting.is_empty() {
         return done();
@@ -733,7 +733,7 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
             }
             released.await;
         }
-        ctx.executor.cancel(waiting);
+        ctx.executor.cancel_or_remember(waiting);
     });
     done()
 }

@@ -194,20 +194,17 @@ impl ExecRig {
         answers
     }
 
+    /// Cancels ids as the operators' API does (`Executor::cancel`).
     pub fn cancel(&self, ids: &[ExecutionId]) -> Vec<Answer<CancelVerdict>> {
-        let mut answers = Vec::new();
-        let batch = ids
-            .iter()
-            .map(|&id| {
-                let (receipt, answer) = Answer::new();
-                answers.push(answer);
-                CancelRequest {
-                    execution_id: id,
-                    receipt: Some(receipt),
-                }
-            })
-            .collect();
+        let (batch, answers) = cancel_requests(ids);
         self.exec.cancel(batch);
+        answers
+    }
+
+    /// Cancels ids as the cancels queue does (`Executor::cancel_or_remember`).
+    pub fn cancel_or_remember(&self, ids: &[ExecutionId]) -> Vec<Answer<CancelVerdict>> {
+        let (batch, answers) = cancel_requests(ids);
+        self.exec.cancel_or_remember(batch);
         answers
     }
 
@@ -222,6 +219,22 @@ impl ExecRig {
     pub async fn shutdown(self) {
         self.exec.shutdown(Duration::from_secs(5)).await;
     }
+}
+
+/// Cancel requests for `ids` with receipts, and where their verdicts land.
+fn cancel_requests(ids: &[ExecutionId]) -> (Vec<CancelRequest>, Vec<Answer<CancelVerdict>>) {
+    ids.iter()
+        .map(|&id| {
+            let (receipt, answer) = Answer::new();
+            (
+                CancelRequest {
+                    execution_id: id,
+                    receipt: Some(receipt),
+                },
+                answer,
+            )
+        })
+        .unzip()
 }
 
 /// Waits for every answer and returns them.
