@@ -198,6 +198,20 @@ impl<T> fmt::Debug for Receipt<T> {
     }
 }
 
+impl<T: Clone + Send + 'static> Receipt<T> {
+    /// One receipt that answers both `a` and `b` with the same value (two messages asking
+    /// for the same thing, answered together).
+    pub fn both(a: Option<Receipt<T>>, b: Option<Receipt<T>>) -> Option<Receipt<T>> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Receipt::new(move |value: T| {
+                a.settle(value.clone());
+                b.settle(value);
+            })),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// Settles an optional receipt; most in-process callers pass none.
 pub(crate) fn settle<T>(receipt: Option<Receipt<T>>, value: T) {
     if let Some(r) = receipt {

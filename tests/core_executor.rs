@@ -279,12 +279,20 @@ async fn a_cancel_that_overtakes_its_submission_is_still_applied() {
     for id in [1, 2] {
         shared.live.insert(id, actor.clone());
     }
+    // Two cancels for 2 (one remembered ahead, one redelivered, say): both are answered.
     let (receipt, canceled) = Answer::new();
+    let (receipt_too, canceled_too) = Answer::new();
     actor
-        .cast(ActionMsg::Cancel(vec![CancelRequest {
-            execution_id: 2,
-            receipt: Some(receipt),
-        }]))
+        .cast(ActionMsg::Cancel(vec![
+            CancelRequest {
+                execution_id: 2,
+                receipt: Some(receipt),
+            },
+            CancelRequest {
+                execution_id: 2,
+                receipt: Some(receipt_too),
+            },
+        ]))
         .expect("cast");
     assert!(
         canceled.get().is_none(),
@@ -299,6 +307,7 @@ async fn a_cancel_that_overtakes_its_submission_is_still_applied() {
         .expect("call")
         .expect("answered");
     assert_eq!(canceled.get(), Some(CancelVerdict::Canceled));
+    assert_eq!(canceled_too.get(), Some(CancelVerdict::Canceled));
     assert_eq!((stats.active_count, stats.queue_length), (1, 0));
     assert_eq!(stats.total_canceled, 1);
     let mut events = Vec::new();

@@ -343,6 +343,40 @@ async fn canceling_a_waiting_execution_removes_it_and_the_rest_keep_order() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_submission_canceled_before_it_came_is_recorded_canceled_even_if_full_or_disabled() {
+    let mut q = QueueRig::new(settings(1, Duration::from_secs(3600)), policy(1));
+    q.submit_all(1..=2);
+    // The queue is full (2 waits behind 1), yet 3, canceled ahead, is accepted and canceled;
+    // a rejection would put it in the DLQ, from where a replay would run it.
+    for (id, enabled) in [(3, true), (4, false)] {
+        q.set_enabled(enabled);
+        let (receipt, answer) = common_core::Answer::new();
+        let (cancel, canceled) = common_core::Answer::new();
+        let mut s = common_core::sub(id);
+        s.receipt = Some(receipt);
+        let fx = q.run(|queue, now, fx| queue.submit_canceled(s, Some(cancel), now, fx));
+        assert!(
+            fx.dispatches.is_empty(),
+            "{id} is never admitted: {:?}",
+            fx.dispatches
+        );
+        assert!(
+            !fx.events
+                .iter()
+                .any(|e| matches!(e, Event::Rejected { .. }))
+        );
+        assert_eq!(answer.get(), Some(Verdict::Queued { execution_id: id }));
+        assert_eq!(canceled.get(), Some(CancelVerdict::Canceled));
+    }
+    q.set_enabled(true);
+    assert_eq!(q.waiting_ids(), vec![2]);
+    let stats = q.queue.stats();
+    assert_eq!((stats.total_canceled, stats.total_rejected), (2, 0));
+    q.complete(1);
+    assert_eq!(q.dispatched_ids(), vec![1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn canceling_a_running_execution_answers_running_and_changes_nothing() {
     let mut q = rig(1);
     q.submit_all([1, 2]);

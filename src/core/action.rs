@@ -120,7 +120,11 @@ impl Actor for ActionActor {
                     if !st.queue.holds(execution_id)
                         && claimed_by(&st.shared, execution_id, &myself)
                     {
-                        st.early_cancels.insert(execution_id, receipt);
+                        // Two cancels may come first (one remembered ahead, one redelivered):
+                        // both are answered when the submission is canceled.
+                        let held = st.early_cancels.remove(&execution_id).flatten();
+                        st.early_cancels
+                            .insert(execution_id, Receipt::both(held, receipt));
                     } else {
                         st.queue.cancel(execution_id, receipt, now, &mut fx);
                     }

@@ -213,14 +213,15 @@ impl ActionQueue {
     /// Accepts or rejects one submission. The caller has already made sure the id is not live
     /// anywhere else.
     pub fn submit(&mut self, sub: Submission, now: Stamp, fx: &mut Effects) {
-        if self.accept(sub, now, fx) {
+        if self.accept(sub, now, fx, true) {
             self.pump(now, fx);
         }
     }
 
     /// A submission whose cancel came first: accepted and, without ever being admitted,
-    /// removed again as canceled (the cancel's receipt travels with the `Removed` event). If
-    /// it is rejected instead, the cancel found nothing to cancel.
+    /// removed again as canceled (the cancel's receipt travels with the `Removed` event).
+    /// Never rejected: it takes no place in the queue, and a rejection would send to the DLQ,
+    /// from where a replay would run it, a request its producer canceled.
     pub fn submit_canceled(
         &mut self,
         sub: Submission,
@@ -228,10 +229,7 @@ impl ActionQueue {
         now: Stamp,
         fx: &mut Effects,
     ) {
-        if !self.accept(sub, now, fx) {
-            settle(cancel, CancelVerdict::Unknown);
-            return;
-        }
+        self.accept(sub, now, fx, false);
         // `accept` put it last in line; nothing was admitted since.
         if let Some(w) = self.waiting.pop_back() {
             self.counters.canceled += 1;
@@ -239,8 +237,9 @@ impl ActionQueue {
         }
     }
 
-    /// Records one submission as accepted (last in line) or rejected; admits nothing.
-    fn accept(&mut self, sub: Submission, now: Stamp, fx: &mut Effects) -> bool {
+    /// Records one submission as accepted (last in line) or, when `may_reject` and the action
+    /// is disabled or its queue full, rejected; admits nothing.
+    fn accept(&mut self, sub: Submission, now: Stamp, fx: &mut Effects, may_reject: bool) -> bool {
         let Submission {
             execution_id,
             request_id,
@@ -252,7 +251,9 @@ impl ActionQueue {
         // length, even when the timer that removes it is still behind this message.
         self.expire(now, fx);
         let admits_at_once = self.waiting.is_empty() && self.has_free_slot();
-        let rejection = if !self.policy.enabled {
+        let rejection = if !may_reject {
+            None
+        } else if !self.policy.enabled {
             Some(Rejection::ActionDisabled)
         } else if !admits_at_once && self.waiting.len() >= self.settings.max_queue_length {
             Some(Rejection::QueueFull {

@@ -103,9 +103,13 @@ impl CanceledAhead {
     /// Remembers that `id`'s cancel came first.
     pub fn remember(&self, id: ExecutionId) {
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        // Counted before it is in the set, so that `len` is never below the set's size and
+        // `take` never skips a mark that is there.
+        self.len.fetch_add(1, Ordering::AcqRel);
         if self.set.insert(id) {
-            self.len.fetch_add(1, Ordering::AcqRel);
             order.push_back(id);
+        } else {
+            self.len.fetch_sub(1, Ordering::AcqRel);
         }
         while order.len() > self.capacity {
             if let Some(old) = order.pop_front()
@@ -383,7 +387,7 @@ impl Executor {
             self.ids.observe(max);
         }
         let mut batch = Vec::with_capacity(subs.len());
-        let mut canceled = Vec::new();
+        let mut canceled: Vec<CancelRequest> = Vec::new();
         for sub in subs {
             if self.shared.ended.contains(sub.execution_id) {
                 let execution_id = sub.execution_id;
@@ -413,14 +417,10 @@ impl Executor {
         }
         // Cast before the batch, from this same caller, so the actor has them first and
         // removes those executions before it could admit them.
-        if !canceled.is_empty()
-            && let Err(ractor::MessagingErr::SendErr(ActionMsg::Cancel(back))) =
-                actor.cast(ActionMsg::Cancel(canceled))
-        {
-            // The actor stopped: the batch below fails too and its requests come back later.
-            for r in back {
-                self.shared.canceled_ahead.remember(r.execution_id);
-            }
+        let taken: Vec<ExecutionId> = canceled.iter().map(|r| r.execution_id).collect();
+        if !canceled.is_empty() {
+            // If the actor stopped, the batch below fails too and puts the marks back.
+            let _ = actor.cast(ActionMsg::Cancel(canceled));
         }
         // The send fails only if the actor stopped between lookup and send: during shutdown or
         // after a crash. Give the claims back and tell the edge to leave the message with the
@@ -430,6 +430,10 @@ impl Executor {
         {
             for sub in &batch {
                 self.shared.live.remove(&sub.execution_id);
+            }
+            // Their requests come back from the broker; their cancels must still be waiting.
+            for id in taken {
+                self.shared.canceled_ahead.remember(id);
             }
             reject_all(batch, Rejection::ShuttingDown);
         }
