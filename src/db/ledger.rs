@@ -427,7 +427,12 @@ impl Dispatcher for LiveOnly {
 /// dispatching through [`LedgerSink::dispatch_when_safe`]. Recovery raises the `attempt` of
 /// this many waiting executions at the head of each action's queue (see
 /// [`recovery`](super::recovery)), so it must not shrink from one version to the next.
-pub const SENT_AHEAD_PER_ACTION: usize = 16;
+///
+/// 128 (16 until session 5): one commit window (the flush interval plus the commit) of a busy
+/// action's admissions. With 16, an action dispatching a few thousand a second ran into the
+/// bound every flush and its hand-offs waited for the commit: `hot` 2,712 and 3,269/s against
+/// 3,364 and 3,493/s with 128, alternating (BENCHMARKS.md).
+pub const SENT_AHEAD_PER_ACTION: usize = 128;
 
 /// Per action, what has been recorded and is not yet committed: enough to tell whether a
 /// dispatch may leave before the commit. One short lock per handler call and per commit.
