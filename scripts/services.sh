@@ -97,6 +97,10 @@ ensure_rabbitmq() {
 
     if ! rabbitmqctl -q ping >/dev/null 2>&1; then
         quietly as_root rabbitmq-server -detached
+    else
+        # The node is up but its app may be stopped (`rabbitmqctl stop_app`, as the broker
+        # restart test does): start_app is a no-op when it already runs.
+        quietly as_root rabbitmqctl -q start_app
     fi
     # await_startup fails at once while the new node is not registered yet, hence the retries.
     wait_until "$DEADLINE_SECONDS" "RabbitMQ (see /var/log/rabbitmq/)" \

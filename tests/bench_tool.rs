@@ -51,7 +51,6 @@ async fn the_tiny_preset_completes_every_execution_with_no_violation_and_writes_
         executor.admission_to_worker.count,
         executor.completion_to_dispatch.count
     );
-    assert!(executor.admission_to_worker.max_us <= executor.completion_to_dispatch.max_us);
     let baseline = report.baseline.as_ref().expect("the broker phase ran");
     assert_eq!(baseline.completed, 100);
     assert!(report.ratio.is_some());

@@ -10,7 +10,9 @@
 //! A third test restarts RabbitMQ instead (its application: every connection is dropped and
 //! the durable queues are recovered from disk) three times under the paced load, while the
 //! executor, its workers and its producer live on and connect again; the same checks hold.
-//! It runs alone: the other tests of this binary wait while it holds [`BROKER`].
+//! It runs alone: the other tests of this binary wait while it holds [`BROKER`]. Nothing else
+//! may use the broker meanwhile: `cargo test` runs test binaries one after another, but a
+//! second test run on the same machine at the same time would lose its connections.
 //!
 //! The executor gets a config file of its own: its own vhost, database and HTTP port.
 
@@ -106,6 +108,22 @@ impl Workdir {
 
     fn log(&self, life: usize) -> PathBuf {
         self.0.join(format!("executor-{life}.log"))
+    }
+}
+
+/// While it lives, RabbitMQ's app may be stopped: dropping it (a test that fails between
+/// `stop_app` and `start_app`) starts the app again, so no later test finds the broker down.
+struct BrokerStopped;
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        // Drop cannot await; a plain process, as `TestVhost`'s drop does.
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -236,6 +254,8 @@ async fn disrupt_three_times(executions: u64, chunk: usize, pause: Duration, how
             fleet::until_not_consuming(&probe, Duration::from_secs(30)).await;
         }
         if how != Disruption::KillExecutor {
+            // Started again on the way out even if this test fails in between.
+            let _restart = BrokerStopped;
             support::rabbitmqctl(&["stop_app"]).await;
             println!(
                 "RabbitMQ stopped at {} finished executions",
@@ -244,6 +264,7 @@ async fn disrupt_three_times(executions: u64, chunk: usize, pause: Duration, how
             let down = Duration::from_millis(rng.next_u64() % 1_500);
             tokio::time::sleep(down).await;
             support::rabbitmqctl(&["start_app"]).await;
+            std::mem::forget(_restart);
             probe = reconnect(&vhost.url).await;
         }
         if how != Disruption::RestartBroker {

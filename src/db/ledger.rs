@@ -302,8 +302,8 @@ impl LedgerSink {
     /// [`SENT_AHEAD_PER_ACTION`] waiting ones of their action (everything accepted before them
     /// left the queue before them, and every such departure not yet committed counts towards
     /// the bound), and recovery raises the `attempt` of exactly those, so a second copy never
-    /// carries an attempt a worker has seen. The price is that a few executions at the head of
-    /// a queue may carry attempt 2 after a crash without having been sent before.
+    /// carries an attempt a worker has seen. The price is that up to that many executions at the
+    /// head of each queue may carry attempt 2 after a crash without having been sent before.
     ///
     /// A waiting execution's acceptance was committed long before the slot frees, so the
     /// hand-off from a completion to the next dispatch waits for no commit; only a dispatch

@@ -19,8 +19,9 @@
 //! of exactly those rows by one, in one committed statement, before anything is dispatched;
 //! they are restored as waiting with that count ([`Restored::sent_before`]) and, when their
 //! turn comes, dispatched as `attempt + 1`, so no copy repeats an attempt a worker may have
-//! seen. They keep their place at the head of the queue, so the order is unchanged. A few of
-//! them may carry attempt 2 without a first copy ever having left; that is the price of not
+//! seen. They keep their place at the head of the queue, so the order is unchanged. Many of
+//! them (up to `SENT_AHEAD_PER_ACTION` per action) may carry attempt 2 without a first copy
+//! ever having left; that is the price of not
 //! committing before every dispatch. After a clean stop (the previous executor drained its
 //! ledger writes and said so in `executor_run`) nothing is raised.
 //!

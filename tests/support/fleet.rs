@@ -7,7 +7,7 @@
 //! comes again with a higher `attempt` is a re-send (allowed, counted); one that comes again
 //! without a higher `attempt` means the executor lost track that it had already sent it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,6 +55,12 @@ pub struct Record {
     /// not acknowledged them when their connection was lost: the broker's doing, not the
     /// executor's, and so not repeats.
     pub redelivered: u64,
+    /// `(execution id, attempt)` of dispatches taken on the current connection.
+    taken: HashSet<(u64, u32)>,
+    /// Those taken on connections since lost: the only dispatches the broker may deliver
+    /// again (those not acknowledged in time; an acknowledgement sent just before the loss
+    /// may never have arrived, so all are excused, each once).
+    excused: HashSet<(u64, u32)>,
     /// Executions that finished (their completion is published).
     pub finished: usize,
 }
@@ -232,6 +238,13 @@ async fn serve(
     let rng = Arc::new(Mutex::new(XorShift::seeded()));
     loop {
         work(session, &settings, &record, &rng).await;
+        {
+            // What was not acknowledged comes back from the broker, flagged `redelivered`.
+            let mut guard = record.lock().expect("record");
+            let r = &mut *guard;
+            let lost: Vec<(u64, u32)> = r.taken.drain().collect();
+            r.excused.extend(lost);
+        }
         session = loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if let Ok(s) = WorkerSession::open(&url, &queue).await {
@@ -280,7 +293,7 @@ async fn work(
                     if attempt > run.highest_attempt {
                         run.highest_attempt = attempt;
                         r.resends += 1;
-                    } else if delivery.redelivered {
+                    } else if delivery.redelivered && r.excused.remove(&(id, attempt)) {
                         r.redelivered += 1;
                     } else {
                         r.repeats.push((id, attempt));
@@ -321,6 +334,7 @@ async fn work(
                 }
             }
         };
+        record.lock().expect("record").taken.insert((id, attempt));
         let publisher = publisher.clone();
         let record = record.clone();
         let action = action.clone();
