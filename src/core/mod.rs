@@ -4,6 +4,7 @@
 //! the traits in [`ports`].
 
 pub mod action;
+pub mod ahead;
 pub mod clock;
 pub mod memory;
 pub mod policy;

@@ -19,6 +19,7 @@ use dashmap::mapref::entry::Entry;
 use ractor::{ActorId, ActorRef, ActorRuntime, ActorStatus, SpawnErr};
 
 use super::action::{ActionActor, ActionArgs, ActionMsg};
+use super::ahead::{CANCELED_AHEAD_CAPACITY, CanceledAhead};
 use super::clock::Clock;
 use super::policy::{ActionPolicy, PolicySource, QueueSettings};
 use super::ports::{Event, Ports, QueueStats};
@@ -69,76 +70,6 @@ impl Shared {
             ended: RecentlyEnded::new(settings.remember_ended),
             canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
         }
-    }
-}
-
-/// How many cancels that came before their requests are remembered at most (about 40 bytes
-/// each); beyond that the oldest are forgotten, so that cancels for ids that never come
-/// cannot grow memory without bound.
-pub const CANCELED_AHEAD_CAPACITY: usize = 100_000;
-
-/// Execution ids whose cancel arrived while no execution had them and none had ended with
-/// them: a producer's cancel that overtook its request, which waits behind others in the
-/// requests queue. When the request arrives it is accepted and at once recorded as canceled,
-/// never dispatched. Kept in memory only, the oldest forgotten beyond a capacity.
-pub struct CanceledAhead {
-    set: dashmap::DashSet<ExecutionId, foldhash::fast::RandomState>,
-    /// Insertion order, for forgetting the oldest; may hold ids already taken.
-    order: std::sync::Mutex<std::collections::VecDeque<ExecutionId>>,
-    /// Ids in `set`: lets the intake skip hashing every id while there are none.
-    len: std::sync::atomic::AtomicUsize,
-    capacity: usize,
-}
-
-impl CanceledAhead {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            set: dashmap::DashSet::with_hasher(foldhash::fast::RandomState::default()),
-            order: std::sync::Mutex::new(std::collections::VecDeque::new()),
-            len: std::sync::atomic::AtomicUsize::new(0),
-            capacity,
-        }
-    }
-
-    /// Remembers that `id`'s cancel came first.
-    pub fn remember(&self, id: ExecutionId) {
-        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        // Counted before it is in the set, so that `len` is never below the set's size and
-        // `take` never skips a mark that is there.
-        self.len.fetch_add(1, Ordering::AcqRel);
-        if self.set.insert(id) {
-            order.push_back(id);
-        } else {
-            self.len.fetch_sub(1, Ordering::AcqRel);
-        }
-        while order.len() > self.capacity {
-            if let Some(old) = order.pop_front()
-                && self.set.remove(&old).is_some()
-            {
-                self.len.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// Takes `id`'s mark if it has one: true for exactly one caller.
-    pub fn take(&self, id: ExecutionId) -> bool {
-        if self.len.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let taken = self.set.remove(&id).is_some();
-        if taken {
-            self.len.fetch_sub(1, Ordering::AcqRel);
-        }
-        taken
-    }
-
-    /// Ids remembered now.
-    pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -402,10 +333,10 @@ impl Executor {
                 Entry::Vacant(slot) => {
                     slot.insert(actor.clone());
                     // Taken after the claim: see `cancel_or_remember`.
-                    if self.shared.canceled_ahead.take(sub.execution_id) {
+                    if let Some(receipt) = self.shared.canceled_ahead.take(sub.execution_id) {
                         canceled.push(CancelRequest {
                             execution_id: sub.execution_id,
-                            receipt: None,
+                            receipt,
                         });
                     }
                     batch.push(sub);
@@ -433,7 +364,7 @@ impl Executor {
             }
             // Their requests come back from the broker; their cancels must still be waiting.
             for id in taken {
-                self.shared.canceled_ahead.remember(id);
+                self.shared.canceled_ahead.remember(id, None);
             }
             reject_all(batch, Rejection::ShuttingDown);
         }
@@ -472,9 +403,10 @@ impl Executor {
     }
 
     /// Cancels waiting executions by id, as [`Executor::cancel`] does; a cancel for an id that
-    /// no execution has, and none has ended with, is remembered instead
-    /// ([`CancelVerdict::Remembered`]): its request, when it comes, is accepted and at once
-    /// recorded as canceled. For the cancels queue, where a cancel can overtake its request.
+    /// no execution has, and none has ended with, marks the id instead (see
+    /// [`super::ahead`]): its request, when it comes, is accepted and at once recorded as
+    /// canceled, and the cancel is answered then, or [`CancelVerdict::Remembered`] if its
+    /// receipt is not held. For the cancels queue, where a cancel can overtake its request.
     pub fn cancel_or_remember(&self, requests: Vec<CancelRequest>) {
         let mut known = Vec::with_capacity(requests.len());
         for r in requests {
@@ -483,18 +415,43 @@ impl Executor {
                 known.push(r);
                 continue;
             }
-            self.shared.canceled_ahead.remember(id);
+            // An id that may have ended before memory began (before a restart, or evicted
+            // from the window) may never come again: its mark lives in memory only, and its
+            // cancel is not held.
+            let receipt = if self.shared.ended.may_have_forgotten(id) {
+                settle(r.receipt, CancelVerdict::Remembered);
+                None
+            } else {
+                r.receipt
+            };
+            self.shared.canceled_ahead.remember(id, receipt);
             // A submission may have claimed the id since the check above; it takes the mark
             // after claiming, so whichever of us takes it handles the cancel.
-            let owner = self.shared.live.get(&id).map(|a| a.value().clone());
-            match owner {
-                Some(_) if self.shared.canceled_ahead.take(id) => known.push(r),
-                _ => settle(r.receipt, CancelVerdict::Remembered),
+            if self.shared.live.contains_key(&id)
+                && let Some(receipt) = self.shared.canceled_ahead.take(id)
+            {
+                known.push(CancelRequest {
+                    execution_id: id,
+                    receipt,
+                });
             }
         }
         if !known.is_empty() {
             self.cancel(known);
         }
+    }
+
+    /// Holds at most `n` receipts of cancels that came before their requests (0, the
+    /// default: none; each is answered [`CancelVerdict::Remembered`] at once).
+    pub fn hold_cancels_up_to(&self, n: usize) {
+        self.shared.canceled_ahead.hold_up_to(n);
+    }
+
+    /// Answers every held receipt of a cancel that came before its request
+    /// [`CancelVerdict::GivenBack`]: at a clean stop, so that those cancels go back to the
+    /// broker for the next executor.
+    pub fn give_back_held_cancels(&self) {
+        self.shared.canceled_ahead.give_back();
     }
 
     /// Cancels waiting executions by id.
@@ -736,24 +693,6 @@ fn reject_all(subs: Vec<Submission>, rejection: Rejection) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_cancel_mark_is_taken_once_and_the_oldest_are_forgotten_beyond_the_capacity() {
-        let ahead = CanceledAhead::new(2);
-        assert!(!ahead.take(1), "nothing remembered yet");
-        ahead.remember(1);
-        ahead.remember(1);
-        assert_eq!(ahead.len(), 1);
-        assert!(ahead.take(1));
-        assert!(!ahead.take(1), "taken once only");
-        for id in [2, 3, 4] {
-            ahead.remember(id);
-        }
-        assert_eq!(ahead.len(), 2);
-        assert!(!ahead.take(2), "the oldest is forgotten");
-        assert!(ahead.take(3) && ahead.take(4));
-        assert!(ahead.is_empty());
-    }
 
     #[test]
     fn the_ended_window_forgets_nothing_until_it_evicts_and_then_only_up_to_the_evicted_id() {
