@@ -440,16 +440,7 @@ async fn a_cancel_for_a_request_held_by_an_id_lookup_waits_for_it_and_cancels_it
     // Time for the intake to take 5 and find that it cannot ask the ledger (the lookup fails
     // at once and is retried); only then do the cancels come.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let ch = fleet::confirm_channel(&probe).await;
-    for id in [5, 12] {
-        fleet::publish(
-            &ch,
-            topology::CANCEL_ROUTING_KEY,
-            json!({"execution_id": id}).to_string().as_bytes(),
-            fleet::json_props(),
-        )
-        .await;
-    }
+    publish_cancels(&probe, &[5, 12]).await;
     // The cancel for 12 does not wait for 5's lookup.
     poll_until(
         Duration::from_secs(10),
@@ -465,6 +456,20 @@ async fn a_cancel_for_a_request_held_by_an_id_lookup_waits_for_it_and_cancels_it
         "5 and 12 were canceled, so they never ran"
     );
     service.shutdown().await.expect("clean shutdown");
+}
+
+/// Publishes a cancel for each id, in order, each confirmed.
+async fn publish_cancels(conn: &Connection, ids: &[u64]) {
+    let ch = fleet::confirm_channel(conn).await;
+    for id in ids {
+        fleet::publish(
+            &ch,
+            topology::CANCEL_ROUTING_KEY,
+            json!({"execution_id": id}).to_string().as_bytes(),
+            fleet::json_props(),
+        )
+        .await;
+    }
 }
 
 /// Waits until the ledger records execution `id` as canceled.
@@ -518,16 +523,7 @@ async fn a_cancel_that_overtakes_its_request_is_held_across_a_restart_and_cancel
     let service = start_one_action(&vhost, &db, &probe).await;
     let fleet = Fleet::start(&vhost.url, "ahead.workers", workers(&one_action())).await;
     // The cancels for 20 and 30 come first (their requests still behind others, say).
-    let ch = fleet::confirm_channel(&probe).await;
-    for id in [20, 30] {
-        fleet::publish(
-            &ch,
-            topology::CANCEL_ROUTING_KEY,
-            json!({"execution_id": id}).to_string().as_bytes(),
-            fleet::json_props(),
-        )
-        .await;
-    }
+    publish_cancels(&probe, &[20, 30]).await;
     let cancels = |expected: (u64, u64)| {
         let vhost = &vhost;
         async move {
