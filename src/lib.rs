@@ -8,8 +8,9 @@
 //!   submissions, completions, cancels and the verdicts on them.
 //! - [`core`]: the actors. One [`core::action`] actor per action owns its FIFO queue, slots
 //!   and counters ([`core::queue`] holds the rules as a plain state machine);
-//!   [`core::registry`] is the [`core::Executor`] handle every edge calls; [`core::ports`]
-//!   are the traits through which the core reaches the edges.
+//!   [`core::registry`] is the [`core::Executor`] handle every edge calls; [`core::ahead`]
+//!   keeps the cancels that came before their requests; [`core::ports`] are the traits
+//!   through which the core reaches the edges.
 //! - [`db`]: the Postgres edge: the ledger of executions (an outcome sink that settles receipts
 //!   only after the commit), the `queue_stats` writer, recovery at start, the `action`
 //!   table as the one source of policies, the health history and the ledger purge.
