@@ -409,9 +409,6 @@ impl Service {
             )));
         }
         let ctx = Arc::new(ctx);
-        // A cancel that came before its request stays unacknowledged while it waits, so that
-        // a crash does not lose it; at most half the cancels consumer's prefetch of them.
-        executor.hold_cancels_up_to(usize::from(config.rabbitmq.prefetch) / 2);
         let settings = EdgeSettings {
             url: config.rabbitmq.url.clone(),
             prefetch: config.rabbitmq.prefetch,

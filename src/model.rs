@@ -390,9 +390,6 @@ pub enum CancelVerdict {
     /// No execution has this id yet: its request is canceled when it arrives
     /// ([`Executor::cancel_or_remember`](crate::core::Executor::cancel_or_remember)).
     Remembered,
-    /// Not answered: the executor stops, and the cancel, which came before its request,
-    /// should go back to the broker for the next executor.
-    GivenBack,
 }
 
 #[cfg(test)]

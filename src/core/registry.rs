@@ -8,7 +8,7 @@
 //! - a cancel that overtakes its own submission still reaches the right actor after it;
 //! - a cancel that arrives before its request (over RabbitMQ, where the two travel on
 //!   different queues) is remembered, and the request is canceled when it arrives
-//!   ([`CanceledAhead`]).
+//!   ([`super::ahead`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -333,10 +333,10 @@ impl Executor {
                 Entry::Vacant(slot) => {
                     slot.insert(actor.clone());
                     // Taken after the claim: see `cancel_or_remember`.
-                    if let Some(receipt) = self.shared.canceled_ahead.take(sub.execution_id) {
+                    if self.shared.canceled_ahead.take(sub.execution_id) {
                         canceled.push(CancelRequest {
                             execution_id: sub.execution_id,
-                            receipt,
+                            receipt: None,
                         });
                     }
                     batch.push(sub);
@@ -364,7 +364,7 @@ impl Executor {
             }
             // Their requests come back from the broker; their cancels must still be waiting.
             for id in taken {
-                self.shared.canceled_ahead.remember(id, None);
+                self.shared.canceled_ahead.remember(id);
             }
             reject_all(batch, Rejection::ShuttingDown);
         }
@@ -403,10 +403,9 @@ impl Executor {
     }
 
     /// Cancels waiting executions by id, as [`Executor::cancel`] does; a cancel for an id that
-    /// no execution has, and none has ended with, marks the id instead (see
-    /// [`super::ahead`]): its request, when it comes, is accepted and at once recorded as
-    /// canceled, and the cancel is answered then, or [`CancelVerdict::Remembered`] if its
-    /// receipt is not held. For the cancels queue, where a cancel can overtake its request.
+    /// no execution has, and none has ended with, is remembered instead
+    /// ([`CancelVerdict::Remembered`]): its request, when it comes, is accepted and at once
+    /// recorded as canceled. For the cancels queue, where a cancel can overtake its request.
     pub fn cancel_or_remember(&self, requests: Vec<CancelRequest>) {
         let mut known = Vec::with_capacity(requests.len());
         for r in requests {
@@ -415,43 +414,18 @@ impl Executor {
                 known.push(r);
                 continue;
             }
-            // An id that may have ended before memory began (before a restart, or evicted
-            // from the window) may never come again: its mark lives in memory only, and its
-            // cancel is not held.
-            let receipt = if self.shared.ended.may_have_forgotten(id) {
-                settle(r.receipt, CancelVerdict::Remembered);
-                None
-            } else {
-                r.receipt
-            };
-            self.shared.canceled_ahead.remember(id, receipt);
+            self.shared.canceled_ahead.remember(id);
             // A submission may have claimed the id since the check above; it takes the mark
             // after claiming, so whichever of us takes it handles the cancel.
-            if self.shared.live.contains_key(&id)
-                && let Some(receipt) = self.shared.canceled_ahead.take(id)
-            {
-                known.push(CancelRequest {
-                    execution_id: id,
-                    receipt,
-                });
+            let owner = self.shared.live.get(&id).map(|a| a.value().clone());
+            match owner {
+                Some(_) if self.shared.canceled_ahead.take(id) => known.push(r),
+                _ => settle(r.receipt, CancelVerdict::Remembered),
             }
         }
         if !known.is_empty() {
             self.cancel(known);
         }
-    }
-
-    /// Holds at most `n` receipts of cancels that came before their requests (0, the
-    /// default: none; each is answered [`CancelVerdict::Remembered`] at once).
-    pub fn hold_cancels_up_to(&self, n: usize) {
-        self.shared.canceled_ahead.hold_up_to(n);
-    }
-
-    /// Answers every held receipt of a cancel that came before its request
-    /// [`CancelVerdict::GivenBack`]: at a clean stop, so that those cancels go back to the
-    /// broker for the next executor.
-    pub fn give_back_held_cancels(&self) {
-        self.shared.canceled_ahead.give_back();
     }
 
     /// Cancels waiting executions by id.

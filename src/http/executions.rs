@@ -52,12 +52,10 @@ pub async fn cancel(
         Ok(Ok(CancelVerdict::Running)) => Err(ApiError::Conflict(format!(
             "execution {id} is running; a running execution is left to its worker"
         ))),
-        // `Remembered` and `GivenBack` come only from the cancels queue's way in.
-        Ok(Ok(CancelVerdict::Unknown | CancelVerdict::Remembered | CancelVerdict::GivenBack)) => {
-            Err(ApiError::NotFound(format!(
-                "no queued or running execution has id {id}"
-            )))
-        }
+        // `Remembered` comes only from the cancels queue's way in, not from this one.
+        Ok(Ok(CancelVerdict::Unknown | CancelVerdict::Remembered)) => Err(ApiError::NotFound(
+            format!("no queued or running execution has id {id}"),
+        )),
         Ok(Err(_)) | Err(_) => Err(ApiError::Unavailable(format!(
             "the executor did not answer the cancel of {id} in time; it may still happen"
         ))),

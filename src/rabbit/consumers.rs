@@ -33,8 +33,8 @@ use super::throttle::IntakeThrottle;
 use super::wire::{self, DeadLetter, QueueFrom, Reply};
 use crate::core::{Executor, History};
 use crate::model::{
-    ActionRef, CancelRequest, CancelVerdict, Completion, CompletionVerdict, ExecutionId, Receipt,
-    Redelivery, Rejection, Submission, Verdict, settle,
+    ActionRef, CancelRequest, Completion, CompletionVerdict, ExecutionId, Receipt, Redelivery,
+    Rejection, Submission, Verdict, settle,
 };
 
 /// What the consumers need to know, shared by all three.
@@ -702,11 +702,7 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
                     execution_id,
                     receipt: Some(Receipt::new(move |verdict| {
                         tracing::info!(execution_id, ?verdict, "cancel handled");
-                        if verdict == CancelVerdict::GivenBack {
-                            acks.requeue(tag);
-                        } else {
-                            acks.ack(tag);
-                        }
+                        acks.ack(tag);
                     })),
                 });
             }

@@ -189,9 +189,6 @@ where
         while loops.next().await.is_some() {}
     })
     .await;
-    // Cancels held for requests that have not come go back to the broker, for the next
-    // executor; they would otherwise be waited for below until the timeout.
-    ctx.executor.give_back_held_cancels();
     for (_, acks, queue, _) in &channels {
         if !acks.settled(settings.shutdown_timeout).await {
             tracing::warn!(
