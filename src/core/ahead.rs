@@ -22,19 +22,27 @@ pub const CANCELED_AHEAD_CAPACITY: usize = 100_000;
 /// requests queue. When the request arrives it is accepted and at once recorded as canceled,
 /// never dispatched. Kept in memory only, the oldest forgotten beyond a capacity.
 pub struct CanceledAhead {
-    set: dashmap::DashSet<ExecutionId, foldhash::fast::RandomState>,
-    /// Insertion order, for forgetting the oldest; may hold ids already taken.
-    order: Mutex<VecDeque<ExecutionId>>,
-    /// Ids in `set`: lets the intake skip hashing every id while there are none.
+    /// Each marked id with the number of its entry in `order`.
+    marks: dashmap::DashMap<ExecutionId, u64, foldhash::fast::RandomState>,
+    /// Insertion order, for forgetting the oldest; may hold entries of marks already taken.
+    order: Mutex<Order>,
+    /// Marks in `marks`, never below their number: lets the intake skip hashing every id
+    /// while there are none.
     len: AtomicUsize,
     capacity: usize,
+}
+
+#[derive(Default)]
+struct Order {
+    entries: VecDeque<(ExecutionId, u64)>,
+    next: u64,
 }
 
 impl CanceledAhead {
     pub fn new(capacity: usize) -> Self {
         Self {
-            set: dashmap::DashSet::with_hasher(foldhash::fast::RandomState::default()),
-            order: Mutex::new(VecDeque::new()),
+            marks: dashmap::DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            order: Mutex::new(Order::default()),
             len: AtomicUsize::new(0),
             capacity,
         }
@@ -43,18 +51,27 @@ impl CanceledAhead {
     /// Remembers that `id`'s cancel came first.
     pub fn remember(&self, id: ExecutionId) {
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        // Counted before it is in the set, so that `len` is never below the set's size and
-        // `take` never skips a mark that is there.
+        // Counted before it is in the map, so that `len` is never below the number of marks
+        // and `take` never skips a mark that is there.
         self.len.fetch_add(1, Ordering::AcqRel);
-        if self.set.insert(id) {
-            order.push_back(id);
-        } else {
-            self.len.fetch_sub(1, Ordering::AcqRel);
+        let seq = order.next;
+        match self.marks.entry(id) {
+            dashmap::mapref::entry::Entry::Occupied(_) => {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+            }
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                e.insert(seq);
+                order.next += 1;
+                order.entries.push_back((id, seq));
+            }
         }
-        while order.len() > self.capacity {
-            if let Some(old) = order.pop_front()
-                && self.set.remove(&old).is_some()
-            {
+        while order.entries.len() > self.capacity {
+            let Some((old, old_seq)) = order.entries.pop_front() else {
+                break;
+            };
+            // Only the mark this entry was made for: an id taken and marked again has a
+            // newer entry further back.
+            if self.marks.remove_if(&old, |_, s| *s == old_seq).is_some() {
                 self.len.fetch_sub(1, Ordering::AcqRel);
             }
         }
@@ -65,7 +82,7 @@ impl CanceledAhead {
         if self.len.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let taken = self.set.remove(&id).is_some();
+        let taken = self.marks.remove(&id).is_some();
         if taken {
             self.len.fetch_sub(1, Ordering::AcqRel);
         }
@@ -102,5 +119,13 @@ mod tests {
         assert!(!ahead.take(2), "the oldest is forgotten");
         assert!(ahead.take(3) && ahead.take(4));
         assert!(ahead.is_empty());
+        // An id taken and marked again keeps its new mark when its old entry is evicted.
+        ahead.remember(5);
+        assert!(ahead.take(5));
+        ahead.remember(6);
+        ahead.remember(5);
+        ahead.remember(7);
+        assert!(ahead.take(5), "5's new mark outlives its old entry");
+        assert!(!ahead.take(6), "6 was the oldest mark");
     }
 }
