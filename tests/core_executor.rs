@@ -208,6 +208,55 @@ async fn a_cancel_that_comes_before_its_request_cancels_it_on_arrival_even_with_
     r.shutdown().await;
 }
 
+/// An outcome sink as slow as a lagging actor: each record takes 300 ms of the actor's time.
+struct SlowSink(Arc<std::sync::atomic::AtomicUsize>);
+
+impl fifo_executor::core::OutcomeSink for SlowSink {
+    fn record(&self, events: Vec<Event>) {
+        std::thread::sleep(Duration::from_millis(300));
+        for mut e in events {
+            e.settle();
+        }
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// What the intake waits for before it answers a duplicate: the first copy's actor has
+/// handled its submission (and recorded its acceptance), however far behind it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_waits_until_the_first_copy_s_actor_has_recorded_it() {
+    let recorded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (dispatcher, _dispatched) = ChannelDispatcher::new();
+    let ports = Ports {
+        dispatcher: Arc::new(dispatcher),
+        sink: Arc::new(SlowSink(recorded.clone())),
+        observer: Arc::new(NoStats),
+    };
+    let exec = fifo_executor::core::Executor::start(
+        no_timeout(100),
+        ports,
+        Arc::new(fifo_executor::core::UniformPolicy(policy(1))),
+    )
+    .await
+    .expect("the executor starts");
+    let a = action("dup.slow");
+    exec.submit(&a, vec![sub(1)]);
+    let (receipt, duplicate) = Answer::new();
+    let mut again = sub(1);
+    again.receipt = Some(receipt);
+    exec.submit(&a, vec![again]);
+    assert_eq!(
+        duplicate.get(),
+        Some(Verdict::Duplicate { execution_id: 1 })
+    );
+    exec.handled_so_far(1).await;
+    assert!(
+        recorded.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the first copy's acceptance is recorded"
+    );
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Requests and their cancels racing on two threads, cancels in any order relative to their
 /// requests: every one of them is canceled, whichever side got there first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

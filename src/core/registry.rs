@@ -319,6 +319,7 @@ impl Executor {
         }
         let mut batch = Vec::with_capacity(subs.len());
         let mut canceled: Vec<CancelRequest> = Vec::new();
+        let mut duplicates = Vec::new();
         for sub in subs {
             if self.shared.ended.contains(sub.execution_id) {
                 let execution_id = sub.execution_id;
@@ -326,10 +327,9 @@ impl Executor {
                 continue;
             }
             match self.shared.live.entry(sub.execution_id) {
-                Entry::Occupied(_) => {
-                    let execution_id = sub.execution_id;
-                    settle(sub.receipt, Verdict::Duplicate { execution_id });
-                }
+                // Answered below, once the shard lock is released: answering looks the id up
+                // again (`handled_so_far`).
+                Entry::Occupied(_) => duplicates.push(sub),
                 Entry::Vacant(slot) => {
                     slot.insert(actor.clone());
                     // Taken after the claim: see `cancel_or_remember`.
@@ -342,6 +342,10 @@ impl Executor {
                     batch.push(sub);
                 }
             }
+        }
+        for sub in duplicates {
+            let execution_id = sub.execution_id;
+            settle(sub.receipt, Verdict::Duplicate { execution_id });
         }
         if batch.is_empty() {
             return;
@@ -492,6 +496,22 @@ impl Executor {
             Ok(_) => Err(CoreError::Timeout(action.clone())),
             Err(_) => Err(CoreError::Stopped(action.clone())),
         }
+    }
+
+    /// Resolves once the actor that owns `id` (if it is live) has handled everything already
+    /// in its mailbox: the submission that claimed the id among it, whose events are then
+    /// recorded. A duplicate is answered only after this and the ledger's commit (see
+    /// [`super::ports::History::settled`]), even when its actor lags far behind. Gives up
+    /// waiting after a minute.
+    pub fn handled_so_far(&self, id: ExecutionId) -> futures::future::BoxFuture<'static, ()> {
+        let owner = self.shared.live.get(&id).map(|a| a.value().clone());
+        Box::pin(async move {
+            if let Some(actor) = owner {
+                let _ = actor
+                    .call(ActionMsg::Stats, Some(Duration::from_secs(60)))
+                    .await;
+            }
+        })
     }
 
     /// Every action's counters.

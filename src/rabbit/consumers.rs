@@ -572,13 +572,17 @@ fn request_receipt(
         match verdict {
             Verdict::Queued { execution_id } | Verdict::Duplicate { execution_id } => {
                 let duplicate = matches!(verdict, Verdict::Duplicate { .. });
-                // A duplicate is answered once what was recorded before it is committed (see
+                // A duplicate is answered once the first copy's actor has handled what it had
+                // (its acceptance among it) and what was recorded is committed (see
                 // `History::settled`).
-                let settled = ctx
-                    .history
-                    .as_ref()
-                    .filter(|_| duplicate)
-                    .map(|h| h.settled());
+                let settled = ctx.history.as_ref().filter(|_| duplicate).map(|h| {
+                    let handled = ctx.executor.handled_so_far(execution_id);
+                    let history = h.clone();
+                    async move {
+                        handled.await;
+                        history.settled().await;
+                    }
+                });
                 let answer = move || {
                     reply(
                         &ctx.publisher,
