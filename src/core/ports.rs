@@ -226,9 +226,11 @@ pub trait History: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, Result<Vec<ExecutionId>, HistoryError>>;
 
     /// Resolves once everything recorded before the call is committed. The intake answers a
-    /// duplicate only then: the first copy may still be uncommitted while the delivery that
-    /// would bring it back sits on a channel that died, so acknowledging the duplicate could
-    /// leave no trace of the execution anywhere if the executor died next.
+    /// duplicate only then, after [`Executor::handled_so_far`](super::Executor::handled_so_far)
+    /// (so the first copy's acceptance is recorded): the first copy may still be uncommitted
+    /// while the delivery that would bring it back sits on a channel that died, so
+    /// acknowledging the duplicate could leave no trace of the execution anywhere if the
+    /// executor died next.
     fn settled(&self) -> futures::future::BoxFuture<'static, ()>;
 }
 
