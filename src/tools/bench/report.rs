@@ -69,8 +69,9 @@ pub struct Phase {
     /// The same samples up to the dispatch's `dispatched_at` (the executor admitted the
     /// execution): the completion's way in and the executor's work on it.
     pub completion_to_admission: Percentiles,
-    /// … and from `dispatched_at` until the worker received the dispatch: publishing it and
-    /// the broker's hop. Percentiles of the parts do not add up to the whole's.
+    /// … and from `dispatched_at` until the worker received the dispatch: the rest of the
+    /// actor's handler (the events handed to the ledger), any wait for a commit, publishing
+    /// and the broker's hop. Percentiles of the parts do not add up to the whole's.
     pub admission_to_worker: Percentiles,
     pub cpu: Cpu,
     pub memory: Memory,
