@@ -528,6 +528,13 @@ async fn a_cancel_that_overtakes_its_request_cancels_it_when_it_arrives() {
         messages_in(&vhost, topology::CANCEL_QUEUE).await == Some((0, 0))
     })
     .await;
+    let metrics = fifo_executor::ops::metrics::install().expect("the metrics recorder");
+    let remembered = support::metric_value(
+        &metrics.render(),
+        "attune_cancels_total",
+        &[("verdict", "remembered")],
+    );
+    assert!(remembered.is_some_and(|n| n >= 1.0), "{remembered:?}");
     // Then 20 arrives, with 21 behind it. The slot is free, yet 20 never runs.
     fleet::publish_requests(
         &vhost.url,

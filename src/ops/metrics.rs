@@ -58,6 +58,8 @@ pub mod names {
     pub const RABBITMQ_CONNECTED: &str = "attune_rabbitmq_connected";
     pub const RABBITMQ_RECONNECTS_TOTAL: &str = "attune_rabbitmq_reconnects_total";
     pub const UNMATCHED_COMPLETIONS_TOTAL: &str = "attune_unmatched_completions_total";
+    /// Counted by the RabbitMQ edge for each cancel from the cancels queue, by `verdict`.
+    pub const CANCELS_TOTAL: &str = "attune_cancels_total";
 
     /// All of the above.
     pub const ALL: &[&str] = &[
@@ -85,6 +87,7 @@ pub mod names {
         RABBITMQ_CONNECTED,
         RABBITMQ_RECONNECTS_TOTAL,
         UNMATCHED_COMPLETIONS_TOTAL,
+        CANCELS_TOTAL,
     ];
 
     /// The histograms, which Prometheus sees as `<name>_bucket`, `<name>_sum`, `<name>_count`.
@@ -179,6 +182,12 @@ fn describe() {
         names::EXECUTIONS_TOTAL,
         "Execution events by outcome: accepted, rejected, succeeded, failed, canceled, timeout, \
          purged, reclaimed, unmatched"
+    );
+    describe_counter!(
+        names::CANCELS_TOTAL,
+        "Cancels from the cancels queue by verdict: canceled, running (left to its worker), \
+         unknown (nothing to cancel) and remembered (its request had not come yet; it is \
+         canceled when it does)"
     );
     describe_counter!(
         names::DLQ_MESSAGES_TOTAL,

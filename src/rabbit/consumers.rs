@@ -33,8 +33,8 @@ use super::throttle::IntakeThrottle;
 use super::wire::{self, DeadLetter, QueueFrom, Reply};
 use crate::core::{Executor, History};
 use crate::model::{
-    ActionRef, CancelRequest, Completion, CompletionVerdict, ExecutionId, Receipt, Redelivery,
-    Rejection, Submission, Verdict, settle,
+    ActionRef, CancelRequest, CancelVerdict, Completion, CompletionVerdict, ExecutionId, Receipt,
+    Redelivery, Rejection, Submission, Verdict, settle,
 };
 
 /// What the consumers need to know, shared by all three.
@@ -704,8 +704,16 @@ pub fn handle_cancels(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &A
                 let execution_id = c.execution_id;
                 requests.push(CancelRequest {
                     execution_id,
-                    receipt: Some(Receipt::new(move |verdict| {
+                    receipt: Some(Receipt::new(move |verdict: CancelVerdict| {
                         tracing::info!(execution_id, ?verdict, "cancel handled");
+                        let verdict = match verdict {
+                            CancelVerdict::Canceled => "canceled",
+                            CancelVerdict::Running => "running",
+                            CancelVerdict::Unknown => "unknown",
+                            CancelVerdict::Remembered => "remembered",
+                        };
+                        metrics::counter!("attune_cancels_total", "verdict" => verdict)
+                            .increment(1);
                         acks.ack(tag);
                     })),
                 });
