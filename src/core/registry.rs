@@ -421,10 +421,10 @@ impl Executor {
             self.shared.canceled_ahead.remember(id);
             // A submission may have claimed the id since the check above; it takes the mark
             // after claiming, so whichever of us takes it handles the cancel.
-            let owner = self.shared.live.get(&id).map(|a| a.value().clone());
-            match owner {
-                Some(_) if self.shared.canceled_ahead.take(id) => known.push(r),
-                _ => settle(r.receipt, CancelVerdict::Remembered),
+            if self.shared.live.contains_key(&id) && self.shared.canceled_ahead.take(id) {
+                known.push(r);
+            } else {
+                settle(r.receipt, CancelVerdict::Remembered);
             }
         }
         if !known.is_empty() {
