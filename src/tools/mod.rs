@@ -147,6 +147,11 @@ impl XorShift {
         Self(nanos ^ u64::from(std::process::id()) | 1)
     }
 
+    /// A generator that repeats the same sequence for the same seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;

@@ -3,6 +3,7 @@
 //! and measures what they see. The same code drives the executor and the broker baseline, so
 //! the two differ only in what sits between the queues.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,6 +39,8 @@ pub enum LoadError {
     Nacked,
     #[error("a producer task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("the broker canceled the workers' consumer")]
+    ConsumerEnded,
 }
 
 /// What the producers and workers saw, checked and measured. Shared behind one lock: a few
@@ -46,6 +49,8 @@ pub struct Collector {
     inner: Mutex<Inner>,
     /// Completions so far, readable without the lock (progress bar, end of run).
     completed: AtomicU64,
+    /// Completions published again for executions that had finished.
+    reported_again: AtomicU64,
     total: u64,
     /// Woken when the last execution completes.
     pub done: Notify,
@@ -63,6 +68,21 @@ struct Inner {
     last_completion: Option<Instant>,
     /// Completions reported as failed (the failure rate at work).
     failed: u64,
+    /// When each dispatch arrived, and whether it was a re-send (attempt > 1); kept only when
+    /// asked for ([`Collector::keep_dispatch_log`]), for the chaos run's per-fault figures.
+    dispatch_log: Option<Vec<(Instant, Arrival)>>,
+}
+
+/// What kind of dispatch arrived, for the dispatch log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Attempt 1.
+    First,
+    /// A higher attempt of an execution a copy of which had arrived before: a re-send.
+    Again,
+    /// A higher attempt of an execution no copy of which had arrived: sent with a raised
+    /// attempt because the executor could not know whether an earlier copy had left.
+    RaisedUnseen,
 }
 
 /// What the collector holds at the end of a run.
@@ -73,6 +93,10 @@ pub struct Collected {
     pub completed: u64,
     pub failed: u64,
     pub resends: u64,
+    /// Of `resends`, those of executions no earlier copy had reached.
+    pub raised_unseen: u64,
+    /// Copies the broker delivered again (flagged `redelivered`).
+    pub redelivered: u64,
     pub foreign: u64,
     pub queue_wait: Histogram<u64>,
     pub completion_to_dispatch: Histogram<u64>,
@@ -105,11 +129,54 @@ impl Collector {
                 start: None,
                 last_completion: None,
                 failed: 0,
+                dispatch_log: None,
             }),
             completed: AtomicU64::new(0),
+            reported_again: AtomicU64::new(0),
             total,
             done: Notify::new(),
         }
+    }
+
+    /// Keeps the arrival time of every dispatch from now on (see [`Collector::dispatch_log`]).
+    pub fn keep_dispatch_log(&self) {
+        self.lock().dispatch_log.get_or_insert_with(Vec::new);
+    }
+
+    /// When each dispatch arrived and what kind it was, in arrival order; empty unless
+    /// [`Collector::keep_dispatch_log`] was called.
+    pub fn dispatch_log(&self) -> Vec<(Instant, Arrival)> {
+        self.lock().dispatch_log.clone().unwrap_or_default()
+    }
+
+    /// Each completed execution and whether it was reported failed.
+    pub fn outcomes(&self) -> std::collections::HashMap<u64, bool> {
+        self.lock().verifier.outcomes()
+    }
+
+    /// The execution ids of the run.
+    pub fn id_range(&self) -> std::ops::Range<u64> {
+        self.lock().verifier.id_range()
+    }
+
+    /// The first submission and the last completion (now, for either not seen yet).
+    pub fn span(&self) -> (Instant, Instant) {
+        let inner = self.lock();
+        let now = Instant::now();
+        (
+            inner.start.unwrap_or(now),
+            inner.last_completion.unwrap_or(now),
+        )
+    }
+
+    /// Completions the workers published again for executions that had already finished
+    /// (a copy of the dispatch came again).
+    pub fn reports_again(&self) -> u64 {
+        self.reported_again.load(Ordering::Relaxed)
+    }
+
+    fn reported_again(&self) {
+        self.reported_again.fetch_add(1, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -137,12 +204,22 @@ impl Collector {
         inner.verifier.submitted(action as usize, id, now);
     }
 
-    fn dispatched(&self, id: u64, attempt: u32, stamps: Stamps) -> Dispatched {
+    fn dispatched(&self, id: u64, attempt: u32, redelivered: bool, stamps: Stamps) -> Dispatched {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut inner = self.lock();
         let enqueued_at = stamps.enqueued_at;
-        let outcome = inner.verifier.dispatched(id, attempt, now, enqueued_at);
+        let outcome = inner
+            .verifier
+            .dispatched(id, attempt, redelivered, now, enqueued_at);
+        if let Some(log) = inner.dispatch_log.as_mut() {
+            let kind = match outcome {
+                _ if attempt <= 1 => Arrival::First,
+                Dispatched::Run { .. } => Arrival::RaisedUnseen,
+                _ => Arrival::Again,
+            };
+            log.push((now, kind));
+        }
         if let Dispatched::Run {
             queue_wait,
             since_completion,
@@ -170,7 +247,7 @@ impl Collector {
         let now = Instant::now();
         let first = {
             let mut inner = self.lock();
-            let first = inner.verifier.completed(id, now, SystemTime::now());
+            let first = inner.verifier.completed(id, failed, now, SystemTime::now());
             if first {
                 let since_start = now.saturating_duration_since(inner.start.unwrap_or(now));
                 inner.timeline.completion(since_start);
@@ -218,6 +295,8 @@ impl Collector {
             completed: inner.verifier.completed_count(),
             failed: inner.failed,
             resends: inner.verifier.resends(),
+            raised_unseen: inner.verifier.raised_unseen(),
+            redelivered: inner.verifier.redelivered(),
             foreign: inner.verifier.foreign(),
             queue_wait: inner.queue_wait.clone(),
             completion_to_dispatch: inner.completion_to_dispatch.clone(),
@@ -229,8 +308,20 @@ impl Collector {
     }
 }
 
+/// How long the producers and workers wait before connecting again after losing their
+/// connection (a broker restart, a connection closed by an operator).
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
 /// Publishes the workload's requests from `workload.producers` channels of one connection,
 /// at most `window` awaiting their confirm per channel. `base` is the first execution id.
+///
+/// The producers outlive a lost connection, as a careful real producer would: they connect
+/// again and publish once more every request whose confirm had not come, under the same
+/// execution id (the executor answers a copy it already has as a duplicate), then go on.
+/// Each action's requests leave from one channel in order, and a lost connection loses only
+/// a suffix of what a channel published, so the copies keep each action's order. Nothing is
+/// given up on: a request counts as submitted once it is recorded, and the run checks that
+/// it ends.
 pub async fn produce(
     url: String,
     workload: Arc<Workload>,
@@ -238,83 +329,168 @@ pub async fn produce(
     window: usize,
     collector: Arc<Collector>,
 ) -> Result<(), LoadError> {
-    let conn = edge::connect(&url, "fifo-executor bench producers").await?;
     let offsets = Arc::new(workload.offsets());
-    let mut tasks = Vec::new();
-    for p in 0..workload.producers {
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        tasks.push(tokio::spawn(producer(
-            ch,
-            p,
-            workload.clone(),
-            offsets.clone(),
-            base,
-            window.max(1),
-            collector.clone(),
-        )));
-    }
-    let mut result = Ok(());
-    for t in tasks {
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(e),
-            Err(join) => result = Err(join.into()),
+    let start = tokio::time::Instant::now();
+    let mut states: Vec<ProducerState> = (0..workload.producers)
+        .map(|p| ProducerState {
+            sequence: workload.sequence(p),
+            next: 0,
+            unconfirmed: VecDeque::new(),
+        })
+        .collect();
+    loop {
+        let conn = match edge::connect(&url, "fifo-executor bench producers").await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "bench producers cannot connect; trying again");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            }
+        };
+        let mut tasks = Vec::new();
+        for state in states.drain(..) {
+            let job = Producer {
+                workload: workload.clone(),
+                offsets: offsets.clone(),
+                base,
+                window: window.max(1),
+                start,
+                collector: collector.clone(),
+            };
+            let conn = &conn;
+            tasks.push(async move {
+                match open_confirm_channel(conn).await {
+                    Ok(ch) => job.run(ch, state).await,
+                    Err(e) => (state, Err(LoadError::from(e))),
+                }
+            });
+        }
+        let mut failure = None;
+        for (state, result) in futures::future::join_all(tasks).await {
+            if let Err(e) = result {
+                failure = Some(e);
+            }
+            states.push(state);
+        }
+        match failure {
+            None => {
+                let _ = conn.close(200, "producers done".into()).await;
+                return Ok(());
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "bench producers lost their connection; publishing \
+                    what was not confirmed again");
+                let _ = conn.close(200, "producers reconnecting".into()).await;
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
         }
     }
-    let _ = conn.close(200, "producers done".into()).await;
-    result
 }
 
-async fn producer(
-    ch: Channel,
-    p: u16,
+async fn open_confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// One producer's progress, kept across connections.
+struct ProducerState {
+    /// What it publishes, in order: (action index, execution number within the action).
+    sequence: Vec<(u32, u64)>,
+    /// Index in `sequence` of the next request never published.
+    next: usize,
+    /// Published and not yet confirmed, oldest first: (execution id, body).
+    unconfirmed: VecDeque<(u64, Vec<u8>)>,
+}
+
+/// What every producer shares.
+struct Producer {
     workload: Arc<Workload>,
     offsets: Arc<Vec<u64>>,
     base: u64,
     window: usize,
+    /// When the run's producers started: requests are due from here.
+    start: tokio::time::Instant,
     collector: Arc<Collector>,
-) -> Result<(), LoadError> {
-    let start = tokio::time::Instant::now();
-    let mut confirms = FuturesOrdered::new();
-    for (j, (a, k)) in workload.sequence(p).into_iter().enumerate() {
-        if let Some(due) = workload.due(j as u64) {
-            tokio::time::sleep_until(start + due).await;
-        }
-        let id = base + offsets[a as usize] + k;
-        let body = serde_json::json!({
-            "execution_id": id,
-            "action_ref": workload.actions[a as usize].name,
-            "request_id": format!("bench-{id}"),
-            "parameters": {"n": k},
-        });
-        // Recorded before publishing, so the dispatch can never arrive first.
-        collector.submitted(a, id);
-        let confirm = ch
-            .basic_publish(
-                topology::EXCHANGE.into(),
-                topology::REQUESTED_ROUTING_KEY.into(),
-                BasicPublishOptions::default(),
-                &serde_json::to_vec(&body).unwrap_or_default(),
-                crate::tools::persistent_json(),
-            )
-            .await?;
-        confirms.push_back(confirm);
-        while confirms.len() >= window {
-            confirmed(confirms.next().await)?;
-        }
-    }
-    while !confirms.is_empty() {
-        confirmed(confirms.next().await)?;
-    }
-    Ok(())
 }
 
-fn confirmed(c: Option<lapin::Result<Confirmation>>) -> Result<(), LoadError> {
+impl Producer {
+    /// Publishes on `ch` until the sequence is done and confirmed, or the channel fails;
+    /// hands the state back either way.
+    async fn run(
+        &self,
+        ch: Channel,
+        mut st: ProducerState,
+    ) -> (ProducerState, Result<(), LoadError>) {
+        let result = self.publish_all(&ch, &mut st).await;
+        (st, result)
+    }
+
+    async fn publish_all(&self, ch: &Channel, st: &mut ProducerState) -> Result<(), LoadError> {
+        let mut confirms = FuturesOrdered::new();
+        // Copies of what a lost connection left unconfirmed go first, in their order.
+        let again: Vec<(u64, Vec<u8>)> = st.unconfirmed.drain(..).collect();
+        for (id, body) in again {
+            let confirm = publish_request(ch, &body).await;
+            st.unconfirmed.push_back((id, body));
+            confirms.push_back(confirm?);
+            while confirms.len() >= self.window {
+                confirmed(confirms.next().await, st)?;
+            }
+        }
+        while let Some(&(a, k)) = st.sequence.get(st.next) {
+            if let Some(due) = self.workload.due(st.next as u64) {
+                tokio::time::sleep_until(self.start + due).await;
+            }
+            let id = self.base + self.offsets[a as usize] + k;
+            let body = serde_json::json!({
+                "execution_id": id,
+                "action_ref": self.workload.actions[a as usize].name,
+                "request_id": format!("bench-{id}"),
+                "parameters": {"n": k},
+            });
+            let body = serde_json::to_vec(&body).unwrap_or_default();
+            // Recorded before publishing, so the dispatch can never arrive first.
+            self.collector.submitted(a, id);
+            st.next += 1;
+            let confirm = publish_request(ch, &body).await;
+            st.unconfirmed.push_back((id, body));
+            confirms.push_back(confirm?);
+            while confirms.len() >= self.window {
+                confirmed(confirms.next().await, st)?;
+            }
+        }
+        while !confirms.is_empty() {
+            confirmed(confirms.next().await, st)?;
+        }
+        Ok(())
+    }
+}
+
+async fn publish_request(ch: &Channel, body: &[u8]) -> Result<lapin::PublisherConfirm, LoadError> {
+    Ok(ch
+        .basic_publish(
+            topology::EXCHANGE.into(),
+            topology::REQUESTED_ROUTING_KEY.into(),
+            BasicPublishOptions::default(),
+            body,
+            crate::tools::persistent_json(),
+        )
+        .await?)
+}
+
+/// Takes the oldest unconfirmed request off the list once the broker confirmed it.
+fn confirmed(
+    c: Option<lapin::Result<Confirmation>>,
+    st: &mut ProducerState,
+) -> Result<(), LoadError> {
     match c {
         Some(Ok(Confirmation::Nack(_))) => Err(LoadError::Nacked),
         Some(Err(e)) => Err(e.into()),
-        _ => Ok(()),
+        _ => {
+            st.unconfirmed.pop_front();
+            Ok(())
+        }
     }
 }
 
@@ -329,18 +505,26 @@ pub struct WorkerSettings {
     pub failure_rate: f64,
 }
 
-/// Simulated workers, bound and consuming, ready before anything is submitted.
+/// Simulated workers, bound and consuming, ready before anything is submitted. They behave
+/// as real workers that key on `execution_id`: a copy of an execution they already finished
+/// gets its outcome reported again, a copy of one still running is left alone, and a lost
+/// connection is opened again (what they had not acknowledged comes back from the broker).
 pub struct Workers {
+    url: String,
+    session: WorkerSession,
+    settings: WorkerSettings,
+}
+
+/// One connection of the workers.
+struct WorkerSession {
     conn: Connection,
     consumer: lapin::Consumer,
     consume_ch: Channel,
     publish: Channel,
-    settings: WorkerSettings,
 }
 
-impl Workers {
-    /// Declares the workers' queue (durable, like a real worker's) and starts consuming.
-    pub async fn connect(url: &str, settings: WorkerSettings) -> Result<Self, LoadError> {
+impl WorkerSession {
+    async fn open(url: &str, settings: &WorkerSettings) -> Result<Self, LoadError> {
         let conn = edge::connect(url, "fifo-executor bench workers").await?;
         let ch = conn.create_channel().await?;
         let mut args = FieldTable::default();
@@ -351,10 +535,7 @@ impl Workers {
         crate::tools::declare_dispatch_queue(&ch, &settings.queue, "#", args).await?;
         ch.basic_qos(settings.prefetch.max(1), BasicQosOptions::default())
             .await?;
-        let publish = conn.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publish = open_confirm_channel(&conn).await?;
         let consumer = ch
             .basic_consume(
                 settings.queue.as_str().into(),
@@ -368,88 +549,145 @@ impl Workers {
             consumer,
             consume_ch: ch,
             publish,
+        })
+    }
+}
+
+impl Workers {
+    /// Declares the workers' queue (durable, like a real worker's) and starts consuming.
+    pub async fn connect(url: &str, settings: WorkerSettings) -> Result<Self, LoadError> {
+        let session = WorkerSession::open(url, &settings).await?;
+        Ok(Self {
+            url: url.to_owned(),
+            session,
             settings,
         })
     }
 
     /// Works until `stop` turns true, then deletes the queue and closes the connection.
     pub async fn run(
-        mut self,
+        self,
         collector: Arc<Collector>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), LoadError> {
-        let (acks, _ack_task) = Acks::spawn(self.consume_ch.clone());
-        // Each dispatch is acknowledged once its completion is confirmed: a worker that
-        // crashed in between would get the dispatch again rather than lose the completion.
-        let (confirm_tx, mut confirm_rx) =
-            mpsc::unbounded_channel::<(lapin::PublisherConfirm, u64)>();
-        let confirm_acks = acks.clone();
-        let confirm_task = tokio::spawn(async move {
-            while let Some((confirm, tag)) = confirm_rx.recv().await {
-                if confirm.await.is_err() {
-                    return;
-                }
-                confirm_acks.ack(tag);
-            }
-        });
+        let Workers {
+            url,
+            mut session,
+            settings,
+        } = self;
         let mut rng = XorShift::seeded();
-        let result = loop {
-            let delivery = tokio::select! {
-                d = self.consumer.next() => d,
-                _ = stop.wait_for(|s| *s) => break Ok(()),
-            };
-            let d = match delivery {
-                None => break Ok(()),
-                Some(Err(e)) => break Err(e.into()),
-                Some(Ok(d)) => d,
-            };
-            let tag = d.delivery_tag;
-            acks.track(tag);
-            let (id, attempt, stamps) = match read_dispatch(&d.data) {
-                Ok(x) => x,
-                Err(e) => {
-                    collector.undecodable(e);
-                    acks.ack(tag);
-                    continue;
+        loop {
+            let lost = work(&mut session, &settings, &collector, &mut stop, &mut rng).await;
+            let Err(e) = lost else { break };
+            tracing::warn!(error = %e, "bench workers lost their connection; connecting again");
+            let _ = session.conn.close(200, "workers reconnecting".into()).await;
+            session = loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+                match WorkerSession::open(&url, &settings).await {
+                    Ok(s) => break s,
+                    Err(e) => tracing::debug!(error = %e, "bench workers cannot connect yet"),
                 }
             };
-            if collector.dispatched(id, attempt, stamps) == Dispatched::Skip {
-                acks.ack(tag);
-                continue;
-            }
-            let took = self.settings.duration.sample(&mut rng);
-            let failed = rng.unit() < self.settings.failure_rate;
-            let job = Completing {
-                id,
-                tag,
-                failed,
-                took,
-                publish: self.publish.clone(),
-                collector: collector.clone(),
-                acks: acks.clone(),
-                confirms: confirm_tx.clone(),
-            };
-            if took.is_zero() {
-                job.finish().await;
-            } else {
-                tokio::spawn(async move {
-                    tokio::time::sleep(took).await;
-                    job.finish().await;
-                });
-            }
-        };
-        drop(confirm_tx);
-        confirm_task.abort();
-        let _ = self
+        }
+        let _ = session
             .consume_ch
             .queue_delete(
-                self.settings.queue.as_str().into(),
+                settings.queue.as_str().into(),
                 QueueDeleteOptions::default(),
             )
             .await;
-        let _ = self.conn.close(200, "workers done".into()).await;
-        result
+        let _ = session.conn.close(200, "workers done".into()).await;
+        Ok(())
     }
+}
+
+/// Works one session until `stop` turns true (`Ok`) or its connection is lost (`Err`).
+async fn work(
+    session: &mut WorkerSession,
+    settings: &WorkerSettings,
+    collector: &Arc<Collector>,
+    stop: &mut watch::Receiver<bool>,
+    rng: &mut XorShift,
+) -> Result<(), LoadError> {
+    let (acks, _ack_task) = Acks::spawn(session.consume_ch.clone());
+    // Each dispatch is acknowledged once its completion is confirmed: a worker that
+    // crashed in between would get the dispatch again rather than lose the completion.
+    let (confirm_tx, mut confirm_rx) = mpsc::unbounded_channel::<(lapin::PublisherConfirm, u64)>();
+    let confirm_acks = acks.clone();
+    let confirm_task = tokio::spawn(async move {
+        while let Some((confirm, tag)) = confirm_rx.recv().await {
+            if confirm.await.is_err() {
+                return;
+            }
+            confirm_acks.ack(tag);
+        }
+    });
+    let result = loop {
+        let delivery = tokio::select! {
+            d = session.consumer.next() => d,
+            _ = stop.wait_for(|s| *s) => break Ok(()),
+        };
+        let d = match delivery {
+            None => break Err(LoadError::ConsumerEnded),
+            Some(Err(e)) => break Err(e.into()),
+            Some(Ok(d)) => d,
+        };
+        let tag = d.delivery_tag;
+        acks.track(tag);
+        let (id, attempt, stamps) = match read_dispatch(&d.data) {
+            Ok(x) => x,
+            Err(e) => {
+                collector.undecodable(e);
+                acks.ack(tag);
+                continue;
+            }
+        };
+        let job = Completing {
+            id,
+            tag,
+            failed: false,
+            took: Duration::ZERO,
+            again: false,
+            publish: session.publish.clone(),
+            collector: collector.clone(),
+            acks: acks.clone(),
+            confirms: confirm_tx.clone(),
+        };
+        match collector.dispatched(id, attempt, d.redelivered, stamps) {
+            Dispatched::Skip => acks.ack(tag),
+            Dispatched::Report { failed } => {
+                Completing {
+                    failed,
+                    again: true,
+                    ..job
+                }
+                .finish()
+                .await
+            }
+            Dispatched::Run { .. } => {
+                let took = settings.duration.sample(rng);
+                let job = Completing {
+                    failed: rng.unit() < settings.failure_rate,
+                    took,
+                    ..job
+                };
+                if took.is_zero() {
+                    job.finish().await;
+                } else {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(took).await;
+                        job.finish().await;
+                    });
+                }
+            }
+        }
+    };
+    drop(confirm_tx);
+    confirm_task.abort();
+    result
 }
 
 /// A simulated execution that has finished and is about to report.
@@ -458,6 +696,8 @@ struct Completing {
     tag: u64,
     failed: bool,
     took: Duration,
+    /// Its outcome was reported before: report it again, without counting it again.
+    again: bool,
     publish: Channel,
     collector: Arc<Collector>,
     acks: Acks,
@@ -468,7 +708,9 @@ impl Completing {
     async fn finish(self) {
         // Counted as no longer running before the completion leaves: the executor cannot
         // dispatch the next one before it has it.
-        if !self.collector.completing(self.id, self.failed) {
+        if self.again {
+            self.collector.reported_again();
+        } else if !self.collector.completing(self.id, self.failed) {
             self.acks.ack(self.tag);
             return;
         }
@@ -487,8 +729,10 @@ impl Completing {
             Ok(confirm) => {
                 let _ = self.confirms.send((confirm, self.tag));
             }
+            // The connection is lost: the dispatch stays unacknowledged, comes back from the
+            // broker, and its outcome is reported again then.
             Err(e) => {
-                tracing::warn!(error = %e, execution_id = self.id, "completion not published")
+                tracing::debug!(error = %e, execution_id = self.id, "completion not published")
             }
         }
     }

@@ -20,6 +20,7 @@
 //! - [`target`]: what is measured (an executor in-process or already running, or the
 //!   relay) and the vhost and database a run may create for itself.
 
+pub mod chaos;
 pub mod load;
 pub mod measure;
 pub mod plan;
@@ -182,6 +183,27 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Inject faults into a real `serve` process while the load runs, e.g.
+    /// `kill:10,close:5,broker:1,postgres:3` (SIGKILL and restart the executor, close its
+    /// RabbitMQ connections, restart RabbitMQ's app, restart PostgreSQL), then audit the
+    /// ledger and the DLQ. Runs in a vhost and database of its own; the broker and PostgreSQL
+    /// restarts affect everything else on this machine too.
+    #[arg(long, conflicts_with_all = ["external", "baseline", "isolated"])]
+    pub chaos: Option<chaos::ChaosPlan>,
+    /// Seed of the fault schedule (random when absent; the report says which).
+    #[arg(long, requires = "chaos")]
+    pub chaos_seed: Option<u64>,
+    /// The fifo-executor binary the chaos run starts `serve` from (default: this one).
+    #[arg(long, requires = "chaos")]
+    pub serve_bin: Option<PathBuf>,
+    /// Where the chaos run keeps the executor's config and logs (default: a new directory
+    /// under the system's temporary directory).
+    #[arg(long, requires = "chaos")]
+    pub chaos_dir: Option<PathBuf>,
+    /// The command that restarts PostgreSQL, split at spaces (default: `pg_ctlcluster
+    /// --skip-systemctl-redirect <version> main restart`).
+    #[arg(long, requires = "chaos")]
+    pub postgres_restart: Option<String>,
 }
 
 /// Runs `fifo-executor bench`, prints the summary and writes the files asked for. Exit status
@@ -253,7 +275,12 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         limited_baseline = Some(phase("limited", target, &config, &workload, args).await?);
     }
     let mut executor = None;
-    if args.baseline != Baseline::BrokerOnly {
+    let mut chaos_report = None;
+    if let Some(plan) = &args.chaos {
+        let (phase, report) = chaos_phase(plan, args, &config, &workload).await?;
+        executor = Some(phase);
+        chaos_report = Some(report);
+    } else if args.baseline != Baseline::BrokerOnly {
         let target = if args.external {
             Target::external(&config, args.executor_pid).await?
         } else {
@@ -261,6 +288,7 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         };
         executor = Some(phase("executor", target, &config, &workload, args).await?);
     }
+    let chaos_ok = chaos_report.as_ref().is_none_or(|c| c.not_injected == 0);
     let ratio_of = |b: &Option<Phase>| match (b, &executor) {
         (Some(b), Some(e)) if b.throughput > 0.0 => Some(e.throughput / b.throughput),
         _ => None,
@@ -270,7 +298,8 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let ok = [&baseline, &limited_baseline, &executor]
         .into_iter()
         .flatten()
-        .all(|p| p.violations_total == 0 && !p.timed_out);
+        .all(|p| p.violations_total == 0 && !p.timed_out)
+        && chaos_ok;
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         started_at,
@@ -285,6 +314,7 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         executor,
         ratio,
         ratio_limited,
+        chaos: chaos_report,
         ok,
     };
     if let Some(path) = &args.report {
@@ -403,9 +433,155 @@ async fn phase(
     args: &BenchArgs,
 ) -> Result<Phase, BenchError> {
     let mut target = target;
-    let outcome = drive(name, &mut target, config, workload, args).await;
+    let outcome = drive(name, &mut target, config, workload, args, None).await;
     target.stop().await;
+    outcome.map(|(phase, _)| phase)
+}
+
+/// The chaos run (`--chaos`): the executor as a child process, faults injected while the
+/// load runs, then the audit. The process, its vhost and its database are gone when this
+/// returns; its logs are kept.
+async fn chaos_phase(
+    plan: &chaos::ChaosPlan,
+    args: &BenchArgs,
+    config: &Config,
+    workload: &Arc<Workload>,
+) -> Result<(Phase, chaos::ChaosReport), BenchError> {
+    if config.executor.durability != Durability::Ledger {
+        return Err(BenchError::Usage(
+            "--chaos needs the Postgres ledger (executor.durability: ledger)".to_owned(),
+        ));
+    }
+    let seed = args
+        .chaos_seed
+        .unwrap_or_else(|| crate::tools::XorShift::seeded().next_u64());
+    let serve_bin = match &args.serve_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| BenchError::Usage(format!("cannot find this binary: {e}")))?,
+    };
+    let postgres_restart = args
+        .postgres_restart
+        .as_deref()
+        .map_or_else(chaos::ChaosSettings::default_postgres_restart, |c| {
+            c.split_whitespace().map(str::to_owned).collect()
+        });
+    let settings = chaos::ChaosSettings {
+        plan: plan.clone(),
+        seed,
+        serve_bin,
+        dir: args
+            .chaos_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("fifo-chaos-{}", run_id()))),
+        postgres_restart: postgres_restart.clone(),
+    };
+    let ct = chaos::start_target(config, args.config.as_deref(), workload, &settings).await?;
+    let pid = ct.process.lock().await.pid_cell();
+    let outcome = async {
+        let mut target = Target::process(&ct.url, pid).await?;
+        let mut rng = crate::tools::XorShift::new(seed);
+        let schedule = plan.schedule(&mut rng);
+        let planned = schedule.len() as u64;
+        let run = ChaosRun {
+            schedule,
+            faults: Arc::new(chaos::ChaosFaults {
+                process: ct.process.clone(),
+                vhost_name: ct.vhost_name.clone(),
+                postgres_restart,
+            }),
+            rng,
+            injections: Arc::new(std::sync::Mutex::new(Vec::new())),
+        };
+        let injections = run.injections.clone();
+        let broker_faults = plan
+            .counts
+            .iter()
+            .any(|(k, n)| *k == chaos::FaultKind::Broker && *n > 0);
+        let driven = drive("executor", &mut target, config, workload, args, Some(run)).await;
+        target.stop().await;
+        // A fault cut short by the end of the run must not leave the broker or the executor
+        // down for the audit.
+        if broker_faults && let Err(e) = chaos::start_broker_app().await {
+            tracing::warn!(error = %e, "could not make sure RabbitMQ's app runs");
+        }
+        let exited = {
+            let mut p = ct.process.lock().await;
+            let exited = p.exited();
+            if exited.is_some() || p.pid_cell().load(std::sync::atomic::Ordering::Acquire) == 0 {
+                let _ = p.start().await;
+            }
+            exited
+        };
+        let (mut phase, collector) = driven?;
+        let injections: Vec<chaos::Injection> = injections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let audit = chaos::audit(
+            &ct.database_url,
+            &ct.url,
+            &collector.outcomes(),
+            collector.id_range(),
+            Duration::from_secs(60),
+        )
+        .await;
+        let mut found = Vec::new();
+        if let Some(status) = exited {
+            found.push(format!("the executor exited by itself ({status})"));
+        }
+        let audit = match audit {
+            Ok(a) => {
+                found.extend(a.violations());
+                Some(a)
+            }
+            Err(e) => {
+                found.push(format!(
+                    "audit: could not read the ledger or the broker: {e}"
+                ));
+                None
+            }
+        };
+        phase.violations_total += found.len() as u64;
+        phase.violations.extend(found);
+        let (start, end) = collector.span();
+        let report = chaos::ChaosReport {
+            plan: args
+                .chaos
+                .as_ref()
+                .map(|p| {
+                    p.counts
+                        .iter()
+                        .map(|(k, n)| format!("{}:{n}", k.name()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            seed,
+            dir: settings.dir.display().to_string(),
+            faults: chaos::fault_reports(&injections, &collector.dispatch_log(), start, end),
+            not_injected: planned.saturating_sub(injections.len() as u64),
+            executor_starts: ct.process.lock().await.lives(),
+            audit,
+            completions_reported_again: collector.reports_again(),
+            redelivered: phase.redelivered,
+        };
+        Ok::<_, BenchError>((phase, report))
+    }
+    .await;
+    ct.process.lock().await.stop(Duration::from_secs(30)).await;
+    ct.vhost.delete().await;
+    ct.database.drop_it().await;
     outcome
+}
+
+/// What `drive` needs to inject the chaos run's faults.
+struct ChaosRun {
+    schedule: Vec<(chaos::FaultKind, f64)>,
+    faults: Arc<chaos::ChaosFaults>,
+    rng: crate::tools::XorShift,
+    /// What was injected so far; the injector adds to it as it goes.
+    injections: Arc<std::sync::Mutex<Vec<chaos::Injection>>>,
 }
 
 async fn drive(
@@ -414,7 +590,8 @@ async fn drive(
     config: &Config,
     workload: &Arc<Workload>,
     args: &BenchArgs,
-) -> Result<Phase, BenchError> {
+    chaos: Option<ChaosRun>,
+) -> Result<(Phase, Arc<Collector>), BenchError> {
     let url = target.url().to_owned();
     target
         .wait_until_consuming(Duration::from_secs(args.start_timeout))
@@ -447,6 +624,9 @@ async fn drive(
     let target_cpu_before = target.cpu();
     let rss_start = target.rss();
     let mut rss_after_warmup = None;
+    if chaos.is_some() {
+        collector.keep_dispatch_log();
+    }
     let mut producers = tokio::spawn(load::produce(
         url.clone(),
         workload.clone(),
@@ -454,6 +634,15 @@ async fn drive(
         config.rabbitmq.confirm_window,
         collector.clone(),
     ));
+    let injector = chaos.map(|c| {
+        tokio::spawn(chaos::inject(
+            c.schedule,
+            c.faults,
+            collector.clone(),
+            c.rng,
+            c.injections,
+        ))
+    });
     let progress = progress_bar(args, name, collector.total());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let mut ticks = tokio::time::interval(TICK);
@@ -484,6 +673,12 @@ async fn drive(
         }
     }
     progress.finish_and_clear();
+    if let Some(injector) = injector {
+        // Done by now unless the run ended or stalled before the last fault was due; what
+        // it injected is already recorded.
+        injector.abort();
+        let _ = injector.await;
+    }
     let cpu_after = target.threads_cpu();
     let target_cpu_after = target.cpu();
     let rss_end = target.rss();
@@ -521,12 +716,14 @@ async fn drive(
             collected.submitted
         ));
     }
-    Ok(Phase {
+    let phase = Phase {
         name: name.to_owned(),
         executions: collector.total(),
         completed,
         failed: collected.failed,
         resends: collected.resends,
+        raised_unseen: collected.raised_unseen,
+        redelivered: collected.redelivered,
         foreign: collected.foreign,
         elapsed_s: elapsed,
         throughput: if elapsed > 0.0 {
@@ -558,7 +755,8 @@ async fn drive(
         violations,
         violations_total: collected.violations_total + u64::from(timed_out),
         timed_out,
-    })
+    };
+    Ok((phase, collector))
 }
 
 fn progress_bar(args: &BenchArgs, name: &str, total: u64) -> indicatif::ProgressBar {

@@ -30,6 +30,8 @@ pub struct Report {
     pub ratio: Option<f64>,
     /// Executor throughput / limited relay's, when both ran.
     pub ratio_limited: Option<f64>,
+    /// The faults injected and the audit, when `--chaos`.
+    pub chaos: Option<super::chaos::ChaosReport>,
     /// No violation, nothing missing, no phase timed out.
     pub ok: bool,
 }
@@ -52,8 +54,12 @@ pub struct Phase {
     pub completed: u64,
     /// Completions reported as failed by the simulated workers.
     pub failed: u64,
-    /// Re-sent dispatches (attempt > 1) seen and not run again.
+    /// Dispatches with attempt > 1 seen (those of executions seen before not run again).
     pub resends: u64,
+    /// Of `resends`, those of executions no earlier copy had reached.
+    pub raised_unseen: u64,
+    /// Copies of dispatches the broker delivered again (flagged redelivered).
+    pub redelivered: u64,
     /// Dispatches of executions this run did not submit.
     pub foreign: u64,
     /// First submission → last completion.
@@ -159,8 +165,68 @@ impl Report {
                 e.throughput, b.throughput, r
             );
         }
+        if let Some(c) = &self.chaos {
+            c.summary(&mut out);
+        }
         let _ = writeln!(out, "{}", if self.ok { "OK" } else { "FAILED" });
         out
+    }
+}
+
+impl super::chaos::ChaosReport {
+    fn summary(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "[chaos] plan {} seed {}: {} faults injected{}, executor started {} times; logs in {}",
+            self.plan,
+            self.seed,
+            self.faults.len(),
+            if self.not_injected > 0 {
+                format!(
+                    " ({} NOT INJECTED: the run ended or stalled first)",
+                    self.not_injected
+                )
+            } else {
+                String::new()
+            },
+            self.executor_starts,
+            self.dir
+        );
+        for f in &self.faults {
+            let _ = writeln!(
+                out,
+                "[chaos]   {:>7.2}s {:<8} took {:>6.0} ms; dispatching paused {:>6.0} ms, back {:>6.0} ms after; {} re-sent, {} of them with no earlier copy ({})",
+                f.at_s,
+                f.fault.name(),
+                f.took_ms,
+                f.stalled_ms,
+                f.resumed_after_ms,
+                f.resent,
+                f.resent_without_earlier_copy,
+                f.detail
+            );
+        }
+        let _ = writeln!(
+            out,
+            "[chaos] workers: {} completions reported again, {} copies redelivered by the broker",
+            self.completions_reported_again, self.redelivered
+        );
+        if let Some(a) = &self.audit {
+            let mut statuses: Vec<String> = a
+                .ledger_statuses
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            statuses.sort();
+            let _ = writeln!(
+                out,
+                "[chaos] ledger after {:.0} ms: {}; dead letters {}; left in the executor's queues {}",
+                a.settled_after_ms,
+                statuses.join(", "),
+                a.dead_letters,
+                a.left_in_queues
+            );
+        }
     }
 }
 
@@ -168,12 +234,14 @@ impl Phase {
     fn summary(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "[{}] {}/{} completed ({} failed by the workers, {} re-sent dispatches, {} foreign) in {:.2}s: {:.0} executions/s",
+            "[{}] {}/{} completed ({} failed by the workers, {} re-sent dispatches ({} with no earlier copy), {} redelivered, {} foreign) in {:.2}s: {:.0} executions/s",
             self.name,
             self.completed,
             self.executions,
             self.failed,
             self.resends,
+            self.raised_unseen,
+            self.redelivered,
             self.foreign,
             self.elapsed_s,
             self.throughput
@@ -423,6 +491,8 @@ mod tests {
             completed: 10,
             failed: 0,
             resends: 0,
+            raised_unseen: 0,
+            redelivered: 0,
             foreign: 0,
             elapsed_s: 2.0,
             throughput: 5.0,
@@ -463,6 +533,7 @@ mod tests {
             executor: Some(phase("executor")),
             ratio: Some(1.0),
             ratio_limited: Some(1.0),
+            chaos: None,
             ok: true,
         };
         let svg = svg(&report);

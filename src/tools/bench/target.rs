@@ -7,6 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
@@ -86,6 +88,16 @@ impl Vhost {
         Ok(vhost)
     }
 
+    /// The vhost's name, for `rabbitmqctl -p`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The AMQP URL of the vhost.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     pub async fn delete(self) {
         if let Err(e) = rabbitmqctl(&["delete_vhost", &self.name]).await {
             tracing::warn!(error = %e, vhost = self.name, "could not delete the run's vhost");
@@ -93,7 +105,8 @@ impl Vhost {
     }
 }
 
-async fn rabbitmqctl(args: &[&str]) -> Result<String, TargetError> {
+/// Runs `rabbitmqctl -q <args…>` and returns its standard output.
+pub async fn rabbitmqctl(args: &[&str]) -> Result<String, TargetError> {
     let failed = |detail: String| TargetError::Rabbitmqctl {
         args: args.join(" "),
         detail,
@@ -177,6 +190,11 @@ impl Database {
             name,
             admin_url,
         })
+    }
+
+    /// The URL of the database.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     pub async fn drop_it(self) {
@@ -264,6 +282,12 @@ enum Kind {
     External {
         url: String,
         pid: Option<u32>,
+    },
+    /// `serve` as a child process that the chaos run kills and starts again; the run owns
+    /// the process, this only reads its id.
+    Process {
+        url: String,
+        pid: Arc<AtomicU32>,
     },
 }
 
@@ -406,6 +430,20 @@ impl Target {
         ))
     }
 
+    /// An executor running as a child process (the chaos run's), whose current process id
+    /// is in `pid` (0 while none runs).
+    pub async fn process(url: &str, pid: Arc<AtomicU32>) -> Result<Target, TargetError> {
+        let probe = edge::connect(url, "fifo-executor bench probe").await?;
+        Ok(Target::new(
+            Kind::Process {
+                url: url.to_owned(),
+                pid,
+            },
+            probe,
+            HashSet::new(),
+        ))
+    }
+
     fn new(kind: Kind, probe: lapin::Connection, io_before: HashSet<u32>) -> Self {
         Self {
             kind,
@@ -418,7 +456,9 @@ impl Target {
     /// The AMQP URL the load generator uses.
     pub fn url(&self) -> &str {
         match &self.kind {
-            Kind::InProcess { url, .. } | Kind::External { url, .. } => url,
+            Kind::InProcess { url, .. }
+            | Kind::External { url, .. }
+            | Kind::Process { url, .. } => url,
             Kind::Relay { vhost, .. } => &vhost.url,
         }
     }
@@ -464,7 +504,7 @@ impl Target {
             }
             tokio::time::sleep(CONSUMING_POLL).await;
         };
-        if !matches!(self.kind, Kind::External { .. }) {
+        if !matches!(self.kind, Kind::External { .. } | Kind::Process { .. }) {
             self.executor_io = &measure::lapin_io_threads() - &self.io_before;
         }
         outcome
@@ -485,6 +525,8 @@ impl Target {
     pub fn cpu(&self) -> Option<f64> {
         match &self.kind {
             Kind::External { pid, .. } => pid.and_then(measure::process_cpu),
+            // Each restart starts the count again: a difference would mean nothing.
+            Kind::Process { .. } => None,
             _ => Some(measure::executor_seconds(&self.threads_cpu())),
         }
     }
@@ -496,6 +538,7 @@ impl Target {
             Kind::Relay { .. } => "relay runtime and its lapin I/O threads (fx-exec*)",
             Kind::External { pid: Some(_), .. } => "executor process (--executor-pid)",
             Kind::External { pid: None, .. } => "not measured (no --executor-pid)",
+            Kind::Process { .. } => "not measured (the chaos run restarts the executor)",
         }
     }
 
@@ -503,6 +546,10 @@ impl Target {
     pub fn rss(&self) -> Option<(u64, u64)> {
         match &self.kind {
             Kind::External { pid, .. } => pid.and_then(|p| measure::rss_kb(Some(p))),
+            Kind::Process { pid, .. } => match pid.load(Ordering::Acquire) {
+                0 => None,
+                p => measure::rss_kb(Some(p)),
+            },
             _ => measure::rss_kb(None),
         }
     }
@@ -512,6 +559,7 @@ impl Target {
         match &self.kind {
             Kind::External { pid: Some(_), .. } => "executor process",
             Kind::External { pid: None, .. } => "not measured (no --executor-pid)",
+            Kind::Process { .. } => "executor process (its current life)",
             _ => "whole bench process: executor and load generator",
         }
     }
@@ -550,7 +598,7 @@ impl Target {
                 runtime.shutdown_background();
                 vhost.delete().await;
             }
-            Kind::External { .. } => {}
+            Kind::External { .. } | Kind::Process { .. } => {}
         }
     }
 }

@@ -3,12 +3,20 @@
 //! broker.
 //!
 //! What is checked, per execution the bench submitted:
-//! - **order**: per action, first attempts are dispatched in submission order;
+//! - **order**: per action, executions reach the workers in submission order, each counted
+//!   at its first copy whatever its `attempt` (after a crash the executor sends with a
+//!   raised attempt what it cannot know was sent; those still leave in order);
 //! - **limit**: per action, executions running from the workers' point of view (dispatch
 //!   received → completion published) never exceed the action's limit;
-//! - **exactly once**: no execution is dispatched twice as a first attempt (a re-sent
-//!   dispatch, attempt > 1, is counted and not run again) and none is completed twice;
+//! - **exactly once**: no execution is dispatched again without a higher `attempt` (a re-sent
+//!   dispatch is counted and not run again; a copy the broker itself delivers again, flagged
+//!   `redelivered`, is excused) and none is completed twice;
 //! - **nothing missing**: at the end every execution is completed.
+//!
+//! The workers act on what [`Verifier::dispatched`] answers as a real worker that keys on
+//! `execution_id` would: run a first copy, report the outcome again for a copy of an
+//! execution that already finished (its first completion may have been lost), and leave a
+//! copy of one still running alone.
 //!
 //! Dispatches of ids the bench did not submit (a shared vhost) are counted, not checked.
 
@@ -37,8 +45,9 @@ pub enum Violation {
         limit: u32,
         running: Vec<u64>,
     },
-    /// A second first-attempt dispatch of an execution already dispatched.
-    DispatchedTwice { execution_id: u64 },
+    /// A dispatch of an execution already dispatched, without a higher attempt and not a
+    /// copy the broker delivered again.
+    DispatchedTwice { execution_id: u64, attempt: u32 },
     /// A second completion of one execution.
     CompletedTwice { execution_id: u64 },
     /// A completion for an execution that was never dispatched (a harness fault).
@@ -73,9 +82,13 @@ impl fmt::Display for Violation {
                 "limit: action {action} had {} executions running at once (limit {limit}): {running:?}",
                 running.len()
             ),
-            Violation::DispatchedTwice { execution_id } => write!(
+            Violation::DispatchedTwice {
+                execution_id,
+                attempt,
+            } => write!(
                 f,
-                "exactly once: execution {execution_id} was dispatched twice as a first attempt"
+                "exactly once: execution {execution_id} was dispatched again as attempt \
+                 {attempt}, no higher than a copy already received"
             ),
             Violation::CompletedTwice { execution_id } => {
                 write!(f, "exactly once: execution {execution_id} completed twice")
@@ -108,7 +121,10 @@ pub enum Dispatched {
         queue_wait: Duration,
         since_completion: Option<Duration>,
     },
-    /// Do not run it (a re-send, a duplicate, or not ours); just acknowledge it.
+    /// It already finished: publish its completion again (reporting `failed` as before), in
+    /// case the first one was lost, then acknowledge it.
+    Report { failed: bool },
+    /// Do not run it (a copy of one still running, or not ours); just acknowledge it.
     Skip,
 }
 
@@ -126,6 +142,10 @@ struct Exec {
     pos: u32,
     submitted_at: Instant,
     state: State,
+    /// The highest `attempt` received so far (0 before the first dispatch).
+    highest_attempt: u32,
+    /// What its completion reported, once completed.
+    failed: bool,
 }
 
 #[derive(Debug)]
@@ -156,6 +176,9 @@ pub struct Verifier {
     submitted: u64,
     completed: u64,
     resends: u64,
+    /// Of `resends`, those whose execution no copy had reached before.
+    raised_unseen: u64,
+    redelivered: u64,
     foreign: u64,
 }
 
@@ -182,6 +205,8 @@ impl Verifier {
             submitted: 0,
             completed: 0,
             resends: 0,
+            raised_unseen: 0,
+            redelivered: 0,
             foreign: 0,
         }
     }
@@ -214,16 +239,20 @@ impl Verifier {
             pos,
             submitted_at: now,
             state: State::Submitted,
+            highest_attempt: 0,
+            failed: false,
         });
         self.submitted += 1;
     }
 
-    /// A worker received a dispatch of `id` with `attempt`; `enqueued_at` is when the
-    /// executor says it accepted the execution (its `enqueued_at`), if it said.
+    /// A worker received a dispatch of `id` with `attempt`, flagged `redelivered` by the
+    /// broker or not; `enqueued_at` is when the executor says it accepted the execution (its
+    /// `enqueued_at`), if it said.
     pub fn dispatched(
         &mut self,
         id: u64,
         attempt: u32,
+        redelivered: bool,
         now: Instant,
         enqueued_at: Option<SystemTime>,
     ) -> Dispatched {
@@ -236,17 +265,36 @@ impl Verifier {
             return Dispatched::Skip;
         };
         if exec.state != State::Submitted {
-            if attempt > 1 {
+            let again = if attempt > exec.highest_attempt {
+                exec.highest_attempt = attempt;
                 self.resends += 1;
+                None
+            } else if redelivered {
+                self.redelivered += 1;
+                None
             } else {
-                self.violate(Violation::DispatchedTwice { execution_id: id });
+                Some(Violation::DispatchedTwice {
+                    execution_id: id,
+                    attempt,
+                })
+            };
+            let answer = match exec.state {
+                State::Completed => Dispatched::Report {
+                    failed: exec.failed,
+                },
+                _ => Dispatched::Skip,
+            };
+            if let Some(v) = again {
+                self.violate(v);
             }
-            return Dispatched::Skip;
+            return answer;
         }
         if attempt > 1 {
-            // The first copy never reached us; a re-send may follow later first attempts.
+            // No copy reached us before: the executor could not know whether one had.
             self.resends += 1;
+            self.raised_unseen += 1;
         }
+        exec.highest_attempt = attempt;
         exec.state = State::Running;
         let (action, pos, queue_wait) = (
             exec.action as usize,
@@ -255,7 +303,7 @@ impl Verifier {
         );
         let a = &self.actions[action];
         let mut found = Vec::new();
-        if pos != a.next && attempt == 1 {
+        if pos != a.next {
             found.push(Violation::OutOfOrder {
                 action: a.name.clone(),
                 expected: a.order[a.next],
@@ -302,9 +350,9 @@ impl Verifier {
     }
 
     /// A worker is about to publish the completion of `id` (at `now`, `wall` by the wall
-    /// clock). Returns whether the completion is a first one for an execution of this run (a
-    /// worker sends nothing otherwise).
-    pub fn completed(&mut self, id: u64, now: Instant, wall: SystemTime) -> bool {
+    /// clock), reporting `failed` or not. Returns whether the completion is a first one for an
+    /// execution of this run (a worker sends nothing otherwise).
+    pub fn completed(&mut self, id: u64, failed: bool, now: Instant, wall: SystemTime) -> bool {
         let Some(exec) = self.slot(id).and_then(|s| self.execs[s].as_mut()) else {
             return false;
         };
@@ -319,6 +367,7 @@ impl Verifier {
             }
             State::Running => {
                 exec.state = State::Completed;
+                exec.failed = failed;
                 let a = &mut self.actions[exec.action as usize];
                 a.running.retain(|r| *r != id);
                 if a.dispatched < a.order.len() {
@@ -348,6 +397,34 @@ impl Verifier {
     /// Re-sent dispatches (attempt > 1) seen.
     pub fn resends(&self) -> u64 {
         self.resends
+    }
+
+    /// Each completed execution and whether its completion reported it failed.
+    pub fn outcomes(&self) -> std::collections::HashMap<u64, bool> {
+        self.execs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                e.as_ref()
+                    .filter(|e| e.state == State::Completed)
+                    .map(|e| (self.base + i as u64, e.failed))
+            })
+            .collect()
+    }
+
+    /// The ids this run may submit.
+    pub fn id_range(&self) -> std::ops::Range<u64> {
+        self.base..self.base + self.execs.len() as u64
+    }
+
+    /// Dispatches with attempt > 1 of executions no earlier copy had reached.
+    pub fn raised_unseen(&self) -> u64 {
+        self.raised_unseen
+    }
+
+    /// Copies the broker delivered again (flagged `redelivered`, no higher attempt) seen.
+    pub fn redelivered(&self) -> u64 {
+        self.redelivered
     }
 
     /// Dispatches of executions this run did not submit.
@@ -398,10 +475,10 @@ mod tests {
 
     fn run(v: &mut Verifier, id: u64, now: Instant) {
         assert!(matches!(
-            v.dispatched(id, 1, now, None),
+            v.dispatched(id, 1, false, now, None),
             Dispatched::Run { .. }
         ));
-        assert!(v.completed(id, now, SystemTime::now()));
+        assert!(v.completed(id, false, now, SystemTime::now()));
     }
 
     #[test]
@@ -447,7 +524,7 @@ mod tests {
             v.submitted(0, id, now);
         }
         for id in 100..103 {
-            v.dispatched(id, 1, now, None);
+            v.dispatched(id, 1, false, now, None);
         }
         let (violations, _) = v.finish();
         assert!(violations.contains(&Violation::OverLimit {
@@ -472,12 +549,18 @@ mod tests {
         let (mut v, now) = verifier(1);
         v.submitted(0, 100, now);
         run(&mut v, 100, now);
-        assert!(!v.completed(100, now, SystemTime::now()));
-        assert_eq!(v.dispatched(100, 1, now, None), Dispatched::Skip);
+        assert!(!v.completed(100, false, now, SystemTime::now()));
+        assert_eq!(
+            v.dispatched(100, 1, false, now, None),
+            Dispatched::Report { failed: false }
+        );
         let (violations, total) = v.finish();
         assert_eq!(total, 2);
         assert!(violations.contains(&Violation::CompletedTwice { execution_id: 100 }));
-        assert!(violations.contains(&Violation::DispatchedTwice { execution_id: 100 }));
+        assert!(violations.contains(&Violation::DispatchedTwice {
+            execution_id: 100,
+            attempt: 1
+        }));
     }
 
     #[test]
@@ -485,14 +568,35 @@ mod tests {
         let (mut v, now) = verifier(1);
         v.submitted(0, 100, now);
         assert!(matches!(
-            v.dispatched(100, 1, now, None),
+            v.dispatched(100, 1, false, now, None),
             Dispatched::Run { .. }
         ));
-        assert_eq!(v.dispatched(100, 2, now, None), Dispatched::Skip);
-        assert!(v.completed(100, now, SystemTime::now()));
-        assert_eq!(v.dispatched(100, 3, now, None), Dispatched::Skip);
+        assert_eq!(v.dispatched(100, 2, false, now, None), Dispatched::Skip);
+        assert!(v.completed(100, true, now, SystemTime::now()));
+        assert_eq!(
+            v.dispatched(100, 3, false, now, None),
+            Dispatched::Report { failed: true },
+            "a finished execution's outcome is reported again"
+        );
         assert_eq!(v.resends(), 2);
         assert_eq!(v.finish().1, 0);
+    }
+
+    #[test]
+    fn a_copy_the_broker_delivers_again_is_excused_and_one_the_executor_repeats_is_not() {
+        let (mut v, now) = verifier(1);
+        v.submitted(0, 100, now);
+        v.dispatched(100, 1, false, now, None);
+        assert_eq!(v.dispatched(100, 1, true, now, None), Dispatched::Skip);
+        assert_eq!(v.redelivered(), 1);
+        assert_eq!(v.dispatched(100, 2, false, now, None), Dispatched::Skip);
+        assert_eq!(v.dispatched(100, 2, false, now, None), Dispatched::Skip);
+        let (violations, total) = v.finish();
+        assert_eq!(total, 2, "the repeat of attempt 2, and 100 never completed");
+        assert!(violations.contains(&Violation::DispatchedTwice {
+            execution_id: 100,
+            attempt: 2
+        }));
     }
 
     #[test]
@@ -502,7 +606,7 @@ mod tests {
             v.submitted(0, id, now);
         }
         run(&mut v, 100, now);
-        v.dispatched(101, 1, now, None);
+        v.dispatched(101, 1, false, now, None);
         let (violations, total) = v.finish();
         assert_eq!(total, 1);
         assert_eq!(
@@ -519,8 +623,8 @@ mod tests {
     #[test]
     fn dispatches_of_other_ids_are_counted_as_foreign() {
         let (mut v, now) = verifier(1);
-        assert_eq!(v.dispatched(5, 1, now, None), Dispatched::Skip);
-        assert_eq!(v.dispatched(105, 1, now, None), Dispatched::Skip);
+        assert_eq!(v.dispatched(5, 1, false, now, None), Dispatched::Skip);
+        assert_eq!(v.dispatched(105, 1, false, now, None), Dispatched::Skip);
         assert_eq!(v.foreign(), 2);
         assert_eq!(v.finish().1, 0);
     }
@@ -531,22 +635,22 @@ mod tests {
         let wall = SystemTime::now();
         v.submitted(0, 100, t0);
         v.submitted(0, 101, t0);
-        v.dispatched(100, 1, t0, None);
+        v.dispatched(100, 1, false, t0, None);
         let t1 = t0 + Duration::from_millis(10);
-        v.completed(100, t1, wall);
+        v.completed(100, false, t1, wall);
         let t2 = t1 + Duration::from_millis(3);
         assert_eq!(
-            v.dispatched(101, 1, t2, Some(wall)),
+            v.dispatched(101, 1, false, t2, Some(wall)),
             Dispatched::Run {
                 queue_wait: Duration::from_millis(13),
                 since_completion: Some(Duration::from_millis(3))
             }
         );
         // Nothing waits behind 101: its completion starts no measurement.
-        v.completed(101, t2, wall);
+        v.completed(101, false, t2, wall);
         v.submitted(0, 102, t2);
         assert!(matches!(
-            v.dispatched(102, 1, t2, None),
+            v.dispatched(102, 1, false, t2, None),
             Dispatched::Run {
                 since_completion: None,
                 ..
@@ -560,11 +664,11 @@ mod tests {
         let wall = SystemTime::now();
         v.submitted(0, 100, t0);
         v.submitted(0, 101, t0);
-        v.dispatched(100, 1, t0, None);
-        v.completed(100, t0, wall);
+        v.dispatched(100, 1, false, t0, None);
+        v.completed(100, false, t0, wall);
         let accepted_later = wall + Duration::from_millis(5);
         assert!(matches!(
-            v.dispatched(101, 1, t0, Some(accepted_later)),
+            v.dispatched(101, 1, false, t0, Some(accepted_later)),
             Dispatched::Run {
                 since_completion: None,
                 ..
