@@ -24,9 +24,7 @@ use fifo_executor::core::{
 use fifo_executor::db::actions::ActionIds;
 use fifo_executor::db::ledger::{LedgerOptions, LedgerSink};
 use fifo_executor::db::{self, Schema, Worker};
-use fifo_executor::model::{
-    ActionRef, Completion, EndStatus, Payload, Receipt, Redelivery, Submission,
-};
+use fifo_executor::model::{ActionRef, Completion, EndStatus, Payload, Receipt, Submission};
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::runtime::Runtime;
@@ -126,7 +124,6 @@ async fn write_rows(ledger: &LedgerSink, actions: &[ActionRef]) {
                 payload: payload.clone(),
                 enqueued_at: now,
                 receipt: Some(Receipt::new(|_| {})),
-                redelivery: Redelivery::NotExpected,
             })
             .collect();
         ledger.record(events);

@@ -571,7 +571,7 @@ async fn open_ledger(
     use crate::db;
     let pool = db::connect_lazy(&config.database.url, config.database.max_connections)?;
     let schema = db::Schema::new(&config.database.schema)?;
-    db::migrate(&pool, &schema).await?;
+    db::retry_transient("migrating the schema", || db::migrate(&pool, &schema)).await?;
     let ids = Arc::new(db::actions::ActionIds::new(&schema));
     let (ledger, ledger_worker) = db::ledger::LedgerSink::start(
         pool.clone(),
@@ -591,7 +591,7 @@ async fn open_ledger(
         snapshot_interval: Duration::from_secs(config.stats.snapshot_interval_seconds),
     });
     let policies = Arc::new(db::policies::DbPolicySource::new(&schema, fallback));
-    policies.load(&pool).await?;
+    db::retry_transient("loading the policies", || policies.load(&pool)).await?;
     tracing::info!(schema = schema.name(), "Postgres ledger open");
     let durable = Durable {
         pool,

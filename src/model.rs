@@ -228,9 +228,6 @@ pub struct Submission {
     pub payload: Payload,
     /// Answered with the [`Verdict`] once the acceptance is safe (see `OutcomeSink`).
     pub receipt: Option<Receipt<Verdict>>,
-    /// Whether a copy of this request comes back if the executor dies before its acceptance
-    /// is committed, and whether this is such a copy.
-    pub redelivery: Redelivery,
 }
 
 impl Submission {
@@ -240,41 +237,7 @@ impl Submission {
             request_id: None,
             payload,
             receipt: None,
-            redelivery: Redelivery::NotExpected,
         }
-    }
-}
-
-/// What the executor can count on if it dies before a submission's acceptance is committed.
-/// With the ledger and `database.dispatch_wait: acceptance`, it decides whether the
-/// execution may be dispatched before that commit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Redelivery {
-    /// Nothing comes back under the same id (an HTTP call, or a request whose id the executor
-    /// assigned): the execution is dispatched only once its acceptance is committed, so that
-    /// it can never run under two ids.
-    #[default]
-    NotExpected,
-    /// An unacknowledged RabbitMQ request that names its `execution_id`: the broker delivers
-    /// it again, under the same id, to the next executor. It may be dispatched at once.
-    Expected,
-    /// Such a request delivered again and not in the ledger: an executor may have taken it,
-    /// dispatched it and died before committing its acceptance, so it goes out as attempt 2,
-    /// and only once its acceptance is committed.
-    MaybeSent,
-}
-
-impl Redelivery {
-    /// Whether the execution may be dispatched before its acceptance commits: only a first
-    /// delivery. A copy delivered again waits for the commit, so that a second crash cannot
-    /// send attempt 2 twice.
-    pub fn may_leave_before_commit(self) -> bool {
-        self == Redelivery::Expected
-    }
-
-    /// Dispatches that may already have gone out for the execution.
-    pub fn sent_before(self) -> u32 {
-        u32::from(self == Redelivery::MaybeSent)
     }
 }
 

@@ -8,9 +8,7 @@ use common_core::rig::QueueRig;
 use common_core::{limit, payload_of, policy};
 use fifo_executor::core::ports::{Event, RemovalReason};
 use fifo_executor::core::{PurgeOrder, QueueSettings, RateLimit, Restored};
-use fifo_executor::model::{
-    CancelVerdict, CompletionVerdict, Redelivery, Rejection, UnmatchedReason, Verdict,
-};
+use fifo_executor::model::{CancelVerdict, CompletionVerdict, Rejection, UnmatchedReason, Verdict};
 use tokio::time::advance;
 
 fn settings(max_queue_length: usize, queue_timeout: Duration) -> QueueSettings {
@@ -719,6 +717,26 @@ async fn restored_running_executions_may_exceed_the_limit_and_hold_back_admissio
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_completion_for_a_restored_execution_that_may_have_been_sent_ends_it_while_it_waits() {
+    // The dead executor sent 2 ahead of committing its admission and a worker finished it;
+    // the completion comes before 2's turn in the new executor, whose slot 1 holds.
+    let mut q = rig(1);
+    let mut maybe_sent = restored(2, &q, 30, None);
+    maybe_sent.sent_before = 1;
+    q.restore(vec![
+        restored(1, &q, 40, Some(35)),
+        maybe_sent,
+        restored(3, &q, 20, None),
+    ]);
+    assert_eq!(q.complete(2), CompletionVerdict::Freed);
+    assert_eq!(q.waiting_ids(), vec![3], "2 ended where it waited");
+    assert_eq!(q.queue.active_count(), 1, "1 still holds its slot");
+    q.complete(1);
+    assert_eq!(q.dispatched_ids(), vec![3], "2 is not sent again: it ran");
+    assert_eq!(q.queue.stats().total_completed, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_restored_execution_that_may_have_been_sent_goes_out_with_a_higher_attempt() {
     let mut q = rig(1);
     let mut maybe_sent = restored(1, &q, 30, None);
@@ -735,43 +753,6 @@ async fn a_restored_execution_that_may_have_been_sent_goes_out_with_a_higher_att
     q.submit_all([3]);
     q.complete(2);
     assert_eq!(q.dispatched[2].attempt, 1);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_redelivered_request_that_may_have_been_sent_goes_out_as_attempt_two() {
-    let mut q = rig(1);
-    q.submit_all([1]);
-    let mut copy = common_core::sub(2);
-    copy.redelivery = Redelivery::MaybeSent;
-    q.submit_with(copy);
-    let mut fresh = common_core::sub(3);
-    fresh.redelivery = Redelivery::Expected;
-    q.submit_with(fresh);
-    q.complete(1);
-    q.complete(2);
-    let attempts: Vec<(u64, u32)> = q
-        .dispatched
-        .iter()
-        .map(|d| (d.execution_id, d.attempt))
-        .collect();
-    assert_eq!(attempts, vec![(1, 1), (2, 2), (3, 1)]);
-    let redeliveries: Vec<Redelivery> = q
-        .log
-        .iter()
-        .filter_map(|e| match e {
-            Event::Accepted { redelivery, .. } => Some(*redelivery),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        redeliveries,
-        vec![
-            Redelivery::NotExpected,
-            Redelivery::MaybeSent,
-            Redelivery::Expected
-        ],
-        "the sink learns what the intake knew"
-    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use fifo_executor::core::{Event, OutcomeSink, PurgeOrder, QueueSettings, Uniform
 use fifo_executor::db::actions::ActionIds;
 use fifo_executor::db::ledger::{LedgerOptions, LedgerSink, SENT_AHEAD_PER_ACTION};
 use fifo_executor::model::{
-    ActionRef, CancelRequest, EndStatus, Payload, Receipt, Redelivery, Submission, Verdict,
+    ActionRef, CancelRequest, EndStatus, Payload, Receipt, Submission, Verdict,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +144,6 @@ fn accepted(action: &ActionRef, id: u64, at: DateTime<Utc>) -> Event {
         payload: Payload::empty_object(),
         enqueued_at: at,
         receipt: None,
-        redelivery: Redelivery::NotExpected,
     }
 }
 
@@ -215,7 +214,6 @@ async fn stopping_the_writer_commits_and_settles_what_is_pending() {
                 receipt: Some(Receipt::new(move |v| {
                     let _ = tx.send(v);
                 })),
-                redelivery: Redelivery::NotExpected,
             }
         })
         .collect();
@@ -516,62 +514,6 @@ async fn when_safe_a_just_accepted_execution_waits_for_its_acceptance_commit() {
     pg.restart().await;
     let order = rig.next_dispatched_ids(2).await;
     assert_eq!(order, vec![2, 3]);
-    rig.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_safe_a_request_the_broker_would_redeliver_leaves_before_its_acceptance_commits() {
-    let a = action("core.named");
-    let (pg, _db, mut rig) = when_safe_after_one(&a, 3).await;
-
-    pg.stop().await;
-    let _named = rig.submit_as(&a, [2], Redelivery::Expected);
-    let sent = rig.next_dispatches(1).await;
-    assert_eq!(
-        (sent[0].execution_id, sent[0].attempt),
-        (2, 1),
-        "a crash now brings 2's request back under its own id: no commit needed"
-    );
-    // 3's id was not named by its producer: it waits for its acceptance's commit, and 4,
-    // named, waits behind it once a slot frees, to keep FIFO.
-    let _assigned = rig.submit(&a, [3]);
-    let _behind = rig.submit_as(&a, [4], Redelivery::Expected);
-    rig.complete(1, EndStatus::Succeeded);
-    rig.settle_actors().await;
-    rig.until_writes_failed(1).await;
-    assert!(rig.no_dispatch_waiting());
-    pg.restart().await;
-    let order = rig.next_dispatched_ids(2).await;
-    assert_eq!(order, vec![3, 4]);
-    rig.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_safe_a_redelivered_copy_waits_for_its_acceptance_commit_and_goes_out_as_attempt_two()
-{
-    let a = action("core.copy");
-    let (pg, db, mut rig) = when_safe_after_one(&a, 2).await;
-    pg.stop().await;
-    // Sent before by an executor that died: if this one died too before the commit, a third
-    // would send attempt 2 again. So it waits, though a slot is free.
-    let _copy = rig.submit_as(&a, [2], Redelivery::MaybeSent);
-    rig.settle_actors().await;
-    rig.until_writes_failed(1).await;
-    assert!(rig.no_dispatch_waiting());
-    pg.restart().await;
-    let sent = rig.next_dispatches(1).await;
-    assert_eq!((sent[0].execution_id, sent[0].attempt), (2, 2));
-    rig.sync().await;
-    let attempts: Vec<(i64, i32)> =
-        sqlx::query_as("SELECT id, attempt FROM attune.execution ORDER BY id")
-            .fetch_all(&db.pool)
-            .await
-            .expect("attempts");
-    assert_eq!(
-        attempts,
-        vec![(1, 1), (2, 2)],
-        "the ledger agrees with the dispatch"
-    );
     rig.shutdown().await;
 }
 

@@ -322,7 +322,7 @@ async fn attempt_of(db: &TestDb, id: u64) -> i32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redelivered_named_request_goes_out_as_attempt_two_even_after_a_clean_stop() {
+async fn a_redelivered_named_request_the_ledger_does_not_have_goes_out_as_attempt_one() {
     let db = TestDb::new().await;
     let vhost = TestVhost::create().await;
     let probe = fleet::connect(&vhost.url).await;
@@ -332,8 +332,9 @@ async fn a_redelivered_named_request_goes_out_as_attempt_two_even_after_a_clean_
     let fleet = Fleet::start(&vhost.url, "redelivery.workers", workers(&one_action())).await;
 
     // Request 1 was taken by a consumer that went away without acknowledging it, as an
-    // executor that died after dispatching it would have; the clean stop on record says
-    // nothing about it. Request 2 is delivered for the first time.
+    // executor that died before committing its acceptance would have. No dispatch leaves
+    // before its acceptance is committed, so no worker can have it: it goes out as attempt 1,
+    // like request 2, delivered for the first time.
     fleet::publish_requests(&vhost.url, &[(1, ONE_ACTION.to_owned())]).await;
     leave_unacknowledged(&probe, 1).await;
     fleet::publish_requests(&vhost.url, &[(2, ONE_ACTION.to_owned())]).await;
@@ -341,17 +342,37 @@ async fn a_redelivered_named_request_goes_out_as_attempt_two_even_after_a_clean_
     let ran: Vec<(u64, String)> = (1..=2).map(|i| (i, ONE_ACTION.to_owned())).collect();
     assert_every_execution_ran_once(&fleet, &db, &ran, &one_action(), Duration::from_secs(30))
         .await;
-    assert_eq!(
-        attempt_of(&db, 1).await,
-        2,
-        "it may have been sent as attempt 1"
-    );
+    assert_eq!(attempt_of(&db, 1).await, 1);
     assert_eq!(attempt_of(&db, 2).await, 1);
     service.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_duplicate_of_an_uncommitted_execution_is_answered_only_once_it_is_committed() {
+async fn a_service_started_while_postgres_restarts_waits_for_it_instead_of_exiting() {
+    let pg = TempPg::start().await;
+    let db = TestDb::on_server(&pg.url()).await;
+    let vhost = TestVhost::create().await;
+    let probe = fleet::connect(&vhost.url).await;
+    // A service started by its supervisor (or after a kill -9) while Postgres restarts: its
+    // migrations and its recovery find the server gone and must try again, not exit.
+    pg.stop().await;
+    let (service, ()) = tokio::join!(
+        Service::start(config_for(&vhost, &db, &one_action())),
+        async {
+            // Longer than a connection is waited for (3 s): the start is refused outright.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            pg.restart().await;
+        }
+    );
+    let service = service.expect("the service starts once Postgres is back");
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let fleet = Fleet::start(&vhost.url, "late.workers", workers(&one_action())).await;
+    run_to_the_end(&fleet, &vhost, &db, 1..=3).await;
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncommitted_execution_is_neither_dispatched_nor_answered_as_a_duplicate() {
     let pg = TempPg::start().await;
     let db = TestDb::on_server(&pg.url()).await;
     let vhost = TestVhost::create().await;
@@ -359,11 +380,14 @@ async fn a_duplicate_of_an_uncommitted_execution_is_answered_only_once_it_is_com
     let service = start_one_action(&vhost, &db, &probe).await;
     let fleet = Fleet::start(&vhost.url, "uncommitted.workers", workers(&one_action())).await;
 
-    // With Postgres down, request 1 (its id named) runs before its acceptance is committed.
+    // With Postgres down, request 1 (its id named, its slot free) is accepted and waits for
+    // its acceptance's commit before it may leave: were the executor to die now, the next one
+    // would know nothing of 1 until its request came back, and could admit others of the
+    // action while a worker still ran 1.
     pg.stop().await;
     fleet::publish_requests(&vhost.url, &[(1, ONE_ACTION.to_owned())]).await;
-    poll_until(Duration::from_secs(30), "1 ran", || async {
-        fleet.finished() >= 1
+    poll_until(Duration::from_secs(30), "1 accepted", || async {
+        service.executor.is_live(1)
     })
     .await;
     // The same request again, as the broker would deliver it after a reconnect: acknowledging
@@ -374,6 +398,10 @@ async fn a_duplicate_of_an_uncommitted_execution_is_answered_only_once_it_is_com
             .await
             .is_err(),
         "no answer (and no ack) while 1 is uncommitted"
+    );
+    assert!(
+        fleet.record.lock().expect("record").first_order.is_empty(),
+        "no worker got 1 before its acceptance was committed"
     );
     pg.restart().await;
     let answer = tokio::time::timeout(Duration::from_secs(30), answers.next())

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{
     ActionRef, CancelVerdict, CompletionVerdict, EndStatus, ExecutionId, Payload, Receipt,
-    Redelivery, Rejection, Verdict,
+    Rejection, Verdict,
 };
 
 /// An execution admitted to a slot, to be handed to a worker.
@@ -71,8 +71,6 @@ pub enum Event {
         payload: Payload,
         enqueued_at: DateTime<Utc>,
         receipt: Option<Receipt<Verdict>>,
-        /// From the submission: whether a lost acceptance comes back under the same id.
-        redelivery: Redelivery,
     },
     /// Not accepted; the sink settles the receipt with [`Verdict::Rejected`].
     Rejected {

@@ -8,7 +8,9 @@
 //! The rules:
 //! - FIFO is the order of acceptance. An execution is admitted at once only when nothing waits
 //!   and a slot (and the rate limit) allows; otherwise it waits at the tail.
-//! - A completion frees exactly its own execution's slot, then the head is admitted.
+//! - A completion frees exactly its own execution's slot, then the head is admitted. A
+//!   completion for a waiting execution frees nothing, unless the execution was restored
+//!   after a crash as possibly sent: then a worker did run it, and it ends there.
 //! - Waiting executions leave the queue only by admission, cancel, timeout or purge; the rest
 //!   keep their order.
 
@@ -245,7 +247,6 @@ impl ActionQueue {
             request_id,
             payload,
             receipt,
-            redelivery,
         } = sub;
         // What already waited too long leaves first: it must not count against the queue
         // length, even when the timer that removes it is still behind this message.
@@ -283,14 +284,13 @@ impl ActionQueue {
             payload: payload.clone(),
             enqueued_at: self.wall(now),
             receipt,
-            redelivery,
         });
         self.waiting.push_back(Waiting {
             id: execution_id,
             request_id,
             payload,
             enqueued: now,
-            sent_before: redelivery.sent_before(),
+            sent_before: 0,
         });
         true
     }
@@ -317,7 +317,27 @@ impl ActionQueue {
             self.pump(now, fx);
             return;
         }
-        let reason = if self.waiting.iter().any(|w| w.id == execution_id) {
+        let waiting_at = self.waiting.iter().position(|w| w.id == execution_id);
+        // Restored after a crash with its attempt raised: the dead executor may have sent
+        // it ahead of committing the admission, and this completion says a worker ran it.
+        // It ends here; waiting for its copy to go out again would rely on the worker to
+        // report once more an execution it already finished.
+        if let Some(pos) = waiting_at.filter(|&p| self.waiting[p].sent_before > 0) {
+            if let Some(w) = self.waiting.remove(pos) {
+                self.counters.completed += 1;
+                self.progress(now, fx);
+                fx.events.push(Event::Completed {
+                    action: self.action.clone(),
+                    execution_id: w.id,
+                    status,
+                    result,
+                    at: self.wall(now),
+                    receipt,
+                });
+            }
+            return;
+        }
+        let reason = if waiting_at.is_some() {
             UnmatchedReason::NeverDispatched
         } else {
             UnmatchedReason::Unknown

@@ -16,18 +16,22 @@
 //!
 //! A dispatch must never leave in a way a restart could not account for. The service
 //! dispatches through [`LedgerSink::dispatch_when_safe`] (`database.dispatch_wait:
-//! acceptance`, the default): a dispatch leaves at once if a crash could not bring its
-//! request back as a new execution, no earlier dispatch of the action is held, and at most
-//! [`SENT_AHEAD_PER_ACTION`] admissions and removals of the action are uncommitted; otherwise
-//! it is held until the commit. The first holds when the execution's acceptance is committed,
-//! or when the request names its `execution_id` and is still unacknowledged
-//! ([`Redelivery::Expected`](crate::model::Redelivery::Expected)): a crash then brings it back
-//! under that id, redelivered, and the next executor sends it as attempt 2. Recovery raises the
-//! attempt of the first [`SENT_AHEAD_PER_ACTION`] waiting executions of each action, the only
-//! ones a worker may hold while the ledger shows them waiting. An execution that waited in the
-//! queue was accepted long before its slot freed, so the hand-off from a completion to the
-//! next dispatch waits for no commit; with named ids, neither does a new execution that finds
-//! a free slot.
+//! acceptance`, the default): a dispatch leaves at once if its execution's acceptance is
+//! committed, no earlier dispatch of the action is held, and at most [`SENT_AHEAD_PER_ACTION`]
+//! admissions and removals of the action are uncommitted; otherwise it is held until the
+//! commit. So everything a worker may hold is in the ledger, and what it may hold while the
+//! ledger still shows it waiting is at the head of its action's queue: recovery raises the
+//! attempt of the first [`SENT_AHEAD_PER_ACTION`] waiting executions of each action and the
+//! next executor admits them first, so no action has more at its workers than its limit
+//! across a crash either. An execution that waited in the queue was accepted long before its
+//! slot freed, so the hand-off from a completion to the next dispatch waits for no commit;
+//! only a new execution that finds a free slot waits for its acceptance's.
+//!
+//! (Until session 6 a request that named its `execution_id` could leave before its acceptance
+//! was committed, the broker's redelivery standing in for the ledger. After a crash the next
+//! executor knew nothing of such an execution until its request came back, and could admit
+//! others of its action meanwhile while a worker still ran it: more at the workers than the
+//! limit. A dispatch no longer leaves ahead of its acceptance, whatever the request names.)
 //!
 //! [`LedgerSink::dispatch_after_commit`] (`database.dispatch_wait: admission`) holds every
 //! dispatch until its admission is committed: a worker never gets an execution the ledger
@@ -291,11 +295,10 @@ impl LedgerSink {
 
     /// A [`Dispatcher`] that sends a batch at once when that is safe for recovery, and
     /// otherwise holds it, like [`LedgerSink::dispatch_after_commit`], until what was recorded
-    /// before it is committed. Safe means: a crash cannot bring the request of any execution
-    /// in it back as a new execution (its acceptance is committed, or the broker would
-    /// deliver it again under the same id, see [`crate::model::Redelivery`]), no earlier
-    /// batch of the action is held (FIFO), and at most [`SENT_AHEAD_PER_ACTION`] admissions
-    /// and removals of the action are still uncommitted.
+    /// before it is committed. Safe means: the acceptance of every execution in it is
+    /// committed (the ledger knows it exists), no earlier batch of the action is held (FIFO),
+    /// and at most [`SENT_AHEAD_PER_ACTION`] admissions and removals of the action are still
+    /// uncommitted.
     ///
     /// A dispatch sent this way may reach a worker while the ledger still shows the execution
     /// as `requested`. Recovery copes: such executions are always among the first
@@ -307,14 +310,7 @@ impl LedgerSink {
     ///
     /// A waiting execution's acceptance was committed long before the slot frees, so the
     /// hand-off from a completion to the next dispatch waits for no commit; only a dispatch
-    /// of an execution accepted moments ago whose id the executor assigned does.
-    ///
-    /// A request that names its id is acknowledged only after its acceptance commits. If
-    /// the executor dies before that, the broker delivers it again, flagged as redelivered;
-    /// any executor sends a redelivered named request it does not know as attempt 2, and
-    /// only once its acceptance is committed
-    /// ([`Redelivery::MaybeSent`](crate::model::Redelivery::MaybeSent)), so a second crash
-    /// cannot repeat that attempt.
+    /// of an execution accepted moments ago does.
     pub fn dispatch_when_safe(self: &Arc<Self>, inner: Arc<dyn Dispatcher>) -> WhenSafe {
         self.shared.flights.enabled.store(true, Ordering::Relaxed);
         WhenSafe {
@@ -445,8 +441,8 @@ struct Flights {
 
 #[derive(Debug, Default)]
 struct Flight {
-    /// Executions whose acceptance is recorded and not yet committed, and which may not leave
-    /// before that commit (all but [`Expected`](crate::model::Redelivery::Expected)).
+    /// Executions whose acceptance is recorded and not yet committed: none may leave before
+    /// that commit.
     unaccepted: std::collections::HashSet<ExecutionId>,
     /// Admissions and removals from the queue recorded and not yet committed.
     departures: usize,
@@ -477,14 +473,11 @@ impl Flights {
         let mut flights = self.lock();
         for event in events {
             match event {
-                // A request the broker would deliver again under the same id may leave before
-                // its acceptance commits (the copy comes back under that id): nothing to track.
                 Event::Accepted {
                     action,
                     execution_id,
-                    redelivery,
                     ..
-                } if !redelivery.may_leave_before_commit() => {
+                } => {
                     flights
                         .entry(action.clone())
                         .or_default()
@@ -708,9 +701,6 @@ struct Accept<'a> {
     parameters: Cow<'a, str>,
     enqueued_at: DateTime<Utc>,
     created: DateTime<Utc>,
-    /// Dispatches an earlier executor may have sent (a redelivered request): the row's
-    /// `attempt` starts there, as the dispatch's does.
-    sent_before: i32,
 }
 
 /// Everything one batch does to one execution, folded into the state it ends in.
@@ -804,7 +794,6 @@ impl<'a> Plan<'a> {
                 request_id,
                 payload,
                 enqueued_at,
-                redelivery,
                 ..
             } => {
                 let row = self.row(id, *enqueued_at);
@@ -814,7 +803,6 @@ impl<'a> Plan<'a> {
                     parameters: jsonb_text(payload.json()),
                     enqueued_at: *enqueued_at,
                     created: created.unwrap_or(*enqueued_at),
-                    sent_before: i32::try_from(redelivery.sent_before()).unwrap_or(i32::MAX),
                 });
             }
             Event::Admitted { at, .. } => {
@@ -1280,8 +1268,7 @@ impl Writer {
             c.parameters.push(&accept.parameters);
             c.enqueued_at.push(accept.enqueued_at);
             c.dispatched_at.push(row.dispatched_at);
-            c.attempt
-                .push((accept.sent_before + row.admissions).max(row.min_attempt()));
+            c.attempt.push(row.admissions.max(row.min_attempt()));
             c.result.push(row.result.as_deref());
         }
         let u = UpdateColumns::of(&updates);
@@ -1396,7 +1383,6 @@ mod tests {
                 payload: Payload::empty_object(),
                 enqueued_at: at(0),
                 receipt: None,
-                redelivery: crate::model::Redelivery::NotExpected,
             }),
             event(Event::Admitted {
                 action: a.clone(),

@@ -101,6 +101,60 @@ impl DbError {
     pub(crate) fn query(context: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
         move |source| DbError::Query { context, source }
     }
+
+    /// Whether the same call may work later: Postgres was unreachable, restarting or out of
+    /// resources, not refusing what was asked.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Query { source, .. } => is_transient(source),
+            DbError::Migrate {
+                source: sqlx::migrate::MigrateError::Execute(source),
+                ..
+            } => is_transient(source),
+            DbError::TimedOut { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Pauses between attempts of [`retry_transient`]: from the first to the last, doubling.
+const START_RETRY: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(5),
+);
+
+/// Runs `op` again, with backoff, for as long as it fails only because Postgres cannot be
+/// reached (a restart, a failover, the server not up yet); any other error is returned at
+/// once. For the start-up steps (migrations, policies, recovery): a service started while
+/// Postgres restarts waits for it instead of exiting.
+pub async fn retry_transient<T, F, Fut>(what: &str, mut op: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut pause = START_RETRY.0;
+    let mut failures = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(failures, "{what}: Postgres answers again");
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_transient() => {
+                if failures == 0 {
+                    tracing::warn!(error = %e, "{what}: Postgres cannot be reached; trying again");
+                } else {
+                    tracing::debug!(error = %e, "{what}: still failing");
+                }
+                failures += 1;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(START_RETRY.1);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The longest schema name Postgres keeps without truncating it.

@@ -101,6 +101,45 @@ pub async fn recover(
     schema: &Schema,
     executor: &Executor,
 ) -> Result<RecoveryReport, DbError> {
+    // Everything is read before anything is restored, so that a Postgres restart in the
+    // middle costs a retry of the reading, never an execution restored twice.
+    let clock = executor.clock().clone();
+    let (report, groups) = super::retry_transient("recovering the queues from the ledger", || {
+        read(pool, schema, &clock)
+    })
+    .await?;
+    for (action, restored) in groups {
+        executor.restore(&action, restored)?;
+    }
+    if let Some(max) = report.max_execution_id {
+        executor.observe_execution_id(max);
+        if report.ended_before {
+            executor.ended_before_start(max);
+        }
+    }
+    tracing::info!(
+        actions = report.actions,
+        waiting = report.waiting,
+        running = report.running,
+        unconfirmed = report.unconfirmed.len(),
+        maybe_sent = report.maybe_sent,
+        skipped = report.skipped.len(),
+        "recovered live executions from the ledger"
+    );
+    Ok(report)
+}
+
+/// The live executions of the ledger per action, in acceptance order.
+type Groups = Vec<(ActionRef, Vec<Restored>)>;
+
+/// Marks the run, raises the attempts a crash calls for, and reads every live execution.
+/// Safe to run again after it failed half-way: at worst a second attempt raises an attempt
+/// once more (a higher attempt never repeats one a worker saw).
+async fn read(
+    pool: &PgPool,
+    schema: &Schema,
+    clock: &crate::core::Clock,
+) -> Result<(RecoveryReport, Groups), DbError> {
     let mut report = RecoveryReport {
         after_clean_stop: begin_run(pool, schema).await?,
         ..RecoveryReport::default()
@@ -115,11 +154,8 @@ pub async fn recover(
          WHERE e.status IN ('requested', 'scheduled', 'running') \
          ORDER BY a.ref, e.accept_seq",
     );
-    let clock = executor.clock();
     let mut rows = sqlx::query(sql).fetch(pool);
-    // Rows arrive grouped by action; each group is handed over as soon as it is complete so
-    // that only one action's rows are held here at a time.
-    let mut current: Option<(ActionRef, Vec<Restored>)> = None;
+    let mut groups: Groups = Vec::new();
     while let Some(row) = rows
         .try_next()
         .await
@@ -134,12 +170,9 @@ pub async fn recover(
                 continue;
             }
         };
-        if current.as_ref().is_none_or(|(a, _)| *a != live.action) {
-            if let Some((action, restored)) = current.take() {
-                executor.restore(&action, restored)?;
-            }
+        if groups.last().is_none_or(|(a, _)| *a != live.action) {
             report.actions += 1;
-            current = Some((live.action.clone(), Vec::new()));
+            groups.push((live.action.clone(), Vec::new()));
         }
         let admitted_at = match live.status.as_str() {
             "requested" => {
@@ -163,7 +196,7 @@ pub async fn recover(
                 Some(clock.stamp_of(live.dispatched_at.unwrap_or(live.enqueued_at)))
             }
         };
-        if let Some((_, restored)) = current.as_mut() {
+        if let Some((_, restored)) = groups.last_mut() {
             restored.push(Restored {
                 execution_id: live.id,
                 request_id: live.request_id.map(String::into_boxed_str),
@@ -174,27 +207,10 @@ pub async fn recover(
             });
         }
     }
-    if let Some((action, restored)) = current.take() {
-        executor.restore(&action, restored)?;
-    }
+    drop(rows);
     report.ended_before = super::history::any_ended(pool, schema).await?;
     report.max_execution_id = max_execution_id(pool, schema).await?;
-    if let Some(max) = report.max_execution_id {
-        executor.observe_execution_id(max);
-        if report.ended_before {
-            executor.ended_before_start(max);
-        }
-    }
-    tracing::info!(
-        actions = report.actions,
-        waiting = report.waiting,
-        running = report.running,
-        unconfirmed = report.unconfirmed.len(),
-        maybe_sent = report.maybe_sent,
-        skipped = report.skipped.len(),
-        "recovered live executions from the ledger"
-    );
-    Ok(report)
+    Ok((report, groups))
 }
 
 /// Raises `attempt` of the first [`SENT_AHEAD_PER_ACTION`] `requested` executions of each
@@ -267,14 +283,17 @@ pub async fn record_resends(
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query(schema.sql(
-        "UPDATE {s}.execution SET attempt = attempt + 1 \
-         WHERE id = ANY($1) AND status = 'scheduled'",
-    ))
-    .bind(&ids)
-    .execute(pool)
-    .await
-    .map_err(DbError::query("counting dispatches sent again"))?;
+    super::retry_transient("counting dispatches sent again", || async {
+        sqlx::query(schema.sql(
+            "UPDATE {s}.execution SET attempt = attempt + 1 \
+             WHERE id = ANY($1) AND status = 'scheduled'",
+        ))
+        .bind(&ids)
+        .execute(pool)
+        .await
+        .map_err(DbError::query("counting dispatches sent again"))
+    })
+    .await?;
     Ok(())
 }
 

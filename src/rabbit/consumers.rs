@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use super::wire::{self, DeadLetter, QueueFrom, Reply};
 use crate::core::{Executor, History};
 use crate::model::{
     ActionRef, CancelRequest, CancelVerdict, Completion, CompletionVerdict, ExecutionId, Receipt,
-    Redelivery, Rejection, Submission, Verdict, settle,
+    Rejection, Submission, Verdict, settle,
 };
 
 /// What the consumers need to know, shared by all three.
@@ -43,8 +43,13 @@ pub struct ConsumerContext {
     pub publisher: PublisherHandle,
     /// Bodies larger than this are dead-lettered unread.
     pub max_message_bytes: usize,
-    /// A message delivered more often than this is a poison message.
+    /// A message delivered more often than this is a poison message (plus one delivery per
+    /// session this process lost; see [`ConsumerContext::poison_threshold`]).
     pub max_deliveries: u32,
+    /// RabbitMQ sessions this process has lost so far (connections dropped or closed, broker
+    /// restarts). Each gives every unacknowledged message back to the broker once: routine,
+    /// not a sign of a message that breaks the executor.
+    session_losses: AtomicU32,
     /// When false, failures are logged and counted but not published.
     pub dlq_enabled: bool,
     /// Deliveries seen per message, for classic queues, which do not count redeliveries
@@ -151,6 +156,7 @@ impl ConsumerContext {
             publisher,
             max_message_bytes,
             max_deliveries,
+            session_losses: AtomicU32::new(0),
             dlq_enabled,
             redeliveries: Mutex::new(HashMap::new()),
             completion_log: CompletionLog::new(),
@@ -200,6 +206,24 @@ impl ConsumerContext {
         self
     }
 
+    /// Says that the RabbitMQ session was lost: what it had not acknowledged comes back once
+    /// more, and that must not count towards making it a poison message.
+    pub fn session_lost(&self) {
+        self.session_losses.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Deliveries above which a message is poison: `rabbitmq.max_deliveries`, plus one for
+    /// every session this process lost. A message that breaks the executor makes it crash
+    /// (a new process, no losses counted yet), so it still reaches the bound with quorum
+    /// queues, which count deliveries across processes. A message handled fine but given back
+    /// by a dropped connection, a broker restart or a Postgres outage (nothing is
+    /// acknowledged while the ledger cannot commit) is not poison, however often that happens:
+    /// dead-lettering a completion for it would hold its slot for an hour.
+    pub fn poison_threshold(&self) -> u32 {
+        self.max_deliveries
+            .saturating_add(self.session_losses.load(Ordering::Acquire))
+    }
+
     /// How many times this message has been delivered, counting this time: from the broker's
     /// `x-delivery-count` (quorum queues) or our own count (classic queues).
     fn deliveries(&self, d: &Delivery) -> u32 {
@@ -217,7 +241,12 @@ impl ConsumerContext {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         d.data.hash(&mut hasher);
         d.routing_key.as_str().hash(&mut hasher);
-        let key = hasher.finish();
+        self.count_redelivery(hasher.finish())
+    }
+
+    /// Counts one more delivery of the redelivered message with this hash (classic queues);
+    /// returns its deliveries so far.
+    fn count_redelivery(&self, key: u64) -> u32 {
         let mut seen = self.redeliveries.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= MAX_TRACKED_REDELIVERIES {
             seen.clear();
@@ -300,7 +329,7 @@ impl ConsumerContext {
     /// Dead-letters a message delivered too often, before anything else is done with it.
     fn is_poison(&self, d: &Delivery, acks: &Acks, queue_from: QueueFrom) -> bool {
         let deliveries = self.deliveries(d);
-        if deliveries <= self.max_deliveries {
+        if deliveries <= self.poison_threshold() {
             return false;
         }
         self.refuse(
@@ -309,8 +338,10 @@ impl ConsumerContext {
             queue_from,
             "PoisonMessage",
             format!(
-                "delivered {deliveries} times (rabbitmq.max_deliveries is {})",
-                self.max_deliveries
+                "delivered {deliveries} times (rabbitmq.max_deliveries is {}, plus {} for \
+                 sessions lost)",
+                self.max_deliveries,
+                self.session_losses.load(Ordering::Acquire)
             ),
         );
         true
@@ -448,16 +479,6 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
         if let Some(id) = req.execution_id {
             supplied.push(id);
         }
-        // Unacknowledged until its acceptance commits, a request that names its id comes back
-        // under that id if this executor dies first; one with an assigned id would not. A copy
-        // that comes back may have been dispatched by an executor that died, and nothing but
-        // the broker's flag tells: even after a recorded clean stop, a request the crashed
-        // executor before it had taken may still be waiting in the queue.
-        let redelivery = match req.execution_id {
-            None => Redelivery::NotExpected,
-            Some(_) if d.redelivered => Redelivery::MaybeSent,
-            Some(_) => Redelivery::Expected,
-        };
         let execution_id = req
             .execution_id
             .unwrap_or_else(|| ctx.executor.next_execution_id());
@@ -467,7 +488,6 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
             request_id: req.request_id,
             payload: req.payload,
             receipt: Some(receipt),
-            redelivery,
         };
         match per_action.iter_mut().find(|(a, _)| *a == req.action_ref) {
             Some((_, subs)) => subs.push(sub),
@@ -759,8 +779,9 @@ mod tests {
     use crate::core::memory::{ChannelDispatcher, DiscardSink, NoStats};
     use crate::core::{ActionPolicy, Ports, QueueSettings, UniformPolicy};
 
-    #[tokio::test]
-    async fn held_requests_are_released_when_their_batch_is_submitted_or_dropped() {
+    /// A consumer context over an idle in-memory executor, with a publisher that never
+    /// connects.
+    async fn context(max_deliveries: u32) -> Arc<ConsumerContext> {
         let (dispatcher, _dispatched) = ChannelDispatcher::new();
         let ports = Ports {
             dispatcher: Arc::new(dispatcher),
@@ -775,13 +796,18 @@ mod tests {
         .await
         .expect("executor");
         let (publisher, _slot, _task) = crate::rabbit::publisher::spawn(None, 8);
-        let ctx = Arc::new(ConsumerContext::new(
+        Arc::new(ConsumerContext::new(
             Arc::new(executor),
             publisher,
             1024,
-            5,
+            max_deliveries,
             false,
-        ));
+        ))
+    }
+
+    #[tokio::test]
+    async fn held_requests_are_released_when_their_batch_is_submitted_or_dropped() {
+        let ctx = context(5).await;
         let first = ctx.hold(vec![1, 2]);
         let second = ctx.hold(vec![2]);
         assert!(ctx.holds_any(&[1]) && ctx.holds_any(&[2]));
@@ -796,6 +822,27 @@ mod tests {
         assert!(ctx.holds_any(&[2]), "still held by the other batch");
         drop(second);
         assert!(!ctx.holds_any(&[1, 2]));
+    }
+
+    #[tokio::test]
+    async fn redeliveries_caused_by_lost_sessions_do_not_make_a_message_poison() {
+        let ctx = context(2).await;
+        // A completion held unacknowledged while Postgres is down, its connection dropped
+        // three times meanwhile: four deliveries in all.
+        let mut deliveries = 1;
+        for _ in 0..3 {
+            ctx.session_lost();
+            deliveries = ctx.count_redelivery(42);
+        }
+        assert_eq!(deliveries, 4);
+        assert!(
+            deliveries <= ctx.poison_threshold(),
+            "three lost sessions explain three redeliveries"
+        );
+        // Coming back without a lost session to explain it is what a poison message does.
+        let again = ctx.count_redelivery(42);
+        let again = ctx.count_redelivery(42).max(again);
+        assert!(again > ctx.poison_threshold());
     }
 
     #[test]

@@ -87,6 +87,7 @@ where
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 publisher_slot.send_replace(None);
+                ctx.session_lost();
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "RabbitMQ session lost; reconnecting");
                 metrics::counter!("attune_rabbitmq_reconnects_total").increment(1);
             }

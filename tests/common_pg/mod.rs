@@ -25,8 +25,7 @@ use fifo_executor::db::ledger::{LedgerOptions, LedgerSink};
 use fifo_executor::db::stats::StatsWriter;
 use fifo_executor::db::{self, Schema, Worker};
 use fifo_executor::model::{
-    ActionRef, Completion, EndStatus, ExecutionId, Payload, Receipt, Redelivery, Submission,
-    Verdict,
+    ActionRef, Completion, EndStatus, ExecutionId, Payload, Receipt, Submission, Verdict,
 };
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -346,17 +345,6 @@ impl Rig {
         action: &ActionRef,
         ids: impl IntoIterator<Item = ExecutionId>,
     ) -> mpsc::UnboundedReceiver<(ExecutionId, Verdict)> {
-        self.submit_as(action, ids, Redelivery::NotExpected)
-    }
-
-    /// Submits as the RabbitMQ intake would a request that names its id (`Expected`), or a
-    /// redelivered one after a crash (`MaybeSent`).
-    pub fn submit_as(
-        &self,
-        action: &ActionRef,
-        ids: impl IntoIterator<Item = ExecutionId>,
-        redelivery: Redelivery,
-    ) -> mpsc::UnboundedReceiver<(ExecutionId, Verdict)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let subs = ids
             .into_iter()
@@ -367,7 +355,6 @@ impl Rig {
                     Payload::from_json(&format!(r#"{{"n": {id}}}"#)).expect("json"),
                 );
                 sub.request_id = Some(format!("req-{id}").into_boxed_str());
-                sub.redelivery = redelivery;
                 sub.receipt = Some(Receipt::new(move |v| {
                     let _ = tx.send((id, v));
                 }));
