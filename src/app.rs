@@ -74,6 +74,9 @@ pub fn queue_settings(c: &Config) -> QueueSettings {
         queue_timeout: Duration::from_secs(c.executor.queue.queue_timeout_seconds),
         emergency_mode: c.executor.emergency_mode,
         remember_ended: c.executor.remember_ended_ids,
+        no_route_retry: Duration::from_millis(c.executor.queue.no_route_retry_ms),
+        no_route_timeout: (c.executor.queue.no_route_timeout_seconds > 0)
+            .then(|| Duration::from_secs(c.executor.queue.no_route_timeout_seconds)),
     }
 }
 
@@ -118,6 +121,43 @@ type CorePorts = (
     Arc<dyn PolicySource>,
     Option<Durable>,
 );
+
+/// What the publisher learns about dispatches goes to the ledger (`running` once delivered)
+/// and to the executor (returned ones wait again; a delivery ends an action's no-route
+/// state). Both are set after the publisher starts, hence the cells.
+struct Outcomes {
+    ledger: Arc<std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>>,
+    /// Weak: the executor's dispatcher holds the publisher.
+    executor: Arc<std::sync::OnceLock<std::sync::Weak<Executor>>>,
+}
+
+impl Outcomes {
+    fn executor(&self) -> Option<Arc<Executor>> {
+        self.executor.get().and_then(std::sync::Weak::upgrade)
+    }
+}
+
+impl publisher::DispatchOutcomes for Outcomes {
+    fn delivered(&self, d: &crate::core::Dispatch) {
+        if let Some(ledger) = self.ledger.get() {
+            ledger.mark_running(vec![d.execution_id]);
+        }
+        if let Some(executor) = self.executor() {
+            executor.delivered(&d.action);
+        }
+    }
+
+    fn returned(&self, d: crate::core::Dispatch) {
+        if let Some(executor) = self.executor() {
+            executor.returned(vec![d]);
+        }
+    }
+
+    fn still_wanted(&self, d: &crate::core::Dispatch) -> bool {
+        self.executor()
+            .is_none_or(|executor| executor.is_live(d.execution_id))
+    }
+}
 
 /// Feeds the in-memory latest counters (HTTP, metrics, health) and the `queue_stats` writer.
 struct BothStats(Arc<LatestStats>, Arc<crate::db::stats::StatsWriter>);
@@ -242,16 +282,12 @@ impl Service {
         // built before the ledger (the ledger's inner sink publishes dead letters), hence the cell.
         let ledger_cell: Arc<std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>> =
             Arc::new(std::sync::OnceLock::new());
-        let on_confirmed: Option<publisher::DispatchConfirmed> = ledger_mode.then(|| {
-            let cell = ledger_cell.clone();
-            Arc::new(move |ids: &[crate::model::ExecutionId]| {
-                if let Some(ledger) = cell.get() {
-                    ledger.mark_running(ids.to_vec());
-                }
-            }) as publisher::DispatchConfirmed
+        let outcomes = Arc::new(Outcomes {
+            ledger: ledger_cell.clone(),
+            executor: Arc::new(std::sync::OnceLock::new()),
         });
         let (publisher, slot, _publisher_task) =
-            publisher::spawn(on_confirmed, config.rabbitmq.confirm_window);
+            publisher::spawn(Some(outcomes.clone()), config.rabbitmq.confirm_window);
         let stats = Arc::new(LatestStats::default());
         let dead_letters: Arc<dyn OutcomeSink> = Arc::new(DeadLetterSink::new(
             publisher.clone(),
@@ -294,6 +330,7 @@ impl Service {
         };
         let executor = Arc::new(Executor::start(queue_settings(&config), ports, policies).await?);
         live_only.bind(&executor);
+        let _ = outcomes.executor.set(Arc::downgrade(&executor));
         if let Some(d) = durable.as_mut() {
             // Everything the ledger holds goes back into the queues before anything is consumed.
             let report = crate::db::recovery::recover(&d.pool, &d.schema, &executor).await?;

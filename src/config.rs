@@ -124,6 +124,12 @@ pub struct QueueConfig {
     /// Longest an execution may wait in its queue before it is timed out to the DLQ
     /// (suspended in emergency mode).
     pub queue_timeout_seconds: u64,
+    /// While an action's dispatches find no worker queue (the broker returns them), how
+    /// often its head is tried again, in milliseconds.
+    pub no_route_retry_ms: u64,
+    /// How long an action's dispatches may find no worker queue before those that come back
+    /// are dead-lettered (`NoRoute`); 0 never. Not applied in emergency mode.
+    pub no_route_timeout_seconds: u64,
     /// Whether Prometheus metrics are recorded and served on `/metrics`; the runbook turns them
     /// off to shed overhead in a crash loop.
     pub enable_metrics: bool,
@@ -134,6 +140,8 @@ impl Default for QueueConfig {
         Self {
             max_queue_length: 10_000,
             queue_timeout_seconds: 3600,
+            no_route_retry_ms: 1000,
+            no_route_timeout_seconds: 600,
             enable_metrics: true,
         }
     }
@@ -1250,6 +1258,15 @@ impl Validator<'_> {
             queue.queue_timeout_seconds == 0,
             "every queued execution would time out at once",
         );
+        self.require(
+            queue.no_route_retry_ms >= 10,
+            &["executor", "queue", "no_route_retry_ms"],
+            || {
+                "must be at least 10: an action without a worker queue would be retried in a \
+                 tight loop"
+                    .to_owned()
+            },
+        );
         self.positive(
             &["executor", "shutdown_timeout_seconds"],
             executor.shutdown_timeout_seconds == 0,
@@ -1556,6 +1573,8 @@ mod tests {
         for path in [
             "executor.queue.max_queue_length",
             "executor.queue.queue_timeout_seconds",
+            "executor.queue.no_route_retry_ms",
+            "executor.queue.no_route_timeout_seconds",
             "executor.queue.enable_metrics",
             "executor.emergency_mode",
             "executor.durability",

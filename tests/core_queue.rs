@@ -814,3 +814,115 @@ async fn counters_follow_every_kind_of_outcome() {
     q.complete(2);
     assert!(q.queue.is_idle());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dispatches that no worker queue takes
+
+fn no_route_settings(timeout: Option<Duration>) -> QueueSettings {
+    QueueSettings {
+        no_route_retry: Duration::from_secs(1),
+        no_route_timeout: timeout,
+        ..QueueSettings::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_returned_dispatch_frees_its_slot_and_goes_out_again_first_with_the_same_attempt() {
+    let mut q = QueueRig::new(no_route_settings(None), policy(1));
+    q.submit_all([1, 2]);
+    assert_eq!(q.dispatched_ids(), vec![1]);
+    q.returned(1);
+    assert_eq!(
+        q.queue.active_count(),
+        0,
+        "no worker got it: the slot is free"
+    );
+    assert_eq!(q.waiting_ids(), vec![1, 2], "1 keeps its place before 2");
+    assert!(q.queue.no_route_since().is_some());
+    assert_eq!(
+        q.dispatched_ids(),
+        vec![1],
+        "nothing goes out until the next try"
+    );
+    assert_eq!(
+        q.queue.next_wake(),
+        Some(q.now().plus(Duration::from_secs(1)))
+    );
+    advance(Duration::from_secs(1)).await;
+    q.tick_due();
+    assert_eq!(q.dispatched_ids(), vec![1, 1]);
+    assert_eq!(
+        q.dispatched[1].attempt, 1,
+        "the returned copy reached no worker"
+    );
+    assert!(
+        q.log.iter().any(|e| matches!(
+            e,
+            Event::Returned {
+                execution_id: 1,
+                ..
+            }
+        )),
+        "the ledger hears of it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn returned_dispatches_wait_again_in_the_order_they_went_out() {
+    let mut q = QueueRig::new(no_route_settings(None), policy(3));
+    q.submit_all([1, 2, 3, 4]);
+    assert_eq!(q.dispatched_ids(), vec![1, 2, 3]);
+    for id in [1, 2, 3] {
+        q.returned(id);
+    }
+    assert_eq!(q.waiting_ids(), vec![1, 2, 3, 4]);
+    q.cancel(2);
+    q.submit_all([5]);
+    assert_eq!(q.waiting_ids(), vec![1, 3, 4, 5]);
+    // A delivery ends the wait at once: a worker queue is bound now.
+    q.routed();
+    assert_eq!(q.dispatched_ids(), vec![1, 2, 3, 1, 3, 4]);
+    assert!(q.queue.no_route_since().is_none());
+    // Returned again later, the new ones go back behind nothing returned before.
+    q.returned(4);
+    assert_eq!(q.waiting_ids(), vec![4, 5]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_no_route_timeout_what_comes_back_is_dead_lettered_and_the_next_tried_at_once() {
+    let mut q = QueueRig::new(no_route_settings(Some(Duration::from_secs(5))), policy(1));
+    q.submit_all([1, 2]);
+    q.returned(1);
+    advance(Duration::from_secs(6)).await;
+    q.tick_due();
+    assert_eq!(q.dispatched_ids(), vec![1, 1]);
+    q.returned(1);
+    assert_eq!(q.removed(RemovalReason::NoRoute), vec![1]);
+    assert_eq!(q.dispatched_ids(), vec![1, 1, 2], "2 goes out at once");
+    assert_eq!(q.queue.stats().total_no_route, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_emergency_mode_nothing_is_dead_lettered_for_having_no_route() {
+    let mut settings = no_route_settings(Some(Duration::from_secs(5)));
+    settings.emergency_mode = true;
+    let mut q = QueueRig::new(settings, policy(1));
+    q.submit_all([1]);
+    q.returned(1);
+    advance(Duration::from_secs(60)).await;
+    q.tick_due();
+    q.returned(1);
+    assert!(q.removed(RemovalReason::NoRoute).is_empty());
+    assert_eq!(q.waiting_ids(), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_return_for_an_execution_that_no_longer_holds_a_slot_changes_nothing() {
+    let mut q = QueueRig::new(no_route_settings(None), policy(1));
+    q.submit_all([1, 2]);
+    q.complete(1);
+    q.returned(1);
+    assert!(q.queue.no_route_since().is_none());
+    assert_eq!(q.dispatched_ids(), vec![1, 2]);
+    assert!(q.waiting_ids().is_empty());
+}

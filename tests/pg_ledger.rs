@@ -644,3 +644,46 @@ async fn a_row_postgres_refuses_costs_only_its_own_execution() {
     assert!(rig.ledger.healthy());
     rig.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_dispatch_moves_its_row_back_to_waiting_and_the_next_copy_keeps_the_attempt() {
+    let db = TestDb::new().await;
+    let settings = QueueSettings {
+        no_route_retry: Duration::from_millis(100),
+        ..QueueSettings::default()
+    };
+    let mut rig = Rig::start_with(
+        &db.pool,
+        &db.schema,
+        settings,
+        Arc::new(UniformPolicy(limit(1))),
+        Arc::new(DiscardSink),
+        LedgerOptions::default(),
+    )
+    .await;
+    let a = action("core.unbound");
+    let _sub = rig.submit(&a, [1]);
+    let first = rig.next_dispatches(1).await;
+    rig.sync().await;
+    // Confirmed before its return was seen (lapin may hand the return to a later confirm).
+    rig.ledger.mark_running(vec![1]);
+    rig.exec.returned(first);
+    rig.settle_actors().await;
+    rig.sync().await;
+    let row: (String, i32, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT status, attempt, dispatched_at FROM attune.execution WHERE id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .expect("row");
+    assert_eq!(row, ("requested".to_owned(), 0, None));
+    let again = rig.next_dispatches(1).await;
+    assert_eq!((again[0].execution_id, again[0].attempt), (1, 1));
+    rig.sync().await;
+    let row: (String, i32) =
+        sqlx::query_as("SELECT status, attempt FROM attune.execution WHERE id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .expect("row");
+    assert_eq!(row, ("scheduled".to_owned(), 1));
+    rig.shutdown().await;
+}

@@ -588,3 +588,95 @@ async fn a_cancel_that_overtakes_its_request_cancels_it_when_it_arrives() {
     assert!(outcomes.contains_key(&21));
     service.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_no_worker_queue_takes_waits_and_goes_out_once_one_is_bound() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let probe = fleet::connect(&vhost.url).await;
+    let service = start_one_action(&vhost, &db, &probe).await;
+    let action = fifo_executor::model::ActionRef::parse(ONE_ACTION).expect("ref");
+
+    // Nobody has bound a queue to the dispatches yet: the broker returns the first one.
+    fleet::publish_requests(&vhost.url, &[(1, ONE_ACTION.to_owned())]).await;
+    poll_until(
+        Duration::from_secs(30),
+        "1's dispatch came back",
+        || async {
+            service
+                .executor
+                .stats(&action)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.no_route_since.is_some() && s.queue_length == 1)
+        },
+    )
+    .await;
+    let health = service.health.check().await;
+    let no_route = &health.checks["no_route"];
+    assert!(
+        no_route
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains(ONE_ACTION)),
+        "{no_route:?}"
+    );
+    let stats = service.executor.stats(&action).await.ok().flatten();
+    assert_eq!(
+        stats.map(|s| s.active_count),
+        Some(0),
+        "no slot held for it"
+    );
+    assert_eq!(
+        common_pg::statuses(&db, ONE_ACTION).await,
+        vec![(1, "requested".to_owned())],
+        "not running: no worker got it"
+    );
+
+    // A worker binds its queue a moment later and gets it within the retry interval.
+    let fleet = Fleet::start(&vhost.url, "late-binding.workers", workers(&one_action())).await;
+    let ran = vec![(1, ONE_ACTION.to_owned())];
+    assert_every_execution_ran_once(&fleet, &db, &ran, &one_action(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        attempt_of(&db, 1).await,
+        1,
+        "the returned copy reached nobody"
+    );
+    let stats = service.executor.stats(&action).await.ok().flatten();
+    assert_eq!(stats.and_then(|s| s.no_route_since), None);
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatches_that_find_no_worker_queue_for_too_long_are_dead_lettered() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let probe = fleet::connect(&vhost.url).await;
+    let mut config = config_for(&vhost, &db, &one_action());
+    config.executor.queue.no_route_timeout_seconds = 1;
+    config.executor.queue.no_route_retry_ms = 200;
+    let service = Service::start(config).await.expect("service starts");
+    fleet::until_consuming(&probe, Duration::from_secs(30)).await;
+    let requests: Vec<(u64, String)> = (1..=3).map(|i| (i, ONE_ACTION.to_owned())).collect();
+    fleet::publish_requests(&vhost.url, &requests).await;
+    let timed_out = (1..=3)
+        .map(|i| (i, "timeout".to_owned()))
+        .collect::<Vec<_>>();
+    poll_until(Duration::from_secs(30), "all three timed out", || async {
+        common_pg::statuses(&db, ONE_ACTION).await == timed_out
+    })
+    .await;
+    let peek = fifo_executor::ops::dlq::Dlq::new(vhost.url.clone())
+        .peek(10)
+        .await
+        .expect("the DLQ can be read");
+    let classes: Vec<&str> = peek
+        .entries
+        .iter()
+        .map(|l| l["error_class"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(classes, vec!["NoRoute"; 3], "{:?}", peek.entries);
+    service.shutdown().await.expect("clean shutdown");
+}

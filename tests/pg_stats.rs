@@ -130,6 +130,8 @@ fn stats_of(action: &ActionRef, queue_length: usize, at: DateTime<Utc>) -> Queue
         total_reclaimed: 0,
         total_rejected: 0,
         total_unmatched: 0,
+        total_no_route: 0,
+        no_route_since: None,
         last_updated: at,
         last_progress: at,
         enabled: true,

@@ -34,6 +34,10 @@ pub enum ActionMsg {
     Stats(RpcReplyPort<super::ports::QueueStats>),
     /// The actor's timer: queue timeouts and the rate limiter's next window.
     Wake,
+    /// Dispatches the broker returned unrouted (no worker queue bound).
+    Returned(Vec<super::ports::Dispatch>),
+    /// A dispatch of this action was delivered after some had come back unrouted.
+    Routed,
 }
 
 /// The task that will send the actor its next [`ActionMsg::Wake`].
@@ -144,6 +148,17 @@ impl Actor for ActionActor {
                 st.timer = None;
                 st.queue.tick(now, &mut fx);
             }
+            ActionMsg::Returned(dispatches) => {
+                for d in dispatches {
+                    st.queue.returned(d, now, &mut fx);
+                }
+                let unroutable = st.queue.no_route_since().is_some();
+                st.shared.no_route.set(st.queue.action(), unroutable);
+            }
+            ActionMsg::Routed => {
+                st.queue.routed(now, &mut fx);
+                st.shared.no_route.set(st.queue.action(), false);
+            }
         }
         flush(&myself, st, fx);
         arm_timer(&myself, st, now);
@@ -158,6 +173,7 @@ impl Actor for ActionActor {
         if let Some((_, handle)) = st.timer.take() {
             handle.abort();
         }
+        st.shared.no_route.set(st.queue.action(), false);
         // Cancels still waiting for a submission that never came get their answer.
         for (_, receipt) in st.early_cancels.drain() {
             settle(receipt, CancelVerdict::Unknown);
@@ -209,7 +225,10 @@ fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects) {
                 ended.push(*execution_id)
             }
             Event::Removed { execution, .. } => ended.push(execution.execution_id),
-            Event::Accepted { .. } | Event::Admitted { .. } | Event::Unmatched { .. } => {}
+            Event::Accepted { .. }
+            | Event::Admitted { .. }
+            | Event::Returned { .. }
+            | Event::Unmatched { .. } => {}
         }
     }
     // Remembered before the live entries go, so there is no moment in which a redelivered

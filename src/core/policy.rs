@@ -67,6 +67,13 @@ pub struct QueueSettings {
     /// How many ended execution ids to remember so a late redelivery of their request is
     /// recognised as a duplicate; 0 remembers none.
     pub remember_ended: usize,
+    /// While an action's dispatches find no worker queue, how long until its head is tried
+    /// again.
+    pub no_route_retry: Duration,
+    /// How long an action's dispatches may find no worker queue before the executions whose
+    /// dispatch comes back are dead-lettered (`NoRoute`); `None` never (nor in emergency
+    /// mode).
+    pub no_route_timeout: Option<Duration>,
 }
 
 impl Default for QueueSettings {
@@ -76,6 +83,8 @@ impl Default for QueueSettings {
             queue_timeout: Duration::from_secs(3600),
             emergency_mode: false,
             remember_ended: super::registry::DEFAULT_REMEMBER_ENDED,
+            no_route_retry: Duration::from_secs(1),
+            no_route_timeout: Some(Duration::from_secs(600)),
         }
     }
 }

@@ -54,6 +54,9 @@ pub enum RemovalReason {
     TimedOut,
     /// Waited longer than `purge.max_queued_age_seconds` when a purge cycle ran.
     Purged,
+    /// Its dispatch found no worker queue (the broker returned it) for longer than
+    /// `executor.queue.no_route_timeout_seconds`.
+    NoRoute,
 }
 
 /// Everything that happens to executions, in order per action. The ledger records these, the
@@ -86,6 +89,14 @@ pub enum Event {
         execution_id: ExecutionId,
         at: DateTime<Utc>,
         waited: Duration,
+    },
+    /// Its dispatch reached no queue (the broker returned it, no worker queue being bound
+    /// to its routing key): the admission is undone, the slot freed, and the execution waits
+    /// again at the head of its queue. Its next dispatch carries the same attempt.
+    Returned {
+        action: ActionRef,
+        execution_id: ExecutionId,
+        at: DateTime<Utc>,
     },
     /// Left the queue without being dispatched. A cancel's receipt travels here; the sink
     /// settles it with [`CancelVerdict::Canceled`] once the cancel is recorded.
@@ -158,7 +169,7 @@ impl Event {
             Event::Unmatched {
                 reason, receipt, ..
             } => settle(receipt.take(), CompletionVerdict::Unmatched(*reason)),
-            Event::Admitted { .. } | Event::Reclaimed { .. } => {}
+            Event::Admitted { .. } | Event::Returned { .. } | Event::Reclaimed { .. } => {}
         }
     }
 
@@ -169,6 +180,7 @@ impl Event {
             | Event::Rejected { execution_id, .. }
             | Event::Admitted { execution_id, .. }
             | Event::Completed { execution_id, .. }
+            | Event::Returned { execution_id, .. }
             | Event::Reclaimed { execution_id, .. }
             | Event::Unmatched { execution_id, .. } => *execution_id,
             Event::Removed { execution, .. } => execution.execution_id,
@@ -197,6 +209,11 @@ pub struct QueueStats {
     pub total_reclaimed: u64,
     pub total_rejected: u64,
     pub total_unmatched: u64,
+    /// Executions dead-lettered because their dispatches found no worker queue.
+    pub total_no_route: u64,
+    /// Since when this action's dispatches find no worker queue (the broker returns them);
+    /// `None` while they are delivered.
+    pub no_route_since: Option<DateTime<Utc>>,
     /// When anything about this queue last changed.
     pub last_updated: DateTime<Utc>,
     /// When this queue last moved forward: an admission, a completion or a removal. A queue

@@ -13,6 +13,11 @@
 //!   after a crash as possibly sent: then a worker did run it, and it ends there.
 //! - Waiting executions leave the queue only by admission, cancel, timeout or purge; the rest
 //!   keep their order.
+//! - A dispatch the broker returns (no worker queue is bound for the action) was never a
+//!   dispatch: its slot is freed and it waits again at the head, before everything accepted
+//!   after it. The action admits nothing more until its head is tried again
+//!   (`no_route_retry` later) or a dispatch of it is delivered; once its dispatches have come
+//!   back for longer than `no_route_timeout`, what comes back is dead-lettered.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -108,6 +113,15 @@ pub struct PurgedEntry {
     pub limit_seconds: f64,
 }
 
+/// An action whose dispatches come back from the broker unrouted.
+#[derive(Debug, Clone, Copy)]
+struct NoRoute {
+    /// The first return since its dispatches were last delivered.
+    since: Stamp,
+    /// Nothing is admitted before this: the next try of the head.
+    retry_at: Stamp,
+}
+
 /// The counters behind [`QueueStats`].
 #[derive(Debug, Default, Clone, Copy)]
 struct Counters {
@@ -119,6 +133,7 @@ struct Counters {
     reclaimed: u64,
     rejected: u64,
     unmatched: u64,
+    no_route: u64,
 }
 
 /// One action's FIFO queue, its slots and its counters.
@@ -138,6 +153,11 @@ pub struct ActionQueue {
     last_progress: Stamp,
     /// When the rate limiter next allows an admission, if it is what holds the head back.
     rate_ready_at: Option<Stamp>,
+    /// Set while the action's dispatches come back unrouted.
+    no_route: Option<NoRoute>,
+    /// How many executions at the head of `waiting` were put back there by a return: the
+    /// next one returned goes behind them (returns come in the order of the dispatches).
+    returned_at_front: usize,
     /// The last two stamps turned into wall-clock times, most recent first. One handler
     /// converts the same few stamps (its `now`, a batch's enqueue time) again and again,
     /// alternating between two, and the calendar arithmetic behind each conversion was 6% of
@@ -178,6 +198,8 @@ impl ActionQueue {
             last_updated: now,
             last_progress: now,
             rate_ready_at: None,
+            no_route: None,
+            returned_at_front: 0,
             last_wall: Cell::new([(now, clock_wall); 2]),
         }
     }
@@ -234,6 +256,7 @@ impl ActionQueue {
         self.accept(sub, now, fx, false);
         // `accept` put it last in line; nothing was admitted since.
         if let Some(w) = self.waiting.pop_back() {
+            self.left_waiting(self.waiting.len());
             self.counters.canceled += 1;
             self.remove_event(w, RemovalReason::Canceled, cancel, now, fx);
         }
@@ -324,6 +347,7 @@ impl ActionQueue {
         // report once more an execution it already finished.
         if let Some(pos) = waiting_at.filter(|&p| self.waiting[p].sent_before > 0) {
             if let Some(w) = self.waiting.remove(pos) {
+                self.left_waiting(pos);
                 self.counters.completed += 1;
                 self.progress(now, fx);
                 fx.events.push(Event::Completed {
@@ -369,6 +393,7 @@ impl ActionQueue {
     ) {
         if let Some(pos) = self.waiting.iter().position(|w| w.id == id) {
             if let Some(w) = self.waiting.remove(pos) {
+                self.left_waiting(pos);
                 self.counters.canceled += 1;
                 self.remove_event(w, RemovalReason::Canceled, receipt, now, fx);
             }
@@ -380,6 +405,63 @@ impl ActionQueue {
             CancelVerdict::Unknown
         };
         settle(receipt, verdict);
+    }
+
+    /// A dispatch the broker returned unrouted: the admission is undone and the execution
+    /// waits again at the head, behind the others returned before it, with the attempt it
+    /// had (no worker got it). Past `no_route_timeout` without a route it is dead-lettered
+    /// instead. A return for an execution no longer holding a slot (the purge reclaimed it
+    /// meanwhile) changes nothing.
+    pub fn returned(&mut self, d: Dispatch, now: Stamp, fx: &mut Effects) {
+        let Some(slot) = self.running.remove(&d.execution_id) else {
+            return;
+        };
+        let since = self.no_route.map_or(now, |n| n.since);
+        fx.events.push(Event::Returned {
+            action: self.action.clone(),
+            execution_id: d.execution_id,
+            at: self.wall(now),
+        });
+        let w = Waiting {
+            id: d.execution_id,
+            request_id: slot.request_id,
+            payload: d.payload,
+            enqueued: self.clock.stamp_of(d.enqueued_at),
+            sent_before: d.attempt.saturating_sub(1),
+        };
+        let expired = !self.settings.emergency_mode
+            && self
+                .settings
+                .no_route_timeout
+                .is_some_and(|t| now.since(since) > t);
+        let retry_at = if expired {
+            // The next one is tried at once: a worker queue bound now still gets it.
+            self.counters.no_route += 1;
+            self.remove_event(w, RemovalReason::NoRoute, None, now, fx);
+            now
+        } else {
+            let at = self.returned_at_front.min(self.waiting.len());
+            self.waiting.insert(at, w);
+            self.returned_at_front = at + 1;
+            self.touch(now, fx);
+            now.plus(self.settings.no_route_retry)
+        };
+        self.no_route = Some(NoRoute { since, retry_at });
+        self.pump(now, fx);
+    }
+
+    /// A dispatch of this action was delivered: if its dispatches came back before, they
+    /// have a route again and admissions go on at once.
+    pub fn routed(&mut self, now: Stamp, fx: &mut Effects) {
+        if self.no_route.take().is_some() {
+            self.touch(now, fx);
+            self.pump(now, fx);
+        }
+    }
+
+    /// Since when the action's dispatches have come back unrouted, if they do.
+    pub fn no_route_since(&self) -> Option<Stamp> {
+        self.no_route.map(|n| n.since)
     }
 
     /// Applies a new policy. A higher limit admits from the head at once; a lower one preempts
@@ -410,15 +492,12 @@ impl ActionQueue {
                 .front()
                 .map(|w| w.enqueued.plus(self.settings.queue_timeout).plus(TICK))
         };
-        let rate = if !self.waiting.is_empty() && self.has_free_slot() {
-            self.rate_ready_at
+        let (rate, retry) = if !self.waiting.is_empty() && self.has_free_slot() {
+            (self.rate_ready_at, self.no_route.map(|n| n.retry_at))
         } else {
-            None
+            (None, None)
         };
-        match (timeout, rate) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [timeout, rate, retry].into_iter().flatten().min()
     }
 
     /// Removes executions that waited or ran too long (see [`PurgeOrder`]).
@@ -438,6 +517,7 @@ impl ActionQueue {
                 report.push(self.purged_entry(w.id, "queued", now.since(w.enqueued), max));
             }
             if !order.dry_run {
+                self.returned_at_front = self.returned_at_front.saturating_sub(stale);
                 for w in self.waiting.drain(..stale).collect::<Vec<_>>() {
                     self.counters.purged += 1;
                     self.remove_event(w, RemovalReason::Purged, None, now, fx);
@@ -521,6 +601,8 @@ impl ActionQueue {
             total_reclaimed: self.counters.reclaimed,
             total_rejected: self.counters.rejected,
             total_unmatched: self.counters.unmatched,
+            total_no_route: self.counters.no_route,
+            no_route_since: self.no_route.map(|n| self.wall(n.since)),
             last_updated: self.wall(self.last_updated),
             last_progress: self.wall(self.last_progress),
             enabled: self.policy.enabled,
@@ -552,13 +634,16 @@ impl ActionQueue {
         self.expire(now, fx);
         self.rate_ready_at = None;
         let mut admitted_at = None;
-        while self.policy.enabled && self.has_free_slot() {
+        // An action whose dispatches come back unrouted waits for its next try.
+        let held_back = self.no_route.is_some_and(|n| now < n.retry_at);
+        while !held_back && self.policy.enabled && self.has_free_slot() {
             if self.waiting.is_empty() || !self.rate_allows(now) {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else {
                 break;
             };
+            self.left_waiting(0);
             let id = w.id;
             self.running.insert(
                 id,
@@ -622,6 +707,7 @@ impl ActionQueue {
             .is_some_and(|w| now.since(w.enqueued) > timeout)
         {
             if let Some(w) = self.waiting.pop_front() {
+                self.left_waiting(0);
                 self.counters.timed_out += 1;
                 self.remove_event(w, RemovalReason::TimedOut, None, now, fx);
             }
@@ -664,6 +750,14 @@ impl ActionQueue {
             state,
             age_seconds: age.as_secs_f64(),
             limit_seconds: limit.as_secs_f64(),
+        }
+    }
+
+    /// Keeps the count of returned executions at the head right when the waiting one at
+    /// `pos` leaves.
+    fn left_waiting(&mut self, pos: usize) {
+        if pos < self.returned_at_front {
+            self.returned_at_front -= 1;
         }
     }
 

@@ -42,6 +42,35 @@ pub struct Shared {
     pub ended: RecentlyEnded,
     /// Ids whose cancel came before their request.
     pub canceled_ahead: CanceledAhead,
+    /// Actions whose dispatches come back unrouted.
+    pub no_route: Unroutable,
+}
+
+/// The actions whose dispatches the broker returns (no worker queue bound), kept by their
+/// actors so that the publisher can tell, cheaply, whether a delivered dispatch is news.
+#[derive(Default)]
+pub struct Unroutable {
+    actions: dashmap::DashSet<ActionRef>,
+    /// Entries in `actions`, read without touching the set while it is empty (always, in a
+    /// healthy deployment).
+    len: AtomicU64,
+}
+
+impl Unroutable {
+    /// Marks the action as returned (`true`) or delivered (`false`).
+    pub fn set(&self, action: &ActionRef, returned: bool) {
+        if returned {
+            if self.actions.insert(action.clone()) {
+                self.len.fetch_add(1, Ordering::AcqRel);
+            }
+        } else if self.actions.remove(action).is_some() {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn contains(&self, action: &ActionRef) -> bool {
+        self.len.load(Ordering::Acquire) > 0 && self.actions.contains(action)
+    }
 }
 
 /// The live index: touched three times per execution (claimed on submit, looked up on
@@ -69,6 +98,7 @@ impl Shared {
             ),
             ended: RecentlyEnded::new(settings.remember_ended),
             canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
+            no_route: Unroutable::default(),
         }
     }
 }
@@ -403,6 +433,27 @@ impl Executor {
                 })
                 .collect();
             self.shared.ports.sink.record(events);
+        }
+    }
+
+    /// Dispatches the broker returned unrouted go back to their actors, which put them at the
+    /// head of their queues again (see [`super::queue::ActionQueue::returned`]).
+    pub fn returned(&self, dispatches: Vec<super::ports::Dispatch>) {
+        for (actor, batch) in self.route(dispatches, |d| d.execution_id) {
+            // No owner: the execution ended meanwhile (the purge reclaimed it).
+            if let Some(actor) = actor {
+                let _ = actor.cast(ActionMsg::Returned(batch));
+            }
+        }
+    }
+
+    /// A dispatch of `action` was delivered. Tells its actor only if its dispatches came
+    /// back before: one lookup in an empty set otherwise.
+    pub fn delivered(&self, action: &ActionRef) {
+        if self.shared.no_route.contains(action)
+            && let Some(actor) = self.actors.get(action)
+        {
+            let _ = actor.cast(ActionMsg::Routed);
         }
     }
 

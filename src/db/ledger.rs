@@ -62,10 +62,11 @@
 //! | --- | --- |
 //! | `Accepted` | INSERT `requested` (an existing row is only moved forward), `enqueued_at` = acceptance time, `created` = the same made strictly increasing per action (see below) |
 //! | `Admitted` | `scheduled`, `dispatched_at` = admission time, `attempt` + 1 |
+//! | `Returned` | back to `requested` from `scheduled` or `running` (the one move backwards: the dispatch reached no queue), `dispatched_at` cleared, `attempt` − 1 |
 //! | [`LedgerSink::mark_running`] | `running` (the broker confirmed the dispatch) |
 //! | `Completed` | the worker's status and result |
 //! | `Removed{Canceled}` | `canceled` |
-//! | `Removed{TimedOut}`, `Removed{Purged}` | `timeout`, result `{"error": "QueueTimeout: …"}` / `{"error": "Purged: …"}` |
+//! | `Removed{TimedOut}`, `Removed{Purged}`, `Removed{NoRoute}` | `timeout`, result `{"error": "QueueTimeout: …"}` / `{"error": "Purged: …"}` / `{"error": "NoRoute: …"}` |
 //! | `Reclaimed` | `failed`, result `{"error": "LostCompletion: …"}`: the executor gave up waiting; whether the work ran is unknown, and a completion arriving later frees nothing and changes nothing |
 //! | `Rejected`, `Unmatched` | nothing (they are settled and forwarded in order) |
 //!
@@ -664,22 +665,25 @@ impl Statements {
     }
 
     /// Executions accepted in an earlier batch: one UPDATE for all of them, each row moved
-    /// straight to the furthest state it reached in this batch. Eight parameters, numbered
-    /// from `first`.
+    /// straight to the state it reached in this batch: further than it was, or (`back`)
+    /// from `scheduled` or `running` back to waiting when its dispatch came back unrouted.
+    /// Nine parameters, numbered from `first`.
     fn update_template(first: usize) -> String {
-        let p: Vec<String> = (first..first + 8).map(|n| format!("${n}")).collect();
+        let p: Vec<String> = (first..first + 9).map(|n| format!("${n}")).collect();
         format!(
             "UPDATE {{s}}.execution e SET \
                status = u.status, updated = u.updated, \
-               dispatched_at = COALESCE(u.dispatched_at, e.dispatched_at), \
+               dispatched_at = CASE WHEN u.back AND u.dispatched_at IS NULL THEN NULL \
+                               ELSE COALESCE(u.dispatched_at, e.dispatched_at) END, \
                attempt = GREATEST(e.attempt + u.admissions, u.min_attempt), \
                result = COALESCE(u.result::jsonb, e.result) \
              FROM UNNEST({}::int8[], {}::text[], {}::timestamptz[], {}::timestamptz[], \
-                         {}::int4[], {}::int4[], {}::text[], {}::int4[]) \
+                         {}::int4[], {}::int4[], {}::text[], {}::int4[], {}::bool[]) \
                   AS u(id, status, updated, dispatched_at, admissions, min_attempt, \
-                       result, rank) \
-             WHERE e.id = u.id AND {RANK_OF_STATUS} < u.rank",
-            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+                       result, rank, back) \
+             WHERE e.id = u.id AND ({RANK_OF_STATUS} < u.rank \
+               OR (u.back AND e.status IN ('scheduled', 'running')))",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
         )
     }
 }
@@ -713,6 +717,8 @@ struct RowChange<'a> {
     dispatched_at: Option<DateTime<Utc>>,
     admissions: i32,
     result: Option<String>,
+    /// Its dispatch came back unrouted in this batch: the row may move back to waiting.
+    back: bool,
 }
 
 impl RowChange<'_> {
@@ -781,6 +787,7 @@ impl<'a> Plan<'a> {
                 dispatched_at: None,
                 admissions: 0,
                 result: None,
+                back: false,
             });
             self.rows.len() - 1
         });
@@ -810,6 +817,14 @@ impl<'a> Plan<'a> {
                 row.admissions += 1;
                 row.dispatched_at = Some(*at);
                 row.advance("scheduled", *at, None);
+            }
+            Event::Returned { at, .. } => {
+                let row = self.row(id, *at);
+                row.admissions -= 1;
+                row.dispatched_at = None;
+                row.status = "requested";
+                row.updated = *at;
+                row.back = true;
             }
             Event::Completed {
                 status, result, at, ..
@@ -841,6 +856,15 @@ impl<'a> Plan<'a> {
                                 "Purged: waited {waited:.0}s in the queue, longer than the purge allows"
                             ),
                             "error_class": "Purged",
+                            "waited_seconds": waited,
+                        })),
+                    ),
+                    RemovalReason::NoRoute => (
+                        "timeout",
+                        Some(serde_json::json!({
+                            "error": "NoRoute: its dispatches found no worker queue for longer \
+                                      than executor.queue.no_route_timeout_seconds",
+                            "error_class": "NoRoute",
                             "waited_seconds": waited,
                         })),
                     ),
@@ -1022,6 +1046,7 @@ struct UpdateColumns<'r> {
     min_attempt: Vec<i32>,
     result: Vec<Option<&'r str>>,
     rank: Vec<i32>,
+    back: Vec<bool>,
 }
 
 impl<'r> UpdateColumns<'r> {
@@ -1035,6 +1060,7 @@ impl<'r> UpdateColumns<'r> {
             min_attempt: rows.iter().map(|r| r.min_attempt()).collect(),
             result: rows.iter().map(|r| r.result.as_deref()).collect(),
             rank: rows.iter().map(|r| rank(r.status)).collect(),
+            back: rows.iter().map(|r| r.back).collect(),
         }
     }
 }
@@ -1303,7 +1329,8 @@ impl Writer {
                 .bind(u.admissions)
                 .bind(u.min_attempt)
                 .bind(u.result)
-                .bind(u.rank);
+                .bind(u.rank)
+                .bind(u.back);
         }
         query
             .execute(&self.pool)

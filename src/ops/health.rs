@@ -306,6 +306,37 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
         },
     );
 
+    // Dispatches the broker returns: nothing is bound to take them. Degraded, not unhealthy:
+    // the executions wait in order (and the stalled check turns unhealthy if it lasts).
+    let unroutable: Vec<String> = input
+        .stats
+        .iter()
+        .filter(|s| s.no_route_since.is_some())
+        .map(|s| s.action_ref.to_string())
+        .collect();
+    checks.insert(
+        "no_route",
+        Check {
+            status: if unroutable.is_empty() {
+                Status::Healthy
+            } else {
+                Status::Degraded
+            },
+            value: Some(unroutable.len() as f64),
+            warning: Some(0),
+            critical: None,
+            detail: Some(if unroutable.is_empty() {
+                "every action's dispatches reach a worker queue".to_owned()
+            } else {
+                format!(
+                    "dispatches come back from the broker, no worker queue being bound to \
+                     execution.dispatch.<action>: {}",
+                    list(&unroutable)
+                )
+            }),
+        },
+    );
+
     // Unhealthy first: one critical check outweighs any number of warnings.
     let status = if checks.values().any(|c| c.status == Status::Unhealthy) {
         Status::Unhealthy
@@ -594,6 +625,8 @@ mod tests {
             total_reclaimed: 0,
             total_rejected: 0,
             total_unmatched: 0,
+            total_no_route: 0,
+            no_route_since: None,
             last_updated: n,
             last_progress: n - chrono::Duration::seconds(idle),
             enabled: true,
@@ -783,6 +816,26 @@ mod tests {
         ] {
             assert!(v["checks"].get(name).is_some(), "{name} missing");
         }
+    }
+
+    #[test]
+    fn an_action_whose_dispatches_come_back_unrouted_is_degraded_and_named() {
+        let mut lost = queue("core.nobody", 3, 0, 1, 1);
+        lost.no_route_since = Some(now());
+        let r = judge(
+            &[queue("core.fine", 1, 1, 1, 1), lost],
+            DlqReading::Known(0),
+            0,
+        );
+        assert_eq!(check(&r, "no_route"), Status::Degraded);
+        assert_eq!(r.status, Status::Degraded);
+        let detail = r.checks["no_route"].detail.clone().unwrap_or_default();
+        assert!(
+            detail.contains("core.nobody") && !detail.contains("core.fine"),
+            "{detail}"
+        );
+        let fine = judge(&[queue("core.fine", 1, 1, 1, 1)], DlqReading::Known(0), 0);
+        assert_eq!(check(&fine, "no_route"), Status::Healthy);
     }
 
     #[test]

@@ -330,8 +330,11 @@ pub fn outcome(event: &Event) -> (Option<&ActionRef>, &'static str) {
                 // did not finish in the time it had.
                 RemovalReason::TimedOut => "timeout",
                 RemovalReason::Purged => "purged",
+                RemovalReason::NoRoute => "no_route",
             },
         ),
+        // A dispatch that reached no worker queue and came back.
+        Event::Returned { action, .. } => (Some(action), "returned"),
         Event::Reclaimed { action, .. } => (Some(action), "reclaimed"),
         Event::Unmatched { action, .. } => (action.as_ref(), "unmatched"),
     }

@@ -28,7 +28,8 @@ impl DeadLetterSink {
         match event {
             Event::Removed {
                 action,
-                reason: reason @ (RemovalReason::TimedOut | RemovalReason::Purged),
+                reason:
+                    reason @ (RemovalReason::TimedOut | RemovalReason::Purged | RemovalReason::NoRoute),
                 execution,
                 ..
             } => {
@@ -38,6 +39,14 @@ impl DeadLetterSink {
                         format!(
                             "waited {:.0}s in the queue (executor.queue.queue_timeout_seconds)",
                             execution.waited.as_secs_f64()
+                        ),
+                    ),
+                    RemovalReason::NoRoute => (
+                        "NoRoute",
+                        format!(
+                            "no worker queue is bound to {} \
+                             (executor.queue.no_route_timeout_seconds)",
+                            crate::rabbit::topology::dispatch_routing_key(action.as_str())
                         ),
                     ),
                     _ => (

@@ -8,6 +8,13 @@
 //! unconfirmed job goes back to the front of the line, in its original order, and is published
 //! again on the next session's channel; a dispatch sent again carries `attempt + 1`, since the
 //! first copy may have reached a worker.
+//!
+//! Dispatches are published as mandatory. One that no queue takes (no worker queue is bound
+//! to its routing key) comes back from the broker before its confirm; it reached no worker,
+//! so it is handed back ([`DispatchOutcomes::returned`]) instead of being counted as
+//! delivered. lapin hands a returned message to whichever confirm it resolves next, not
+//! necessarily its own, so a return is matched to its dispatch by the execution id in its
+//! body.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,8 +41,17 @@ pub const CONFIRM_WINDOW: usize = 512;
 /// at shutdown).
 pub type OnConfirmed = Box<dyn FnOnce(bool) + Send>;
 
-/// Told which dispatches the broker confirmed (the ledger marks them `running`).
-pub type DispatchConfirmed = Arc<dyn Fn(&[ExecutionId]) + Send + Sync>;
+/// What becomes of dispatches once the broker has answered. Called from the publisher task:
+/// implementations must return at once.
+pub trait DispatchOutcomes: Send + Sync + 'static {
+    /// The broker put this dispatch in a queue (the ledger marks it `running`).
+    fn delivered(&self, d: &Dispatch);
+    /// The broker returned this dispatch: no queue is bound to its routing key.
+    fn returned(&self, d: Dispatch);
+    /// Whether a dispatch whose confirm was lost with its connection is still worth sending
+    /// again: not once its execution has ended (a worker got a copy and reported).
+    fn still_wanted(&self, d: &Dispatch) -> bool;
+}
 
 /// Something to publish.
 pub enum Outgoing {
@@ -115,7 +131,7 @@ pub type ChannelSlot = watch::Sender<Option<Channel>>;
 /// Starts the publisher task. It runs until every handle is dropped and all is confirmed.
 /// At most `confirm_window` publishes (at least 1) await their confirm at once.
 pub fn spawn(
-    on_dispatch_confirmed: Option<DispatchConfirmed>,
+    outcomes: Option<Arc<dyn DispatchOutcomes>>,
     confirm_window: usize,
 ) -> (PublisherHandle, ChannelSlot, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -125,7 +141,7 @@ pub fn spawn(
         rx,
         channel,
         pending.clone(),
-        on_dispatch_confirmed,
+        outcomes,
         confirm_window.max(1),
     ));
     (PublisherHandle { tx, pending }, slot, task)
@@ -138,10 +154,11 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Job>,
     mut channel: watch::Receiver<Option<Channel>>,
     pending: Arc<AtomicUsize>,
-    on_dispatch_confirmed: Option<DispatchConfirmed>,
+    outcomes: Option<Arc<dyn DispatchOutcomes>>,
     confirm_window: usize,
 ) {
     let mut retry: VecDeque<Job> = VecDeque::new();
+    let mut returns = Returns::default();
     let mut closed = false;
     loop {
         let Some(ch) = current_channel(&mut channel, closed && retry.is_empty()).await else {
@@ -159,12 +176,18 @@ async fn run(
                 Some(result) = confirms.next(), if !confirms.is_empty() => {
                     let Some(job) = in_flight.pop_front() else { continue };
                     match result {
-                        Ok(Confirmation::Nack(_)) => {
+                        Ok(Confirmation::Nack(returned)) => {
+                            returns.take(returned, &job, &in_flight, outcomes.as_deref());
                             tracing::warn!("broker refused a publish (nack); sending it again");
                             retry.push_back(job.again());
                         }
-                        Ok(_) => {
-                            confirmed(job, &pending, on_dispatch_confirmed.as_ref());
+                        Ok(c) => {
+                            returns.take(c.take_message(), &job, &in_flight, outcomes.as_deref());
+                            if returns.was_returned(&job) {
+                                pending.fetch_sub(1, Ordering::AcqRel);
+                            } else {
+                                confirmed(job, &pending, outcomes.as_deref());
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "publish confirm lost");
@@ -194,8 +217,22 @@ async fn run(
                 }
             }
         }
-        // Whatever was not confirmed goes first next time, in the order it was published.
+        // Whatever was not confirmed goes first next time, in the order it was published;
+        // but not a dispatch the broker returned (it waits in its queue again) nor one whose
+        // execution ended meanwhile (a worker had it and reported).
         while let Some(job) = in_flight.pop_back() {
+            let wanted = match &job.out {
+                Outgoing::Dispatch(d) => outcomes.as_ref().is_none_or(|o| o.still_wanted(d)),
+                _ => true,
+            };
+            if returns.was_returned(&job) || !wanted {
+                if !wanted {
+                    metrics::counter!("attune_dispatches_dropped_total", "reason" => "ended_before_resend")
+                        .increment(1);
+                }
+                pending.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
             retry.push_front(job.again());
         }
         let _ = channel.borrow_and_update();
@@ -250,13 +287,69 @@ async fn next_job(
     }
 }
 
-fn confirmed(job: Job, pending: &AtomicUsize, on_dispatch: Option<&DispatchConfirmed>) {
+fn confirmed(job: Job, pending: &AtomicUsize, outcomes: Option<&dyn DispatchOutcomes>) {
     pending.fetch_sub(1, Ordering::AcqRel);
-    if let (Outgoing::Dispatch(d), Some(hook)) = (&job.out, on_dispatch) {
-        hook(&[d.execution_id]);
+    if let (Outgoing::Dispatch(d), Some(outcomes)) = (&job.out, outcomes) {
+        outcomes.delivered(d);
     }
     if let Some(f) = job.on_confirmed {
         f(true);
+    }
+}
+
+/// Dispatches the broker returned whose own confirm has not been seen yet: lapin may attach
+/// a return to an earlier confirm than its dispatch's.
+#[derive(Default)]
+struct Returns {
+    awaiting_confirm: std::collections::HashSet<ExecutionId>,
+}
+
+impl Returns {
+    /// Hands a returned dispatch back; notes it if its own confirm is the one being handled
+    /// (`current`) or is still to come.
+    fn take(
+        &mut self,
+        returned: Option<lapin::message::BasicReturnMessage>,
+        current: &Job,
+        in_flight: &VecDeque<Job>,
+        outcomes: Option<&dyn DispatchOutcomes>,
+    ) {
+        let Some(msg) = returned else { return };
+        let Some(d) = wire::decode_dispatch(&msg.delivery.data) else {
+            tracing::warn!(
+                exchange = %msg.delivery.exchange,
+                routing_key = %msg.delivery.routing_key,
+                "the broker returned a message that is not a dispatch; dropped"
+            );
+            return;
+        };
+        metrics::counter!("attune_dispatches_unroutable_total", "action" => d.action.to_string())
+            .increment(1);
+        tracing::warn!(
+            action = %d.action,
+            execution_id = d.execution_id,
+            routing_key = %msg.delivery.routing_key,
+            "dispatch returned: no worker queue is bound to its routing key; it waits again"
+        );
+        let is =
+            |j: &Job| matches!(&j.out, Outgoing::Dispatch(o) if o.execution_id == d.execution_id);
+        let still_to_confirm = is(current) || in_flight.iter().any(is);
+        if still_to_confirm {
+            self.awaiting_confirm.insert(d.execution_id);
+        }
+        if let Some(outcomes) = outcomes {
+            outcomes.returned(d);
+        }
+    }
+
+    /// Whether `job` is a dispatch the broker returned (its return already handed back).
+    fn was_returned(&mut self, job: &Job) -> bool {
+        match &job.out {
+            Outgoing::Dispatch(d) if !self.awaiting_confirm.is_empty() => {
+                self.awaiting_confirm.remove(&d.execution_id)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -298,10 +391,15 @@ async fn send(ch: &Channel, out: &Outgoing) -> lapin::Result<lapin::PublisherCon
             (String::new(), to.clone(), reply.encode(), props)
         }
     };
+    // A dispatch that no queue takes must come back: it is not a dispatch.
+    let options = BasicPublishOptions {
+        mandatory: matches!(out, Outgoing::Dispatch(_)),
+        ..BasicPublishOptions::default()
+    };
     ch.basic_publish(
         exchange.as_str().into(),
         routing_key.as_str().into(),
-        BasicPublishOptions::default(),
+        options,
         &body,
         props,
     )

@@ -324,6 +324,31 @@ pub fn encode_dispatch(d: &Dispatch) -> Vec<u8> {
     serde_json::to_vec(&wire).unwrap_or_default()
 }
 
+/// A dispatch this executor encoded, read back from its body: what the broker returns with
+/// a dispatch it could not route. `None` for a body this executor did not write.
+pub fn decode_dispatch(body: &[u8]) -> Option<Dispatch> {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        execution_id: ExecutionId,
+        action_ref: String,
+        request_id: Option<String>,
+        parameters: Box<RawValue>,
+        enqueued_at: DateTime<Utc>,
+        dispatched_at: DateTime<Utc>,
+        attempt: u32,
+    }
+    let w: Wire = serde_json::from_slice(body).ok()?;
+    Some(Dispatch {
+        action: ActionRef::parse(&w.action_ref).ok()?,
+        execution_id: w.execution_id,
+        request_id: w.request_id.map(String::into_boxed_str),
+        payload: Payload::from_raw(w.parameters),
+        enqueued_at: w.enqueued_at,
+        dispatched_at: w.dispatched_at,
+        attempt: w.attempt,
+    })
+}
+
 /// Where a dead letter came from, as the contract names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -569,5 +594,14 @@ mod tests {
         assert_eq!(v["parameters"]["url"], "x");
         assert_eq!(v["attempt"], 1);
         assert_eq!(v["enqueued_at"], "2027-01-15T08:00:00.000000Z");
+        let back = decode_dispatch(&encode_dispatch(&d)).expect("reads back");
+        assert_eq!(
+            (back.execution_id, back.action.as_str(), back.attempt),
+            (123, "core.http.get", 1)
+        );
+        assert_eq!(back.request_id.as_deref(), Some("req-1"));
+        assert_eq!(back.payload.json(), r#"{"url":"x"}"#);
+        assert_eq!((back.enqueued_at, back.dispatched_at), (t, t));
+        assert!(decode_dispatch(b"{}").is_none());
     }
 }

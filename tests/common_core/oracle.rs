@@ -54,6 +54,18 @@ pub struct Book {
     pub purged: u64,
     pub reclaimed: u64,
     pub unmatched: u64,
+    pub no_route: u64,
+    /// Executions at the head of `line` put back there by a return, in dispatch order.
+    pub returned_front: usize,
+}
+
+impl Book {
+    /// Keeps `returned_front` right when the waiting one at `pos` leaves the line.
+    fn left_line(&mut self, pos: usize) {
+        if pos < self.returned_front {
+            self.returned_front -= 1;
+        }
+    }
 }
 
 pub struct Oracle {
@@ -63,6 +75,8 @@ pub struct Oracle {
     pub lives: HashMap<ExecutionId, (ActionRef, Life)>,
     /// Completions no action owned (answered by the executor itself).
     pub unowned_unmatched: u64,
+    /// When each execution was accepted: a returned one waits again with its first stamp.
+    pub accepted_at: HashMap<ExecutionId, Stamp>,
 }
 
 pub type Check = Result<(), String>;
@@ -83,6 +97,7 @@ impl Oracle {
             books: HashMap::new(),
             lives: HashMap::new(),
             unowned_unmatched: 0,
+            accepted_at: HashMap::new(),
         }
     }
 
@@ -130,6 +145,7 @@ impl Oracle {
                 let id = *execution_id;
                 ensure!(!self.is_live(id), "{id} accepted while live");
                 let since = self.clock.stamp_of(*enqueued_at);
+                self.accepted_at.insert(id, since);
                 self.lives
                     .insert(id, (action.clone(), Life::Waiting { since }));
                 let b = self.book(action);
@@ -177,6 +193,7 @@ impl Oracle {
                     b.limit
                 );
                 b.line.pop_front();
+                b.left_line(0);
                 b.running.push(id);
                 b.admitted.push(id);
                 self.set_life(id, Life::Running);
@@ -210,11 +227,15 @@ impl Oracle {
                     );
                 }
                 let b = self.book(action);
-                b.line.retain(|x| *x != id);
+                if let Some(pos) = b.line.iter().position(|x| *x == id) {
+                    b.line.remove(pos);
+                    b.left_line(pos);
+                }
                 match reason {
                     RemovalReason::Canceled => b.canceled += 1,
                     RemovalReason::TimedOut => b.timed_out += 1,
                     RemovalReason::Purged => b.purged += 1,
+                    RemovalReason::NoRoute => b.no_route += 1,
                 }
                 self.set_life(id, Life::Ended(End::Removed(*reason)));
             }
@@ -235,6 +256,30 @@ impl Oracle {
                 let id = *execution_id;
                 self.end_running(action, id, End::Reclaimed)?;
                 self.book(action).reclaimed += 1;
+            }
+            Event::Returned {
+                action,
+                execution_id,
+                ..
+            } => {
+                let id = *execution_id;
+                ensure!(
+                    self.life(id) == Some(Life::Running),
+                    "{id} returned while {:?}",
+                    self.life(id)
+                );
+                let b = self.book(action);
+                b.running.retain(|x| *x != id);
+                // Back at the head, behind the others returned before it.
+                let at = b.returned_front.min(b.line.len());
+                b.line.insert(at, id);
+                b.returned_front = at + 1;
+                let since = self
+                    .accepted_at
+                    .get(&id)
+                    .copied()
+                    .unwrap_or(self.clock.now());
+                self.set_life(id, Life::Waiting { since });
             }
             Event::Unmatched {
                 action,

@@ -131,6 +131,25 @@ impl QueueRig {
         self.set_policy(p);
     }
 
+    /// The broker returns the dispatch of `id` that went out last (no worker queue bound).
+    pub fn returned(&mut self, id: ExecutionId) {
+        let d = self
+            .dispatched
+            .iter()
+            .rev()
+            .find(|d| d.execution_id == id)
+            .cloned()
+            .expect("a dispatch of this id to return");
+        let fx = self.run(|q, now, fx| q.returned(d, now, fx));
+        self.keep(fx);
+    }
+
+    /// A dispatch of the action was delivered.
+    pub fn routed(&mut self) {
+        let fx = self.run(|q, now, fx| q.routed(now, fx));
+        self.keep(fx);
+    }
+
     pub fn tick(&mut self) {
         let fx = self.run(|q, now, fx| q.tick(now, fx));
         self.keep(fx);
