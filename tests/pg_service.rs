@@ -544,6 +544,43 @@ async fn messages_in(vhost: &TestVhost, queue: &str) -> Option<(u64, u64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_overtakes_its_request_still_cancels_it_after_a_restart() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let probe = fleet::connect(&vhost.url).await;
+    let service = start_one_action(&vhost, &db, &probe).await;
+    let fleet = Fleet::start(&vhost.url, "ahead-restart.workers", workers(&one_action())).await;
+    // The cancel for 30 comes first and is settled (acknowledged to the broker)…
+    publish_cancels(&probe, &[30]).await;
+    poll_until(Duration::from_secs(10), "the cancel is settled", || async {
+        messages_in(&vhost, topology::CANCEL_QUEUE).await == Some((0, 0))
+    })
+    .await;
+    // … then the executor restarts before 30's request comes: its memory is gone, and only
+    // the ledger can tell that 30 was canceled.
+    service.shutdown().await.expect("clean shutdown");
+    let service = start_one_action(&vhost, &db, &probe).await;
+    fleet::publish_requests(
+        &vhost.url,
+        &[(30, ONE_ACTION.to_owned()), (31, ONE_ACTION.to_owned())],
+    )
+    .await;
+    poll_until(Duration::from_secs(30), "31 ran", || async {
+        fleet.finished() >= 1
+    })
+    .await;
+    until_recorded_canceled(&db, 30).await;
+    let outcomes = fleet.record.lock().expect("record").outcomes();
+    assert!(!outcomes.contains_key(&30), "30 was canceled: it never ran");
+    let marks: i64 = sqlx::query_scalar("SELECT count(*) FROM attune.cancel_ahead")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count the marks");
+    assert_eq!(marks, 0, "the mark was used up");
+    service.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_that_overtakes_its_request_cancels_it_when_it_arrives() {
     let db = TestDb::new().await;
     let vhost = TestVhost::create().await;

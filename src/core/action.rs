@@ -228,6 +228,7 @@ fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects) {
             Event::Accepted { .. }
             | Event::Admitted { .. }
             | Event::Returned { .. }
+            | Event::CanceledAhead { .. }
             | Event::Unmatched { .. } => {}
         }
     }

@@ -125,6 +125,14 @@ pub enum Event {
         admitted_at: DateTime<Utc>,
         running_for: Duration,
     },
+    /// A cancel came for an id no execution has (its request still on its way): the id is
+    /// marked, and its request will be canceled when it comes. The sink keeps the mark (the
+    /// ledger in `cancel_ahead`, so a restart in between does not forget it) and settles the
+    /// receipt with [`CancelVerdict::Remembered`]. Belongs to no action yet.
+    CanceledAhead {
+        execution_id: ExecutionId,
+        receipt: Option<Receipt<CancelVerdict>>,
+    },
     /// A completion that freed nothing. The sink settles the receipt with
     /// [`CompletionVerdict::Unmatched`].
     Unmatched {
@@ -165,6 +173,9 @@ impl Event {
                 },
             ),
             Event::Removed { receipt, .. } => settle(receipt.take(), CancelVerdict::Canceled),
+            Event::CanceledAhead { receipt, .. } => {
+                settle(receipt.take(), CancelVerdict::Remembered)
+            }
             Event::Completed { receipt, .. } => settle(receipt.take(), CompletionVerdict::Freed),
             Event::Unmatched {
                 reason, receipt, ..
@@ -182,6 +193,7 @@ impl Event {
             | Event::Completed { execution_id, .. }
             | Event::Returned { execution_id, .. }
             | Event::Reclaimed { execution_id, .. }
+            | Event::CanceledAhead { execution_id, .. }
             | Event::Unmatched { execution_id, .. } => *execution_id,
             Event::Removed { execution, .. } => execution.execution_id,
         }

@@ -463,6 +463,7 @@ impl Executor {
     /// recorded as canceled. For the cancels queue, where a cancel can overtake its request.
     pub fn cancel_or_remember(&self, requests: Vec<CancelRequest>) {
         let mut known = Vec::with_capacity(requests.len());
+        let mut marked = Vec::new();
         for r in requests {
             let id = r.execution_id;
             if self.shared.live.contains_key(&id) || self.shared.ended.contains(id) {
@@ -475,11 +476,26 @@ impl Executor {
             if self.shared.live.contains_key(&id) && self.shared.canceled_ahead.take(id) {
                 known.push(r);
             } else {
-                settle(r.receipt, CancelVerdict::Remembered);
+                // Answered once the mark is kept where a restart finds it.
+                marked.push(Event::CanceledAhead {
+                    execution_id: id,
+                    receipt: r.receipt,
+                });
             }
+        }
+        if !marked.is_empty() {
+            self.shared.ports.sink.record(marked);
         }
         if !known.is_empty() {
             self.cancel(known);
+        }
+    }
+
+    /// Marks again, at start, the ids whose cancel came before their request and was kept
+    /// (oldest first).
+    pub fn remember_canceled_ahead(&self, ids: &[ExecutionId]) {
+        for &id in ids {
+            self.shared.canceled_ahead.remember(id);
         }
     }
 

@@ -68,6 +68,8 @@
 //! | `Removed{Canceled}` | `canceled` |
 //! | `Removed{TimedOut}`, `Removed{Purged}`, `Removed{NoRoute}` | `timeout`, result `{"error": "QueueTimeout: …"}` / `{"error": "Purged: …"}` / `{"error": "NoRoute: …"}` |
 //! | `Reclaimed` | `failed`, result `{"error": "LostCompletion: …"}`: the executor gave up waiting; whether the work ran is unknown, and a completion arriving later frees nothing and changes nothing |
+//! | `CanceledAhead` | a row in `cancel_ahead` (the newest [`CANCELED_AHEAD_CAPACITY`] kept), so a restart before the request comes still cancels it |
+//! | `Removed{Canceled}` | also deletes the id's `cancel_ahead` row, if any |
 //! | `Rejected`, `Unmatched` | nothing (they are settled and forwarded in order) |
 //!
 //! `updated` is the time the core stamped on the event, not the time of the write, so the
@@ -114,6 +116,7 @@ use super::actions::ActionIds;
 use super::{
     DbError, MAX_STORABLE_EXECUTION_ID, Schema, Worker, db_id, is_transient, jsonb_text, pg_text,
 };
+use crate::core::ahead::CANCELED_AHEAD_CAPACITY;
 use crate::core::ports::RemovalReason;
 use crate::core::{Dispatch, Dispatcher, Event, OutcomeSink};
 use crate::model::{ActionRef, ExecutionId};
@@ -611,6 +614,10 @@ struct Statements {
     /// Both in one statement (the two touch different rows): one round trip, one implicit
     /// transaction, for a flush that has new and earlier executions alike.
     both: SqlStr,
+    /// Keeps cancels that came before their requests, the newest `$2` at most.
+    mark: SqlStr,
+    /// Forgets the marks of executions canceled.
+    unmark: SqlStr,
 }
 
 /// `status` ranked by how far an execution has come, as SQL; a write only ever raises it.
@@ -631,6 +638,16 @@ impl Statements {
             insert: schema.sql(&Self::insert_template()),
             update: schema.sql(&Self::update_template(1)),
             both,
+            // The DELETE sees the table as it was before the INSERT (one snapshot): the bound
+            // may be passed by one batch until the next one trims it.
+            mark: schema.sql(
+                "WITH added AS (INSERT INTO {s}.cancel_ahead (execution_id) \
+                                SELECT unnest($1::int8[]) ON CONFLICT DO NOTHING) \
+                 DELETE FROM {s}.cancel_ahead WHERE recorded < \
+                   (SELECT recorded FROM {s}.cancel_ahead ORDER BY recorded DESC \
+                    OFFSET $2 LIMIT 1)",
+            ),
+            unmark: schema.sql("DELETE FROM {s}.cancel_ahead WHERE execution_id = ANY($1::int8[])"),
         }
     }
 
@@ -746,6 +763,10 @@ impl RowChange<'_> {
 struct Plan<'a> {
     rows: Vec<RowChange<'a>>,
     index: HashMap<i64, usize>,
+    /// Ids whose cancel came before their request: kept in `cancel_ahead`.
+    marks: Vec<i64>,
+    /// Ids canceled in this batch: a mark they had is used up.
+    unmarks: Vec<i64>,
 }
 
 impl<'a> Plan<'a> {
@@ -832,9 +853,13 @@ impl<'a> Plan<'a> {
                 let result = result.as_ref().map(|r| jsonb_text(r.json()).into_owned());
                 self.row(id, *at).advance(status.as_str(), *at, result);
             }
+            Event::CanceledAhead { .. } => self.marks.push(id),
             Event::Removed {
                 reason, execution, ..
             } => {
+                if *reason == RemovalReason::Canceled {
+                    self.unmarks.push(id);
+                }
                 let at = plus(execution.enqueued_at, execution.waited);
                 let waited = execution.waited.as_secs_f64();
                 let (status, result) = match reason {
@@ -895,7 +920,7 @@ impl<'a> Plan<'a> {
     }
 
     fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.rows.is_empty() && self.marks.is_empty() && self.unmarks.is_empty()
     }
 
     fn new_actions(&self) -> impl Iterator<Item = &'a ActionRef> + '_ {
@@ -1270,6 +1295,30 @@ impl Writer {
     /// One attempt: resolve new actions, then one transaction of at most two statements.
     async fn try_write(&self, plan: &Plan<'_>) -> Result<(), WriteError> {
         if plan.is_empty() {
+            return Ok(());
+        }
+        // Marks first: a request that took its mark within this batch unmarks it after.
+        // Statements of their own, rare, and harmless to repeat if a retry follows a commit.
+        if !plan.marks.is_empty() {
+            sqlx::query(self.sql.mark.clone())
+                .bind(&plan.marks)
+                .bind(i64::try_from(CANCELED_AHEAD_CAPACITY).unwrap_or(i64::MAX))
+                .execute(&self.pool)
+                .await
+                .map_err(DbError::query(
+                    "keeping cancels that came before their requests",
+                ))?;
+            self.count(1);
+        }
+        if !plan.unmarks.is_empty() {
+            sqlx::query(self.sql.unmark.clone())
+                .bind(&plan.unmarks)
+                .execute(&self.pool)
+                .await
+                .map_err(DbError::query("forgetting cancels that were used"))?;
+            self.count(1);
+        }
+        if plan.rows.is_empty() {
             return Ok(());
         }
         let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;

@@ -70,6 +70,9 @@ pub struct RecoveryReport {
     /// Whether the executor before this one stopped with everything committed; then nothing
     /// can have left ahead of its admission, and no attempt is raised.
     pub after_clean_stop: bool,
+    /// Ids whose cancel came before their request and whose request has not come yet, oldest
+    /// first: marked again, so the request is canceled when it comes.
+    pub canceled_ahead: Vec<ExecutionId>,
 }
 
 /// A `scheduled` execution: admitted, dispatch not confirmed.
@@ -111,6 +114,7 @@ pub async fn recover(
     for (action, restored) in groups {
         executor.restore(&action, restored)?;
     }
+    executor.remember_canceled_ahead(&report.canceled_ahead);
     if let Some(max) = report.max_execution_id {
         executor.observe_execution_id(max);
         if report.ended_before {
@@ -124,6 +128,7 @@ pub async fn recover(
         unconfirmed = report.unconfirmed.len(),
         maybe_sent = report.maybe_sent,
         skipped = report.skipped.len(),
+        canceled_ahead = report.canceled_ahead.len(),
         "recovered live executions from the ledger"
     );
     Ok(report)
@@ -208,6 +213,20 @@ async fn read(
         }
     }
     drop(rows);
+    let marks: Vec<i64> = sqlx::query_scalar(schema.sql(
+        "SELECT c.execution_id FROM {s}.cancel_ahead c \
+         WHERE NOT EXISTS (SELECT 1 FROM {s}.execution e WHERE e.id = c.execution_id) \
+         ORDER BY c.recorded, c.execution_id",
+    ))
+    .fetch_all(pool)
+    .await
+    .map_err(DbError::query(
+        "reading cancels that came before their requests",
+    ))?;
+    report.canceled_ahead = marks
+        .into_iter()
+        .filter_map(|id| u64::try_from(id).ok())
+        .collect();
     report.ended_before = super::history::any_ended(pool, schema).await?;
     report.max_execution_id = max_execution_id(pool, schema).await?;
     Ok((report, groups))

@@ -336,6 +336,8 @@ pub fn outcome(event: &Event) -> (Option<&ActionRef>, &'static str) {
         // A dispatch that reached no worker queue and came back.
         Event::Returned { action, .. } => (Some(action), "returned"),
         Event::Reclaimed { action, .. } => (Some(action), "reclaimed"),
+        // Not an execution's outcome yet (attune_cancels_total{verdict="remembered"} counts it).
+        Event::CanceledAhead { .. } => (None, "canceled_ahead"),
         Event::Unmatched { action, .. } => (action.as_ref(), "unmatched"),
     }
 }
@@ -361,6 +363,9 @@ impl MetricsSink {
     }
 
     fn count(&self, event: &Event) {
+        if let Event::CanceledAhead { .. } = event {
+            return;
+        }
         if let Event::Admitted { action, waited, .. } = event {
             let histogram = match self.waits.get(action) {
                 Some(h) => h.clone(),

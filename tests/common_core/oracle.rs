@@ -281,6 +281,9 @@ impl Oracle {
                     .unwrap_or(self.clock.now());
                 self.set_life(id, Life::Waiting { since });
             }
+            // A mark on an id not yet requested; its request, when it comes, shows as an
+            // acceptance and a cancel, which are checked as any other.
+            Event::CanceledAhead { .. } => {}
             Event::Unmatched {
                 action,
                 execution_id,
