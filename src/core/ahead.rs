@@ -2,9 +2,10 @@
 //!
 //! Requests and cancels travel on different RabbitMQ queues, so a producer's cancel can reach
 //! the executor while its request still waits behind others. Such a cancel leaves a mark on
-//! its execution id and is acknowledged; when the request comes, the registry takes the mark,
-//! and the request is accepted and at once recorded as canceled, never dispatched. Marks live
-//! in memory only.
+//! its execution id and is acknowledged once the outcome sink has kept it (the ledger's
+//! `cancel_ahead` table, from which recovery marks the ids again after a restart); when the
+//! request comes, the registry takes the mark, and the request is accepted and at once
+//! recorded as canceled, never dispatched.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -20,7 +21,7 @@ pub const CANCELED_AHEAD_CAPACITY: usize = 100_000;
 /// Execution ids whose cancel arrived while no execution had them and none had ended with
 /// them: a producer's cancel that overtook its request, which waits behind others in the
 /// requests queue. When the request arrives it is accepted and at once recorded as canceled,
-/// never dispatched. Kept in memory only, the oldest forgotten beyond a capacity.
+/// never dispatched. The oldest are forgotten beyond a capacity.
 pub struct CanceledAhead {
     /// Each marked id with the number of its entry in `order`.
     marks: dashmap::DashMap<ExecutionId, u64, foldhash::fast::RandomState>,

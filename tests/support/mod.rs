@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod proxy;
 
 use std::future::Future;
 use std::process::Stdio;
