@@ -80,6 +80,15 @@ enum Op {
         action: usize,
         pick: Index,
     },
+    /// The broker returns a running execution's dispatch: no worker queue is bound.
+    Return {
+        action: usize,
+        pick: Index,
+    },
+    /// A dispatch of the action was delivered.
+    Routed {
+        action: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -113,7 +122,9 @@ fn op() -> impl Strategy<Value = Op> {
         ])
         .prop_map(|micros| Op::Advance { micros }),
         1 => (action.clone(), 1u32..=5).prop_map(|(action, limit)| Op::SetLimit { action, limit }),
-        1 => (action, any::<Index>()).prop_map(|(action, pick)| Op::Resubmit { action, pick }),
+        1 => (action.clone(), any::<Index>()).prop_map(|(action, pick)| Op::Resubmit { action, pick }),
+        1 => (action.clone(), any::<Index>()).prop_map(|(action, pick)| Op::Return { action, pick }),
+        1 => action.prop_map(|action| Op::Routed { action }),
     ]
 }
 
@@ -260,15 +271,22 @@ fn run_on_queues(case: Case) -> Result<(), TestCaseError> {
                 }
                 // The queue trusts its caller to keep ids unique; see the executor level.
                 Op::Resubmit { .. } => {}
+                Op::Return { action, pick: p } => {
+                    if let Some(id) = target_of(&o, &actions[*action], &Target::Running, p) {
+                        rigs[*action].returned(id);
+                    }
+                }
+                Op::Routed { action } => rigs[*action].routed(),
             }
             feed(&mut o, &rigs, &mut seen)?;
             check_queues(&o, &rigs)?;
         }
 
-        // Drain: room for everyone, then every running one completes.
+        // Drain: room for everyone (and a route), then every running one completes.
         for (i, r) in rigs.iter_mut().enumerate() {
             o.set_limit(&actions[i], 1000);
             r.set_limit(1000);
+            r.routed();
         }
         feed(&mut o, &rigs, &mut seen)?;
         for (i, a) in actions.iter().enumerate() {
@@ -314,8 +332,14 @@ fn check_queues(o: &Oracle, rigs: &[QueueRig]) -> Result<(), TestCaseError> {
             .unwrap_or_default();
         prop_assert_eq!(r.waiting_ids(), line, "waiting line of {}", r.action());
     }
-    // The rigs tick exactly when the queue asks, which is 1 ms after a deadline.
-    o.settled(Duration::from_millis(1)).map_err(fail)
+    // The rigs tick exactly when the queue asks, which is 1 ms after a deadline. An action
+    // whose dispatches came back may hold its head back until its next try.
+    let held: Vec<_> = rigs
+        .iter()
+        .filter(|r| r.queue.no_route_since().is_some())
+        .map(|r| r.action().clone())
+        .collect();
+    o.settled(Duration::from_millis(1), &held).map_err(fail)
 }
 
 proptest! {
@@ -435,6 +459,8 @@ fn run_on_executor(case: Case) -> Result<(), TestCaseError> {
                         expect_submit.push((answer, Verdict::Duplicate { execution_id: id }));
                     }
                 }
+                // Returns are the queue's rules; the queue level checks them.
+                Op::Return { .. } | Op::Routed { .. } => {}
             }
             r.barrier(&all).await;
             for e in &r.events[seen..] {
@@ -458,7 +484,7 @@ fn run_on_executor(case: Case) -> Result<(), TestCaseError> {
             prop_assert_eq!(r.exec.live_count(), live.len(), "the live index");
             // A wake-up is asked for 1 ms after a deadline and tokio rounds timers up to the
             // next millisecond.
-            o.settled(Duration::from_millis(2)).map_err(fail)?;
+            o.settled(Duration::from_millis(2), &[]).map_err(fail)?;
         }
 
         for a in &actions {

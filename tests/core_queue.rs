@@ -7,7 +7,7 @@ use std::time::Duration;
 use common_core::rig::QueueRig;
 use common_core::{limit, payload_of, policy};
 use fifo_executor::core::ports::{Event, RemovalReason};
-use fifo_executor::core::{PurgeOrder, QueueSettings, RateLimit, Restored};
+use fifo_executor::core::{ActionPolicy, PurgeOrder, QueueSettings, RateLimit, Restored};
 use fifo_executor::model::{CancelVerdict, CompletionVerdict, Rejection, UnmatchedReason, Verdict};
 use tokio::time::advance;
 
@@ -925,4 +925,66 @@ async fn a_return_for_an_execution_that_no_longer_holds_a_slot_changes_nothing()
     assert!(q.queue.no_route_since().is_none());
     assert_eq!(q.dispatched_ids(), vec![1, 2]);
     assert!(q.waiting_ids().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn returns_in_any_order_and_partial_retries_keep_acceptance_order() {
+    let mut q = QueueRig::new(
+        no_route_settings(None),
+        ActionPolicy {
+            rate_limit: Some(RateLimit {
+                max: limit(2),
+                per: Duration::from_secs(2),
+            }),
+            ..policy(2)
+        },
+    );
+    q.submit_all([1, 2, 3]);
+    assert_eq!(q.dispatched_ids(), vec![1, 2]);
+    // lapin may hand the returns over in either order.
+    q.returned(2);
+    q.returned(1);
+    assert_eq!(q.waiting_ids(), vec![1, 2, 3]);
+    // The next try finds one token: only 1 goes, and comes back again.
+    advance(Duration::from_secs(1)).await;
+    q.tick_due();
+    assert_eq!(q.dispatched_ids(), vec![1, 2, 1]);
+    q.returned(1);
+    assert_eq!(q.waiting_ids(), vec![1, 2, 3], "1 stays ahead of 2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_try_the_rate_limit_or_a_disabled_action_holds_back_does_not_spin() {
+    let mut q = QueueRig::new(
+        no_route_settings(None),
+        ActionPolicy {
+            rate_limit: Some(RateLimit {
+                max: limit(1),
+                per: Duration::from_secs(10),
+            }),
+            ..policy(2)
+        },
+    );
+    q.submit_all([1, 2]);
+    q.returned(1);
+    // The try is due after 1 s; the next token only after 10 s. tick_due panics if the
+    // queue keeps asking for a wake-up that does nothing.
+    advance(Duration::from_secs(2)).await;
+    q.tick_due();
+    assert_eq!(q.dispatched_ids(), vec![1]);
+    advance(Duration::from_secs(9)).await;
+    q.tick_due();
+    assert_eq!(q.dispatched_ids(), vec![1, 1]);
+    q.returned(1);
+    q.set_enabled(false);
+    advance(Duration::from_secs(5)).await;
+    q.tick_due();
+    assert!(
+        q.queue.next_wake().is_none_or(|w| w > q.now()),
+        "no wake-up in the past while disabled"
+    );
+    q.set_enabled(true);
+    advance(Duration::from_secs(10)).await;
+    q.tick_due();
+    assert_eq!(q.dispatched_ids(), vec![1, 1, 1]);
 }

@@ -4,8 +4,8 @@
 //! submission order, never more at once than the action's limit, no dispatch came again
 //! without a higher attempt, and the ledger holds each one in the end status its worker
 //! reported. Twice: 20,000 published at once (a backlog: everything waits in the queues), and
-//! 6,000 paced so that most arrive at an empty queue and are dispatched before their
-//! acceptance is committed (requests that name their id do not wait for that commit).
+//! 6,000 paced so that most arrive at an empty queue and leave as soon as their acceptance is
+//! committed, their admission not yet.
 //!
 //! A third test restarts RabbitMQ instead (its application: every connection is dropped and
 //! the durable queues are recovered from disk) three times under the paced load, while the
@@ -164,7 +164,7 @@ async fn twenty_thousand_executions_survive_three_sigkills_in_order_within_limit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paced_arrivals_dispatched_before_their_commit_survive_three_sigkills() {
+async fn paced_arrivals_dispatched_before_their_admission_commits_survive_three_sigkills() {
     let _broker = BROKER.read().await;
     paced(Disruption::KillExecutor).await;
 }
@@ -182,7 +182,7 @@ async fn executor_killed_and_rabbitmq_restarted_while_it_is_down_loses_nothing()
 }
 
 /// 6,000 executions, 20 every 20 ms: about 1,000/s over 20 actions, well below what they can
-/// run, so most arrive at an empty queue and leave before their acceptance is committed.
+/// run, so most arrive at an empty queue and leave before their admission is committed.
 async fn paced(how: Disruption) {
     disrupt_three_times(6_000, 20, Duration::from_millis(20), how).await;
 }

@@ -13,6 +13,17 @@ use fifo_executor::model::{EndStatus, Verdict};
 
 const BIG_ID: u64 = 9_000_000_000_000_000_000;
 
+/// A rig on `db` with every action at `limit` and no sink behind the ledger.
+async fn rig_at(db: &TestDb, limit_of_all: u32) -> Rig {
+    Rig::start(
+        db,
+        QueueSettings::default(),
+        Arc::new(UniformPolicy(limit(limit_of_all))),
+        Arc::new(DiscardSink),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
     let db = TestDb::new().await;
@@ -21,13 +32,7 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
 
     // First life: limit 2; 10 and 11 take the slots, 30, 20, 25 wait in that order (acceptance
     // order, not id order). Only 10's dispatch is confirmed.
-    let mut first = Rig::start(
-        &db,
-        QueueSettings::default(),
-        Arc::new(UniformPolicy(limit(2))),
-        Arc::new(DiscardSink),
-    )
-    .await;
+    let mut first = rig_at(&db, 2).await;
     let _v = first.submit(&a, [10, 11, 30, 20, 25]);
     let sent = first.next_dispatched_ids(2).await;
     assert_eq!(sent, vec![10, 11]);
@@ -41,13 +46,7 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
     first.shutdown().await;
     drop(first);
 
-    let mut second = Rig::start(
-        &db,
-        QueueSettings::default(),
-        Arc::new(UniformPolicy(limit(2))),
-        Arc::new(DiscardSink),
-    )
-    .await;
+    let mut second = rig_at(&db, 2).await;
     let report = recover(&db.pool, &db.schema, &second.exec)
         .await
         .expect("recovers");
@@ -129,13 +128,7 @@ async fn the_head_of_each_waiting_line_goes_out_again_with_a_higher_attempt() {
     let total = ahead + 3;
 
     // First life: 1 holds the only slot, everything else waits.
-    let mut first = Rig::start(
-        &db,
-        QueueSettings::default(),
-        Arc::new(UniformPolicy(limit(1))),
-        Arc::new(DiscardSink),
-    )
-    .await;
+    let mut first = rig_at(&db, 1).await;
     let _v = first.submit(&a, 1..=total);
     first.next_dispatches(1).await;
     first.ledger.mark_running(vec![1]);
@@ -143,13 +136,7 @@ async fn the_head_of_each_waiting_line_goes_out_again_with_a_higher_attempt() {
     first.shutdown().await;
     drop(first);
 
-    let mut second = Rig::start(
-        &db,
-        QueueSettings::default(),
-        Arc::new(UniformPolicy(limit(1))),
-        Arc::new(DiscardSink),
-    )
-    .await;
+    let mut second = rig_at(&db, 1).await;
     let report = recover(&db.pool, &db.schema, &second.exec)
         .await
         .expect("recovers");
@@ -277,5 +264,59 @@ async fn a_dispatch_sent_before_its_admission_committed_goes_out_again_with_a_hi
     second.complete(2, EndStatus::Succeeded);
     let third = second.next_dispatches(1).await;
     assert_eq!((third[0].execution_id, third[0].attempt), (3, 2));
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_execution_whose_cancel_came_first_is_recorded_canceled_not_restored() {
+    let db = TestDb::new().await;
+    let a = action("core.marked");
+    // First life at limit 1: 1 runs, 2 and 3 wait; then (as a batch that committed 3's
+    // acceptance but not the cancel that followed it would leave things) 3 carries a mark
+    // of a cancel that came before its request, and 4's mark waits for a request to come.
+    let mut first = rig_at(&db, 1).await;
+    let _v = first.submit(&a, [1, 2, 3]);
+    first.next_dispatches(1).await;
+    first.sync().await;
+    first.shutdown().await;
+    drop(first);
+    sqlx::query("INSERT INTO attune.cancel_ahead (execution_id) VALUES (3), (4)")
+        .execute(&db.pool)
+        .await
+        .expect("marks");
+
+    let mut second = rig_at(&db, 1).await;
+    let report = recover(&db.pool, &db.schema, &second.exec)
+        .await
+        .expect("recovers");
+    assert_eq!(report.waiting, 1, "2 only");
+    assert_eq!(
+        report.canceled_ahead,
+        vec![4],
+        "4's request has yet to come"
+    );
+    assert_eq!(
+        statuses(&db, "core.marked").await,
+        vec![
+            (1, "scheduled".to_owned()),
+            (2, "requested".to_owned()),
+            (3, "canceled".to_owned())
+        ]
+    );
+    let marks: Vec<i64> =
+        sqlx::query_scalar("SELECT execution_id FROM attune.cancel_ahead ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .expect("marks left");
+    assert_eq!(marks, vec![4], "3's mark is used up");
+    // 4's request, when it comes, is canceled without ever running.
+    let verdicts = second.submit(&a, [4]);
+    drop(verdicts);
+    second.settle_actors().await;
+    second.sync().await;
+    assert_eq!(
+        statuses(&db, "core.marked").await.last(),
+        Some(&(4, "canceled".to_owned()))
+    );
     second.shutdown().await;
 }

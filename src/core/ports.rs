@@ -115,6 +115,9 @@ pub enum Event {
         result: Option<Payload>,
         at: DateTime<Utc>,
         receipt: Option<Receipt<CompletionVerdict>>,
+        /// It ended while it waited (restored after a crash as possibly sent, and a worker
+        /// reported it): like an admission, it left the waiting line.
+        from_waiting: bool,
     },
     /// Held a slot with no completion for longer than `purge.max_running_age_seconds`; the slot
     /// was taken back. A completion arriving later frees nothing.

@@ -43,12 +43,16 @@ struct Waiting {
     /// Dispatches that may already have gone out for it (0 for a new execution; more for one
     /// restored after a crash that may have been sent before its admission was recorded).
     sent_before: u32,
+    /// Its place in acceptance order (see [`ActionQueue::next_seq`]).
+    seq: u64,
 }
 
 /// An execution holding a slot.
 #[derive(Debug)]
 struct Slot {
     admitted: Stamp,
+    /// Its place in acceptance order, should its dispatch come back.
+    seq: u64,
     /// Kept so that a reclaimed execution's dead letter still names its request.
     request_id: Option<Box<str>>,
 }
@@ -118,8 +122,10 @@ pub struct PurgedEntry {
 struct NoRoute {
     /// The first return since its dispatches were last delivered.
     since: Stamp,
-    /// Nothing is admitted before this: the next try of the head.
-    retry_at: Stamp,
+    /// Nothing is admitted before this: the next try of the head. Cleared once it has come
+    /// (the try is made then, or waits for what else holds the head back: the rate limit, a
+    /// full set of slots, a disabled action).
+    retry_at: Option<Stamp>,
 }
 
 /// The counters behind [`QueueStats`].
@@ -155,9 +161,9 @@ pub struct ActionQueue {
     rate_ready_at: Option<Stamp>,
     /// Set while the action's dispatches come back unrouted.
     no_route: Option<NoRoute>,
-    /// How many executions at the head of `waiting` were put back there by a return: the
-    /// next one returned goes behind them (returns come in the order of the dispatches).
-    returned_at_front: usize,
+    /// The acceptance number the next execution gets: `waiting` is always in this order, so
+    /// an execution whose dispatch came back goes back exactly where it was.
+    next_seq: u64,
     /// The last two stamps turned into wall-clock times, most recent first. One handler
     /// converts the same few stamps (its `now`, a batch's enqueue time) again and again,
     /// alternating between two, and the calendar arithmetic behind each conversion was 6% of
@@ -199,7 +205,7 @@ impl ActionQueue {
             last_progress: now,
             rate_ready_at: None,
             no_route: None,
-            returned_at_front: 0,
+            next_seq: 0,
             last_wall: Cell::new([(now, clock_wall); 2]),
         }
     }
@@ -256,7 +262,6 @@ impl ActionQueue {
         self.accept(sub, now, fx, false);
         // `accept` put it last in line; nothing was admitted since.
         if let Some(w) = self.waiting.pop_back() {
-            self.left_waiting(self.waiting.len());
             self.counters.canceled += 1;
             self.remove_event(w, RemovalReason::Canceled, cancel, now, fx);
         }
@@ -308,12 +313,14 @@ impl ActionQueue {
             enqueued_at: self.wall(now),
             receipt,
         });
+        let seq = self.take_seq();
         self.waiting.push_back(Waiting {
             id: execution_id,
             request_id,
             payload,
             enqueued: now,
             sent_before: 0,
+            seq,
         });
         true
     }
@@ -336,6 +343,7 @@ impl ActionQueue {
                 result,
                 at: self.wall(now),
                 receipt,
+                from_waiting: false,
             });
             self.pump(now, fx);
             return;
@@ -347,7 +355,6 @@ impl ActionQueue {
         // report once more an execution it already finished.
         if let Some(pos) = waiting_at.filter(|&p| self.waiting[p].sent_before > 0) {
             if let Some(w) = self.waiting.remove(pos) {
-                self.left_waiting(pos);
                 self.counters.completed += 1;
                 self.progress(now, fx);
                 fx.events.push(Event::Completed {
@@ -357,6 +364,7 @@ impl ActionQueue {
                     result,
                     at: self.wall(now),
                     receipt,
+                    from_waiting: true,
                 });
             }
             return;
@@ -393,7 +401,6 @@ impl ActionQueue {
     ) {
         if let Some(pos) = self.waiting.iter().position(|w| w.id == id) {
             if let Some(w) = self.waiting.remove(pos) {
-                self.left_waiting(pos);
                 self.counters.canceled += 1;
                 self.remove_event(w, RemovalReason::Canceled, receipt, now, fx);
             }
@@ -428,6 +435,7 @@ impl ActionQueue {
             payload: d.payload,
             enqueued: self.clock.stamp_of(d.enqueued_at),
             sent_before: d.attempt.saturating_sub(1),
+            seq: slot.seq,
         };
         let expired = !self.settings.emergency_mode
             && self
@@ -438,13 +446,15 @@ impl ActionQueue {
             // The next one is tried at once: a worker queue bound now still gets it.
             self.counters.no_route += 1;
             self.remove_event(w, RemovalReason::NoRoute, None, now, fx);
-            now
+            None
         } else {
-            let at = self.returned_at_front.min(self.waiting.len());
+            // Back where acceptance order puts it: ahead of everything accepted after it,
+            // behind anything returned that was accepted before it, whatever order the
+            // returns come in.
+            let at = self.waiting.partition_point(|x| x.seq < w.seq);
             self.waiting.insert(at, w);
-            self.returned_at_front = at + 1;
             self.touch(now, fx);
-            now.plus(self.settings.no_route_retry)
+            Some(now.plus(self.settings.no_route_retry))
         };
         self.no_route = Some(NoRoute { since, retry_at });
         self.pump(now, fx);
@@ -493,7 +503,7 @@ impl ActionQueue {
                 .map(|w| w.enqueued.plus(self.settings.queue_timeout).plus(TICK))
         };
         let (rate, retry) = if !self.waiting.is_empty() && self.has_free_slot() {
-            (self.rate_ready_at, self.no_route.map(|n| n.retry_at))
+            (self.rate_ready_at, self.no_route.and_then(|n| n.retry_at))
         } else {
             (None, None)
         };
@@ -517,7 +527,6 @@ impl ActionQueue {
                 report.push(self.purged_entry(w.id, "queued", now.since(w.enqueued), max));
             }
             if !order.dry_run {
-                self.returned_at_front = self.returned_at_front.saturating_sub(stale);
                 for w in self.waiting.drain(..stale).collect::<Vec<_>>() {
                     self.counters.purged += 1;
                     self.remove_event(w, RemovalReason::Purged, None, now, fx);
@@ -562,12 +571,14 @@ impl ActionQueue {
     pub fn restore(&mut self, restored: Vec<Restored>, now: Stamp, fx: &mut Effects) {
         for r in restored {
             self.counters.enqueued += 1;
+            let seq = self.take_seq();
             match r.admitted_at {
                 Some(admitted) => {
                     self.running.insert(
                         r.execution_id,
                         Slot {
                             admitted,
+                            seq,
                             request_id: r.request_id,
                         },
                     );
@@ -578,6 +589,7 @@ impl ActionQueue {
                     payload: r.payload,
                     enqueued: r.enqueued_at,
                     sent_before: r.sent_before,
+                    seq,
                 }),
             }
         }
@@ -635,7 +647,14 @@ impl ActionQueue {
         self.rate_ready_at = None;
         let mut admitted_at = None;
         // An action whose dispatches come back unrouted waits for its next try.
-        let held_back = self.no_route.is_some_and(|n| now < n.retry_at);
+        let held_back = match self.no_route.as_mut() {
+            Some(n) if n.retry_at.is_some_and(|at| now < at) => true,
+            Some(n) => {
+                n.retry_at = None;
+                false
+            }
+            None => false,
+        };
         while !held_back && self.policy.enabled && self.has_free_slot() {
             if self.waiting.is_empty() || !self.rate_allows(now) {
                 break;
@@ -643,12 +662,12 @@ impl ActionQueue {
             let Some(w) = self.waiting.pop_front() else {
                 break;
             };
-            self.left_waiting(0);
             let id = w.id;
             self.running.insert(
                 id,
                 Slot {
                     admitted: now,
+                    seq: w.seq,
                     request_id: w.request_id.clone(),
                 },
             );
@@ -707,7 +726,6 @@ impl ActionQueue {
             .is_some_and(|w| now.since(w.enqueued) > timeout)
         {
             if let Some(w) = self.waiting.pop_front() {
-                self.left_waiting(0);
                 self.counters.timed_out += 1;
                 self.remove_event(w, RemovalReason::TimedOut, None, now, fx);
             }
@@ -753,12 +771,11 @@ impl ActionQueue {
         }
     }
 
-    /// Keeps the count of returned executions at the head right when the waiting one at
-    /// `pos` leaves.
-    fn left_waiting(&mut self, pos: usize) {
-        if pos < self.returned_at_front {
-            self.returned_at_front -= 1;
-        }
+    /// The next acceptance number.
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     fn touch(&mut self, now: Stamp, fx: &mut Effects) {

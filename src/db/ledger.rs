@@ -448,7 +448,8 @@ struct Flight {
     /// Executions whose acceptance is recorded and not yet committed: none may leave before
     /// that commit.
     unaccepted: std::collections::HashSet<ExecutionId>,
-    /// Admissions and removals from the queue recorded and not yet committed.
+    /// Admissions, removals and ends of waiting executions recorded and not yet committed:
+    /// every way of leaving the waiting line.
     departures: usize,
     /// Dispatch batches held in the writer's queue until their commit.
     held: usize,
@@ -488,10 +489,11 @@ impl Flights {
                         .unaccepted
                         .insert(*execution_id);
                 }
-                Event::Admitted { action, .. } | Event::Removed { action, .. } => {
-                    flights.entry(action.clone()).or_default().departures += 1;
+                _ => {
+                    if let Some(action) = departure(event) {
+                        flights.entry(action.clone()).or_default().departures += 1;
+                    }
                 }
-                _ => {}
             }
         }
     }
@@ -515,13 +517,15 @@ impl Flights {
                     }
                     action
                 }
-                Event::Admitted { action, .. } | Event::Removed { action, .. } => {
+                _ => {
+                    let Some(action) = departure(event) else {
+                        continue;
+                    };
                     if let Some(f) = flights.get_mut(action) {
                         f.departures = f.departures.saturating_sub(1);
                     }
                     action
                 }
-                _ => continue,
             };
             touched.push(action);
         }
@@ -555,6 +559,21 @@ impl Flights {
             f.held += 1;
         }
         safe
+    }
+}
+
+/// The action whose waiting line `event` took an execution from, if it did: an admission, a
+/// removal, or the end of an execution restored as possibly sent.
+fn departure(event: &Event) -> Option<&ActionRef> {
+    match event {
+        Event::Admitted { action, .. }
+        | Event::Removed { action, .. }
+        | Event::Completed {
+            action,
+            from_waiting: true,
+            ..
+        } => Some(action),
+        _ => None,
     }
 }
 
@@ -1297,8 +1316,10 @@ impl Writer {
         if plan.is_empty() {
             return Ok(());
         }
-        // Marks first: a request that took its mark within this batch unmarks it after.
-        // Statements of their own, rare, and harmless to repeat if a retry follows a commit.
+        // Marks first, the rows, then the marks used up: a mark goes only once its request's
+        // cancel is committed (a crash in between leaves a mark whose execution exists, which
+        // recovery ignores). Statements of their own, rare, and harmless to repeat if a retry
+        // follows a commit.
         if !plan.marks.is_empty() {
             sqlx::query(self.sql.mark.clone())
                 .bind(&plan.marks)
@@ -1310,6 +1331,9 @@ impl Writer {
                 ))?;
             self.count(1);
         }
+        if !plan.rows.is_empty() {
+            self.write_rows(plan).await?;
+        }
         if !plan.unmarks.is_empty() {
             sqlx::query(self.sql.unmark.clone())
                 .bind(&plan.unmarks)
@@ -1318,9 +1342,11 @@ impl Writer {
                 .map_err(DbError::query("forgetting cancels that were used"))?;
             self.count(1);
         }
-        if plan.rows.is_empty() {
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    /// The rows of one flush: one statement, one implicit transaction.
+    async fn write_rows(&self, plan: &Plan<'_>) -> Result<(), WriteError> {
         let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;
         self.count(resolved);
         let (inserts, updates): (Vec<&RowChange<'_>>, Vec<&RowChange<'_>>) =
@@ -1474,6 +1500,7 @@ mod tests {
                 result: Some(Payload::from_json(r#"{"code": 1}"#).expect("json")),
                 at: at(3),
                 receipt: None,
+                from_waiting: false,
             }),
         ];
         let plan = Plan::build(&items);

@@ -108,7 +108,9 @@ impl DbError {
         match self {
             DbError::Query { source, .. } => is_transient(source),
             DbError::Migrate {
-                source: sqlx::migrate::MigrateError::Execute(source),
+                source:
+                    sqlx::migrate::MigrateError::Execute(source)
+                    | sqlx::migrate::MigrateError::ExecuteMigration(source, _),
                 ..
             } => is_transient(source),
             DbError::TimedOut { .. } => true,

@@ -107,8 +107,11 @@ pub async fn recover(
     // Everything is read before anything is restored, so that a Postgres restart in the
     // middle costs a retry of the reading, never an execution restored twice.
     let clock = executor.clock().clone();
+    // Once: a retry after it committed would read this run's own mark, not the last stop.
+    let after_clean_stop =
+        super::retry_transient("marking the executor's run", || begin_run(pool, schema)).await?;
     let (report, groups) = super::retry_transient("recovering the queues from the ledger", || {
-        read(pool, schema, &clock)
+        read(pool, schema, &clock, after_clean_stop)
     })
     .await?;
     for (action, restored) in groups {
@@ -137,21 +140,24 @@ pub async fn recover(
 /// The live executions of the ledger per action, in acceptance order.
 type Groups = Vec<(ActionRef, Vec<Restored>)>;
 
-/// Marks the run, raises the attempts a crash calls for, and reads every live execution.
-/// Safe to run again after it failed half-way: at worst a second attempt raises an attempt
-/// once more (a higher attempt never repeats one a worker saw).
+/// Raises the attempts a crash calls for, cancels waiting executions whose cancel came
+/// first, and reads every live execution. Safe to run again after it failed half-way: at
+/// worst a second attempt raises an attempt once more (a higher attempt never repeats one a
+/// worker saw).
 async fn read(
     pool: &PgPool,
     schema: &Schema,
     clock: &crate::core::Clock,
+    after_clean_stop: bool,
 ) -> Result<(RecoveryReport, Groups), DbError> {
     let mut report = RecoveryReport {
-        after_clean_stop: begin_run(pool, schema).await?,
+        after_clean_stop,
         ..RecoveryReport::default()
     };
     if !report.after_clean_stop {
         report.maybe_sent = raise_possible_sends(pool, schema).await?;
     }
+    cancel_marked(pool, schema).await?;
     let sql = schema.sql(
         "SELECT e.id, a.ref, e.status, e.request_id, e.parameters::text AS parameters, \
                 e.enqueued_at, e.dispatched_at, e.attempt \
@@ -249,6 +255,31 @@ async fn raise_possible_sends(pool: &PgPool, schema: &Schema) -> Result<u64, DbE
     .map_err(DbError::query(
         "raising the attempt of possibly sent executions",
     ))?;
+    Ok(done.rows_affected())
+}
+
+/// Records as canceled the waiting executions whose cancel came before their request: the
+/// executor that accepted the request died before committing the cancel (a batch may commit
+/// an acceptance without the cancel that follows it), and the request was acknowledged.
+async fn cancel_marked(pool: &PgPool, schema: &Schema) -> Result<u64, DbError> {
+    let done = sqlx::query(schema.sql(
+        "WITH used AS ( \
+           UPDATE {s}.execution e SET status = 'canceled', updated = now() \
+           FROM {s}.cancel_ahead c \
+           WHERE c.execution_id = e.id AND e.status = 'requested' RETURNING e.id) \
+         DELETE FROM {s}.cancel_ahead c USING used WHERE c.execution_id = used.id",
+    ))
+    .execute(pool)
+    .await
+    .map_err(DbError::query(
+        "canceling waiting executions canceled ahead",
+    ))?;
+    if done.rows_affected() > 0 {
+        tracing::info!(
+            canceled = done.rows_affected(),
+            "waiting executions whose cancel came first recorded as canceled"
+        );
+    }
     Ok(done.rows_affected())
 }
 

@@ -311,7 +311,9 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
     let unroutable: Vec<String> = input
         .stats
         .iter()
-        .filter(|s| s.no_route_since.is_some())
+        // Only while executions wait for a route: an action left idle keeps its state until
+        // its next dispatch is delivered, and nothing suffers meanwhile.
+        .filter(|s| s.no_route_since.is_some() && s.queue_length > 0)
         .map(|s| s.action_ref.to_string())
         .collect();
     checks.insert(

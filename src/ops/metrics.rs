@@ -363,7 +363,10 @@ impl MetricsSink {
     }
 
     fn count(&self, event: &Event) {
-        if let Event::CanceledAhead { .. } = event {
+        // Neither is an execution's outcome: a mark on an id not requested yet (counted by
+        // attune_cancels_total), and a dispatch that came back and will go out again
+        // (attune_dispatches_unroutable_total).
+        if let Event::CanceledAhead { .. } | Event::Returned { .. } = event {
             return;
         }
         if let Event::Admitted { action, waited, .. } = event {

@@ -87,7 +87,6 @@ where
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 publisher_slot.send_replace(None);
-                ctx.session_lost();
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "RabbitMQ session lost; reconnecting");
                 metrics::counter!("attune_rabbitmq_reconnects_total").increment(1);
             }
@@ -168,6 +167,9 @@ where
     };
     metrics::gauge!("attune_rabbitmq_connected").set(0.0);
     if let Err(e) = outcome {
+        // A session that was up is lost: what it had taken comes back once more. (Failed
+        // attempts to connect give nothing back and count for nothing.)
+        ctx.session_lost();
         // Close explicitly: ack tasks still hold channels, and a connection kept open would keep
         // its unacknowledged deliveries from being redelivered.
         let _ = conn.close(320, "fifo-executor session failed".into()).await;

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -173,26 +173,45 @@ async fn run(
             }
             tokio::select! {
                 biased;
-                Some(result) = confirms.next(), if !confirms.is_empty() => {
-                    let Some(job) = in_flight.pop_front() else { continue };
-                    match result {
-                        Ok(Confirmation::Nack(returned)) => {
-                            returns.take(returned, &job, &in_flight, outcomes.as_deref());
-                            tracing::warn!("broker refused a publish (nack); sending it again");
-                            retry.push_back(job.again());
+                Some(first) = confirms.next(), if !confirms.is_empty() => {
+                    // lapin resolves every confirm of one ack frame at once and hands the
+                    // frame's returned messages to them in no particular order: the confirms
+                    // that are ready are judged together, so a dispatch returned with
+                    // another's confirm is never counted as delivered.
+                    let mut group = vec![first];
+                    while let Some(Some(next)) = confirms.next().now_or_never() {
+                        group.push(next);
+                    }
+                    let jobs: Vec<Job> = group.iter().filter_map(|_| in_flight.pop_front()).collect();
+                    for result in &mut group {
+                        if let Ok(Confirmation::Ack(returned) | Confirmation::Nack(returned)) = result {
+                            returns.take(returned.take(), &jobs, &in_flight, outcomes.as_deref());
                         }
-                        Ok(c) => {
-                            returns.take(c.take_message(), &job, &in_flight, outcomes.as_deref());
-                            if returns.was_returned(&job) {
-                                pending.fetch_sub(1, Ordering::AcqRel);
-                            } else {
-                                confirmed(job, &pending, outcomes.as_deref());
+                    }
+                    let mut jobs = jobs.into_iter();
+                    for result in group {
+                        let Some(job) = jobs.next() else { break };
+                        if result.is_ok() && returns.was_returned(&job) {
+                            pending.fetch_sub(1, Ordering::AcqRel);
+                            continue;
+                        }
+                        match result {
+                            Ok(Confirmation::Nack(_)) => {
+                                tracing::warn!("broker refused a publish (nack); sending it again");
+                                retry.push_back(job.again());
                             }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "publish confirm lost");
-                            in_flight.push_front(job);
-                            broken = true;
+                            Ok(_) => confirmed(job, &pending, outcomes.as_deref()),
+                            Err(e) => {
+                                // The channel is gone: this one and the rest of the group go
+                                // back, in order, with what is still in flight.
+                                tracing::warn!(error = %e, "publish confirm lost");
+                                let rest: Vec<Job> = std::iter::once(job).chain(jobs.by_ref()).collect();
+                                for job in rest.into_iter().rev() {
+                                    in_flight.push_front(job);
+                                }
+                                broken = true;
+                                break;
+                            }
                         }
                     }
                 }
@@ -305,12 +324,12 @@ struct Returns {
 }
 
 impl Returns {
-    /// Hands a returned dispatch back; notes it if its own confirm is the one being handled
-    /// (`current`) or is still to come.
+    /// Hands a returned dispatch back; notes it if its own confirm is among those being
+    /// handled (`current`) or is still to come.
     fn take(
         &mut self,
         returned: Option<lapin::message::BasicReturnMessage>,
-        current: &Job,
+        current: &[Job],
         in_flight: &VecDeque<Job>,
         outcomes: Option<&dyn DispatchOutcomes>,
     ) {
@@ -333,7 +352,7 @@ impl Returns {
         );
         let is =
             |j: &Job| matches!(&j.out, Outgoing::Dispatch(o) if o.execution_id == d.execution_id);
-        let still_to_confirm = is(current) || in_flight.iter().any(is);
+        let still_to_confirm = current.iter().any(is) || in_flight.iter().any(is);
         if still_to_confirm {
             self.awaiting_confirm.insert(d.execution_id);
         }

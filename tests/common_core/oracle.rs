@@ -55,17 +55,6 @@ pub struct Book {
     pub reclaimed: u64,
     pub unmatched: u64,
     pub no_route: u64,
-    /// Executions at the head of `line` put back there by a return, in dispatch order.
-    pub returned_front: usize,
-}
-
-impl Book {
-    /// Keeps `returned_front` right when the waiting one at `pos` leaves the line.
-    fn left_line(&mut self, pos: usize) {
-        if pos < self.returned_front {
-            self.returned_front -= 1;
-        }
-    }
 }
 
 pub struct Oracle {
@@ -77,6 +66,8 @@ pub struct Oracle {
     pub unowned_unmatched: u64,
     /// When each execution was accepted: a returned one waits again with its first stamp.
     pub accepted_at: HashMap<ExecutionId, Stamp>,
+    /// The order in which executions were accepted: a returned one goes back in it.
+    pub accept_order: HashMap<ExecutionId, u64>,
 }
 
 pub type Check = Result<(), String>;
@@ -98,6 +89,7 @@ impl Oracle {
             lives: HashMap::new(),
             unowned_unmatched: 0,
             accepted_at: HashMap::new(),
+            accept_order: HashMap::new(),
         }
     }
 
@@ -146,6 +138,8 @@ impl Oracle {
                 ensure!(!self.is_live(id), "{id} accepted while live");
                 let since = self.clock.stamp_of(*enqueued_at);
                 self.accepted_at.insert(id, since);
+                let n = self.accept_order.len() as u64;
+                self.accept_order.insert(id, n);
                 self.lives
                     .insert(id, (action.clone(), Life::Waiting { since }));
                 let b = self.book(action);
@@ -193,7 +187,6 @@ impl Oracle {
                     b.limit
                 );
                 b.line.pop_front();
-                b.left_line(0);
                 b.running.push(id);
                 b.admitted.push(id);
                 self.set_life(id, Life::Running);
@@ -227,10 +220,7 @@ impl Oracle {
                     );
                 }
                 let b = self.book(action);
-                if let Some(pos) = b.line.iter().position(|x| *x == id) {
-                    b.line.remove(pos);
-                    b.left_line(pos);
-                }
+                b.line.retain(|x| *x != id);
                 match reason {
                     RemovalReason::Canceled => b.canceled += 1,
                     RemovalReason::TimedOut => b.timed_out += 1,
@@ -268,12 +258,17 @@ impl Oracle {
                     "{id} returned while {:?}",
                     self.life(id)
                 );
+                // Back where acceptance order puts it.
+                let order = self.accept_order.clone();
+                let seq = order.get(&id).copied().unwrap_or(0);
                 let b = self.book(action);
                 b.running.retain(|x| *x != id);
-                // Back at the head, behind the others returned before it.
-                let at = b.returned_front.min(b.line.len());
+                let at = b
+                    .line
+                    .iter()
+                    .position(|x| order.get(x).is_none_or(|s| *s > seq))
+                    .unwrap_or(b.line.len());
                 b.line.insert(at, id);
-                b.returned_front = at + 1;
                 let since = self
                     .accepted_at
                     .get(&id)
@@ -375,11 +370,11 @@ impl Oracle {
     /// Checks the steady-state rules that hold between operations: nothing waits while a
     /// slot is free (no rate limit, all enabled), and nothing waiting is older than the queue
     /// timeout plus `slack` (how late the timer may fire).
-    pub fn settled(&self, slack: Duration) -> Check {
+    pub fn settled(&self, slack: Duration, held_back: &[ActionRef]) -> Check {
         let now = self.clock.now();
         for (a, b) in &self.books {
             ensure!(
-                b.line.is_empty() || b.running.len() as u32 >= b.limit,
+                b.line.is_empty() || b.running.len() as u32 >= b.limit || held_back.contains(a),
                 "{a}: {} waiting while {} run at limit {}",
                 b.line.len(),
                 b.running.len(),
