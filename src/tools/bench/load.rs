@@ -41,6 +41,8 @@ pub enum LoadError {
     Task(#[from] tokio::task::JoinError),
     #[error("the broker canceled the workers' consumer")]
     ConsumerEnded,
+    #[error("opening a connection took longer than {0:?}")]
+    OpenTimedOut(Duration),
 }
 
 /// What the producers and workers saw, checked and measured. Shared behind one lock: a few
@@ -312,6 +314,19 @@ impl Collector {
 /// connection (a broker restart, a connection closed by an operator).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
+/// Longest a producer or worker connection may take to open, channels and all: a broker in
+/// the middle of starting can accept the TCP connection and never finish the handshake.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `open`, given up after [`OPEN_TIMEOUT`].
+async fn within<T>(
+    open: impl std::future::Future<Output = Result<T, LoadError>>,
+) -> Result<T, LoadError> {
+    tokio::time::timeout(OPEN_TIMEOUT, open)
+        .await
+        .unwrap_or(Err(LoadError::OpenTimedOut(OPEN_TIMEOUT)))
+}
+
 /// Publishes the workload's requests from `workload.producers` channels of one connection,
 /// at most `window` awaiting their confirm per channel. `base` is the first execution id.
 ///
@@ -339,7 +354,9 @@ pub async fn produce(
         })
         .collect();
     loop {
-        let conn = match edge::connect(&url, "fifo-executor bench producers").await {
+        let connected =
+            within(async { Ok(edge::connect(&url, "fifo-executor bench producers").await?) }).await;
+        let conn = match connected {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "bench producers cannot connect; trying again");
@@ -359,9 +376,9 @@ pub async fn produce(
             };
             let conn = &conn;
             tasks.push(async move {
-                match open_confirm_channel(conn).await {
+                match within(async { Ok(open_confirm_channel(conn).await?) }).await {
                     Ok(ch) => job.run(ch, state).await,
-                    Err(e) => (state, Err(LoadError::from(e))),
+                    Err(e) => (state, Err(e)),
                 }
             });
         }
@@ -556,7 +573,7 @@ impl WorkerSession {
 impl Workers {
     /// Declares the workers' queue (durable, like a real worker's) and starts consuming.
     pub async fn connect(url: &str, settings: WorkerSettings) -> Result<Self, LoadError> {
-        let session = WorkerSession::open(url, &settings).await?;
+        let session = within(WorkerSession::open(url, &settings)).await?;
         Ok(Self {
             url: url.to_owned(),
             session,
@@ -586,7 +603,11 @@ impl Workers {
                     _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
                     _ = stop.wait_for(|s| *s) => return Ok(()),
                 }
-                match WorkerSession::open(&url, &settings).await {
+                let opened = tokio::select! {
+                    opened = within(WorkerSession::open(&url, &settings)) => opened,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                };
+                match opened {
                     Ok(s) => break s,
                     Err(e) => tracing::debug!(error = %e, "bench workers cannot connect yet"),
                 }
