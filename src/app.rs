@@ -127,6 +127,8 @@ type CorePorts = (
 /// state). Both are set after the publisher starts, hence the cells.
 struct Outcomes {
     ledger: Arc<std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>>,
+    /// Where raised attempts of dispatches sent again are recorded (with the ledger only).
+    resends: std::sync::OnceLock<(sqlx::PgPool, crate::db::Schema)>,
     /// Weak: the executor's dispatcher holds the publisher.
     executor: Arc<std::sync::OnceLock<std::sync::Weak<Executor>>>,
 }
@@ -151,6 +153,20 @@ impl publisher::DispatchOutcomes for Outcomes {
         if let Some(executor) = self.executor() {
             executor.returned(vec![d]);
         }
+    }
+
+    fn resending(&self, ids: Vec<crate::model::ExecutionId>) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some((pool, schema)) = self.resends.get() else {
+                return;
+            };
+            // Transient errors are retried inside; what is left is not about reachability, and
+            // holding every dispatch back for it would stop the service: send, and say so.
+            if let Err(e) = crate::db::recovery::record_resends(pool, schema, &ids).await {
+                tracing::error!(error = %e, count = ids.len(),
+                    "could not record the raised attempts of dispatches sent again; sending them anyway");
+            }
+        })
     }
 
     fn still_wanted(&self, d: &crate::core::Dispatch) -> bool {
@@ -284,6 +300,7 @@ impl Service {
             Arc::new(std::sync::OnceLock::new());
         let outcomes = Arc::new(Outcomes {
             ledger: ledger_cell.clone(),
+            resends: std::sync::OnceLock::new(),
             executor: Arc::new(std::sync::OnceLock::new()),
         });
         let (publisher, slot, _publisher_task) =
@@ -306,6 +323,9 @@ impl Service {
             let (sink, observer, durable) =
                 open_ledger(&config, sink, stats.clone(), config_policies, &ledger_cell).await?;
             let policies: Arc<dyn PolicySource> = durable.policies.clone();
+            let _ = outcomes
+                .resends
+                .set((durable.pool.clone(), durable.schema.clone()));
             (sink, observer, policies, Some(durable))
         } else {
             (sink, stats.clone(), config_policies, None)

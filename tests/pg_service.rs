@@ -717,3 +717,101 @@ async fn dispatches_that_find_no_worker_queue_for_too_long_are_dead_lettered() {
     assert_eq!(classes, vec!["NoRoute"; 3], "{:?}", peek.entries);
     service.shutdown().await.expect("clean shutdown");
 }
+
+/// `(execution_id, attempt)` of every dispatch in `queue`, taken off it, in id order.
+async fn take_dispatches(ch: &lapin::Channel, queue: &str) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+    {
+        let v: Value = serde_json::from_slice(&m.delivery.data).expect("a dispatch");
+        out.push((
+            v["execution_id"].as_u64().expect("an id"),
+            v["attempt"].as_u64().expect("an attempt"),
+        ));
+    }
+    out.sort_unstable();
+    out
+}
+
+async fn depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|q| q.message_count())
+    .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_sent_again_after_a_lost_connection_has_its_raised_attempt_recorded_first() {
+    // Found by the chaos run (seed 22): after a connection drop the publisher sent its
+    // unconfirmed dispatches again as attempt + 1, but only in memory; the executor was then
+    // killed, and its successor, reading the old attempt from the ledger, sent the same
+    // attempt a third time. The raised attempt must be in the ledger before the copy leaves.
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let proxy = support::proxy::Proxy::start().await;
+    let direct = fleet::connect(&vhost.url).await;
+    let ch = direct.create_channel().await.expect("a channel");
+    fifo_executor::tools::declare_dispatch_queue(&ch, "again.workers", "#", FieldTable::default())
+        .await
+        .expect("a worker queue");
+    let mut config = config_for(&vhost, &db, &one_action());
+    config.rabbitmq.url = proxy.url(&vhost.name);
+    let service = Service::start(config).await.expect("service starts");
+    fleet::until_consuming(&direct, Duration::from_secs(30)).await;
+
+    // 1 runs (the limit is 1), 2 waits with its acceptance committed.
+    let requests: Vec<(u64, String)> = (1..=2).map(|i| (i, ONE_ACTION.to_owned())).collect();
+    fleet::publish_requests(&vhost.url, &requests).await;
+    poll_until(Duration::from_secs(30), "1 running, 2 waiting", || async {
+        common_pg::statuses(&db, ONE_ACTION).await
+            == vec![(1, "running".to_owned()), (2, "requested".to_owned())]
+    })
+    .await;
+    // The broker's answers are held, so 2's dispatch, let go by a higher limit, reaches the
+    // worker queue but its confirm never comes back: then the connection is lost.
+    proxy.hold_from_broker();
+    let action = fifo_executor::model::ActionRef::parse(ONE_ACTION).expect("a ref");
+    service
+        .executor
+        .set_policy(&action, common_pg::limit(2))
+        .expect("limit raised");
+    poll_until(
+        Duration::from_secs(10),
+        "2 reached the worker queue",
+        || async { depth(&ch, "again.workers").await == 2 },
+    )
+    .await;
+    proxy.cut();
+    // Long enough for the cut to drop what was held before new connections pass again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.release();
+    poll_until(Duration::from_secs(30), "2 sent again", || async {
+        depth(&ch, "again.workers").await == 3
+    })
+    .await;
+    assert_eq!(
+        take_dispatches(&ch, "again.workers").await,
+        vec![(1, 1), (2, 1), (2, 2)]
+    );
+    // The ledger knows attempt 2 left (its admission may commit after the copy went out):
+    // a restart now sends 2 again as attempt 3.
+    poll_until(
+        Duration::from_secs(10),
+        "2's attempt 2 recorded",
+        || async { attempt_of(&db, 2).await == 2 },
+    )
+    .await;
+    service.shutdown().await.expect("clean shutdown");
+}

@@ -26,6 +26,8 @@ struct Seen {
     returned: Mutex<Vec<u64>>,
     /// Executions that ended meanwhile: not to be sent again.
     ended: HashSet<u64>,
+    /// Ids whose raised attempt the publisher asked to record, and what had gone out by then.
+    recorded: Mutex<Vec<(Vec<u64>, usize)>>,
 }
 
 impl DispatchOutcomes for Seen {
@@ -40,6 +42,11 @@ impl DispatchOutcomes for Seen {
     }
     fn still_wanted(&self, d: &Dispatch) -> bool {
         !self.ended.contains(&d.execution_id)
+    }
+    fn resending(&self, ids: Vec<u64>) -> futures::future::BoxFuture<'_, ()> {
+        let delivered = self.delivered.lock().expect("seen").len();
+        self.recorded.lock().expect("seen").push((ids, delivered));
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -145,6 +152,11 @@ async fn a_dispatch_lost_with_its_connection_goes_out_again_higher_unless_its_ex
     );
     assert_eq!(*seen.delivered.lock().expect("seen"), vec![(1, 2)]);
     assert!(seen.returned.lock().expect("seen").is_empty());
+    assert_eq!(
+        *seen.recorded.lock().expect("seen"),
+        vec![(vec![1], 0)],
+        "1's raised attempt recorded once, before its copy went out"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -321,9 +321,12 @@ pub async fn mark_clean_stop(pool: &PgPool, schema: &Schema) -> Result<(), DbErr
     Ok(())
 }
 
-/// Raises `attempt` of these `scheduled` executions by one. Call it before dispatching them
-/// again, so that the copy sent now carries an attempt no earlier copy carried, even if the
-/// executor dies again before the broker confirms it.
+/// Raises `attempt` of these executions by one while they are not confirmed (`scheduled`, or
+/// `requested` when their admission is not committed yet: the admission adds its own one).
+/// Call it before dispatching them again, at start for what recovery found unconfirmed and
+/// after a lost connection for what the publisher sends again, so that the copy sent now
+/// carries an attempt no earlier copy carried, even if the executor dies before the broker
+/// confirms it.
 pub async fn record_resends(
     pool: &PgPool,
     schema: &Schema,
@@ -336,7 +339,7 @@ pub async fn record_resends(
     super::retry_transient("counting dispatches sent again", || async {
         sqlx::query(schema.sql(
             "UPDATE {s}.execution SET attempt = attempt + 1 \
-             WHERE id = ANY($1) AND status = 'scheduled'",
+             WHERE id = ANY($1) AND status IN ('requested', 'scheduled')",
         ))
         .bind(&ids)
         .execute(pool)

@@ -7,7 +7,9 @@
 //! job's `on_confirmed` hook when the broker confirms it. When the connection drops, every
 //! unconfirmed job goes back to the front of the line, in its original order, and is published
 //! again on the next session's channel; a dispatch sent again carries `attempt + 1`, since the
-//! first copy may have reached a worker.
+//! first copy may have reached a worker. The raised attempt is made durable
+//! ([`DispatchOutcomes::resending`]) before the copy leaves: an executor killed after sending
+//! it raises the attempt again on its next start, and no two copies ever carry one attempt.
 //!
 //! Dispatches are published as mandatory. One that no queue takes (no worker queue is bound
 //! to its routing key) comes back from the broker before its confirm; it reached no worker,
@@ -51,6 +53,10 @@ pub trait DispatchOutcomes: Send + Sync + 'static {
     /// Whether a dispatch whose confirm was lost with its connection is still worth sending
     /// again: not once its execution has ended (a worker got a copy and reported).
     fn still_wanted(&self, d: &Dispatch) -> bool;
+    /// These dispatches go out again with their attempt raised by one: returns once that is
+    /// recorded where recovery reads it (the ledger), retrying while it cannot be. The
+    /// publisher sends nothing meanwhile, so nothing overtakes the copies sent again.
+    fn resending(&self, ids: Vec<ExecutionId>) -> futures::future::BoxFuture<'_, ()>;
 }
 
 /// Something to publish.
@@ -67,6 +73,8 @@ pub enum Outgoing {
 struct Job {
     out: Outgoing,
     on_confirmed: Option<OnConfirmed>,
+    /// A dispatch whose attempt was raised and whose new attempt is not yet recorded.
+    unrecorded: bool,
 }
 
 impl Job {
@@ -74,8 +82,38 @@ impl Job {
     fn again(mut self) -> Self {
         if let Outgoing::Dispatch(d) = &mut self.out {
             d.attempt = d.attempt.saturating_add(1);
+            self.unrecorded = true;
         }
         self
+    }
+
+    fn dispatch_id(&self) -> Option<ExecutionId> {
+        match &self.out {
+            Outgoing::Dispatch(d) => Some(d.execution_id),
+            _ => None,
+        }
+    }
+}
+
+/// Records the raised attempts of this job and of every job waiting to go out again, in one
+/// go, before the first of them is sent.
+async fn record_raised(
+    job: &mut Job,
+    retry: &mut VecDeque<Job>,
+    outcomes: Option<&dyn DispatchOutcomes>,
+) {
+    if !job.unrecorded {
+        return;
+    }
+    let mut ids = Vec::new();
+    for j in std::iter::once(job).chain(retry.iter_mut()) {
+        if j.unrecorded {
+            j.unrecorded = false;
+            ids.extend(j.dispatch_id());
+        }
+    }
+    if let Some(outcomes) = outcomes {
+        outcomes.resending(ids).await;
     }
 }
 
@@ -90,7 +128,12 @@ pub struct PublisherHandle {
 impl PublisherHandle {
     pub fn publish(&self, out: Outgoing, on_confirmed: Option<OnConfirmed>) {
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { out, on_confirmed }) {
+        let job = Job {
+            out,
+            on_confirmed,
+            unrecorded: false,
+        };
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             if let Some(f) = job.on_confirmed {
                 f(false);
@@ -216,7 +259,8 @@ async fn run(
                     }
                 }
                 job = next_job(&mut retry, &mut rx, &mut closed), if in_flight.len() < confirm_window => {
-                    let Some(job) = job else { continue };
+                    let Some(mut job) = job else { continue };
+                    record_raised(&mut job, &mut retry, outcomes.as_deref()).await;
                     match send(&ch, &job.out).await {
                         Ok(confirm) => {
                             in_flight.push_back(job);
