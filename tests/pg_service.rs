@@ -718,40 +718,6 @@ async fn dispatches_that_find_no_worker_queue_for_too_long_are_dead_lettered() {
     service.shutdown().await.expect("clean shutdown");
 }
 
-/// `(execution_id, attempt)` of every dispatch in `queue`, taken off it, in id order.
-async fn take_dispatches(ch: &lapin::Channel, queue: &str) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    while let Ok(Some(m)) = ch
-        .basic_get(
-            queue.into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-    {
-        let v: Value = serde_json::from_slice(&m.delivery.data).expect("a dispatch");
-        out.push((
-            v["execution_id"].as_u64().expect("an id"),
-            v["attempt"].as_u64().expect("an attempt"),
-        ));
-    }
-    out.sort_unstable();
-    out
-}
-
-async fn depth(ch: &lapin::Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map(|q| q.message_count())
-    .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_sent_again_after_a_lost_connection_has_its_raised_attempt_recorded_first() {
     // Found by the chaos run (seed 22): after a connection drop the publisher sent its
@@ -790,7 +756,7 @@ async fn a_dispatch_sent_again_after_a_lost_connection_has_its_raised_attempt_re
     poll_until(
         Duration::from_secs(10),
         "2 reached the worker queue",
-        || async { depth(&ch, "again.workers").await == 2 },
+        || async { support::queue_depth(&ch, "again.workers").await == 2 },
     )
     .await;
     proxy.cut();
@@ -798,11 +764,11 @@ async fn a_dispatch_sent_again_after_a_lost_connection_has_its_raised_attempt_re
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.release();
     poll_until(Duration::from_secs(30), "2 sent again", || async {
-        depth(&ch, "again.workers").await == 3
+        support::queue_depth(&ch, "again.workers").await == 3
     })
     .await;
     assert_eq!(
-        take_dispatches(&ch, "again.workers").await,
+        support::take_dispatches(&ch, "again.workers").await,
         vec![(1, 1), (2, 1), (2, 2)]
     );
     // The ledger knows attempt 2 left (its admission may commit after the copy went out):

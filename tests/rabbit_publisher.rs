@@ -12,10 +12,9 @@ use std::time::Duration;
 use fifo_executor::core::{Dispatch, Dispatcher};
 use fifo_executor::model::{ActionRef, Payload};
 use fifo_executor::rabbit::publisher::{self, DispatchOutcomes};
-use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
-use serde_json::Value;
 use support::proxy::Proxy;
 use support::{TestVhost, poll_until};
 
@@ -78,36 +77,6 @@ async fn worker_queue(ch: &Channel, name: &str, actions: &str) {
         .expect("a worker queue");
 }
 
-async fn depth(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map(|q| q.message_count())
-    .unwrap_or(0)
-}
-
-/// `(execution_id, attempt)` of every message in `queue`, taken off it.
-async fn drain(ch: &Channel, queue: &str) -> Vec<(u64, u32)> {
-    let mut out = Vec::new();
-    while let Ok(Some(m)) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-    {
-        let v: Value = serde_json::from_slice(&m.delivery.data).expect("a dispatch");
-        let id = v["execution_id"].as_u64().expect("an id");
-        let attempt = v["attempt"].as_u64().expect("an attempt");
-        out.push((id, u32::try_from(attempt).expect("small")));
-    }
-    out.sort_unstable();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_lost_with_its_connection_goes_out_again_higher_unless_its_execution_ended() {
     support::init_tracing();
@@ -135,7 +104,7 @@ async fn a_dispatch_lost_with_its_connection_goes_out_again_higher_unless_its_ex
     poll_until(
         Duration::from_secs(10),
         "both reached the queue",
-        || async { depth(&ch, "resend.workers").await == 2 },
+        || async { support::queue_depth(&ch, "resend.workers").await == 2 },
     )
     .await;
     proxy.cut();
@@ -146,7 +115,7 @@ async fn a_dispatch_lost_with_its_connection_goes_out_again_higher_unless_its_ex
     );
 
     assert_eq!(
-        drain(&ch, "resend.workers").await,
+        support::take_dispatches(&ch, "resend.workers").await,
         vec![(1, 1), (1, 2), (2, 1)],
         "1 again as attempt 2 (a worker may have it); 2 not again (it ended)"
     );
@@ -199,5 +168,5 @@ async fn a_dispatch_no_queue_takes_comes_back_and_is_not_delivered() {
     let mut returned = seen.returned.lock().expect("seen").clone();
     returned.sort_unstable();
     assert_eq!(returned, (2..=200).step_by(2).collect::<Vec<u64>>());
-    assert_eq!(drain(&ch, "bound.workers").await, odd);
+    assert_eq!(support::take_dispatches(&ch, "bound.workers").await, odd);
 }

@@ -84,6 +84,40 @@ impl Drop for TestVhost {
     }
 }
 
+/// How many messages `queue` holds now (0 if it does not exist).
+pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .map(|q| q.message_count())
+    .unwrap_or(0)
+}
+
+/// `(execution_id, attempt)` of every dispatch in `queue`, taken off it, in id order.
+pub async fn take_dispatches(ch: &lapin::Channel, queue: &str) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+    {
+        let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).expect("a dispatch");
+        let id = v["execution_id"].as_u64().expect("an id");
+        let attempt = v["attempt"].as_u64().expect("an attempt");
+        out.push((id, u32::try_from(attempt).expect("a small attempt")));
+    }
+    out.sort_unstable();
+    out
+}
+
 /// Runs `rabbitmqctl -q <args…>` and returns its standard output; panics with its output if it
 /// fails.
 pub async fn rabbitmqctl(args: &[&str]) -> String {
