@@ -8,16 +8,23 @@
 //!   submissions, completions, cancels and the verdicts on them.
 //! - [`core`]: the actors. One [`core::action`] actor per action owns its FIFO queue, slots
 //!   and counters ([`core::queue`] holds the rules as a plain state machine);
-//!   [`core::registry`] is the [`core::Executor`] handle every edge calls; [`core::ahead`]
-//!   keeps the cancels that came before their requests; [`core::ports`] are the traits
-//!   through which the core reaches the edges.
+//!   [`core::registry`] is the [`core::Executor`] handle every edge calls, and
+//!   [`core::supervisor`] watches the actors. What the actors share with the registry is
+//!   [`core::action::Shared`]: the live index, the ids that ended lately
+//!   ([`core::ended`]), the cancels that came before their requests ([`core::ahead`]) and
+//!   the actions whose dispatches come back unrouted ([`core::unroutable`]).
+//!   [`core::policy`] holds the limits and settings, [`core::clock`] the one clock,
+//!   [`core::ports`] the traits through which the core reaches the edges and
+//!   [`core::memory`] their in-memory versions. Imports point one way: registry →
+//!   supervisor → action → the rest.
 //! - [`db`]: the Postgres edge: the ledger of executions (an outcome sink that settles receipts
 //!   only after the commit), the `queue_stats` writer, recovery at start, the `action`
 //!   table as the one source of policies, the health history and the ledger purge.
 //! - [`rabbit`]: the RabbitMQ edge (intake, dispatch, completions, cancels, dead letters).
 //! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
-//!   health check and purge, reading and replaying the DLQ, and the hooks through which the
-//!   Postgres edge keeps policies, health results and the ledger's history in check.
+//!   health check (its result in [`ops::health_report`]) and purge, reading and replaying the
+//!   DLQ, and the hooks through which the Postgres edge keeps policies, health results and the
+//!   ledger's history in check.
 //! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`.
 //! - [`app`]: builds the service from the config and stops it, in one fixed order.
 //! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP

@@ -8,14 +8,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use dashmap::DashMap;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::clock::Stamp;
-use super::policy::ActionPolicy;
-use super::ports::Event;
+use super::ahead::{CANCELED_AHEAD_CAPACITY, CanceledAhead};
+use super::clock::{Clock, Stamp};
+use super::ended::RecentlyEnded;
+use super::policy::{ActionPolicy, QueueSettings};
+use super::ports::{Event, Ports};
 use super::queue::{ActionQueue, Effects, PurgeOrder, PurgedEntry, Restored};
-use super::registry::Shared;
+use super::unroutable::Unroutable;
 use crate::model::{
     ActionRef, CancelRequest, CancelVerdict, Completion, ExecutionId, Receipt, Submission, settle,
 };
@@ -45,6 +48,59 @@ type TimerHandle = JoinHandle<Result<(), ractor::MessagingErr<ActionMsg>>>;
 
 /// The actor itself carries nothing; all it owns is in [`ActionState`].
 pub struct ActionActor;
+
+/// What every action actor shares, with the others and with the [`Executor`] that spawns
+/// them.
+///
+/// It lives beside the actor rather than in a file of its own because the live index names
+/// the actor's messages: the registry and the supervisor import it from here, and nothing
+/// here imports them.
+///
+/// [`Executor`]: super::Executor
+pub struct Shared {
+    pub clock: Clock,
+    pub settings: QueueSettings,
+    pub ports: Ports,
+    /// Every queued or running execution id, with the actor that owns it.
+    pub live: LiveIndex,
+    /// Ids that ended lately, so that a request redelivered after its execution finished (its
+    /// acknowledgement lost with a connection) is a duplicate, not a second run.
+    pub ended: RecentlyEnded,
+    /// Ids whose cancel came before their request.
+    pub canceled_ahead: CanceledAhead,
+    /// Actions whose dispatches come back unrouted.
+    pub no_route: Unroutable,
+}
+
+/// The live index: touched three times per execution (claimed on submit, looked up on
+/// completion, released when it ends) by the intake, the workers' completions and every
+/// action actor at once.
+///
+/// Hashed with foldhash rather than SipHash: ids are plain integers and this map is on the hot
+/// path. Its per-process random seed keeps some resistance to producers choosing colliding
+/// ids (ids may come from producers); what a successful attack costs is a slower map. More
+/// shards than dashmap's default (4 × cores) because all of the above contend for them.
+pub type LiveIndex = DashMap<ExecutionId, ActorRef<ActionMsg>, foldhash::fast::RandomState>;
+
+/// Shards of the live index; a power of two, as dashmap requires.
+const LIVE_SHARDS: usize = 64;
+
+impl Shared {
+    pub fn new(clock: Clock, settings: QueueSettings, ports: Ports) -> Self {
+        Self {
+            clock,
+            settings,
+            ports,
+            live: DashMap::with_hasher_and_shard_amount(
+                foldhash::fast::RandomState::default(),
+                LIVE_SHARDS,
+            ),
+            ended: RecentlyEnded::new(settings.remember_ended),
+            canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
+            no_route: Unroutable::default(),
+        }
+    }
+}
 
 pub struct ActionArgs {
     pub action: ActionRef,

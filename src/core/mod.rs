@@ -6,12 +6,14 @@
 pub mod action;
 pub mod ahead;
 pub mod clock;
+pub mod ended;
 pub mod memory;
 pub mod policy;
 pub mod ports;
 pub mod queue;
 pub mod registry;
 pub mod supervisor;
+pub mod unroutable;
 
 pub use clock::{Clock, Stamp};
 pub use policy::{ActionPolicy, PolicySource, QueueSettings, RateLimit, UniformPolicy};

@@ -19,7 +19,6 @@ use dashmap::mapref::entry::Entry;
 use ractor::{ActorId, ActorRef, ActorRuntime, ActorStatus, SpawnErr};
 
 use super::action::{ActionActor, ActionArgs, ActionMsg};
-use super::ahead::{CANCELED_AHEAD_CAPACITY, CanceledAhead};
 use super::clock::Clock;
 use super::policy::{ActionPolicy, PolicySource, QueueSettings};
 use super::ports::{Event, Ports, QueueStats};
@@ -30,146 +29,10 @@ use crate::model::{
     UnmatchedReason, Verdict, settle,
 };
 
-/// What every action actor shares.
-pub struct Shared {
-    pub clock: Clock,
-    pub settings: QueueSettings,
-    pub ports: Ports,
-    /// Every queued or running execution id, with the actor that owns it.
-    pub live: LiveIndex,
-    /// Ids that ended lately, so that a request redelivered after its execution finished (its
-    /// acknowledgement lost with a connection) is a duplicate, not a second run.
-    pub ended: RecentlyEnded,
-    /// Ids whose cancel came before their request.
-    pub canceled_ahead: CanceledAhead,
-    /// Actions whose dispatches come back unrouted.
-    pub no_route: Unroutable,
-}
-
-/// The actions whose dispatches the broker returns (no worker queue bound), kept by their
-/// actors so that the publisher can tell, cheaply, whether a delivered dispatch is news.
-#[derive(Default)]
-pub struct Unroutable {
-    actions: dashmap::DashSet<ActionRef>,
-    /// Entries in `actions`, read without touching the set while it is empty (always, in a
-    /// healthy deployment).
-    len: AtomicU64,
-}
-
-impl Unroutable {
-    /// Marks the action as returned (`true`) or delivered (`false`).
-    pub fn set(&self, action: &ActionRef, returned: bool) {
-        if returned {
-            if self.actions.insert(action.clone()) {
-                self.len.fetch_add(1, Ordering::AcqRel);
-            }
-        } else if self.actions.remove(action).is_some() {
-            self.len.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    pub fn contains(&self, action: &ActionRef) -> bool {
-        self.len.load(Ordering::Acquire) > 0 && self.actions.contains(action)
-    }
-}
-
-/// The live index: touched three times per execution (claimed on submit, looked up on
-/// completion, released when it ends) by the intake, the workers' completions and every
-/// action actor at once.
-///
-/// Hashed with foldhash rather than SipHash: ids are plain integers and this map is on the hot
-/// path. Its per-process random seed keeps some resistance to producers choosing colliding
-/// ids (ids may come from producers); what a successful attack costs is a slower map. More
-/// shards than dashmap's default (4 × cores) because all of the above contend for them.
-pub type LiveIndex = DashMap<ExecutionId, ActorRef<ActionMsg>, foldhash::fast::RandomState>;
-
-/// Shards of the live index; a power of two, as dashmap requires.
-const LIVE_SHARDS: usize = 64;
-
-impl Shared {
-    pub fn new(clock: Clock, settings: QueueSettings, ports: Ports) -> Self {
-        Self {
-            clock,
-            settings,
-            ports,
-            live: DashMap::with_hasher_and_shard_amount(
-                foldhash::fast::RandomState::default(),
-                LIVE_SHARDS,
-            ),
-            ended: RecentlyEnded::new(settings.remember_ended),
-            canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
-            no_route: Unroutable::default(),
-        }
-    }
-}
-
-/// The last `capacity` execution ids that ended (completed, canceled, timed out, purged or
-/// reclaimed). Bounded, so memory stays flat; the ledger answers for anything older (see
-/// [`Executor::may_have_forgotten`]).
-pub struct RecentlyEnded {
-    set: dashmap::DashSet<ExecutionId>,
-    order: std::sync::Mutex<std::collections::VecDeque<ExecutionId>>,
-    capacity: usize,
-    /// The highest id that may have ended without being in the set: evicted from it, or ended
-    /// before this process started (the ledger's highest id at start). 0 while nothing is
-    /// forgotten. An id above it that is not in the set has never ended, without asking the
-    /// ledger: producers that number executions upwards never need a lookup.
-    forgotten_up_to: AtomicU64,
-}
-
-impl RecentlyEnded {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            set: dashmap::DashSet::new(),
-            order: std::sync::Mutex::new(std::collections::VecDeque::new()),
-            capacity,
-            forgotten_up_to: AtomicU64::new(0),
-        }
-    }
-
-    /// Remembers ids that just ended (one lock per batch, not per id).
-    pub fn remember(&self, ids: &[ExecutionId]) {
-        if ids.is_empty() {
-            return;
-        }
-        if self.capacity == 0 {
-            if let Some(&max) = ids.iter().max() {
-                self.forget_up_to(max);
-            }
-            return;
-        }
-        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        for &id in ids {
-            if self.set.insert(id) {
-                order.push_back(id);
-            }
-        }
-        while order.len() > self.capacity {
-            if let Some(old) = order.pop_front() {
-                self.set.remove(&old);
-                self.forget_up_to(old);
-            }
-        }
-    }
-
-    pub fn contains(&self, id: ExecutionId) -> bool {
-        self.set.contains(&id)
-    }
-
-    /// Whether `id` may have ended without being remembered here.
-    pub fn may_have_forgotten(&self, id: ExecutionId) -> bool {
-        id <= self.forgotten_up_to.load(Ordering::Acquire)
-    }
-
-    /// Ids up to `id` may have ended unremembered. Only ever raised.
-    pub fn forget_up_to(&self, id: ExecutionId) {
-        self.forgotten_up_to.fetch_max(id, Ordering::AcqRel);
-    }
-}
-
-/// How many ended ids the executor remembers by default: at 3,000 executions/s, about five
-/// minutes, far longer than any redelivery after a reconnect takes; about 40 MB at most.
-pub const DEFAULT_REMEMBER_ENDED: usize = 1_000_000;
+// Re-exported from the lower modules that hold them, so that the paths `config` and the
+// core's tests name stay.
+pub use super::action::Shared;
+pub use super::policy::DEFAULT_REMEMBER_ENDED;
 
 /// Errors of the core.
 #[derive(Debug, thiserror::Error)]
@@ -748,49 +611,5 @@ fn reject_all(subs: Vec<Submission>, rejection: Rejection) {
                 rejection: rejection.clone(),
             },
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ended_window_forgets_nothing_until_it_evicts_and_then_only_up_to_the_evicted_id() {
-        let ended = RecentlyEnded::new(3);
-        ended.remember(&[5, 2, 3]);
-        ended.remember(&[2]);
-        assert!(!ended.may_have_forgotten(1), "nothing was evicted yet");
-        ended.remember(&[4]);
-        assert!(!ended.contains(5), "5 was the oldest and was evicted");
-        assert!(ended.contains(4));
-        assert!(ended.may_have_forgotten(5) && ended.may_have_forgotten(1));
-        assert!(!ended.may_have_forgotten(6), "above every evicted id: new");
-        ended.remember(&[9]);
-        assert!(ended.may_have_forgotten(2), "2 was evicted");
-        assert!(
-            !ended.may_have_forgotten(6),
-            "the bound only follows the ids evicted"
-        );
-    }
-
-    #[test]
-    fn a_window_of_zero_forgets_every_id_that_ends() {
-        let ended = RecentlyEnded::new(0);
-        assert!(!ended.may_have_forgotten(1));
-        ended.remember(&[7, 3]);
-        assert!(!ended.contains(7));
-        assert!(ended.may_have_forgotten(7));
-        assert!(!ended.may_have_forgotten(8));
-    }
-
-    #[test]
-    fn ends_before_the_start_are_forgotten_up_to_the_ledgers_highest_id_for_good() {
-        let ended = RecentlyEnded::new(10);
-        ended.forget_up_to(100);
-        ended.remember(&[1]);
-        ended.forget_up_to(50);
-        assert!(ended.may_have_forgotten(100));
-        assert!(!ended.may_have_forgotten(101));
     }
 }

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use super::action::ActionMsg;
-use super::registry::Shared;
+use super::action::{ActionMsg, Shared};
 use crate::model::ActionRef;
 
 /// The supervisor takes no messages of its own; it only hears supervision events.

@@ -21,8 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use super::dlq::{Dlq, DlqStats};
@@ -31,44 +30,8 @@ use super::metrics::names;
 use crate::config::HealthThresholds;
 use crate::core::{Executor, QueueStats};
 
-/// Overall and per-check verdicts; ordered from best to worst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Healthy,
-    Degraded,
-    Unhealthy,
-}
-
-impl Status {
-    /// The value of `attune_health_status`.
-    pub fn gauge(self) -> f64 {
-        match self {
-            Status::Healthy => 0.0,
-            Status::Degraded => 1.0,
-            Status::Unhealthy => 2.0,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Healthy => "healthy",
-            Status::Degraded => "degraded",
-            Status::Unhealthy => "unhealthy",
-        }
-    }
-
-    /// `value > critical` is unhealthy, else `value > warning` is degraded.
-    fn grade(value: u64, warning: u64, critical: u64) -> Status {
-        if value > critical {
-            Status::Unhealthy
-        } else if value > warning {
-            Status::Degraded
-        } else {
-            Status::Healthy
-        }
-    }
-}
+// Re-exported as well as used: the Postgres edge and the tests name them by these paths.
+pub use super::health_report::{Check, HealthReport, Status, Totals};
 
 /// What is known about the dead-letter queue's depth.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,66 +55,14 @@ pub struct HealthInput<'a> {
     pub emergency_mode: bool,
 }
 
-/// One check's value, its thresholds and its verdict.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Check {
-    pub status: Status,
-    /// The measured value (`null` when it could not be measured).
-    pub value: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub warning: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub critical: Option<u64>,
-    /// Which actions the value comes from, or why it is missing.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
-
-/// Totals for the log line and the report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Totals {
-    pub actions: usize,
-    pub queued: u64,
-    pub active: u64,
-    pub dlq: Option<u64>,
-    pub stuck: u64,
-    pub stalled: u64,
-}
-
-/// The result of one health check, as `/health` serves it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HealthReport {
-    pub status: Status,
-    #[serde(serialize_with = "rfc3339")]
-    pub last_check: DateTime<Utc>,
-    pub emergency_mode: bool,
-    pub checks: BTreeMap<&'static str, Check>,
-    pub totals: Totals,
-}
-
-fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true))
-}
-
-impl HealthReport {
-    /// `[health] Status: HEALTHY | Queues: Q=45 A=12 | DLQ=25 | Stuck=3 | Stale=0`
-    pub fn log_line(&self) -> String {
-        let t = &self.totals;
-        let dlq = t.dlq.map_or_else(|| "?".to_owned(), |n| n.to_string());
-        format!(
-            "[health] Status: {} | Queues: Q={} A={} | DLQ={} | Stuck={} | Stale={}{}",
-            self.status.as_str().to_ascii_uppercase(),
-            t.queued,
-            t.active,
-            dlq,
-            t.stuck,
-            t.stalled,
-            if self.emergency_mode {
-                " | EMERGENCY MODE"
-            } else {
-                ""
-            }
-        )
+/// `value > critical` is unhealthy, else `value > warning` is degraded.
+fn grade(value: u64, warning: u64, critical: u64) -> Status {
+    if value > critical {
+        Status::Unhealthy
+    } else if value > warning {
+        Status::Degraded
+    } else {
+        Status::Healthy
     }
 }
 
@@ -206,7 +117,7 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
     checks.insert(
         "queue_length",
         Check {
-            status: Status::grade(longest, t.queue_length_warning, t.queue_length_critical),
+            status: grade(longest, t.queue_length_warning, t.queue_length_critical),
             value: Some(longest as f64),
             warning: Some(t.queue_length_warning),
             critical: Some(t.queue_length_critical),
@@ -221,7 +132,7 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
     checks.insert(
         "oldest_age",
         Check {
-            status: Status::grade(
+            status: grade(
                 oldest,
                 t.oldest_age_warning_seconds,
                 t.oldest_age_critical_seconds,
@@ -235,7 +146,7 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
 
     let dlq_check = match &input.dlq {
         DlqReading::Known(n) => Check {
-            status: Status::grade(*n, t.dlq_warning, t.dlq_critical),
+            status: grade(*n, t.dlq_warning, t.dlq_critical),
             value: Some(*n as f64),
             warning: Some(t.dlq_warning),
             critical: Some(t.dlq_critical),
@@ -265,7 +176,7 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
     checks.insert(
         "stuck_executions",
         Check {
-            status: Status::grade(stuck, t.stuck_warning, t.stuck_critical),
+            status: grade(stuck, t.stuck_warning, t.stuck_critical),
             value: Some(stuck as f64),
             warning: Some(t.stuck_warning),
             critical: Some(t.stuck_critical),
@@ -290,7 +201,7 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
     checks.insert(
         "stalled_queues",
         Check {
-            status: Status::grade(stalled.len() as u64, 0, 0),
+            status: grade(stalled.len() as u64, 0, 0),
             value: Some(stalled.len() as f64),
             warning: None,
             critical: Some(0),

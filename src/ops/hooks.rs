@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::health::HealthReport;
+use super::health_report::HealthReport;
 use crate::core::{ActionPolicy, Executor};
 use crate::model::ActionRef;
 

@@ -4,6 +4,7 @@
 //!
 //! - [`metrics`]: the Prometheus recorder, execution counters and queue gauges.
 //! - [`health`]: the periodic health check (a pure verdict function plus the task around it).
+//! - [`health_report`]: what a check finds, which the check and the [`hooks`] both use.
 //! - [`purge`]: the periodic purge of stale queued and lost running executions.
 //! - [`dlq`]: reading and replaying the dead-letter queue.
 //! - [`hooks`]: seams for what the Postgres edge keeps (policies, health results, old ledger
@@ -11,6 +12,7 @@
 
 pub mod dlq;
 pub mod health;
+pub mod health_report;
 pub mod hooks;
 pub mod metrics;
 pub mod purge;
