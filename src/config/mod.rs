@@ -1536,7 +1536,7 @@ impl Validator<'_> {
 mod tests {
     use super::*;
 
-    const DEFAULT_YAML: &str = include_str!("../config/default.yaml");
+    const DEFAULT_YAML: &str = include_str!("../../config/default.yaml");
 
     fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
         vars.iter()
