@@ -19,7 +19,6 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ErrorKind, ExchangeKind};
-use serde::{Deserialize, Serialize};
 
 /// Topic exchange on which requests, completions, cancels and dispatches are published.
 pub const EXCHANGE: &str = "attune.executions";
@@ -70,32 +69,9 @@ pub fn dlq_routing_key(queue_from: &str) -> String {
     format!("{DLQ_ROUTING_PREFIX}{queue_from}")
 }
 
-/// RabbitMQ queue type of the executor's three input queues (`rabbitmq.queue_type`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueKind {
-    /// Single-node queue; RabbitMQ's default.
-    #[default]
-    Classic,
-    /// Raft-replicated queue; counts deliveries itself (`x-delivery-count`).
-    Quorum,
-}
-
-impl QueueKind {
-    /// The value of the `x-queue-type` argument.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueKind::Classic => "classic",
-            QueueKind::Quorum => "quorum",
-        }
-    }
-}
-
-impl fmt::Display for QueueKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Type of the executor's three input queues (`rabbitmq.queue_type`). Defined with the config so
+/// that the config needs nothing from this edge.
+pub use crate::config::QueueType as QueueKind;
 
 /// The settings the topology depends on; everything else about it is fixed by the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -626,13 +602,6 @@ mod tests {
             "execution.dispatch.core.http.get"
         );
         assert_eq!(dlq_routing_key("queued"), "dlq.queued");
-    }
-
-    #[test]
-    fn a_queue_type_reads_from_config_in_lowercase() {
-        let kind: QueueKind = serde_yaml_ng::from_str("quorum").expect("parses");
-        assert_eq!(kind, QueueKind::Quorum);
-        assert!(serde_yaml_ng::from_str::<QueueKind>("Quorum").is_err());
     }
 
     #[test]

@@ -1,0 +1,100 @@
+//! The `rabbitmq.*` section: the broker connection and the type of the executor's queues.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::secret::redact_url_password;
+
+/// `rabbitmq.*`
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitConfig {
+    /// AMQP URI of the broker, vhost included (`%2f` is `/`). Only `amqp://`: this build has
+    /// no TLS support.
+    pub url: String,
+    /// Deliveries of one message before it is dead-lettered as `PoisonMessage`, so a message
+    /// that crashes the executor cannot loop forever.
+    pub max_deliveries: u32,
+    /// Kind of the executor's own queues.
+    pub queue_type: QueueType,
+    /// Unacknowledged messages the broker may push to each consumer; bounds memory and sets
+    /// how much can be acknowledged in one batch.
+    pub prefetch: u16,
+    /// Dispatches, dead letters and replies the executor keeps awaiting their publisher
+    /// confirm at once: enough to keep the broker's fsync batches full, small enough that a
+    /// reconnect sends little again.
+    pub confirm_window: usize,
+    /// Largest message body accepted; bigger ones are dead-lettered unread.
+    pub max_message_bytes: usize,
+    /// Ceiling of the exponential back-off between reconnection attempts.
+    pub reconnect_max_backoff_ms: u64,
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            max_deliveries: 5,
+            queue_type: QueueType::default(),
+            prefetch: 1000,
+            confirm_window: 512,
+            max_message_bytes: 1024 * 1024,
+            reconnect_max_backoff_ms: 5000,
+        }
+    }
+}
+
+// The URL carries the broker password, and configs get logged at start-up.
+impl fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("url", &redact_url_password(&self.url))
+            .field("max_deliveries", &self.max_deliveries)
+            .field("queue_type", &self.queue_type)
+            .field("prefetch", &self.prefetch)
+            .field("confirm_window", &self.confirm_window)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
+            .finish()
+    }
+}
+
+/// RabbitMQ queue type of the executor's three input queues (`rabbitmq.queue_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Single-node queue; RabbitMQ's default.
+    #[default]
+    Classic,
+    /// Raft-replicated queue; counts deliveries itself (`x-delivery-count`).
+    Quorum,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_type_reads_from_config_in_lowercase() {
+        let kind: QueueType = serde_yaml_ng::from_str("quorum").expect("parses");
+        assert_eq!(kind, QueueType::Quorum);
+        assert!(serde_yaml_ng::from_str::<QueueType>("Quorum").is_err());
+    }
+}
