@@ -36,7 +36,7 @@ impl Default for ExecutorConfig {
             queue: QueueConfig::default(),
             emergency_mode: false,
             durability: Durability::default(),
-            remember_ended_ids: crate::core::registry::DEFAULT_REMEMBER_ENDED,
+            remember_ended_ids: crate::core::policy::DEFAULT_REMEMBER_ENDED,
             shutdown_timeout_seconds: 30,
         }
     }
