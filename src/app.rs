@@ -83,6 +83,11 @@ pub fn queue_settings(c: &Config) -> QueueSettings {
 /// Errors that stop the service from starting or running.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    #[error(
+        "another instance took this instance's partitions (attune.partition): it stopped \
+         without writing anything more"
+    )]
+    Fenced,
     #[error("could not start the core: {0}")]
     Core(#[from] crate::core::CoreError),
     #[error("could not listen for HTTP on {addr} (api.listen): {source}")]
@@ -294,6 +299,7 @@ impl Service {
         let http_addr = listener.local_addr().map_err(AppError::Http)?;
 
         let ledger_mode = config.executor.durability == config::Durability::Ledger;
+        let instance_id = config.cluster.instance_id();
         // The ledger marks a dispatch `running` once the broker confirmed it; the publisher is
         // built before the ledger (the ledger's inner sink publishes dead letters), hence the cell.
         let ledger_cell: Arc<std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>> =
@@ -320,8 +326,15 @@ impl Service {
         };
         let config_policies: Arc<dyn PolicySource> = Arc::new(ConfigPolicies(config.clone()));
         let (sink, observer, policies, mut durable): CorePorts = if ledger_mode {
-            let (sink, observer, durable) =
-                open_ledger(&config, sink, stats.clone(), config_policies, &ledger_cell).await?;
+            let (sink, observer, durable) = open_ledger(
+                &config,
+                sink,
+                stats.clone(),
+                config_policies,
+                &ledger_cell,
+                &instance_id,
+            )
+            .await?;
             let policies: Arc<dyn PolicySource> = durable.policies.clone();
             let _ = outcomes
                 .resends
@@ -444,6 +457,12 @@ impl Service {
             admin_token: config.api.admin_token.clone(),
             max_body_bytes: config.api.max_body_bytes,
             purge_dry_run: config.purge.dry_run,
+            cluster: Arc::new(http::cluster::ClusterView {
+                instance_id: instance_id.clone(),
+                partitions: config.cluster.partitions,
+                table: durable.as_ref().map(|d| (d.pool.clone(), d.schema.clone())),
+                started: chrono::Utc::now(),
+            }),
         });
         let (http_shutdown, http_stop) = oneshot::channel::<()>();
         let http = tokio::spawn(http::serve(listener, app, async move {
@@ -475,6 +494,7 @@ impl Service {
                 dlq_max_entries: config.dlq.max_entries,
             },
             reconnect_max_backoff: Duration::from_millis(config.rabbitmq.reconnect_max_backoff_ms),
+            heartbeat_seconds: config.rabbitmq.heartbeat_seconds,
             shutdown_timeout: Duration::from_secs(config.executor.shutdown_timeout_seconds),
             intake_throttle: config
                 .api
@@ -532,6 +552,11 @@ impl Service {
     }
 
     /// The ledger writer's counters (`None` with `durability: memory`).
+    /// Whether another instance took this one's partitions (then it writes nothing more).
+    pub fn is_fenced(&self) -> bool {
+        self.durable.as_ref().is_some_and(|d| d.ledger.is_fenced())
+    }
+
     pub fn ledger_counters(&self) -> Option<crate::db::ledger::LedgerCounters> {
         self.ledger.as_ref().map(|l| l.counters())
     }
@@ -593,7 +618,20 @@ impl Service {
         mut self,
         signal: impl std::future::Future<Output = ()>,
     ) -> Result<(), AppError> {
+        let ledger = self.durable.as_ref().map(|d| d.ledger.clone());
+        let fenced = async {
+            match &ledger {
+                Some(ledger) => ledger.fenced().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            // Another instance took the partitions: stop, leaving every unacknowledged message
+            // to the broker (the ledger settles nothing more) and no clean-stop mark.
+            () = fenced => {
+                self.shutdown().await?;
+                Err(AppError::Fenced)
+            }
             r = &mut self.edge => {
                 let _ = self.ops_shutdown.send(true);
                 for task in self.ops_tasks {
@@ -617,6 +655,7 @@ async fn open_ledger(
     latest: Arc<LatestStats>,
     fallback: Arc<dyn PolicySource>,
     ledger_cell: &std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>,
+    instance_id: &str,
 ) -> Result<
     (
         Arc<dyn OutcomeSink>,
@@ -629,8 +668,21 @@ async fn open_ledger(
     let pool = db::connect_lazy(&config.database.url, config.database.max_connections)?;
     let schema = db::Schema::new(&config.database.schema)?;
     db::retry_transient("migrating the schema", || db::migrate(&pool, &schema)).await?;
+    // The partitions are taken before anything is read or written: from now on a write of
+    // an instance that held them before is refused.
+    let fence = db::retry_transient("taking the partitions", || {
+        db::partitions::take_all(&pool, &schema, config.cluster.partitions, instance_id)
+    })
+    .await?;
+    tracing::info!(
+        partitions = config.cluster.partitions,
+        instance_id,
+        highest_epoch = fence.held().map(|(_, e)| e).max(),
+        "took every partition"
+    );
+    metrics::gauge!("attune_partitions_owned").set(f64::from(config.cluster.partitions));
     let ids = Arc::new(db::actions::ActionIds::new(&schema));
-    let (ledger, ledger_worker) = db::ledger::LedgerSink::start(
+    let (ledger, ledger_worker) = db::ledger::LedgerSink::start_fenced(
         pool.clone(),
         &schema,
         ids.clone(),
@@ -640,6 +692,7 @@ async fn open_ledger(
             ..db::ledger::LedgerOptions::default()
         },
         inner,
+        Some(fence),
     );
     let _ = ledger_cell.set(ledger.clone());
     let writer = db::stats::StatsWriter::new(pool.clone(), &schema, ids);
@@ -675,7 +728,7 @@ async fn stop_durable(durable: Option<Durable>, timeout: Duration) {
     }
     // Every admission committed: the next start need not treat any waiting execution as
     // possibly sent (db::recovery).
-    if drained && d.ledger.pending() == 0 {
+    if drained && d.ledger.pending() == 0 && !d.ledger.is_fenced() {
         let mark = crate::db::recovery::mark_clean_stop(&d.pool, &d.schema);
         match tokio::time::timeout(timeout, mark).await {
             Ok(Ok(())) => tracing::debug!("clean stop recorded in executor_run"),

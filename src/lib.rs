@@ -26,6 +26,9 @@
 //!   DLQ, and the hooks through which the Postgres edge keeps policies, health results and the
 //!   ledger's history in check.
 //! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`.
+//! - [`cluster`]: how the actions are split into partitions (a fixed hash of the ref) and
+//!   what an instance is called; `db::partitions` records who owns each partition and fences
+//!   the ledger's writes by it.
 //! - [`app`]: builds the service from the config and stops it, in one fixed order.
 //! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP
 //!   API, and the producer and worker simulators).
@@ -47,6 +50,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod db;

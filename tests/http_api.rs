@@ -106,6 +106,7 @@ async fn rig_with(o: Options) -> Rig {
         admin_token: o.token.map(Secret::new),
         max_body_bytes: o.max_body_bytes,
         purge_dry_run: false,
+        cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
     });
     Rig { app, exec, health }
 }

@@ -374,6 +374,7 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
         admin_token: Some(Secret::new("t0ken")),
         max_body_bytes: 65_536,
         purge_dry_run: false,
+        cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
     });
 
     let (status, body) = call(&app, Method::GET, "/api/v1/dlq?limit=2", None).await;

@@ -687,3 +687,55 @@ async fn a_returned_dispatch_moves_its_row_back_to_waiting_and_the_next_copy_kee
     assert_eq!(row, ("scheduled".to_owned(), 1));
     rig.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_after() {
+    use fifo_executor::db::partitions;
+    let db = TestDb::new().await;
+    let first = partitions::take_all(&db.pool, &db.schema, 4, "first")
+        .await
+        .expect("first takes");
+    assert_eq!(
+        first.held().collect::<Vec<_>>(),
+        vec![(0, 1), (1, 1), (2, 1), (3, 1)]
+    );
+
+    // A flush of the first owner is in flight: its fence checked, not yet committed.
+    let mut flush = db.pool.begin().await.expect("a transaction");
+    assert!(first.check(&mut flush).await.expect("check"));
+    let takeover = tokio::spawn({
+        let (pool, schema) = (db.pool.clone(), db.schema.clone());
+        async move { partitions::take_all(&pool, &schema, 4, "second").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !takeover.is_finished(),
+        "the takeover waits for the flush to commit"
+    );
+    flush.commit().await.expect("the flush commits");
+    let second = takeover
+        .await
+        .expect("joined")
+        .expect("the takeover goes through once the flush committed");
+    assert_eq!(
+        second.held().map(|(_, e)| e).collect::<Vec<_>>(),
+        vec![2; 4]
+    );
+
+    // Every flush of the first owner after the takeover is refused; the second's pass.
+    let mut late = db.pool.begin().await.expect("a transaction");
+    assert!(!first.check(&mut late).await.expect("check"));
+    drop(late);
+    let mut now = db.pool.begin().await.expect("a transaction");
+    assert!(second.check(&mut now).await.expect("check"));
+    drop(now);
+
+    // Fewer partitions: the rows beyond the count go.
+    let third = partitions::take_all(&db.pool, &db.schema, 2, "third")
+        .await
+        .expect("third takes");
+    assert_eq!(third.held().collect::<Vec<_>>(), vec![(0, 3), (1, 3)]);
+    let rows = partitions::list(&db.pool, &db.schema).await.expect("list");
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.owner == "third"));
+}

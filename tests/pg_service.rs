@@ -781,3 +781,83 @@ async fn a_dispatch_sent_again_after_a_lost_connection_has_its_raised_attempt_re
     .await;
     service.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_partitions_another_took_writes_and_dispatches_nothing_more_and_stops() {
+    let db = TestDb::new().await;
+    let (vhost_a, vhost_b) = (TestVhost::create().await, TestVhost::create().await);
+    let probe_a = fleet::connect(&vhost_a.url).await;
+    let mut config_a = config_for(&vhost_a, &db, &one_action());
+    config_a.cluster.instance_id = "instance-a".to_owned();
+    let a = Service::start(config_a).await.expect("a starts");
+    fleet::until_consuming(&probe_a, Duration::from_secs(30)).await;
+    let fleet_a = Fleet::start(&vhost_a.url, "fenced.workers", workers(&one_action())).await;
+    run_to_the_end(&fleet_a, &vhost_a, &db, 1..=3).await;
+
+    // A second instance on the same database (its own vhost, so the two share nothing else)
+    // takes every partition: a was paused, or its network cut, and it does not know.
+    let mut config_b = config_for(&vhost_b, &db, &one_action());
+    config_b.cluster.instance_id = "instance-b".to_owned();
+    let b = Service::start(config_b).await.expect("b starts");
+    let owners: Vec<(String, i64)> =
+        sqlx::query_as("SELECT owner, epoch FROM attune.partition ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("partitions");
+    assert_eq!(owners, vec![("instance-b".to_owned(), 2); 16]);
+
+    // a still consumes and accepts in memory, but its first write is refused: it is fenced,
+    // records nothing, dispatches nothing and acknowledges nothing.
+    let more: Vec<(u64, String)> = (4..=6).map(|i| (i, ONE_ACTION.to_owned())).collect();
+    fleet::publish_requests(&vhost_a.url, &more).await;
+    poll_until(Duration::from_secs(30), "a fenced", || async {
+        a.is_fenced()
+    })
+    .await;
+    let stopped =
+        tokio::time::timeout(Duration::from_secs(30), a.run_until(std::future::pending()))
+            .await
+            .expect("a stops by itself");
+    assert!(
+        matches!(stopped, Err(fifo_executor::app::AppError::Fenced)),
+        "{stopped:?}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM attune.execution WHERE id > 3")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0, "nothing a wrote after the takeover");
+    assert!(
+        fleet_a
+            .record
+            .lock()
+            .expect("record")
+            .first_order
+            .values()
+            .flatten()
+            .all(|id| *id <= 3),
+        "no worker got 4 to 6 from a"
+    );
+    // What a never acknowledged is back in its queue for whoever owns the partitions now.
+    poll_until(
+        Duration::from_secs(30),
+        "4 to 6 back in the queue",
+        || async { messages_in(&vhost_a, topology::REQUESTS_QUEUE).await == Some((3, 0)) },
+    )
+    .await;
+
+    let cluster = Client::for_listen_address(b.http_addr())
+        .request("GET", "/api/v1/cluster", None)
+        .await
+        .expect("an answer");
+    assert_eq!(cluster.status, 200);
+    let body: Value = serde_json::from_slice(&cluster.body).expect("json");
+    assert_eq!(body["data"]["instance_id"], "instance-b");
+    assert_eq!(
+        body["data"]["partitions"].as_array().map(Vec::len),
+        Some(16)
+    );
+    assert_eq!(body["data"]["partitions"][0]["owner"], "instance-b");
+    assert_eq!(body["data"]["partitions"][0]["epoch"], 2);
+    b.shutdown().await.expect("clean shutdown");
+}

@@ -32,12 +32,13 @@
 //! # Layout
 //!
 //! The sections are typed with their defaults in `executor.rs` (`executor`, `policies` and the
-//! policy resolved per action), `rabbitmq.rs`, `database.rs` and `ops.rs` (`stats`, `dlq`,
-//! `purge`, `health`, `api`, `logging`); `secret.rs` keeps passwords and tokens out of logs.
+//! policy resolved per action), `rabbitmq.rs`, `database.rs`, `ops.rs` (`stats`, `dlq`,
+//! `purge`, `health`, `api`, `logging`) and `cluster.rs`; `secret.rs` keeps passwords and tokens out of logs.
 //! `env.rs` decodes the `ATTUNE__` variables, `load.rs` merges them over the file and reads
 //! the result into the types, and `validate.rs` refuses impossible values. `error.rs` holds
 //! [`ConfigError`]; `provenance.rs` finds which layer set a key, for the errors to name.
 
+mod cluster;
 mod database;
 mod env;
 mod error;
@@ -53,6 +54,7 @@ mod validate;
 
 use serde::Deserialize;
 
+pub use cluster::ClusterConfig;
 pub use database::{DatabaseConfig, DispatchWait};
 pub use env::ENV_PREFIX;
 pub use error::{ConfigError, Origin};
@@ -94,6 +96,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Log output.
     pub logging: LoggingConfig,
+    /// How the actions are partitioned among instances.
+    pub cluster: ClusterConfig,
 }
 
 /// Checks that `s` is a valid action ref: 1 to 255 characters of `[A-Za-z0-9_.-]`. The error
@@ -138,6 +142,9 @@ mod tests {
             "rabbitmq.url",
             "rabbitmq.max_deliveries",
             "rabbitmq.queue_type",
+            "rabbitmq.heartbeat_seconds",
+            "cluster.partitions",
+            "cluster.instance_id",
             "rabbitmq.prefetch",
             "rabbitmq.confirm_window",
             "rabbitmq.max_message_bytes",

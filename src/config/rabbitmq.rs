@@ -29,6 +29,11 @@ pub struct RabbitConfig {
     pub max_message_bytes: usize,
     /// Ceiling of the exponential back-off between reconnection attempts.
     pub reconnect_max_backoff_ms: u64,
+    /// AMQP heartbeat asked of the broker, in seconds (0: none). A connection silent for two
+    /// of them is dead: the broker closes it (and hands its unacknowledged messages, and the
+    /// active consumer of a single-active-consumer queue, to others), and the executor
+    /// reconnects. A `heartbeat=` in `url` wins over this.
+    pub heartbeat_seconds: u16,
 }
 
 impl Default for RabbitConfig {
@@ -41,6 +46,7 @@ impl Default for RabbitConfig {
             confirm_window: 512,
             max_message_bytes: 1024 * 1024,
             reconnect_max_backoff_ms: 5000,
+            heartbeat_seconds: 10,
         }
     }
 }
@@ -56,6 +62,7 @@ impl fmt::Debug for RabbitConfig {
             .field("confirm_window", &self.confirm_window)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
+            .field("heartbeat_seconds", &self.heartbeat_seconds)
             .finish()
     }
 }

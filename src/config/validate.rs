@@ -5,8 +5,9 @@
 use super::error::{ConfigError, dotted};
 use super::provenance::Provenance;
 use super::{
-    ApiConfig, Config, DatabaseConfig, DlqConfig, ExecutorConfig, HealthConfig, LoggingConfig,
-    PoliciesConfig, PurgeConfig, RabbitConfig, RateLimit, StatsConfig, validate_action_ref,
+    ApiConfig, ClusterConfig, Config, DatabaseConfig, DlqConfig, ExecutorConfig, HealthConfig,
+    LoggingConfig, PoliciesConfig, PurgeConfig, RabbitConfig, RateLimit, StatsConfig,
+    validate_action_ref,
 };
 
 /// Postgres truncates identifiers longer than this (NAMEDATALEN - 1).
@@ -34,6 +35,7 @@ impl Config {
         check.health(&self.health);
         check.api(&self.api);
         check.logging(&self.logging);
+        check.cluster(&self.cluster);
         let mut problems = check.problems;
         match problems.len() {
             0 => Ok(()),
@@ -189,6 +191,20 @@ impl Validator<'_> {
             &["rabbitmq", "reconnect_max_backoff_ms"],
             rabbitmq.reconnect_max_backoff_ms == 0,
             "reconnection would retry in a tight loop",
+        );
+    }
+
+    fn cluster(&mut self, cluster: &ClusterConfig) {
+        let max = crate::cluster::MAX_PARTITIONS;
+        self.require(
+            (1..=max).contains(&cluster.partitions),
+            &["cluster", "partitions"],
+            || format!("expected 1 to {max}"),
+        );
+        self.require(
+            cluster.instance_id.len() <= 255 && !cluster.instance_id.chars().any(char::is_control),
+            &["cluster", "instance_id"],
+            || "expected at most 255 characters, none of them control characters".to_owned(),
         );
     }
 

@@ -47,6 +47,7 @@ pub mod actions;
 pub mod history;
 pub mod ledger;
 pub mod ops;
+pub mod partitions;
 pub mod policies;
 pub mod recovery;
 pub mod stats;

@@ -12,6 +12,7 @@
 //! | GET | `/api/v1/openapi.json` | | this API, as OpenAPI 3 |
 //! | GET | `/api/v1/actions/{ref}/queue-stats` | | one action's counters |
 //! | GET | `/api/v1/queues` | | every action's counters, sorted |
+//! | GET | `/api/v1/cluster` | | the partitions, their owners and epochs |
 //! | GET | `/api/v1/actions/{ref}/policy` | | policy in force |
 //! | PUT | `/api/v1/actions/{ref}/policy` | admin | set a policy |
 //! | POST | `/api/v1/executions/{id}/cancel` | admin | cancel a waiting execution |
@@ -22,6 +23,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod dlq;
 pub mod error;
 pub mod executions;
@@ -57,6 +59,7 @@ pub mod paths {
     pub const OPENAPI: &str = "/api/v1/openapi.json";
     pub const QUEUE_STATS: &str = "/api/v1/actions/{ref}/queue-stats";
     pub const QUEUES: &str = "/api/v1/queues";
+    pub const CLUSTER: &str = "/api/v1/cluster";
     pub const POLICY: &str = "/api/v1/actions/{ref}/policy";
     pub const CANCEL: &str = "/api/v1/executions/{id}/cancel";
     pub const DLQ: &str = "/api/v1/dlq";
@@ -89,6 +92,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", paths::OPENAPI, false),
     route("GET", paths::QUEUE_STATS, false),
     route("GET", paths::QUEUES, false),
+    route("GET", paths::CLUSTER, false),
     route("GET", paths::POLICY, false),
     route("PUT", paths::POLICY, true),
     route("POST", paths::CANCEL, true),
@@ -118,6 +122,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// `purge.dry_run`: what a manual purge does when the request does not say.
     pub purge_dry_run: bool,
+    /// The partitions and their owners, for `GET /api/v1/cluster`.
+    pub cluster: Arc<cluster::ClusterView>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -145,6 +151,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::OPENAPI, get(openapi::serve))
         .route(paths::QUEUE_STATS, get(queues::queue_stats))
         .route(paths::QUEUES, get(queues::list_queues))
+        .route(paths::CLUSTER, get(cluster::cluster))
         .route(
             paths::POLICY,
             get(queues::get_policy).merge(admin(put(queues::put_policy))),

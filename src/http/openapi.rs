@@ -112,6 +112,36 @@ pub fn document() -> Value {
         }}),
     );
     doc_paths.insert(
+        paths::CLUSTER.to_owned(),
+        json!({"get": {
+            "summary": "Every partition with its owner, epoch and what it holds",
+            "description": "Actions are split into cluster.partitions partitions by FNV-1a 64 of the action ref's UTF-8 bytes, modulo the count. The epoch rises at every takeover; it is null without the ledger. actions, queued and running count what the answering instance knows.",
+            "responses": {
+                "200": ok("Partitions in order", data(json!({
+                    "type": "object", "required": ["instance_id", "partition_count", "partitions"],
+                    "properties": {
+                        "instance_id": {"type": "string", "description": "The instance that answered"},
+                        "partition_count": {"type": "integer"},
+                        "partitions": {"type": "array", "items": {
+                            "type": "object",
+                            "required": ["partition", "owner", "epoch", "since", "actions", "queued", "running"],
+                            "properties": {
+                                "partition": {"type": "integer"},
+                                "owner": {"type": "string"},
+                                "epoch": {"type": "integer", "nullable": true},
+                                "since": {"type": "string", "format": "date-time"},
+                                "actions": {"type": "integer"},
+                                "queued": {"type": "integer"},
+                                "running": {"type": "integer"}
+                            }
+                        }}
+                    }
+                }))),
+                "503": error_response("The partition table could not be read")
+            }
+        }}),
+    );
+    doc_paths.insert(
         paths::POLICY.to_owned(),
         json!({
             "get": {

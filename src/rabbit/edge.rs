@@ -36,6 +36,8 @@ pub struct EdgeSettings {
     pub prefetch: u16,
     pub topology: TopologySpec,
     pub reconnect_max_backoff: Duration,
+    /// `rabbitmq.heartbeat_seconds` (0: none).
+    pub heartbeat_seconds: u16,
     /// How long shutdown waits for in-flight work to settle.
     pub shutdown_timeout: Duration,
     /// `api.rate_limits.global`: limits the request consumer only. Shared across reconnects,
@@ -241,7 +243,9 @@ async fn setup(
     ctx: &Arc<ConsumerContext>,
     publisher_slot: &ChannelSlot,
 ) -> Result<SessionParts, EdgeError> {
-    let conn = connect(&settings.url, "fifo-executor").await?;
+    let conn =
+        super::connect_with_heartbeat(&settings.url, "fifo-executor", settings.heartbeat_seconds)
+            .await?;
     tracing::debug!("RabbitMQ connected; declaring topology");
     let topo = conn.create_channel().await?;
     topology::declare(&topo, &settings.topology).await?;

@@ -46,3 +46,21 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, properties).await
 }
+
+/// [`connect`], asking the broker for a heartbeat every `heartbeat_seconds` (0: none) unless
+/// `url` names one itself (`?heartbeat=`). Two silent heartbeats and the connection is dead
+/// on both sides, which is what bounds how long a stalled executor holds its deliveries.
+pub async fn connect_with_heartbeat(
+    url: &str,
+    name: &str,
+    heartbeat_seconds: u16,
+) -> Result<Connection, lapin::Error> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| {
+        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(heartbeat_seconds);
+    }
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect_uri(uri, properties).await
+}

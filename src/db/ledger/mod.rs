@@ -147,6 +147,17 @@ struct Shared {
     /// Per action, what is recorded and not yet committed; kept only once
     /// [`LedgerSink::dispatch_when_safe`] is in use.
     flights: Flights,
+    /// Set for good once a write found that another instance took a partition this one
+    /// held: nothing is written, settled or dispatched any more.
+    fenced: AtomicBool,
+    /// Woken when `fenced` is set.
+    fenced_now: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// What the sink hands its writer.

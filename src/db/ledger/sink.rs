@@ -60,9 +60,23 @@ impl LedgerSink {
         options: LedgerOptions,
         inner: Arc<dyn OutcomeSink>,
     ) -> (Arc<LedgerSink>, Worker) {
+        Self::start_fenced(pool, schema, ids, options, inner, None)
+    }
+
+    /// [`LedgerSink::start`], every flush first checking in its transaction that `fence`
+    /// still holds (no other instance took a partition since). Once it does not, the ledger
+    /// is fenced: it writes, settles and dispatches nothing more ([`LedgerSink::fenced`]).
+    pub fn start_fenced(
+        pool: PgPool,
+        schema: &Schema,
+        ids: Arc<ActionIds>,
+        options: LedgerOptions,
+        inner: Arc<dyn OutcomeSink>,
+        fence: Option<crate::db::partitions::Fence>,
+    ) -> (Arc<LedgerSink>, Worker) {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
-        let writer = Writer::new(pool, schema, ids, options, inner, shared.clone());
+        let writer = Writer::new(pool, schema, ids, options, inner, shared.clone(), fence);
         let worker = Worker::spawn("ledger writer", move |stop| writer.run(rx, stop));
         (Arc::new(LedgerSink { tx, shared }), worker)
     }
@@ -129,6 +143,22 @@ impl LedgerSink {
     /// Items handed in and not yet committed.
     pub fn pending(&self) -> usize {
         self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// Whether another instance took a partition this one held: nothing is written any more.
+    pub fn is_fenced(&self) -> bool {
+        self.shared.is_fenced()
+    }
+
+    /// Resolves once the ledger is fenced (at once if it is already).
+    pub async fn fenced(&self) {
+        loop {
+            let woken = self.shared.fenced_now.notified();
+            if self.shared.is_fenced() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// False from the first failed write until the next commit.
@@ -236,6 +266,11 @@ pub struct WhenSafe {
 impl Dispatcher for WhenSafe {
     fn dispatch(&self, batch: Vec<Dispatch>) {
         if batch.is_empty() {
+            return;
+        }
+        if self.shared.is_fenced() {
+            metrics::counter!("attune_dispatches_dropped_total", "reason" => "fenced")
+                .increment(batch.len() as u64);
             return;
         }
         if self.shared.flights.may_send_now(&batch) {

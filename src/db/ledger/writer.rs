@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -147,6 +148,8 @@ pub(super) struct Writer {
     options: LedgerOptions,
     sql: Statements,
     shared: Arc<Shared>,
+    /// The partitions this instance holds and their epochs; every flush checks them first.
+    fence: Option<crate::db::partitions::Fence>,
 }
 
 /// Why a write failed.
@@ -155,6 +158,16 @@ enum WriteError {
     Transient(DbError),
     /// Postgres refused the data; the same write will never work.
     Refused(DbError),
+    /// Another instance took a partition this one held: no write will ever be allowed.
+    Fenced,
+}
+
+/// Why a write was given up.
+enum GivenUp {
+    /// Postgres refused the data.
+    Refused(DbError),
+    /// This instance no longer owns its partitions.
+    Fenced,
 }
 
 impl From<DbError> for WriteError {
@@ -179,8 +192,10 @@ impl Writer {
         options: LedgerOptions,
         inner: Arc<dyn OutcomeSink>,
         shared: Arc<Shared>,
+        fence: Option<crate::db::partitions::Fence>,
     ) -> Self {
         Writer {
+            fence,
             pool,
             ids,
             inner,
@@ -266,7 +281,13 @@ impl Writer {
     }
 
     /// Writes one batch, retrying while Postgres is unreachable, then settles and forwards it.
+    /// Once fenced, drops it: nothing settled (its messages go back to the broker when this
+    /// instance's connection closes), nothing dispatched, nothing forwarded.
     async fn write(&self, batch: Vec<Item>) {
+        if self.shared.is_fenced() {
+            self.drop_fenced(batch);
+            return;
+        }
         let unstorable = batch
             .iter()
             .filter(|i| i.execution_id() > Some(MAX_STORABLE_EXECUTION_ID))
@@ -280,31 +301,62 @@ impl Writer {
                 "execution ids above {MAX_STORABLE_EXECUTION_ID} cannot be stored; not recorded"
             );
         }
-        let refused = {
+        let outcome = {
             let plan = Plan::build(&batch);
-            self.write_retrying(&plan).await.err()
+            self.write_retrying(&plan).await
         };
-        if let Some(e) = refused {
-            tracing::error!(error = %e, items = batch.len(),
-                "Postgres refused a ledger batch; writing it one execution at a time");
-            // One execution per transaction, so that a row Postgres refuses costs only that
-            // execution's ledger entry.
-            for (id, items, plan) in plans_per_execution(&batch) {
-                if let Err(e) = self.write_retrying(&plan).await {
-                    self.shared
-                        .dropped
-                        .fetch_add(items as u64, Ordering::Relaxed);
-                    tracing::error!(execution_id = id, error = %e,
-                        "Postgres refused this execution's ledger rows; not recorded");
+        match outcome {
+            Ok(()) => {}
+            Err(GivenUp::Fenced) => {
+                self.drop_fenced(batch);
+                return;
+            }
+            Err(GivenUp::Refused(e)) => {
+                tracing::error!(error = %e, items = batch.len(),
+                    "Postgres refused a ledger batch; writing it one execution at a time");
+                // One execution per transaction, so that a row Postgres refuses costs only
+                // that execution's ledger entry.
+                for (id, items, plan) in plans_per_execution(&batch) {
+                    match self.write_retrying(&plan).await {
+                        Ok(()) => {}
+                        Err(GivenUp::Fenced) => {
+                            self.drop_fenced(batch);
+                            return;
+                        }
+                        Err(GivenUp::Refused(e)) => {
+                            self.shared
+                                .dropped
+                                .fetch_add(items as u64, Ordering::Relaxed);
+                            tracing::error!(execution_id = id, error = %e,
+                                "Postgres refused this execution's ledger rows; not recorded");
+                        }
+                    }
                 }
             }
         }
         self.finish(batch);
     }
 
-    /// Retries transient failures with backoff until the write commits; returns the error if
-    /// Postgres refused the data itself.
-    async fn write_retrying(&self, plan: &Plan<'_>) -> Result<(), DbError> {
+    /// Marks the ledger fenced (the first time, says so) and drops `batch` unsettled.
+    fn drop_fenced(&self, batch: Vec<Item>) {
+        if !self.shared.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                "another instance took a partition this one held: the ledger writes nothing \
+                 more, and this instance stops"
+            );
+            self.shared.fenced_now.notify_waiters();
+        }
+        metrics::counter!("attune_fenced_writes_total").increment(1);
+        let rows = batch
+            .iter()
+            .filter(|i| !matches!(i, Item::Dispatches { .. }))
+            .count();
+        self.shared.pending.fetch_sub(rows, Ordering::Relaxed);
+    }
+
+    /// Retries transient failures with backoff until the write commits; gives up if Postgres
+    /// refused the data itself or the fence no longer holds.
+    async fn write_retrying(&self, plan: &Plan<'_>) -> Result<(), GivenUp> {
         let mut backoff = self.options.retry_min;
         let mut down_since: Option<Instant> = None;
         loop {
@@ -321,8 +373,9 @@ impl Writer {
                 }
                 Err(WriteError::Refused(e)) => {
                     self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    return Err(e);
+                    return Err(GivenUp::Refused(e));
                 }
+                Err(WriteError::Fenced) => return Err(GivenUp::Fenced),
                 Err(WriteError::Transient(e)) => {
                     self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
                     self.shared.unhealthy.store(true, Ordering::Relaxed);
@@ -341,11 +394,39 @@ impl Writer {
         }
     }
 
-    /// One attempt: resolve new actions, then one transaction of at most two statements.
+    /// One attempt. Unfenced: the statements run on one connection, each its own implicit
+    /// transaction (one round trip for most flushes). Fenced: one transaction that first
+    /// checks the fence, locking the partition rows until the commit.
     async fn try_write(&self, plan: &Plan<'_>) -> Result<(), WriteError> {
         if plan.is_empty() {
             return Ok(());
         }
+        let Some(fence) = &self.fence else {
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(DbError::query("taking a connection for the ledger"))?;
+            return self.write_plan(&mut conn, plan).await;
+        };
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(DbError::query("beginning a ledger flush"))?;
+        if !fence.check(&mut tx).await? {
+            return Err(WriteError::Fenced);
+        }
+        self.write_plan(&mut tx, plan).await?;
+        tx.commit()
+            .await
+            .map_err(DbError::query("committing a ledger flush"))?;
+        self.count(3);
+        Ok(())
+    }
+
+    /// Resolve new actions, then the marks, the rows and the marks used up, in that order.
+    async fn write_plan(&self, conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), WriteError> {
         // Marks first, the rows, then the marks used up: a mark goes only once its request's
         // cancel is committed (a crash in between leaves a mark whose execution exists, which
         // recovery ignores). Statements of their own, rare, and harmless to repeat if a retry
@@ -354,7 +435,7 @@ impl Writer {
             sqlx::query(self.sql.mark.clone())
                 .bind(&plan.marks)
                 .bind(i64::try_from(CANCELED_AHEAD_CAPACITY).unwrap_or(i64::MAX))
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await
                 .map_err(DbError::query(
                     "keeping cancels that came before their requests",
@@ -362,12 +443,12 @@ impl Writer {
             self.count(1);
         }
         if !plan.rows.is_empty() {
-            self.write_rows(plan).await?;
+            self.write_rows(conn, plan).await?;
         }
         if !plan.unmarks.is_empty() {
             sqlx::query(self.sql.unmark.clone())
                 .bind(&plan.unmarks)
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await
                 .map_err(DbError::query("forgetting cancels that were used"))?;
             self.count(1);
@@ -376,7 +457,7 @@ impl Writer {
     }
 
     /// The rows of one flush: one statement, one implicit transaction.
-    async fn write_rows(&self, plan: &Plan<'_>) -> Result<(), WriteError> {
+    async fn write_rows(&self, conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), WriteError> {
         let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;
         self.count(resolved);
         let (inserts, updates): (Vec<&RowChange<'_>>, Vec<&RowChange<'_>>) =
@@ -438,7 +519,7 @@ impl Writer {
                 .bind(u.back);
         }
         query
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .map_err(DbError::query(context))?;
         self.count(1);
