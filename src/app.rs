@@ -80,6 +80,9 @@ pub fn queue_settings(c: &Config) -> QueueSettings {
     }
 }
 
+/// The exit status of `serve` when another instance took its partitions.
+pub const FENCED_EXIT_STATUS: u8 = 3;
+
 /// Errors that stop the service from starting or running.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -132,8 +135,6 @@ type CorePorts = (
 /// state). Both are set after the publisher starts, hence the cells.
 struct Outcomes {
     ledger: Arc<std::sync::OnceLock<Arc<crate::db::ledger::LedgerSink>>>,
-    /// Where raised attempts of dispatches sent again are recorded (with the ledger only).
-    resends: std::sync::OnceLock<(sqlx::PgPool, crate::db::Schema)>,
     /// Weak: the executor's dispatcher holds the publisher.
     executor: Arc<std::sync::OnceLock<std::sync::Weak<Executor>>>,
 }
@@ -160,23 +161,32 @@ impl publisher::DispatchOutcomes for Outcomes {
         }
     }
 
-    fn resending(&self, ids: Vec<crate::model::ExecutionId>) -> futures::future::BoxFuture<'_, ()> {
+    fn resending(
+        &self,
+        ids: Vec<crate::model::ExecutionId>,
+    ) -> futures::future::BoxFuture<'_, bool> {
         Box::pin(async move {
-            let Some((pool, schema)) = self.resends.get() else {
-                return;
+            let Some(ledger) = self.ledger.get() else {
+                return true;
             };
             // Transient errors are retried inside; what is left is not about reachability, and
             // holding every dispatch back for it would stop the service: send, and say so.
-            if let Err(e) = crate::db::recovery::record_resends(pool, schema, &ids).await {
-                tracing::error!(error = %e, count = ids.len(),
-                    "could not record the raised attempts of dispatches sent again; sending them anyway");
+            match ledger.record_resends(&ids).await {
+                Ok(allowed) => allowed,
+                Err(e) => {
+                    tracing::error!(error = %e, count = ids.len(),
+                        "could not record the raised attempts of dispatches sent again; sending them anyway");
+                    true
+                }
             }
         })
     }
 
     fn still_wanted(&self, d: &crate::core::Dispatch) -> bool {
-        self.executor()
-            .is_none_or(|executor| executor.is_live(d.execution_id))
+        self.ledger.get().is_none_or(|l| !l.is_fenced())
+            && self
+                .executor()
+                .is_none_or(|executor| executor.is_live(d.execution_id))
     }
 }
 
@@ -306,7 +316,6 @@ impl Service {
             Arc::new(std::sync::OnceLock::new());
         let outcomes = Arc::new(Outcomes {
             ledger: ledger_cell.clone(),
-            resends: std::sync::OnceLock::new(),
             executor: Arc::new(std::sync::OnceLock::new()),
         });
         let (publisher, slot, _publisher_task) =
@@ -336,9 +345,6 @@ impl Service {
             )
             .await?;
             let policies: Arc<dyn PolicySource> = durable.policies.clone();
-            let _ = outcomes
-                .resends
-                .set((durable.pool.clone(), durable.schema.clone()));
             (sink, observer, policies, Some(durable))
         } else {
             (sink, stats.clone(), config_policies, None)
@@ -379,8 +385,10 @@ impl Service {
             // The new attempt is recorded before the copy leaves.
             let resent: Vec<crate::model::ExecutionId> =
                 report.unconfirmed.iter().map(|u| u.execution_id).collect();
-            crate::db::recovery::record_resends(&d.pool, &d.schema, &resent).await?;
-            for u in report.unconfirmed {
+            // Refused: another instance took the partitions meanwhile; the copies stay unsent
+            // and the service stops as soon as it runs (the ledger is fenced).
+            let allowed = d.ledger.record_resends(&resent).await?;
+            for u in report.unconfirmed.into_iter().filter(|_| allowed) {
                 let now = chrono::Utc::now();
                 publisher.publish(
                     publisher::Outgoing::Dispatch(crate::core::Dispatch {
@@ -495,6 +503,10 @@ impl Service {
             },
             reconnect_max_backoff: Duration::from_millis(config.rabbitmq.reconnect_max_backoff_ms),
             heartbeat_seconds: config.rabbitmq.heartbeat_seconds,
+            settles_nothing_more: {
+                let ledger = ledger_cell.get().cloned();
+                Arc::new(move || ledger.as_ref().is_some_and(|l| l.is_fenced()))
+            },
             shutdown_timeout: Duration::from_secs(config.executor.shutdown_timeout_seconds),
             intake_throttle: config
                 .api
@@ -551,12 +563,12 @@ impl Service {
         self.http_addr
     }
 
-    /// The ledger writer's counters (`None` with `durability: memory`).
     /// Whether another instance took this one's partitions (then it writes nothing more).
     pub fn is_fenced(&self) -> bool {
         self.durable.as_ref().is_some_and(|d| d.ledger.is_fenced())
     }
 
+    /// The ledger writer's counters (`None` with `durability: memory`).
     pub fn ledger_counters(&self) -> Option<crate::db::ledger::LedgerCounters> {
         self.ledger.as_ref().map(|l| l.counters())
     }
@@ -728,10 +740,12 @@ async fn stop_durable(durable: Option<Durable>, timeout: Duration) {
     }
     // Every admission committed: the next start need not treat any waiting execution as
     // possibly sent (db::recovery).
-    if drained && d.ledger.pending() == 0 && !d.ledger.is_fenced() {
-        let mark = crate::db::recovery::mark_clean_stop(&d.pool, &d.schema);
-        match tokio::time::timeout(timeout, mark).await {
-            Ok(Ok(())) => tracing::debug!("clean stop recorded in executor_run"),
+    if drained && d.ledger.pending() == 0 {
+        match tokio::time::timeout(timeout, d.ledger.mark_clean_stop()).await {
+            Ok(Ok(true)) => tracing::debug!("clean stop recorded in executor_run"),
+            Ok(Ok(false)) => tracing::warn!(
+                "no clean stop recorded: another instance took this one's partitions"
+            ),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not record the clean stop"),
             Err(_) => tracing::warn!("recording the clean stop timed out"),
         }

@@ -302,7 +302,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(&config);
             tracing::info!(durability = ?config.executor.durability, "starting fifo-executor");
             let service = Service::start(config).await?;
-            service.run_until(app::termination_signal()).await?;
+            match service.run_until(app::termination_signal()).await {
+                // Not a failure to restart from: another instance owns the partitions now, and
+                // a restart would only take them back (the systemd unit does not restart on it).
+                Err(e @ app::AppError::Fenced) => {
+                    tracing::error!("{e}");
+                    return Ok(ExitCode::from(app::FENCED_EXIT_STATUS));
+                }
+                r => r?,
+            }
             tracing::info!("fifo-executor stopped");
             Ok(ExitCode::SUCCESS)
         }

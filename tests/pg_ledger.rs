@@ -707,7 +707,7 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
         let (pool, schema) = (db.pool.clone(), db.schema.clone());
         async move { partitions::take_all(&pool, &schema, 4, "second").await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_a_lock_wait(&db).await;
     assert!(
         !takeover.is_finished(),
         "the takeover waits for the flush to commit"
@@ -721,6 +721,39 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
         second.held().map(|(_, e)| e).collect::<Vec<_>>(),
         vec![2; 4]
     );
+
+    // A takeover in flight (its rows locked, not committed): a flush's check waits for it
+    // and, once it commits, finds the epochs moved on.
+    let mut taking = db.pool.begin().await.expect("a transaction");
+    sqlx::query("UPDATE attune.partition SET epoch = epoch + 1, owner = 'third'")
+        .execute(&mut *taking)
+        .await
+        .expect("rows locked");
+    let checking = tokio::spawn({
+        let (pool, second) = (db.pool.clone(), second.clone());
+        async move {
+            let mut tx = pool.begin().await.expect("a transaction");
+            second.check(&mut tx).await.expect("check")
+        }
+    });
+    until_a_lock_wait(&db).await;
+    assert!(!checking.is_finished(), "the check waits for the takeover");
+    taking.commit().await.expect("the takeover commits");
+    assert!(
+        !checking.await.expect("joined"),
+        "a check that waited sees the new epochs"
+    );
+    let third_rows = partitions::list(&db.pool, &db.schema).await.expect("list");
+    assert!(
+        third_rows
+            .iter()
+            .all(|r| r.owner == "third" && r.epoch == 3)
+    );
+    // Give the partitions back to the second owner for what follows.
+    sqlx::query("UPDATE attune.partition SET epoch = 2, owner = 'second'")
+        .execute(&db.pool)
+        .await
+        .expect("reset");
 
     // Every flush of the first owner after the takeover is refused; the second's pass.
     let mut late = db.pool.begin().await.expect("a transaction");
@@ -738,4 +771,23 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
     let rows = partitions::list(&db.pool, &db.schema).await.expect("list");
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r.owner == "third"));
+}
+
+/// Waits until some session of this test's database waits for a row lock.
+async fn until_a_lock_wait(db: &TestDb) {
+    eventually(
+        Duration::from_secs(10),
+        "a session waiting for a lock",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("pg_stat_activity");
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
 }

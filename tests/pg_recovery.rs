@@ -63,7 +63,8 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
         "nothing ended, so no id needs the ledger"
     );
     // The copy about to be sent again is counted first: attempt 2 in the ledger.
-    record_resends(&db.pool, &db.schema, &[11])
+    let mut conn = db.pool.acquire().await.expect("a connection");
+    record_resends(&mut conn, &db.schema, &[11])
         .await
         .expect("records the re-send");
     let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM attune.execution WHERE id = 11")
@@ -197,7 +198,8 @@ async fn after_a_clean_stop_no_attempt_is_raised_and_after_a_crash_it_is() {
     first.next_dispatches(1).await;
     first.sync().await;
     first.shutdown().await;
-    mark_clean_stop(&db.pool, &db.schema)
+    let mut conn = db.pool.acquire().await.expect("a connection");
+    mark_clean_stop(&mut conn, &db.schema)
         .await
         .expect("records the clean stop");
 

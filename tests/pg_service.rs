@@ -861,3 +861,30 @@ async fn an_instance_whose_partitions_another_took_writes_and_dispatches_nothing
     assert_eq!(body["data"]["partitions"][0]["epoch"], 2);
     b.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_taken_over_while_idle_does_not_mark_the_new_owners_run_clean() {
+    let db = TestDb::new().await;
+    let (vhost_a, vhost_b) = (TestVhost::create().await, TestVhost::create().await);
+    let mut config_a = config_for(&vhost_a, &db, &one_action());
+    config_a.cluster.instance_id = "idle-a".to_owned();
+    let a = Service::start(config_a).await.expect("a starts");
+    let mut config_b = config_for(&vhost_b, &db, &one_action());
+    config_b.cluster.instance_id = "idle-b".to_owned();
+    let b = Service::start(config_b).await.expect("b starts");
+    // a wrote nothing since, so nothing refused it; a clean stop now must not mark the run
+    // clean: it is b's run, and were b to crash, its next start would skip raising attempts.
+    a.shutdown().await.expect("a stops");
+    let clean = stopped_cleanly(&db).await;
+    assert!(!clean, "b's run is not marked clean by a");
+    b.shutdown().await.expect("b stops");
+    let clean = stopped_cleanly(&db).await;
+    assert!(clean, "b, the owner, marks its own clean stop");
+}
+
+async fn stopped_cleanly(db: &TestDb) -> bool {
+    sqlx::query_scalar("SELECT stopped_cleanly FROM attune.executor_run WHERE id = 1")
+        .fetch_one(&db.pool)
+        .await
+        .expect("executor_run")
+}

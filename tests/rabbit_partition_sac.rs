@@ -44,8 +44,9 @@ async fn declare(ch: &Channel, queue: &str, kind: &str) {
     .expect("a single-active-consumer queue");
 }
 
-/// The active consumer's connection is cut while it holds a message: how long until the
-/// standby has it, or `None` if it never comes within `patience`.
+/// The active consumer's connection is cut while it holds three messages: how long until the
+/// standby has the first of them (it must get all three), or `None` if it never does within
+/// `patience`.
 async fn promotion_after_a_cut(kind: &str, patience: Duration) -> Option<Duration> {
     let vhost = TestVhost::create().await;
     let proxy = Proxy::start().await;
@@ -80,23 +81,28 @@ async fn promotion_after_a_cut(kind: &str, patience: Duration) -> Option<Duratio
     b.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    b.basic_publish(
-        "".into(),
-        queue.as_str().into(),
-        BasicPublishOptions::default(),
-        b"held",
-        BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirmed");
-    let held = tokio::time::timeout(Duration::from_secs(10), first.next())
+    for body in [&b"one"[..], b"two", b"three"] {
+        b.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
         .await
-        .expect("the active consumer gets the message")
-        .expect("open")
-        .expect("a delivery");
-    assert!(!held.redelivered);
+        .expect("publish")
+        .await
+        .expect("confirmed");
+    }
+    // The active consumer gets all three (its prefetch allows ten), the standby nothing.
+    for _ in 0..3 {
+        let held = tokio::time::timeout(Duration::from_secs(10), first.next())
+            .await
+            .expect("the active consumer gets every message")
+            .expect("open")
+            .expect("a delivery");
+        assert!(!held.redelivered);
+    }
     assert!(
         tokio::time::timeout(Duration::from_millis(300), second.next())
             .await
@@ -106,10 +112,14 @@ async fn promotion_after_a_cut(kind: &str, patience: Duration) -> Option<Duratio
 
     let cut = Instant::now();
     proxy.cut();
-    let got = tokio::time::timeout(patience, second.next()).await.ok()?;
-    let delivery = got.expect("open").expect("a delivery");
-    assert!(delivery.redelivered, "the message the dead consumer held");
-    Some(cut.elapsed())
+    let mut took = None;
+    for _ in 0..3 {
+        let got = tokio::time::timeout(patience, second.next()).await.ok()?;
+        let delivery = got.expect("open").expect("a delivery");
+        assert!(delivery.redelivered, "a message the dead consumer held");
+        took.get_or_insert(cut.elapsed());
+    }
+    took
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

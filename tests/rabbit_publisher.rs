@@ -42,10 +42,10 @@ impl DispatchOutcomes for Seen {
     fn still_wanted(&self, d: &Dispatch) -> bool {
         !self.ended.contains(&d.execution_id)
     }
-    fn resending(&self, ids: Vec<u64>) -> futures::future::BoxFuture<'_, ()> {
+    fn resending(&self, ids: Vec<u64>) -> futures::future::BoxFuture<'_, bool> {
         let delivered = self.delivered.lock().expect("seen").len();
         self.recorded.lock().expect("seen").push((ids, delivered));
-        Box::pin(std::future::ready(()))
+        Box::pin(std::future::ready(true))
     }
 }
 

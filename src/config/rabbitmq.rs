@@ -29,7 +29,7 @@ pub struct RabbitConfig {
     pub max_message_bytes: usize,
     /// Ceiling of the exponential back-off between reconnection attempts.
     pub reconnect_max_backoff_ms: u64,
-    /// AMQP heartbeat asked of the broker, in seconds (0: none). A connection silent for two
+    /// AMQP heartbeat asked of the broker, in seconds (0: the broker's own, 60 s by default). A connection silent for two
     /// of them is dead: the broker closes it (and hands its unacknowledged messages, and the
     /// active consumer of a single-active-consumer queue, to others), and the executor
     /// reconnects. A `heartbeat=` in `url` wins over this.

@@ -94,7 +94,7 @@ pub async fn take_all(
             "SELECT count(*) FROM (SELECT p.id FROM {s}.partition p \
                JOIN unnest($1::int2[], $2::int8[]) AS h(id, epoch) \
                  ON p.id = h.id AND p.epoch = h.epoch \
-               FOR SHARE OF p) AS still",
+               ORDER BY p.id FOR SHARE OF p) AS still",
         ),
     })
 }

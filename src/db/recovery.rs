@@ -38,6 +38,7 @@
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use sqlx::PgConnection;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 
@@ -310,12 +311,14 @@ async fn begin_run(pool: &PgPool, schema: &Schema) -> Result<bool, DbError> {
 }
 
 /// Records that this run stopped with every ledger write committed, so that the next start
-/// need not raise any attempt. Call it only after the ledger writer has drained.
-pub async fn mark_clean_stop(pool: &PgPool, schema: &Schema) -> Result<(), DbError> {
+/// need not raise any attempt. Call it only after the ledger writer has drained, and (with
+/// partitions) in a transaction whose fence was checked: an instance whose partitions another
+/// took must not mark the other's run clean (`LedgerSink::mark_clean_stop`).
+pub async fn mark_clean_stop(conn: &mut PgConnection, schema: &Schema) -> Result<(), DbError> {
     sqlx::query(schema.sql(
         "UPDATE {s}.executor_run SET stopped_at = now(), stopped_cleanly = true WHERE id = 1",
     ))
-    .execute(pool)
+    .execute(conn)
     .await
     .map_err(DbError::query("marking a clean stop in executor_run"))?;
     Ok(())
@@ -323,12 +326,12 @@ pub async fn mark_clean_stop(pool: &PgPool, schema: &Schema) -> Result<(), DbErr
 
 /// Raises `attempt` of these executions by one while they are not confirmed (`scheduled`, or
 /// `requested` when their admission is not committed yet: the admission adds its own one).
-/// Call it before dispatching them again, at start for what recovery found unconfirmed and
+/// Run it before dispatching them again, at start for what recovery found unconfirmed and
 /// after a lost connection for what the publisher sends again, so that the copy sent now
 /// carries an attempt no earlier copy carried, even if the executor dies before the broker
-/// confirms it.
+/// confirms it. `LedgerSink::record_resends` runs it behind the partition fence.
 pub async fn record_resends(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     schema: &Schema,
     ids: &[ExecutionId],
 ) -> Result<(), DbError> {
@@ -336,17 +339,14 @@ pub async fn record_resends(
     if ids.is_empty() {
         return Ok(());
     }
-    super::retry_transient("counting dispatches sent again", || async {
-        sqlx::query(schema.sql(
-            "UPDATE {s}.execution SET attempt = attempt + 1 \
-             WHERE id = ANY($1) AND status IN ('requested', 'scheduled')",
-        ))
-        .bind(&ids)
-        .execute(pool)
-        .await
-        .map_err(DbError::query("counting dispatches sent again"))
-    })
-    .await?;
+    sqlx::query(schema.sql(
+        "UPDATE {s}.execution SET attempt = attempt + 1 \
+         WHERE id = ANY($1) AND status IN ('requested', 'scheduled')",
+    ))
+    .bind(&ids)
+    .execute(conn)
+    .await
+    .map_err(DbError::query("counting dispatches sent again"))?;
     Ok(())
 }
 

@@ -29,15 +29,18 @@ use super::topology::{self, TopologyError, TopologySpec};
 pub const MAX_BATCH: usize = 256;
 
 /// Settings of the RabbitMQ edge.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EdgeSettings {
     pub url: String,
     /// Unacknowledged deliveries per consumer.
     pub prefetch: u16,
     pub topology: TopologySpec,
     pub reconnect_max_backoff: Duration,
-    /// `rabbitmq.heartbeat_seconds` (0: none).
+    /// `rabbitmq.heartbeat_seconds` (0: the broker's own, 60 s by default).
     pub heartbeat_seconds: u16,
+    /// Whether nothing will be settled any more (the ledger is fenced): shutdown then does
+    /// not wait for deliveries to settle, and the broker gets them back at once.
+    pub settles_nothing_more: Arc<dyn Fn() -> bool + Send + Sync>,
     /// How long shutdown waits for in-flight work to settle.
     pub shutdown_timeout: Duration,
     /// `api.rate_limits.global`: limits the request consumer only. Shared across reconnects,
@@ -195,6 +198,9 @@ where
     })
     .await;
     for (_, acks, queue, _) in &channels {
+        if (settings.settles_nothing_more)() {
+            break;
+        }
         if !acks.settled(settings.shutdown_timeout).await {
             tracing::warn!(
                 queue,

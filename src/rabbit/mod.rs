@@ -47,7 +47,8 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     Connection::connect(url, properties).await
 }
 
-/// [`connect`], asking the broker for a heartbeat every `heartbeat_seconds` (0: none) unless
+/// [`connect`], asking the broker for a heartbeat every `heartbeat_seconds` (0: the broker's
+/// own, 60 s by default) unless
 /// `url` names one itself (`?heartbeat=`). Two silent heartbeats and the connection is dead
 /// on both sides, which is what bounds how long a stalled executor holds its deliveries.
 pub async fn connect_with_heartbeat(

@@ -55,8 +55,9 @@ pub trait DispatchOutcomes: Send + Sync + 'static {
     fn still_wanted(&self, d: &Dispatch) -> bool;
     /// These dispatches go out again with their attempt raised by one: returns once that is
     /// recorded where recovery reads it (the ledger), retrying while it cannot be. The
-    /// publisher sends nothing meanwhile, so nothing overtakes the copies sent again.
-    fn resending(&self, ids: Vec<ExecutionId>) -> futures::future::BoxFuture<'_, ()>;
+    /// publisher sends nothing meanwhile, so nothing overtakes the copies sent again. `false`:
+    /// they must not go out at all (another instance owns their partitions now).
+    fn resending(&self, ids: Vec<ExecutionId>) -> futures::future::BoxFuture<'_, bool>;
 }
 
 /// Something to publish.
@@ -96,25 +97,36 @@ impl Job {
 }
 
 /// Records the raised attempts of this job and of every job waiting to go out again, in one
-/// go, before the first of them is sent.
+/// go, before the first of them is sent. Returns whether they may go out; if not, they are
+/// given up (`pending` counted down) and `job` must be dropped too.
 async fn record_raised(
     job: &mut Job,
     retry: &mut VecDeque<Job>,
+    pending: &AtomicUsize,
     outcomes: Option<&dyn DispatchOutcomes>,
-) {
+) -> bool {
     if !job.unrecorded {
-        return;
+        return true;
     }
     let mut ids = Vec::new();
-    for j in std::iter::once(job).chain(retry.iter_mut()) {
+    for j in std::iter::once(&mut *job).chain(retry.iter_mut()) {
         if j.unrecorded {
             j.unrecorded = false;
             ids.extend(j.dispatch_id());
         }
     }
-    if let Some(outcomes) = outcomes {
-        outcomes.resending(ids).await;
+    let allowed = match outcomes {
+        Some(outcomes) => outcomes.resending(ids.clone()).await,
+        None => true,
+    };
+    if !allowed {
+        retry.retain(|j| !j.dispatch_id().is_some_and(|id| ids.contains(&id)));
+        let given_up = ids.len();
+        pending.fetch_sub(given_up, Ordering::AcqRel);
+        metrics::counter!("attune_dispatches_dropped_total", "reason" => "fenced")
+            .increment(given_up as u64);
     }
+    allowed
 }
 
 /// The sending side: cheap to clone, never blocks.
@@ -260,7 +272,9 @@ async fn run(
                 }
                 job = next_job(&mut retry, &mut rx, &mut closed), if in_flight.len() < confirm_window => {
                     let Some(mut job) = job else { continue };
-                    record_raised(&mut job, &mut retry, outcomes.as_deref()).await;
+                    if !record_raised(&mut job, &mut retry, &pending, outcomes.as_deref()).await {
+                        continue;
+                    }
                     match send(&ch, &job.out).await {
                         Ok(confirm) => {
                             in_flight.push_back(job);

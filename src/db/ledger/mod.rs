@@ -49,8 +49,7 @@
 //! A flush writes every execution it touches once, in the furthest state the batch took it
 //! to: executions accepted in this batch are INSERTed already in that state, the others are
 //! moved there by one UPDATE. So a flush is one statement (the INSERT and the UPDATE as two
-//! data-modifying CTEs when it has both), one round trip and one implicit transaction,
-//! covering all its rows through `UNNEST` arrays (plus, only when new action refs appear, one
+//! data-modifying CTEs when it has both) covering all its rows through `UNNEST` arrays (plus, only when new action refs appear, one
 //! statement before it, see [`ActionIds`]); and an execution that is accepted, dispatched and
 //! completed within one flush costs one row write, not four. Writes only move a row forward
 //! (requested < scheduled < running < an end status), so a `running` confirmation that
@@ -99,6 +98,11 @@
 //! fail forever; the writer then writes it again one execution per transaction, so only the
 //! offending execution is lost from the ledger. Its events are still settled and forwarded (the
 //! executor already acted on them), counted in [`LedgerCounters::dropped`] and logged as errors.
+//!
+//! Without partitions that statement is its own implicit transaction, one round trip. With
+//! them (the service always takes them, `db::partitions`) the flush is one transaction that
+//! first checks the partition fence; a flush the fence refuses writes nothing, and from then
+//! on the ledger is fenced: it writes, settles and dispatches nothing more.
 //!
 //! # Parts
 //!
@@ -157,6 +161,18 @@ struct Shared {
 impl Shared {
     fn is_fenced(&self) -> bool {
         self.fenced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks the ledger fenced for good; says so and wakes the waiters the first time.
+    fn mark_fenced(&self) {
+        if !self.fenced.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::error!(
+                "another instance took a partition this one held: the ledger writes nothing \
+                 more, and this instance stops"
+            );
+            metrics::gauge!("attune_partitions_owned").set(0.0);
+            self.fenced_now.notify_waiters();
+        }
     }
 }
 

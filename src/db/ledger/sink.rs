@@ -40,6 +40,15 @@ pub struct LedgerCounters {
 pub struct LedgerSink {
     tx: mpsc::UnboundedSender<Input>,
     shared: Arc<Shared>,
+    /// For the few writes made beside the writer's flushes, behind the same fence.
+    direct: Direct,
+}
+
+/// What a write beside the writer's flushes needs.
+struct Direct {
+    pool: PgPool,
+    schema: Schema,
+    fence: Option<crate::db::partitions::Fence>,
 }
 
 impl std::fmt::Debug for LedgerSink {
@@ -76,9 +85,72 @@ impl LedgerSink {
     ) -> (Arc<LedgerSink>, Worker) {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
+        let direct = Direct {
+            pool: pool.clone(),
+            schema: schema.clone(),
+            fence: fence.clone(),
+        };
         let writer = Writer::new(pool, schema, ids, options, inner, shared.clone(), fence);
         let worker = Worker::spawn("ledger writer", move |stop| writer.run(rx, stop));
-        (Arc::new(LedgerSink { tx, shared }), worker)
+        (Arc::new(LedgerSink { tx, shared, direct }), worker)
+    }
+
+    /// Raises the attempts of dispatches about to be sent again
+    /// ([`crate::db::recovery::record_resends`]), behind the fence. `Ok(false)`: another
+    /// instance took the partitions; the ledger is fenced now and the copies must not go out.
+    /// Retries while Postgres is unreachable.
+    pub async fn record_resends(&self, ids: &[ExecutionId]) -> Result<bool, DbError> {
+        if ids.is_empty() {
+            return Ok(!self.is_fenced());
+        }
+        const WHAT: &str = "counting dispatches sent again";
+        let allowed = crate::db::retry_transient(WHAT, || async {
+            let Some(mut tx) = self.begin_fenced(WHAT).await? else {
+                return Ok(false);
+            };
+            crate::db::recovery::record_resends(&mut tx, &self.direct.schema, ids).await?;
+            tx.commit().await.map_err(DbError::query(WHAT))?;
+            Ok(true)
+        })
+        .await?;
+        Ok(allowed && !self.is_fenced())
+    }
+
+    /// Marks this run's stop clean ([`crate::db::recovery::mark_clean_stop`]) unless the
+    /// ledger is fenced or the fence no longer holds: a clean mark over another instance's
+    /// run would let its crash go unnoticed at the next start. Returns whether it was marked.
+    pub async fn mark_clean_stop(&self) -> Result<bool, DbError> {
+        const WHAT: &str = "marking a clean stop in executor_run";
+        if self.is_fenced() {
+            return Ok(false);
+        }
+        let Some(mut tx) = self.begin_fenced(WHAT).await? else {
+            return Ok(false);
+        };
+        crate::db::recovery::mark_clean_stop(&mut tx, &self.direct.schema).await?;
+        tx.commit().await.map_err(DbError::query(WHAT))?;
+        Ok(true)
+    }
+
+    /// A transaction whose fence (if any) was checked, its partition rows locked until it
+    /// ends; `None`, with the ledger marked fenced, if the fence no longer holds.
+    async fn begin_fenced(
+        &self,
+        what: &'static str,
+    ) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, DbError> {
+        let mut tx = self
+            .direct
+            .pool
+            .begin()
+            .await
+            .map_err(DbError::query(what))?;
+        if let Some(fence) = &self.direct.fence
+            && !fence.check(&mut tx).await?
+        {
+            self.shared.mark_fenced();
+            return Ok(None);
+        }
+        Ok(Some(tx))
     }
 
     /// Records that the broker confirmed these dispatches: their rows become `running`. Called

@@ -339,14 +339,19 @@ impl Writer {
 
     /// Marks the ledger fenced (the first time, says so) and drops `batch` unsettled.
     fn drop_fenced(&self, batch: Vec<Item>) {
-        if !self.shared.fenced.swap(true, Ordering::AcqRel) {
-            tracing::error!(
-                "another instance took a partition this one held: the ledger writes nothing \
-                 more, and this instance stops"
-            );
-            self.shared.fenced_now.notify_waiters();
-        }
+        self.shared.mark_fenced();
         metrics::counter!("attune_fenced_writes_total").increment(1);
+        let held = batch
+            .iter()
+            .filter_map(|i| match i {
+                Item::Dispatches { batch, .. } => Some(batch.len() as u64),
+                _ => None,
+            })
+            .sum::<u64>();
+        if held > 0 {
+            metrics::counter!("attune_dispatches_dropped_total", "reason" => "fenced")
+                .increment(held);
+        }
         let rows = batch
             .iter()
             .filter(|i| !matches!(i, Item::Dispatches { .. }))
@@ -398,7 +403,10 @@ impl Writer {
     /// transaction (one round trip for most flushes). Fenced: one transaction that first
     /// checks the fence, locking the partition rows until the commit.
     async fn try_write(&self, plan: &Plan<'_>) -> Result<(), WriteError> {
-        if plan.is_empty() {
+        // With a fence even a batch that writes nothing is checked: settling its receipts
+        // (unmatched completions, rejected requests) and releasing its dispatches are acts of
+        // the partitions' owner too.
+        if plan.is_empty() && self.fence.is_none() {
             return Ok(());
         }
         let Some(fence) = &self.fence else {
@@ -421,7 +429,8 @@ impl Writer {
         tx.commit()
             .await
             .map_err(DbError::query("committing a ledger flush"))?;
-        self.count(3);
+        // The check; BEGIN and COMMIT are not counted.
+        self.count(1);
         Ok(())
     }
 
@@ -456,7 +465,7 @@ impl Writer {
         Ok(())
     }
 
-    /// The rows of one flush: one statement, one implicit transaction.
+    /// The rows of one flush: one statement, in the flush's transaction or its own.
     async fn write_rows(&self, conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), WriteError> {
         let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;
         self.count(resolved);
@@ -484,7 +493,7 @@ impl Writer {
             c.result.push(row.result.as_deref());
         }
         let u = UpdateColumns::of(&updates);
-        // One statement, so one round trip and an implicit transaction of its own: all of it
+        // One statement, so one round trip, and atomic on its own: all of it
         // commits or none of it does.
         let (sql, context) = match (inserts.is_empty(), updates.is_empty()) {
             (false, true) => (&self.sql.insert, "recording accepted executions"),
