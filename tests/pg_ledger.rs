@@ -791,3 +791,32 @@ async fn until_a_lock_wait(db: &TestDb) {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_is_not_held_up_for_good_by_an_owner_paused_inside_a_flush() {
+    use fifo_executor::db::partitions;
+    let db = TestDb::new().await;
+    // The service's own pool, with its idle-in-transaction timeout.
+    let pool = fifo_executor::db::connect_lazy(&db.url, 2).expect("a pool");
+    let first = partitions::take_all(&pool, &db.schema, 4, "paused")
+        .await
+        .expect("first takes");
+    // The owner checked its fence and then stopped (SIGSTOP) before its commit.
+    let mut paused = pool.begin().await.expect("a transaction");
+    assert!(first.check(&mut paused).await.expect("check"));
+    let second = tokio::time::timeout(
+        Duration::from_secs(60),
+        partitions::take_all(&db.pool, &db.schema, 4, "next"),
+    )
+    .await
+    .expect("the takeover goes through once Postgres ends the idle transaction")
+    .expect("the takeover");
+    assert_eq!(
+        second.held().map(|(_, e)| e).collect::<Vec<_>>(),
+        vec![2; 4]
+    );
+    assert!(
+        paused.commit().await.is_err(),
+        "the paused owner's transaction is gone"
+    );
+}

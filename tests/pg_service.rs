@@ -863,7 +863,7 @@ async fn an_instance_whose_partitions_another_took_writes_and_dispatches_nothing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_taken_over_while_idle_does_not_mark_the_new_owners_run_clean() {
+async fn an_instance_taken_over_while_idle_notices_and_does_not_mark_the_new_owners_run_clean() {
     let db = TestDb::new().await;
     let (vhost_a, vhost_b) = (TestVhost::create().await, TestVhost::create().await);
     let mut config_a = config_for(&vhost_a, &db, &one_action());
@@ -872,8 +872,15 @@ async fn an_instance_taken_over_while_idle_does_not_mark_the_new_owners_run_clea
     let mut config_b = config_for(&vhost_b, &db, &one_action());
     config_b.cluster.instance_id = "idle-b".to_owned();
     let b = Service::start(config_b).await.expect("b starts");
-    // a wrote nothing since, so nothing refused it; a clean stop now must not mark the run
-    // clean: it is b's run, and were b to crash, its next start would skip raising attempts.
+    // a has nothing to write, but it checks its fence now and then and finds it gone.
+    poll_until(
+        Duration::from_secs(20),
+        "idle a notices the takeover",
+        || async { a.is_fenced() },
+    )
+    .await;
+    // A clean stop now must not mark the run clean: it is b's run, and were b to crash, its
+    // next start would skip raising attempts.
     a.shutdown().await.expect("a stops");
     let clean = stopped_cleanly(&db).await;
     assert!(!clean, "b's run is not marked clean by a");

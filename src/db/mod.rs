@@ -211,6 +211,9 @@ impl fmt::Display for Schema {
 /// backs off; short, so that an outage shows in the health flag within seconds.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `idle_in_transaction_session_timeout` of every session of the pool.
+const IDLE_IN_TRANSACTION: &str = "10s";
+
 /// A pool that connects on first use and reconnects by itself: broken connections are dropped
 /// and replaced on the next acquire, so writers only have to retry.
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
@@ -220,7 +223,15 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, DbError> 
     Ok(PgPoolOptions::new()
         .max_connections(max_connections.max(2))
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_lazy_with(options.application_name("fifo-executor")))
+        .connect_lazy_with(
+            options
+                .application_name("fifo-executor")
+                // A flush transaction holds share locks on the partition rows: if its process
+                // is paused between two statements (SIGSTOP, a stall), Postgres ends the
+                // session after this long and a takeover waiting on those locks goes on.
+                // Nothing of ours idles inside a transaction for anywhere near it.
+                .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]),
+        ))
 }
 
 /// Applies the embedded migrations to `schema` (see the module docs for how the schema name

@@ -22,6 +22,9 @@ use crate::db::actions::ActionIds;
 use crate::db::{DbError, MAX_STORABLE_EXECUTION_ID, Schema, is_transient};
 use crate::model::ActionRef;
 
+/// How often a writer with nothing to write checks that its partitions are still its own.
+const IDLE_FENCE_CHECK: Duration = Duration::from_secs(5);
+
 /// How the writer batches and retries.
 #[derive(Debug, Clone, Copy)]
 pub struct LedgerOptions {
@@ -233,6 +236,10 @@ impl Writer {
                             Some(input) => inbox.accept(input),
                             None => stopping = true,
                         },
+                        // An idle owner checks its fence now and then, so that one whose
+                        // partitions another took stops even if it has nothing to write.
+                        () = tokio::time::sleep(IDLE_FENCE_CHECK), if self.fence.is_some()
+                            && !self.shared.is_fenced() => self.write(Vec::new()).await,
                     }
                 } else if waiting_for_more {
                     tokio::select! {
@@ -409,6 +416,10 @@ impl Writer {
         if plan.is_empty() && self.fence.is_none() {
             return Ok(());
         }
+        // New actions get their rows first, on a connection of their own and outside the
+        // flush's transaction: that transaction never idles waiting for a second connection.
+        let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;
+        self.count(resolved);
         let Some(fence) = &self.fence else {
             let mut conn = self
                 .pool
@@ -467,8 +478,6 @@ impl Writer {
 
     /// The rows of one flush: one statement, in the flush's transaction or its own.
     async fn write_rows(&self, conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), WriteError> {
-        let resolved = self.ids.ensure(&self.pool, plan.new_actions()).await?;
-        self.count(resolved);
         let (inserts, updates): (Vec<&RowChange<'_>>, Vec<&RowChange<'_>>) =
             plan.rows.iter().partition(|r| r.accept.is_some());
         let mut c = InsertColumns::with_capacity(inserts.len());
