@@ -228,7 +228,11 @@ impl Writer {
                     && inbox.dispatches == 0
                     && inbox.pending.len() < batch_max
                     && Instant::now() < deadline;
-                if inbox.pending.is_empty() {
+                let idle = inbox.pending.is_empty();
+                if idle || waiting_for_more {
+                    // An idle owner checks its fence now and then, so that one whose
+                    // partitions another took stops even if it has nothing to write.
+                    let check_fence = idle && self.fence.is_some() && !self.shared.is_fenced();
                     tokio::select! {
                         biased;
                         _ = &mut stop => stopping = true,
@@ -236,20 +240,10 @@ impl Writer {
                             Some(input) => inbox.accept(input),
                             None => stopping = true,
                         },
-                        // An idle owner checks its fence now and then, so that one whose
-                        // partitions another took stops even if it has nothing to write.
-                        () = tokio::time::sleep(IDLE_FENCE_CHECK), if self.fence.is_some()
-                            && !self.shared.is_fenced() => self.write(Vec::new()).await,
-                    }
-                } else if waiting_for_more {
-                    tokio::select! {
-                        biased;
-                        _ = &mut stop => stopping = true,
-                        input = rx.recv() => match input {
-                            Some(input) => inbox.accept(input),
-                            None => stopping = true,
-                        },
-                        _ = tokio::time::sleep_until(deadline) => {}
+                        _ = tokio::time::sleep_until(deadline), if !idle => {}
+                        () = tokio::time::sleep(IDLE_FENCE_CHECK), if check_fence => {
+                            self.write(Vec::new()).await;
+                        }
                     }
                 }
             }
