@@ -110,6 +110,19 @@ pub enum AppError {
     Db(#[from] crate::db::DbError),
 }
 
+impl AppError {
+    /// Whether an instance in `cluster.mode: shared` starts over after this, as a standby of
+    /// every partition queue: it was fenced (another instance took one of its partitions) or
+    /// lost its RabbitMQ session (its partitions may have moved meanwhile). Its state is
+    /// dropped either way; the partitions' owners rebuild theirs from the ledger.
+    pub fn calls_for_a_new_start(&self) -> bool {
+        matches!(
+            self,
+            AppError::Fenced | AppError::Edge(EdgeError::SharedSessionLost(_))
+        )
+    }
+}
+
 /// The Postgres side of a service running with `durability: ledger`.
 struct Durable {
     pool: sqlx::PgPool,
@@ -120,6 +133,9 @@ struct Durable {
     /// Stopped in this order at shutdown: the policy poller, then the ledger (its last batch),
     /// then the stats writer (the final counters).
     workers: Vec<crate::db::Worker>,
+    /// `cluster.mode: shared`: the clean stop is marked on the partitions while draining,
+    /// not at the end.
+    shared: bool,
 }
 
 /// What the core is built with besides the dispatcher, and the Postgres side if there is one.
@@ -370,7 +386,21 @@ impl Service {
         let executor = Arc::new(Executor::start(queue_settings(&config), ports, policies).await?);
         live_only.bind(&executor);
         let _ = outcomes.executor.set(Arc::downgrade(&executor));
-        if let Some(d) = durable.as_mut() {
+        let shared = config.cluster.mode == config::ClusterMode::Shared;
+        if let (Some(d), true) = (durable.as_ref(), shared) {
+            // Each partition is rebuilt when it is taken over; ids this run assigns come
+            // from a block no other instance uses.
+            let first = crate::db::retry_transient("taking a block of execution ids", || {
+                crate::db::partitions::take_id_block(&d.pool, &d.schema)
+            })
+            .await?;
+            executor.use_id_block(first, crate::db::partitions::ID_BLOCK);
+            tracing::info!(
+                first_id = first,
+                "execution ids assigned here come from a block of this run's own"
+            );
+        }
+        if let Some(d) = durable.as_mut().filter(|_| !shared) {
             // Everything the ledger holds goes back into the queues before anything is consumed.
             let report = crate::db::recovery::recover(&d.pool, &d.schema, &executor).await?;
             tracing::info!(
@@ -382,27 +412,13 @@ impl Service {
                 "recovered the queues from the ledger"
             );
             // Admitted but never confirmed by the broker: the worker may never have had it.
-            // The new attempt is recorded before the copy leaves.
-            let resent: Vec<crate::model::ExecutionId> =
-                report.unconfirmed.iter().map(|u| u.execution_id).collect();
-            // Refused: another instance took the partitions meanwhile; the copies stay unsent
-            // and the service stops as soon as it runs (the ledger is fenced).
-            let allowed = d.ledger.record_resends(&resent).await?;
-            for u in report.unconfirmed.into_iter().filter(|_| allowed) {
-                let now = chrono::Utc::now();
-                publisher.publish(
-                    publisher::Outgoing::Dispatch(crate::core::Dispatch {
-                        action: u.action,
-                        execution_id: u.execution_id,
-                        request_id: u.request_id.map(Into::into),
-                        payload: u.payload,
-                        enqueued_at: u.enqueued_at,
-                        dispatched_at: now,
-                        attempt: u32::try_from(u.attempt).unwrap_or(0).saturating_add(1),
-                    }),
-                    None,
-                );
-            }
+            // The new attempt is recorded before the copy leaves. Refused: another instance
+            // took the partitions meanwhile; the copies stay unsent and the service stops as
+            // soon as it runs (the ledger is fenced).
+            crate::cluster::takeover::resend_unconfirmed(&d.ledger, &publisher, report.unconfirmed)
+                .await?;
+        }
+        if let Some(d) = durable.as_mut() {
             d.workers.insert(
                 0,
                 d.policies.spawn_poller(
@@ -492,8 +508,24 @@ impl Service {
                 ledger.clone(),
             )));
         }
+        if let (Some(d), Some(ledger), true) = (durable.as_ref(), ledger_cell.get(), shared) {
+            let takeover = Arc::new(crate::cluster::takeover::Takeover::new(
+                instance_id.clone(),
+                config.cluster.partitions,
+                d.pool.clone(),
+                d.schema.clone(),
+                executor.clone(),
+                ledger.clone(),
+                ctx.publisher.clone(),
+            ));
+            ctx = ctx.with_router(Arc::new(crate::rabbit::partitions::Router {
+                partitions: config.cluster.partitions,
+                owner: takeover,
+            }));
+        }
         let ctx = Arc::new(ctx);
         let settings = EdgeSettings {
+            shared_partitions: shared.then_some(config.cluster.partitions),
             url: config.rabbitmq.url.clone(),
             prefetch: config.rabbitmq.prefetch,
             topology: TopologySpec {
@@ -531,12 +563,28 @@ impl Service {
             drain_executor.shutdown(drain_timeout).await;
             // The last admissions' dispatches leave the ledger only once committed; they must
             // reach the publisher before the edge waits for its last confirms.
-            if let Some(ledger) = drain_ledger
-                && tokio::time::timeout(drain_timeout, ledger.sync())
-                    .await
-                    .is_err()
+            let Some(ledger) = drain_ledger else { return };
+            if tokio::time::timeout(drain_timeout, ledger.sync())
+                .await
+                .is_err()
             {
                 tracing::warn!("the ledger did not commit the last admissions before the timeout");
+                return;
+            }
+            // Shared: the partitions are marked released cleanly now, while this instance
+            // still holds their queues, so the next owner need not treat their waiting
+            // executions as possibly sent. (Single marks its run at the very end.)
+            if shared && ledger.pending() == 0 {
+                match tokio::time::timeout(drain_timeout, ledger.mark_clean_stop()).await {
+                    Ok(Ok(true)) => tracing::info!("partitions released cleanly"),
+                    Ok(Ok(false)) => tracing::warn!(
+                        "partitions not marked released cleanly: another instance took one"
+                    ),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not mark the partitions released")
+                    }
+                    Err(_) => tracing::warn!("marking the partitions released timed out"),
+                }
             }
         }));
         Ok(Self {
@@ -680,19 +728,33 @@ async fn open_ledger(
     let pool = db::connect_lazy(&config.database.url, config.database.max_connections)?;
     let schema = db::Schema::new(&config.database.schema)?;
     db::retry_transient("migrating the schema", || db::migrate(&pool, &schema)).await?;
-    // The partitions are taken before anything is read or written: from now on a write of
-    // an instance that held them before is refused.
-    let fence = db::retry_transient("taking the partitions", || {
-        db::partitions::take_all(&pool, &schema, config.cluster.partitions, instance_id)
-    })
-    .await?;
-    tracing::info!(
-        partitions = config.cluster.partitions,
-        instance_id,
-        highest_epoch = fence.held().map(|(_, e)| e).max(),
-        "took every partition"
-    );
-    metrics::gauge!("attune_partitions_owned").set(f64::from(config.cluster.partitions));
+    let fence = match config.cluster.mode {
+        // The partitions are taken before anything is read or written: from now on a write
+        // of an instance that held them before is refused.
+        config::ClusterMode::Single => {
+            let fence = db::retry_transient("taking the partitions", || {
+                db::partitions::take_all(&pool, &schema, config.cluster.partitions, instance_id)
+            })
+            .await?;
+            tracing::info!(
+                partitions = config.cluster.partitions,
+                instance_id,
+                highest_epoch = fence.held().iter().map(|(_, e)| *e).max(),
+                "took every partition"
+            );
+            metrics::gauge!("attune_partitions_owned").set(f64::from(config.cluster.partitions));
+            fence
+        }
+        // Taken one by one, as RabbitMQ makes this instance their queues' active consumer.
+        config::ClusterMode::Shared => {
+            tracing::info!(
+                partitions = config.cluster.partitions,
+                instance_id,
+                "cluster.mode: shared; partitions are taken as RabbitMQ hands them over"
+            );
+            db::partitions::Fence::shared(&schema)
+        }
+    };
     let ids = Arc::new(db::actions::ActionIds::new(&schema));
     let (ledger, ledger_worker) = db::ledger::LedgerSink::start_fenced(
         pool.clone(),
@@ -721,6 +783,7 @@ async fn open_ledger(
         policies,
         ledger: ledger.clone(),
         workers: vec![ledger_worker, stats_worker],
+        shared: config.cluster.mode == config::ClusterMode::Shared,
     };
     Ok((ledger, Arc::new(BothStats(latest, writer)), durable))
 }
@@ -740,7 +803,7 @@ async fn stop_durable(durable: Option<Durable>, timeout: Duration) {
     }
     // Every admission committed: the next start need not treat any waiting execution as
     // possibly sent (db::recovery).
-    if drained && d.ledger.pending() == 0 {
+    if drained && d.ledger.pending() == 0 && !d.shared {
         match tokio::time::timeout(timeout, d.ledger.mark_clean_stop()).await {
             Ok(Ok(true)) => tracing::debug!("clean stop recorded in executor_run"),
             Ok(Ok(false)) => tracing::warn!(

@@ -301,15 +301,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load(config.as_ref())?;
             init_logging(&config);
             tracing::info!(durability = ?config.executor.durability, "starting fifo-executor");
-            let service = Service::start(config).await?;
-            match service.run_until(app::termination_signal()).await {
-                // Not a failure to restart from: another instance owns the partitions now, and
-                // a restart would only take them back (the systemd unit does not restart on it).
-                Err(e @ app::AppError::Fenced) => {
-                    tracing::error!("{e}");
-                    return Ok(ExitCode::from(app::FENCED_EXIT_STATUS));
+            let shared = config.cluster.mode == crate::config::ClusterMode::Shared;
+            loop {
+                let service = Service::start(config.clone()).await?;
+                match service.run_until(app::termination_signal()).await {
+                    // Shared: the instance drops everything it held and starts over as a
+                    // standby; the broker hands it partitions again when their owners go.
+                    Err(e) if shared && e.calls_for_a_new_start() => {
+                        tracing::warn!(error = %e, "starting over as a standby of every partition");
+                        metrics::counter!("attune_instance_restarts_total").increment(1);
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    // Single: not a failure to restart from: another instance owns the
+                    // partitions now, and a restart would only take them back (the systemd
+                    // unit does not restart on it).
+                    Err(e @ app::AppError::Fenced) => {
+                        tracing::error!("{e}");
+                        return Ok(ExitCode::from(app::FENCED_EXIT_STATUS));
+                    }
+                    r => r?,
                 }
-                r => r?,
+                break;
             }
             tracing::info!("fifo-executor stopped");
             Ok(ExitCode::SUCCESS)

@@ -695,10 +695,7 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
     let first = partitions::take_all(&db.pool, &db.schema, 4, "first")
         .await
         .expect("first takes");
-    assert_eq!(
-        first.held().collect::<Vec<_>>(),
-        vec![(0, 1), (1, 1), (2, 1), (3, 1)]
-    );
+    assert_eq!(first.held(), vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
 
     // A flush of the first owner is in flight: its fence checked, not yet committed.
     let mut flush = db.pool.begin().await.expect("a transaction");
@@ -718,7 +715,11 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
         .expect("joined")
         .expect("the takeover goes through once the flush committed");
     assert_eq!(
-        second.held().map(|(_, e)| e).collect::<Vec<_>>(),
+        second
+            .held()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>(),
         vec![2; 4]
     );
 
@@ -767,7 +768,7 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
     let third = partitions::take_all(&db.pool, &db.schema, 2, "third")
         .await
         .expect("third takes");
-    assert_eq!(third.held().collect::<Vec<_>>(), vec![(0, 3), (1, 3)]);
+    assert_eq!(third.held(), vec![(0, 3), (1, 3)]);
     let rows = partitions::list(&db.pool, &db.schema).await.expect("list");
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r.owner == "third"));
@@ -812,7 +813,11 @@ async fn a_takeover_is_not_held_up_for_good_by_an_owner_paused_inside_a_flush() 
     .expect("the takeover goes through once Postgres ends the idle transaction")
     .expect("the takeover");
     assert_eq!(
-        second.held().map(|(_, e)| e).collect::<Vec<_>>(),
+        second
+            .held()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>(),
         vec![2; 4]
     );
     assert!(

@@ -4,10 +4,13 @@
 //! The actions are split into `cluster.partitions` partitions by a fixed hash of their ref
 //! ([`partition`]). Each partition has one owner at a time, recorded in Postgres with an
 //! epoch that rises at every takeover; every ledger write of an owner is fenced by the epochs
-//! it took (`db::partitions`). Today one instance takes every partition at start; choosing
-//! owners through single-active-consumer partition queues is the next step.
+//! it took (`db::partitions`). With `cluster.mode: single` one instance takes every partition at
+//! start. With `shared`, RabbitMQ chooses: each partition has a single-active-consumer queue
+//! (`rabbit::partitions`), and the instance made its active consumer takes it over
+//! ([`takeover`]).
 
 pub mod partition;
+pub mod takeover;
 
 pub use partition::{
     DEFAULT_PARTITIONS, MAX_PARTITIONS, Partition, partition_of, partition_of_ref,

@@ -15,6 +15,21 @@ pub struct ClusterConfig {
     /// This instance's name in the `partition` table and `GET /api/v1/cluster`; empty: the
     /// host name and the process id.
     pub instance_id: String,
+    /// `single`: this instance takes every partition at start (one instance, the default).
+    /// `shared`: every instance consumes every partition queue and owns the partitions
+    /// RabbitMQ makes it the single active consumer of.
+    pub mode: ClusterMode,
+}
+
+/// `cluster.mode`: how an instance comes to own partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// Takes every partition at start; no partition queues.
+    #[default]
+    Single,
+    /// Owns a partition while RabbitMQ makes it the active consumer of the partition's queue.
+    Shared,
 }
 
 impl Default for ClusterConfig {
@@ -22,6 +37,7 @@ impl Default for ClusterConfig {
         Self {
             partitions: DEFAULT_PARTITIONS,
             instance_id: String::new(),
+            mode: ClusterMode::Single,
         }
     }
 }

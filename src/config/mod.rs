@@ -54,7 +54,7 @@ mod validate;
 
 use serde::Deserialize;
 
-pub use cluster::ClusterConfig;
+pub use cluster::{ClusterConfig, ClusterMode};
 pub use database::{DatabaseConfig, DispatchWait};
 pub use env::ENV_PREFIX;
 pub use error::{ConfigError, Origin};
@@ -145,6 +145,7 @@ mod tests {
             "rabbitmq.heartbeat_seconds",
             "cluster.partitions",
             "cluster.instance_id",
+            "cluster.mode",
             "rabbitmq.prefetch",
             "rabbitmq.confirm_window",
             "rabbitmq.max_message_bytes",

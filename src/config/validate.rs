@@ -35,7 +35,7 @@ impl Config {
         check.health(&self.health);
         check.api(&self.api);
         check.logging(&self.logging);
-        check.cluster(&self.cluster);
+        check.cluster(&self.cluster, self.executor.durability);
         let mut problems = check.problems;
         match problems.len() {
             0 => Ok(()),
@@ -194,8 +194,17 @@ impl Validator<'_> {
         );
     }
 
-    fn cluster(&mut self, cluster: &ClusterConfig) {
+    fn cluster(&mut self, cluster: &ClusterConfig, durability: super::Durability) {
         let max = crate::cluster::MAX_PARTITIONS;
+        self.require(
+            cluster.mode == super::ClusterMode::Single || durability == super::Durability::Ledger,
+            &["cluster", "mode"],
+            || {
+                "shared needs executor.durability: ledger (a partition is rebuilt from the ledger \
+                 when another instance takes it over)"
+                    .to_owned()
+            },
+        );
         self.require(
             (1..=max).contains(&cluster.partitions),
             &["cluster", "partitions"],

@@ -45,16 +45,23 @@ pub enum CoreError {
     Stopped(ActionRef),
 }
 
-/// Hands out execution ids for requests that came without one, always above every id seen.
+/// Hands out execution ids for requests that came without one, always above every id seen
+/// (within its block, when it has one).
 #[derive(Debug)]
 struct IdAllocator {
     next: AtomicU64,
+    /// The block of ids this run owns (`[floor, ceiling)`; shared mode): ids seen outside it
+    /// are other instances' and do not move `next`.
+    floor: AtomicU64,
+    ceiling: AtomicU64,
 }
 
 impl IdAllocator {
     fn starting_at(first: u64) -> Self {
         Self {
             next: AtomicU64::new(first.max(1)),
+            floor: AtomicU64::new(0),
+            ceiling: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -63,7 +70,19 @@ impl IdAllocator {
     }
 
     fn observe(&self, id: ExecutionId) {
-        self.next.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+        let inside = (self.floor.load(Ordering::Relaxed)..self.ceiling.load(Ordering::Relaxed))
+            .contains(&id);
+        if inside {
+            self.next.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    fn use_block(&self, first: u64, len: u64) {
+        let first = first.max(1);
+        self.floor.store(first, Ordering::Relaxed);
+        self.ceiling
+            .store(first.saturating_add(len), Ordering::Relaxed);
+        self.next.store(first, Ordering::Relaxed);
     }
 }
 
@@ -147,6 +166,12 @@ impl Executor {
         self.ids.observe(id);
     }
 
+    /// Assigns ids from `[first, first + len)` only, a block no other instance uses (shared
+    /// mode); ids seen outside it no longer move the next one.
+    pub fn use_id_block(&self, first: ExecutionId, len: u64) {
+        self.ids.use_block(first, len);
+    }
+
     /// Whether an execution id is queued or running right now.
     pub fn is_live(&self, id: ExecutionId) -> bool {
         self.shared.live.contains_key(&id)
@@ -184,6 +209,11 @@ impl Executor {
     /// hold the rest, in `QueueStats::total_unmatched`).
     pub fn unmatched_unknown(&self) -> u64 {
         self.unmatched_unknown.load(Ordering::Relaxed)
+    }
+
+    /// Whether the executor still takes submissions (false once it is shutting down).
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
     }
 
     /// Number of executions queued or running over all actions.

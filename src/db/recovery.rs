@@ -112,7 +112,7 @@ pub async fn recover(
     let after_clean_stop =
         super::retry_transient("marking the executor's run", || begin_run(pool, schema)).await?;
     let (report, groups) = super::retry_transient("recovering the queues from the ledger", || {
-        read(pool, schema, &clock, after_clean_stop)
+        read(pool, schema, &clock, after_clean_stop, None)
     })
     .await?;
     for (action, restored) in groups {
@@ -138,6 +138,61 @@ pub async fn recover(
     Ok(report)
 }
 
+/// Puts the live executions of one partition's actions back into `executor` (shared mode:
+/// the instance just took the partition, and its epoch fences the previous owner). As
+/// [`recover`], for those actions only; `released_cleanly` (the previous owner stopped with
+/// every write committed) stands in for the clean-stop mark of a whole run. Assigned ids come
+/// from the instance's own block, so the ledger's highest id is not observed; it still tells
+/// memory which supplied ids may have ended before.
+pub async fn recover_partition(
+    pool: &PgPool,
+    schema: &Schema,
+    executor: &Executor,
+    partitions: u16,
+    partition: crate::cluster::Partition,
+    released_cleanly: bool,
+) -> Result<RecoveryReport, DbError> {
+    let clock = executor.clock().clone();
+    let only = super::retry_transient("finding a partition's live actions", || {
+        live_actions_of(pool, schema, partitions, partition)
+    })
+    .await?;
+    let (report, groups) = super::retry_transient("rebuilding a partition from the ledger", || {
+        read(pool, schema, &clock, released_cleanly, Some(&only))
+    })
+    .await?;
+    for (action, restored) in groups {
+        executor.restore(&action, restored)?;
+    }
+    executor.remember_canceled_ahead(&report.canceled_ahead);
+    if let (Some(max), true) = (report.max_execution_id, report.ended_before) {
+        executor.ended_before_start(max);
+    }
+    Ok(report)
+}
+
+/// The ids of the actions of `partition` that have live executions.
+async fn live_actions_of(
+    pool: &PgPool,
+    schema: &Schema,
+    partitions: u16,
+    partition: crate::cluster::Partition,
+) -> Result<Vec<i64>, DbError> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(schema.sql(
+        "SELECT a.id, a.ref FROM {s}.action a WHERE EXISTS (SELECT 1 FROM {s}.execution e \
+           WHERE e.action = a.id AND e.status IN ('requested', 'scheduled', 'running'))",
+    ))
+    .fetch_all(pool)
+    .await
+    .map_err(DbError::query("reading the actions with live executions"))?;
+    let ids = rows
+        .into_iter()
+        .filter(|(_, r)| crate::cluster::partition_of_ref(r, partitions) == partition)
+        .map(|(id, _)| id)
+        .collect();
+    Ok(ids)
+}
+
 /// The live executions of the ledger per action, in acceptance order.
 type Groups = Vec<(ActionRef, Vec<Restored>)>;
 
@@ -150,23 +205,25 @@ async fn read(
     schema: &Schema,
     clock: &crate::core::Clock,
     after_clean_stop: bool,
+    only: Option<&[i64]>,
 ) -> Result<(RecoveryReport, Groups), DbError> {
     let mut report = RecoveryReport {
         after_clean_stop,
         ..RecoveryReport::default()
     };
     if !report.after_clean_stop {
-        report.maybe_sent = raise_possible_sends(pool, schema).await?;
+        report.maybe_sent = raise_possible_sends(pool, schema, only).await?;
     }
-    cancel_marked(pool, schema).await?;
+    cancel_marked(pool, schema, only).await?;
     let sql = schema.sql(
         "SELECT e.id, a.ref, e.status, e.request_id, e.parameters::text AS parameters, \
                 e.enqueued_at, e.dispatched_at, e.attempt \
          FROM {s}.execution e JOIN {s}.action a ON a.id = e.action \
          WHERE e.status IN ('requested', 'scheduled', 'running') \
+           AND ($1::int8[] IS NULL OR e.action = ANY($1)) \
          ORDER BY a.ref, e.accept_seq",
     );
-    let mut rows = sqlx::query(sql).fetch(pool);
+    let mut rows = sqlx::query(sql).bind(only).fetch(pool);
     let mut groups: Groups = Vec::new();
     while let Some(row) = rows
         .try_next()
@@ -242,15 +299,21 @@ async fn read(
 /// Raises `attempt` of the first [`SENT_AHEAD_PER_ACTION`] `requested` executions of each
 /// action, in acceptance order: the only ones a worker may hold while the ledger shows them
 /// waiting. Returns how many rows it raised.
-async fn raise_possible_sends(pool: &PgPool, schema: &Schema) -> Result<u64, DbError> {
+async fn raise_possible_sends(
+    pool: &PgPool,
+    schema: &Schema,
+    only: Option<&[i64]>,
+) -> Result<u64, DbError> {
     let head = i64::try_from(SENT_AHEAD_PER_ACTION).unwrap_or(i64::MAX);
     let done = sqlx::query(schema.sql(
         "UPDATE {s}.execution e SET attempt = e.attempt + 1 \
          FROM (SELECT id, row_number() OVER (PARTITION BY action ORDER BY accept_seq) AS place \
-               FROM {s}.execution WHERE status = 'requested') h \
+               FROM {s}.execution WHERE status = 'requested' \
+                 AND ($2::int8[] IS NULL OR action = ANY($2))) h \
          WHERE e.id = h.id AND h.place <= $1",
     ))
     .bind(head)
+    .bind(only)
     .execute(pool)
     .await
     .map_err(DbError::query(
@@ -262,14 +325,20 @@ async fn raise_possible_sends(pool: &PgPool, schema: &Schema) -> Result<u64, DbE
 /// Records as canceled the waiting executions whose cancel came before their request: the
 /// executor that accepted the request died before committing the cancel (a batch may commit
 /// an acceptance without the cancel that follows it), and the request was acknowledged.
-async fn cancel_marked(pool: &PgPool, schema: &Schema) -> Result<u64, DbError> {
+async fn cancel_marked(
+    pool: &PgPool,
+    schema: &Schema,
+    only: Option<&[i64]>,
+) -> Result<u64, DbError> {
     let done = sqlx::query(schema.sql(
         "WITH used AS ( \
            UPDATE {s}.execution e SET status = 'canceled', updated = now() \
            FROM {s}.cancel_ahead c \
-           WHERE c.execution_id = e.id AND e.status = 'requested' RETURNING e.id) \
+           WHERE c.execution_id = e.id AND e.status = 'requested' \
+             AND ($1::int8[] IS NULL OR e.action = ANY($1)) RETURNING e.id) \
          DELETE FROM {s}.cancel_ahead c USING used WHERE c.execution_id = used.id",
     ))
+    .bind(only)
     .execute(pool)
     .await
     .map_err(DbError::query(

@@ -66,6 +66,9 @@ pub struct ConsumerContext {
     held: Mutex<HashMap<ExecutionId, u32>>,
     /// Woken whenever held requests are submitted.
     released: tokio::sync::Notify,
+    /// `cluster.mode: shared`: which partitions this instance owns and how to reach the
+    /// others ([`super::routing`]).
+    pub router: Option<Arc<super::partitions::Router>>,
 }
 
 /// Requests held while the history is asked about them; released when dropped.
@@ -163,7 +166,14 @@ impl ConsumerContext {
             history: None,
             held: Mutex::new(HashMap::new()),
             released: tokio::sync::Notify::new(),
+            router: None,
         }
+    }
+
+    /// Routes by partition (`cluster.mode: shared`).
+    pub fn with_router(mut self, router: Arc<super::partitions::Router>) -> Self {
+        self.router = Some(router);
+        self
     }
 
     /// Marks `ids` as held until the returned guard is dropped: when they are submitted, or

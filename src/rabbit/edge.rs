@@ -22,6 +22,7 @@ use super::acks::Acks;
 pub use super::connect;
 use super::consumers::{self, ConsumerContext};
 use super::publisher::ChannelSlot;
+use super::routing;
 use super::throttle::IntakeThrottle;
 use super::topology::{self, TopologyError, TopologySpec};
 
@@ -46,6 +47,11 @@ pub struct EdgeSettings {
     /// `api.rate_limits.global`: limits the request consumer only. Shared across reconnects,
     /// so a new session does not start with a fresh burst.
     pub intake_throttle: Option<Arc<IntakeThrottle>>,
+    /// `cluster.mode: shared`: the partition count. The session then also consumes every
+    /// partition queue and ticks the partitions not owned here; and a lost session is not
+    /// reconnected: [`run`] returns, since the partitions may have moved meanwhile and the
+    /// instance must start over ([`crate::app`]).
+    pub shared_partitions: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +63,9 @@ pub enum EdgeError {
     #[error("setting up the RabbitMQ session took longer than {0:?}")]
     SetupTimeout(Duration),
     #[error("RabbitMQ consumer for {queue} was canceled by the broker (queue deleted?)")]
-    ConsumerCanceled { queue: &'static str },
+    ConsumerCanceled { queue: String },
+    #[error("RabbitMQ session lost in shared mode: {0}")]
+    SharedSessionLost(Box<EdgeError>),
 }
 
 impl EdgeError {
@@ -90,6 +98,11 @@ where
         match session(&settings, &ctx, &publisher_slot, &mut shutdown, &mut drain).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_fatal() => return Err(e),
+            Err(e) if settings.shared_partitions.is_some() => {
+                publisher_slot.send_replace(None);
+                metrics::counter!("attune_rabbitmq_reconnects_total").increment(1);
+                return Err(EdgeError::SharedSessionLost(Box::new(e)));
+            }
             Err(e) => {
                 publisher_slot.send_replace(None);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "RabbitMQ session lost; reconnecting");
@@ -123,21 +136,21 @@ const CONSUMERS: [ConsumerSpec; 3] = [
     ConsumerSpec {
         queue: topology::REQUESTS_QUEUE,
         tag: "fifo-executor.requests",
-        handle: consumers::handle_requests,
+        handle: routing::handle_requests,
         throttled: true,
         listener: "RequestListener",
     },
     ConsumerSpec {
         queue: topology::COMPLETED_QUEUE,
         tag: "fifo-executor.completed",
-        handle: consumers::handle_completions,
+        handle: routing::handle_completions,
         throttled: false,
         listener: "CompletionListener",
     },
     ConsumerSpec {
         queue: topology::CANCEL_QUEUE,
         tag: "fifo-executor.cancel",
-        handle: consumers::handle_cancels,
+        handle: routing::handle_cancels,
         throttled: false,
         listener: "CancelListener",
     },
@@ -156,18 +169,32 @@ where
     tracing::debug!(url = %redact(&settings.url), "connecting to RabbitMQ");
     // Setting up must not hang: a broker that accepts the TCP connection but never answers
     // (overloaded, or a half-open connection) would otherwise stall the executor for good.
-    let (conn, channels, mut loops) =
+    let (conn, channels, mut loops, mut partition_loops) =
         tokio::time::timeout(SETUP_TIMEOUT, setup(settings, ctx, publisher_slot))
             .await
             .map_err(|_| EdgeError::SetupTimeout(SETUP_TIMEOUT))??;
     tracing::info!(url = %redact(&settings.url), "RabbitMQ session up; consuming");
     metrics::gauge!("attune_rabbitmq_connected").set(1.0);
 
+    let ticker = async {
+        match &ctx.router {
+            Some(router) if settings.shared_partitions.is_some() => loop {
+                router.tick(&ctx.publisher);
+                tokio::time::sleep(super::partitions::TICK_INTERVAL).await;
+            },
+            _ => std::future::pending::<()>().await,
+        }
+    };
     let outcome = tokio::select! {
         Some((queue, r)) = loops.next() => Err(match r {
             Ok(()) => EdgeError::ConsumerCanceled { queue },
             Err(e) => EdgeError::Amqp(e),
         }),
+        Some((queue, r)) = partition_loops.next() => Err(match r {
+            Ok(()) => EdgeError::ConsumerCanceled { queue },
+            Err(e) => EdgeError::Amqp(e),
+        }),
+        () = ticker => Ok(()),
         _ = stopped(shutdown) => Ok(()),
     };
     metrics::gauge!("attune_rabbitmq_connected").set(0.0);
@@ -182,12 +209,16 @@ where
     }
 
     // Graceful shutdown, in order: stop taking work, settle what was taken, drain the core,
-    // get the last publishes confirmed, close.
+    // get the last publishes confirmed, close. The partition queues' consumers stay until the
+    // connection closes: a standby is made active only once this instance has committed
+    // everything and marked its partitions released cleanly (in `drain`); what reaches them
+    // meanwhile is held unhandled and goes back to the broker with the connection.
     // Every step below is bounded: a broker that stops answering must not hold the process.
+    let shared_queues = channels.len() - partition_loops.len();
     let _ = tokio::time::timeout(settings.shutdown_timeout, async {
-        for (ch, _, _, tag) in &channels {
+        for (ch, _, _, tag) in channels.iter().take(shared_queues) {
             let _ = ch
-                .basic_cancel((*tag).into(), BasicCancelOptions::default())
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;
         }
     })
@@ -197,13 +228,13 @@ where
         while loops.next().await.is_some() {}
     })
     .await;
-    for (_, acks, queue, _) in &channels {
+    for (_, acks, queue, _) in channels.iter().take(shared_queues) {
         if (settings.settles_nothing_more)() {
             break;
         }
         if !acks.settled(settings.shutdown_timeout).await {
             tracing::warn!(
-                queue,
+                queue = queue.as_str(),
                 outstanding = acks.outstanding(),
                 "deliveries left unsettled at shutdown; the broker will redeliver them"
             );
@@ -231,12 +262,16 @@ where
     Ok(())
 }
 
-type ConsumerLoop = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (&'static str, Result<(), lapin::Error>)> + Send>,
->;
+type ConsumerLoop =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (String, Result<(), lapin::Error>)> + Send>>;
+/// A consumer's channel, its acks, its queue and its consumer tag.
+type Consuming = (Channel, Acks, String, String);
+/// The connection, every consumer (the shared queues' first), the shared queues' loops and
+/// the partition queues' loops.
 type SessionParts = (
     lapin::Connection,
-    Vec<(Channel, Acks, &'static str, &'static str)>,
+    Vec<Consuming>,
+    futures::stream::FuturesUnordered<ConsumerLoop>,
     futures::stream::FuturesUnordered<ConsumerLoop>,
 );
 
@@ -255,6 +290,9 @@ async fn setup(
     tracing::debug!("RabbitMQ connected; declaring topology");
     let topo = conn.create_channel().await?;
     topology::declare(&topo, &settings.topology).await?;
+    if let Some(partitions) = settings.shared_partitions {
+        super::partitions::declare(&topo, partitions).await?;
+    }
     let _ = topo.close(200, "topology declared".into()).await;
 
     tracing::debug!("topology declared; opening channels");
@@ -264,7 +302,7 @@ async fn setup(
         .await?;
     publisher_slot.send_replace(Some(publish.clone()));
 
-    let mut channels: Vec<(Channel, Acks, &'static str, &'static str)> = Vec::new();
+    let mut channels: Vec<Consuming> = Vec::new();
     let loops: futures::stream::FuturesUnordered<ConsumerLoop> =
         futures::stream::FuturesUnordered::new();
     for spec in &CONSUMERS {
@@ -300,11 +338,47 @@ async fn setup(
                 handle(&ctx, b, a)
             })
             .await;
-            (queue, r)
+            (queue.to_owned(), r)
         }));
-        channels.push((ch, acks, spec.queue, spec.tag));
+        channels.push((ch, acks, spec.queue.to_owned(), spec.tag.to_owned()));
     }
-    Ok((conn, channels, loops))
+    let partition_loops: futures::stream::FuturesUnordered<ConsumerLoop> =
+        futures::stream::FuturesUnordered::new();
+    for p in 0..settings.shared_partitions.unwrap_or(0) {
+        let queue = super::partitions::queue_name(p);
+        let tag = format!("fifo-executor.{queue}");
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (acks, _ack_task) = Acks::spawn(ch.clone());
+        let ctx = ctx.clone();
+        let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
+        let acks_for_loop = acks.clone();
+        let name = queue.clone();
+        partition_loops.push(Box::pin(async move {
+            let r = consumers::consume(consumer, acks_for_loop, batch, None, |b, a| {
+                routing::handle_partition(&ctx, p, b, a)
+            })
+            .await;
+            (name, r)
+        }));
+        channels.push((ch, acks, queue, tag));
+    }
+    if let Some(partitions) = settings.shared_partitions {
+        tracing::info!(
+            partitions,
+            "consuming every partition queue (cluster.mode: shared)"
+        );
+    }
+    Ok((conn, channels, loops, partition_loops))
 }
 
 /// The URL without its password, for logs.

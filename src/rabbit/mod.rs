@@ -22,13 +22,17 @@
 //! - [`acks`]: settles deliveries in any order with as few `basic.ack` frames as possible.
 //! - [`publisher`]: dispatches, dead letters and replies, with publisher confirms and resend.
 //! - [`throttle`]: `api.rate_limits.global`, a steady limit on requests taken from the broker.
+//! - [`partitions`] and [`routing`]: `cluster.mode: shared`: the partition queues, and which
+//!   messages are handled here and which are carried to their partition's owner.
 //! - [`dead_letters`]: turns the core's timeouts, purges and reclaimed slots into dead letters.
 
 pub mod acks;
 pub mod consumers;
 pub mod dead_letters;
 pub mod edge;
+pub mod partitions;
 pub mod publisher;
+pub mod routing;
 pub mod throttle;
 pub mod topology;
 pub mod wire;

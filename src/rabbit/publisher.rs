@@ -69,6 +69,20 @@ pub enum Outgoing {
         correlation_id: Option<ShortString>,
         reply: Reply,
     },
+    /// A message carried to a partition's queue (`cluster.mode: shared`): a delivery taken
+    /// from a shared queue, or a tick. Bound to its session: after a lost connection it is not
+    /// sent again, since the delivery it carries comes back from the broker by itself.
+    Forward {
+        routing_key: String,
+        body: Vec<u8>,
+        properties: BasicProperties,
+    },
+}
+
+impl Outgoing {
+    fn is_session_bound(&self) -> bool {
+        matches!(self, Outgoing::Forward { .. })
+    }
 }
 
 struct Job {
@@ -297,7 +311,18 @@ async fn run(
         // Whatever was not confirmed goes first next time, in the order it was published;
         // but not a dispatch the broker returned (it waits in its queue again) nor one whose
         // execution ended meanwhile (a worker had it and reported).
+        let (lost, kept): (Vec<Job>, Vec<Job>) = std::mem::take(&mut retry)
+            .into_iter()
+            .partition(|j| j.out.is_session_bound());
+        retry = kept.into();
+        for job in lost {
+            give_up(job, &pending);
+        }
         while let Some(job) = in_flight.pop_back() {
+            if job.out.is_session_bound() {
+                give_up(job, &pending);
+                continue;
+            }
             let wanted = match &job.out {
                 Outgoing::Dispatch(d) => outcomes.as_ref().is_none_or(|o| o.still_wanted(d)),
                 _ => true,
@@ -316,10 +341,14 @@ async fn run(
     }
     // Shut down with jobs left and no broker: tell their owners.
     for job in retry {
-        pending.fetch_sub(1, Ordering::AcqRel);
-        if let Some(f) = job.on_confirmed {
-            f(false);
-        }
+        give_up(job, &pending);
+    }
+}
+
+fn give_up(job: Job, pending: &AtomicUsize) {
+    pending.fetch_sub(1, Ordering::AcqRel);
+    if let Some(f) = job.on_confirmed {
+        f(false);
     }
 }
 
@@ -467,6 +496,16 @@ async fn send(ch: &Channel, out: &Outgoing) -> lapin::Result<lapin::PublisherCon
             }
             (String::new(), to.clone(), reply.encode(), props)
         }
+        Outgoing::Forward {
+            routing_key,
+            body,
+            properties,
+        } => (
+            topology::EXCHANGE.to_owned(),
+            routing_key.clone(),
+            body.clone(),
+            properties.clone(),
+        ),
     };
     // A dispatch that no queue takes must come back: it is not a dispatch.
     let options = BasicPublishOptions {

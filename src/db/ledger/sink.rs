@@ -127,9 +127,20 @@ impl LedgerSink {
         let Some(mut tx) = self.begin_fenced(WHAT).await? else {
             return Ok(false);
         };
-        crate::db::recovery::mark_clean_stop(&mut tx, &self.direct.schema).await?;
+        match &self.direct.fence {
+            // Shared: the partitions, not the one run, carry the mark.
+            Some(fence) if fence.is_shared() => {
+                fence.release_cleanly(&mut tx, &self.direct.schema).await?;
+            }
+            _ => crate::db::recovery::mark_clean_stop(&mut tx, &self.direct.schema).await?,
+        }
         tx.commit().await.map_err(DbError::query(WHAT))?;
         Ok(true)
+    }
+
+    /// The fence this ledger's writes go through, if any.
+    pub fn fence(&self) -> Option<&crate::db::partitions::Fence> {
+        self.direct.fence.as_ref()
     }
 
     /// A transaction whose fence (if any) was checked, its partition rows locked until it

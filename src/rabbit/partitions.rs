@@ -1,0 +1,255 @@
+//! Partition queues (`cluster.mode: shared`): how a message reaches the instance that owns
+//! its action.
+//!
+//! Each partition `p` has a quorum queue `attune.partition.<p>`, declared with
+//! `x-single-active-consumer` and bound to `attune.executions` by `partition.<p>`. Every
+//! instance consumes every partition queue; the broker keeps one consumer active per queue
+//! and promotes a standby when the active one's channel closes. The instance that receives
+//! anything from a partition's queue is therefore its one active consumer: it takes the
+//! partition ([`Owner::take`]: the epoch raised in Postgres, the partition rebuilt from the
+//! ledger) before it handles what came.
+//!
+//! The shared queues are consumed by every instance. A request whose action's partition this
+//! instance owns is handled here; any other is carried to its partition's queue with a
+//! publisher confirm, and the original is acknowledged only once the broker confirmed the
+//! copy. Completions and cancels name only an execution: one live here is handled here, the
+//! others find their action in the ledger ([`Owner::locate`]) and are carried likewise; one
+//! the ledger does not know is handled here (an unknown completion is counted, an early
+//! cancel remembered).
+//!
+//! A message on a partition queue says what it is in the header [`KIND_HEADER`]; without it,
+//! it is a request, so a producer may publish a request straight to `partition.<p>`.
+//!
+//! An instance that owns no partition would never learn that the broker made it active on a
+//! queue nobody publishes to: every instance sends each partition it does not own a tick
+//! every [`TICK_INTERVAL`] (non-persistent, expiring), which the active consumer takes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+
+use super::acks::Acks;
+use super::publisher::{Outgoing, PublisherHandle};
+use super::topology::EXCHANGE;
+use crate::cluster::{Partition, partition_of};
+use crate::model::{ActionRef, ExecutionId};
+
+/// Name prefix of the partition queues; the partition's number follows.
+pub const QUEUE_PREFIX: &str = "attune.partition.";
+/// Routing key prefix that binds a partition queue to `attune.executions`.
+pub const ROUTING_PREFIX: &str = "partition.";
+/// What a message on a partition queue is: `request` (also when absent), `completion`,
+/// `cancel` or `tick`.
+pub const KIND_HEADER: &str = "x-attune-kind";
+/// How often an instance ticks the partitions it does not own.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// A tick nobody took is dropped after this long.
+const TICK_EXPIRATION_MS: &str = "5000";
+
+/// The queue of partition `p`.
+pub fn queue_name(p: Partition) -> String {
+    format!("{QUEUE_PREFIX}{p}")
+}
+
+/// The routing key of partition `p`'s queue.
+pub fn routing_key(p: Partition) -> String {
+    format!("{ROUTING_PREFIX}{p}")
+}
+
+/// What a message on a partition queue carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Request,
+    Completion,
+    Cancel,
+    Tick,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Request => "request",
+            Kind::Completion => "completion",
+            Kind::Cancel => "cancel",
+            Kind::Tick => "tick",
+        }
+    }
+
+    /// The kind a delivery's [`KIND_HEADER`] names; a request without one (or with one this
+    /// version does not know, which the request decoder then refuses as it would anything
+    /// malformed).
+    pub fn of(properties: &BasicProperties) -> Kind {
+        let named = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(KIND_HEADER))
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                AMQPValue::ShortString(s) => Some(s.to_string()),
+                _ => None,
+            });
+        match named.as_deref() {
+            Some("completion") => Kind::Completion,
+            Some("cancel") => Kind::Cancel,
+            Some("tick") => Kind::Tick,
+            _ => Kind::Request,
+        }
+    }
+}
+
+/// Declares the `partitions` partition queues and their bindings, idempotently.
+pub async fn declare(channel: &Channel, partitions: u16) -> Result<(), lapin::Error> {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    for p in 0..partitions {
+        let queue = queue_name(p);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments.clone(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                EXCHANGE.into(),
+                routing_key(p).as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Failure of [`Owner::locate`]; the caller leaves the messages with the broker and asks
+/// again.
+#[derive(Debug, thiserror::Error)]
+#[error("could not find the actions of executions: {0}")]
+pub struct LocateError(pub String);
+
+/// What the edge needs from the instance about partitions.
+pub trait Owner: Send + Sync + 'static {
+    /// Whether this instance owns `p` and has rebuilt it.
+    fn owns(&self, p: Partition) -> bool;
+    /// Takes `p` (this instance was just made its queue's active consumer): raises its epoch,
+    /// rebuilds it from the ledger. Resolves once it is owned; `false` if it cannot be (the
+    /// instance is stopping or fenced), and then nothing from its queue may be handled.
+    fn take(self: Arc<Self>, p: Partition) -> BoxFuture<'static, bool>;
+    /// The action of each of `ids` the ledger holds.
+    fn locate(
+        &self,
+        ids: Vec<ExecutionId>,
+    ) -> BoxFuture<'static, Result<Vec<(ExecutionId, ActionRef)>, LocateError>>;
+}
+
+/// The partition count and the owner: what the consumers route by.
+pub struct Router {
+    pub partitions: u16,
+    pub owner: Arc<dyn Owner>,
+}
+
+impl Router {
+    pub fn partition_of(&self, action: &ActionRef) -> Partition {
+        partition_of(action, self.partitions)
+    }
+
+    /// Whether a message for `action` is handled here.
+    pub fn handles(&self, action: &ActionRef) -> bool {
+        self.owner.owns(self.partition_of(action))
+    }
+
+    /// Carries `delivery` to partition `p`'s queue as `kind`; the delivery is acknowledged
+    /// once the broker confirmed the copy (left to the broker if the session ends first).
+    pub fn forward(
+        &self,
+        publisher: &PublisherHandle,
+        acks: &Acks,
+        delivery: lapin::message::Delivery,
+        p: Partition,
+        kind: Kind,
+    ) {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            KIND_HEADER.into(),
+            AMQPValue::LongString(kind.as_str().into()),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let acks = acks.clone();
+        let tag = delivery.delivery_tag;
+        metrics::counter!("attune_forwarded_total", "kind" => kind.as_str()).increment(1);
+        publisher.publish(
+            Outgoing::Forward {
+                routing_key: routing_key(p),
+                body: delivery.data,
+                properties,
+            },
+            Some(Box::new(move |confirmed| {
+                if confirmed {
+                    acks.ack(tag);
+                }
+            })),
+        );
+    }
+
+    /// Ticks every partition this instance does not own (see the module docs).
+    pub fn tick(&self, publisher: &PublisherHandle) {
+        for p in (0..self.partitions).filter(|p| !self.owner.owns(*p)) {
+            let mut headers = FieldTable::default();
+            headers.insert(KIND_HEADER.into(), AMQPValue::LongString("tick".into()));
+            publisher.publish(
+                Outgoing::Forward {
+                    routing_key: routing_key(p),
+                    body: Vec::new(),
+                    properties: BasicProperties::default()
+                        .with_headers(headers)
+                        .with_expiration(TICK_EXPIRATION_MS.into()),
+                },
+                None,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_without_a_kind_is_a_request() {
+        assert_eq!(Kind::of(&BasicProperties::default()), Kind::Request);
+        for kind in [Kind::Request, Kind::Completion, Kind::Cancel, Kind::Tick] {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                KIND_HEADER.into(),
+                AMQPValue::LongString(kind.as_str().into()),
+            );
+            assert_eq!(
+                Kind::of(&BasicProperties::default().with_headers(headers)),
+                kind
+            );
+        }
+    }
+
+    #[test]
+    fn names_follow_the_partition() {
+        assert_eq!(queue_name(7), "attune.partition.7");
+        assert_eq!(routing_key(15), "partition.15");
+    }
+}
