@@ -13,9 +13,10 @@
 //! instance owns is handled here; any other is carried to its partition's queue with a
 //! publisher confirm, and the original is acknowledged only once the broker confirmed the
 //! copy. Completions and cancels name only an execution: one live here is handled here, the
-//! others find their action in the ledger ([`Owner::locate`]) and are carried likewise; one
-//! the ledger does not know is handled here (an unknown completion is counted, an early
-//! cancel remembered).
+//! others find their action in the ledger ([`Owner::locate`]) and are carried likewise. A
+//! completion the ledger does not know is handled here (counted as unmatched); a cancel it
+//! does not know (its request not accepted yet) goes to every partition queue, so that
+//! whichever owner accepts the request later has it remembered.
 //!
 //! A message on a partition queue says what it is in the header [`KIND_HEADER`]; without it,
 //! it is a request, so a producer may publish a request straight to `partition.<p>`.
@@ -181,31 +182,64 @@ impl Router {
         p: Partition,
         kind: Kind,
     ) {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            KIND_HEADER.into(),
-            AMQPValue::LongString(kind.as_str().into()),
-        );
+        self.carry(publisher, acks, delivery, &[p], kind);
+    }
+
+    /// Carries `delivery` to every partition's queue as `kind`: a cancel whose execution no
+    /// instance has accepted yet, so that whichever owner gets the request cancels it. The
+    /// delivery is acknowledged once every copy is confirmed.
+    pub fn broadcast(
+        &self,
+        publisher: &PublisherHandle,
+        acks: &Acks,
+        delivery: lapin::message::Delivery,
+        kind: Kind,
+    ) {
+        let all: Vec<Partition> = (0..self.partitions).collect();
+        self.carry(publisher, acks, delivery, &all, kind);
+    }
+
+    fn carry(
+        &self,
+        publisher: &PublisherHandle,
+        acks: &Acks,
+        delivery: lapin::message::Delivery,
+        to: &[Partition],
+        kind: Kind,
+    ) {
+        let mut headers = delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        headers.insert(KIND_HEADER.into(), AMQPValue::LongString(kind.as_str().into()));
         let properties = delivery
             .properties
             .clone()
             .with_headers(headers)
             .with_delivery_mode(2);
-        let acks = acks.clone();
         let tag = delivery.delivery_tag;
+        let unconfirmed = Arc::new(std::sync::atomic::AtomicUsize::new(to.len()));
         metrics::counter!("attune_forwarded_total", "kind" => kind.as_str()).increment(1);
-        publisher.publish(
-            Outgoing::Forward {
-                routing_key: routing_key(p),
-                body: delivery.data,
-                properties,
-            },
-            Some(Box::new(move |confirmed| {
-                if confirmed {
-                    acks.ack(tag);
-                }
-            })),
-        );
+        for p in to {
+            let acks = acks.clone();
+            let unconfirmed = unconfirmed.clone();
+            publisher.publish(
+                Outgoing::Forward {
+                    routing_key: routing_key(*p),
+                    body: delivery.data.clone(),
+                    properties: properties.clone(),
+                },
+                Some(Box::new(move |confirmed| {
+                    let last = unconfirmed.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1;
+                    // A copy given up leaves the count above zero for good: the delivery goes
+                    // back to the broker with its session and comes again.
+                    if confirmed && last {
+                        acks.ack(tag);
+                    }
+                })),
+            );
+        }
     }
 
     /// Ticks every partition this instance does not own (see the module docs).

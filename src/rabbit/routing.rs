@@ -97,6 +97,11 @@ fn by_execution(
                 Some(p) if !router.owner.owns(p) && !ctx.executor.is_live(id) => {
                     router.forward(&ctx.publisher, &acks, d, p, kind);
                 }
+                // A cancel before its request: whichever instance will own the request must
+                // know it, and nobody can tell which action it is for yet.
+                None if kind == Kind::Cancel && !ctx.executor.is_live(id) => {
+                    router.broadcast(&ctx.publisher, &acks, d, kind);
+                }
                 _ => here.push(d),
             }
         }
