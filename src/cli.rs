@@ -357,6 +357,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("--action: {e}"))?;
             let took = submit::run(&submit::SubmitOptions {
                 url: config.rabbitmq.url.clone(),
+                routing_key: submit::routing_key_for(&action, &config.cluster),
                 action,
                 count,
                 parameters,

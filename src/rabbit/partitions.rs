@@ -207,12 +207,11 @@ impl Router {
         to: &[Partition],
         kind: Kind,
     ) {
-        let mut headers = delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default();
-        headers.insert(KIND_HEADER.into(), AMQPValue::LongString(kind.as_str().into()));
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            KIND_HEADER.into(),
+            AMQPValue::LongString(kind.as_str().into()),
+        );
         let properties = delivery
             .properties
             .clone()

@@ -1,10 +1,24 @@
 //! `fifo-executor submit`: publishes execution requests, with publisher confirms.
+//!
+//! With `cluster.mode: shared` in its config it publishes each request straight to its
+//! action's partition queue (routing key `partition.<p>`, README "Running several
+//! instances"), sparing the executor the hop from the shared intake queue.
 
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 
 use crate::rabbit::{edge, topology};
+
+/// The routing key of a request for `action`: its partition's queue in shared mode.
+pub fn routing_key_for(action: &str, cluster: &crate::config::ClusterConfig) -> String {
+    match cluster.mode {
+        crate::config::ClusterMode::Shared => crate::rabbit::partitions::routing_key(
+            crate::cluster::partition_of_ref(action, cluster.partitions),
+        ),
+        crate::config::ClusterMode::Single => topology::REQUESTED_ROUTING_KEY.to_owned(),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SubmitOptions {
@@ -17,15 +31,29 @@ pub struct SubmitOptions {
     pub rate: Option<f64>,
     /// First execution id to use; `None` lets the executor assign ids.
     pub first_id: Option<u64>,
+    /// `execution.requested`, or `partition.<p>` to reach the partition's queue directly.
+    pub routing_key: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error(
+        "{0} requests came back unrouted: no queue is bound to {1} (is an executor running \
+         with the same cluster.mode and cluster.partitions?)"
+    )]
+    Unrouted(usize, String),
 }
 
 /// Publishes the requests and waits for the broker to confirm them all. Returns how long it took.
-pub async fn run(opts: &SubmitOptions) -> Result<Duration, lapin::Error> {
+pub async fn run(opts: &SubmitOptions) -> Result<Duration, SubmitError> {
     let conn = edge::connect(&opts.url, "fifo-executor submit").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let start = Instant::now();
     let props = super::persistent_json();
+    let mut confirms = Vec::with_capacity(usize::try_from(opts.count).unwrap_or(0).min(1 << 20));
     for i in 0..opts.count {
         if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
             let due = start + Duration::from_secs_f64(i as f64 / rate);
@@ -40,19 +68,34 @@ pub async fn run(opts: &SubmitOptions) -> Result<Duration, lapin::Error> {
             body["execution_id"] = serde_json::json!(first + i);
         }
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        // The confirm is collected by wait_for_confirms below, not awaited one by one.
-        let _confirm = ch
+        // Confirms are awaited together below, not one by one.
+        let confirm = ch
             .basic_publish(
                 topology::EXCHANGE.into(),
-                topology::REQUESTED_ROUTING_KEY.into(),
-                BasicPublishOptions::default(),
+                opts.routing_key.as_str().into(),
+                // A request no queue takes must not vanish unnoticed.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &bytes,
                 props.clone(),
             )
             .await?;
+        confirms.push(confirm);
     }
-    ch.wait_for_confirms().await?;
+    let mut returned = 0;
+    for confirm in confirms {
+        if let lapin::Confirmation::Ack(Some(_)) | lapin::Confirmation::Nack(Some(_)) =
+            confirm.await?
+        {
+            returned += 1;
+        }
+    }
     let took = start.elapsed();
     let _ = conn.close(200, "done".into()).await;
+    if returned > 0 {
+        return Err(SubmitError::Unrouted(returned, opts.routing_key.clone()));
+    }
     Ok(took)
 }
