@@ -429,6 +429,21 @@ impl Service {
             );
         }
 
+        // Shared: partitions are taken over one by one as RabbitMQ hands them over.
+        let takeover = match (durable.as_ref(), ledger_cell.get(), shared) {
+            (Some(d), Some(ledger), true) => {
+                Some(Arc::new(crate::cluster::takeover::Takeover::new(
+                    instance_id.clone(),
+                    config.cluster.partitions,
+                    d.pool.clone(),
+                    d.schema.clone(),
+                    executor.clone(),
+                    ledger.clone(),
+                    publisher.clone(),
+                )))
+            }
+            _ => None,
+        };
         let hooks = hooks.resolve(durable.as_ref());
         let dlq = config
             .dlq
@@ -486,6 +501,11 @@ impl Service {
                 partitions: config.cluster.partitions,
                 table: durable.as_ref().map(|d| (d.pool.clone(), d.schema.clone())),
                 started: chrono::Utc::now(),
+                owns: takeover.clone().map(|t| {
+                    let owns: Arc<dyn Fn(crate::cluster::Partition) -> bool + Send + Sync> =
+                        Arc::new(move |p| crate::rabbit::partitions::Owner::owns(t.as_ref(), p));
+                    owns
+                }),
             }),
         });
         let (http_shutdown, http_stop) = oneshot::channel::<()>();
@@ -508,16 +528,7 @@ impl Service {
                 ledger.clone(),
             )));
         }
-        if let (Some(d), Some(ledger), true) = (durable.as_ref(), ledger_cell.get(), shared) {
-            let takeover = Arc::new(crate::cluster::takeover::Takeover::new(
-                instance_id.clone(),
-                config.cluster.partitions,
-                d.pool.clone(),
-                d.schema.clone(),
-                executor.clone(),
-                ledger.clone(),
-                ctx.publisher.clone(),
-            ));
+        if let Some(takeover) = takeover.clone() {
             ctx = ctx.with_router(Arc::new(crate::rabbit::partitions::Router {
                 partitions: config.cluster.partitions,
                 owner: takeover,

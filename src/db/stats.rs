@@ -336,3 +336,77 @@ impl Columns {
         self.last_progress.push(s.last_progress);
     }
 }
+/// One action's row in `queue_stats`, as the instance that owns the action last wrote it
+/// (shared mode: another instance asks for an action it does not own). Counters the table
+/// does not keep are zero.
+pub async fn stored(
+    pool: &PgPool,
+    schema: &Schema,
+    action: &ActionRef,
+) -> Result<Option<QueueStats>, DbError> {
+    let row: Option<StoredRow> = sqlx::query_as(schema.sql(
+        "SELECT q.queue_length, q.active_count, q.max_concurrent, q.oldest_enqueued_at, \
+                q.total_enqueued, q.total_completed, q.last_updated, q.last_progress, a.enabled \
+         FROM {s}.queue_stats q JOIN {s}.action a ON a.id = q.action_id WHERE a.ref = $1",
+    ))
+    .bind(action.as_str())
+    .fetch_optional(pool)
+    .await
+    .map_err(DbError::query("reading an action's queue_stats row"))?;
+    Ok(row.map(|r| QueueStats {
+        action_ref: action.clone(),
+        queue_length: usize::try_from(r.0).unwrap_or(0),
+        active_count: usize::try_from(r.1).unwrap_or(0),
+        max_concurrent: u32::try_from(r.2).unwrap_or(0),
+        oldest_enqueued_at: r.3,
+        total_enqueued: u64::try_from(r.4).unwrap_or(0),
+        total_completed: u64::try_from(r.5).unwrap_or(0),
+        total_canceled: 0,
+        total_timed_out: 0,
+        total_purged: 0,
+        total_reclaimed: 0,
+        total_rejected: 0,
+        total_unmatched: 0,
+        total_no_route: 0,
+        no_route_since: None,
+        last_updated: r.6,
+        last_progress: r.7.unwrap_or(r.6),
+        enabled: r.8,
+    }))
+}
+
+type StoredRow = (
+    i32,
+    i32,
+    i32,
+    Option<DateTime<Utc>>,
+    i64,
+    i64,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    bool,
+);
+
+/// Every action's ref with its queued and running counts from `queue_stats`.
+pub async fn stored_holdings(
+    pool: &PgPool,
+    schema: &Schema,
+) -> Result<Vec<(String, usize, usize)>, DbError> {
+    let rows: Vec<(String, i32, i32)> = sqlx::query_as(schema.sql(
+        "SELECT a.ref, q.queue_length, q.active_count \
+         FROM {s}.queue_stats q JOIN {s}.action a ON a.id = q.action_id",
+    ))
+    .fetch_all(pool)
+    .await
+    .map_err(DbError::query("reading queue_stats"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(r, q, a)| {
+            (
+                r,
+                usize::try_from(q).unwrap_or(0),
+                usize::try_from(a).unwrap_or(0),
+            )
+        })
+        .collect())
+}

@@ -24,6 +24,27 @@ pub struct ClusterView {
     pub table: Option<(sqlx::PgPool, crate::db::Schema)>,
     /// When this instance started.
     pub started: DateTime<Utc>,
+    /// `cluster.mode: shared`: whether this instance owns a partition now. `None`: it owns
+    /// every partition (single mode).
+    pub owns: Option<Arc<dyn Fn(Partition) -> bool + Send + Sync>>,
+}
+
+impl ClusterView {
+    /// Whether this instance holds `action`'s queue (else the `queue_stats` table tells,
+    /// as the owner last wrote it).
+    pub fn holds(&self, action: &crate::model::ActionRef) -> bool {
+        self.owns
+            .as_ref()
+            .is_none_or(|owns| owns(partition_of(action, self.partitions)))
+    }
+
+    /// Who owns `action`'s partition, by the `partition` table (shared mode only).
+    pub async fn owner_of(&self, action: &crate::model::ActionRef) -> Option<(Partition, String)> {
+        let (pool, schema) = self.table.as_ref().filter(|_| self.owns.is_some())?;
+        let p = partition_of(action, self.partitions);
+        let rows = crate::db::partitions::list(pool, schema).await.ok()?;
+        rows.into_iter().find(|r| r.id == p).map(|r| (p, r.owner))
+    }
 }
 
 impl std::fmt::Debug for ClusterView {
@@ -44,6 +65,7 @@ impl ClusterView {
             partitions,
             table: None,
             started: Utc::now(),
+            owns: None,
         })
     }
 }
@@ -63,7 +85,8 @@ pub struct PartitionBody {
     /// Raised at every takeover; `null` without the ledger.
     pub epoch: Option<i64>,
     pub since: String,
-    /// Actions of the partition this instance knows, with what they hold now.
+    /// Actions of the partition with what they hold now: from this instance's memory for the
+    /// partitions it owns, from `queue_stats` for the others.
     pub actions: usize,
     pub queued: usize,
     pub running: usize,
@@ -90,12 +113,35 @@ pub async fn cluster(
             .collect(),
     };
     let mut held = vec![(0usize, 0usize, 0usize); usize::from(view.partitions.max(1))];
-    for s in state.stats.all() {
-        let p = usize::from(partition_of(&s.action_ref, view.partitions));
-        if let Some(h) = held.get_mut(p) {
+    let mut count = |p: Partition, queued: usize, running: usize| {
+        if let Some(h) = held.get_mut(usize::from(p)) {
             h.0 += 1;
-            h.1 += s.queue_length;
-            h.2 += s.active_count;
+            h.1 += queued;
+            h.2 += running;
+        }
+    };
+    // Shared: the partitions owned elsewhere as their owners last wrote them.
+    if let (Some(owns), Some((pool, schema))) = (&view.owns, &view.table) {
+        let stored = crate::db::stats::stored_holdings(pool, schema)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "GET /api/v1/cluster: queue_stats could not be read");
+                ApiError::Unavailable("queue_stats could not be read".to_owned())
+            })?;
+        for (r, queued, running) in stored {
+            let p = crate::cluster::partition_of_ref(&r, view.partitions);
+            if !owns(p) {
+                count(p, queued, running);
+            }
+        }
+    }
+    for s in state.stats.all() {
+        if view.holds(&s.action_ref) {
+            count(
+                partition_of(&s.action_ref, view.partitions),
+                s.queue_length,
+                s.active_count,
+            );
         }
     }
     let partitions = rows

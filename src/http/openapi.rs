@@ -115,7 +115,7 @@ pub fn document() -> Value {
         paths::CLUSTER.to_owned(),
         json!({"get": {
             "summary": "Every partition with its owner, epoch and what it holds",
-            "description": "Actions are split into cluster.partitions partitions by FNV-1a 64 of the action ref's UTF-8 bytes, modulo the count. The epoch rises at every takeover; it is null without the ledger. actions, queued and running count what the answering instance knows.",
+            "description": "Actions are split into cluster.partitions partitions by FNV-1a 64 of the action ref's UTF-8 bytes, modulo the count. The epoch rises at every takeover; it is null without the ledger. actions, queued and running: from the answering instance's memory for the partitions it owns, from queue_stats (as their owners last wrote it) for the others.",
             "responses": {
                 "200": ok("Partitions in order", data(json!({
                     "type": "object", "required": ["instance_id", "partition_count", "partitions"],
@@ -322,7 +322,9 @@ pub fn document() -> Value {
                         "total_purged": {"type": "integer"},
                         "total_reclaimed": {"type": "integer"},
                         "total_rejected": {"type": "integer"},
-                        "total_unmatched": {"type": "integer"}
+                        "total_unmatched": {"type": "integer"},
+                        "partition": {"type": "integer", "description": "cluster.mode shared only: the action's partition"},
+                        "owner": {"type": "string", "description": "cluster.mode shared only: the instance that owns the partition. An instance that does not own it answers from queue_stats, as the owner last wrote it (the counters beyond the table's columns are then 0)"}
                     }
                 },
                 "RateLimit": {

@@ -48,6 +48,12 @@ pub struct QueueStatsBody {
     pub total_reclaimed: u64,
     pub total_rejected: u64,
     pub total_unmatched: u64,
+    /// `cluster.mode: shared`: the action's partition and the instance that owns it. An
+    /// instance that does not own it answers from `queue_stats`, as the owner last wrote it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<crate::cluster::Partition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl QueueStatsBody {
@@ -70,6 +76,8 @@ impl QueueStatsBody {
             total_reclaimed: s.total_reclaimed,
             total_rejected: s.total_rejected,
             total_unmatched: s.total_unmatched,
+            partition: None,
+            owner: None,
         }
     }
 }
@@ -95,14 +103,26 @@ pub async fn queue_stats(
 ) -> Result<axum::Json<Data<QueueStatsBody>>, ApiError> {
     params.only(&[])?;
     let action = action_ref(&raw)?;
-    match stats_of(&state, &action).await? {
-        Some(s) => Ok(axum::Json(Data {
-            data: QueueStatsBody::new(&s, Utc::now()),
-        })),
-        None => Err(ApiError::NotFound(format!(
+    let view = &state.cluster;
+    let found = match &view.table {
+        Some((pool, schema)) if !view.holds(&action) => {
+            crate::db::stats::stored(pool, schema, &action)
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        }
+        _ => stats_of(&state, &action).await?,
+    };
+    let Some(s) = found else {
+        return Err(ApiError::NotFound(format!(
             "action '{action}' has not been seen by this executor"
-        ))),
+        )));
+    };
+    let mut body = QueueStatsBody::new(&s, Utc::now());
+    if let Some((p, owner)) = view.owner_of(&action).await {
+        body.partition = Some(p);
+        body.owner = Some(owner);
     }
+    Ok(axum::Json(Data { data: body }))
 }
 
 /// The body of `GET /api/v1/queues`.
