@@ -117,24 +117,12 @@ async fn queue_stats_equal_the_counters_in_memory_after_one_interval() {
 
 fn stats_of(action: &ActionRef, queue_length: usize, at: DateTime<Utc>) -> QueueStats {
     QueueStats {
-        action_ref: action.clone(),
         queue_length,
         active_count: 1,
         max_concurrent: 1,
         oldest_enqueued_at: Some(at),
         total_enqueued: queue_length as u64 + 1,
-        total_completed: 0,
-        total_canceled: 0,
-        total_timed_out: 0,
-        total_purged: 0,
-        total_reclaimed: 0,
-        total_rejected: 0,
-        total_unmatched: 0,
-        total_no_route: 0,
-        no_route_since: None,
-        last_updated: at,
-        last_progress: at,
-        enabled: true,
+        ..QueueStats::empty(action.clone(), at)
     }
 }
 

@@ -237,6 +237,32 @@ pub struct QueueStats {
     pub enabled: bool,
 }
 
+impl QueueStats {
+    /// An action with nothing queued, running or counted, last changed `at`.
+    pub fn empty(action_ref: ActionRef, at: DateTime<Utc>) -> Self {
+        Self {
+            action_ref,
+            queue_length: 0,
+            active_count: 0,
+            max_concurrent: 0,
+            oldest_enqueued_at: None,
+            total_enqueued: 0,
+            total_completed: 0,
+            total_canceled: 0,
+            total_timed_out: 0,
+            total_purged: 0,
+            total_reclaimed: 0,
+            total_rejected: 0,
+            total_unmatched: 0,
+            total_no_route: 0,
+            no_route_since: None,
+            last_updated: at,
+            last_progress: at,
+            enabled: true,
+        }
+    }
+}
+
 /// Receives the counters of an action after every handler invocation that changed them.
 /// Called often: keep the latest and coalesce.
 pub trait StatsObserver: Send + Sync + 'static {

@@ -354,24 +354,15 @@ pub async fn stored(
     .await
     .map_err(DbError::query("reading an action's queue_stats row"))?;
     Ok(row.map(|r| QueueStats {
-        action_ref: action.clone(),
         queue_length: usize::try_from(r.0).unwrap_or(0),
         active_count: usize::try_from(r.1).unwrap_or(0),
         max_concurrent: u32::try_from(r.2).unwrap_or(0),
         oldest_enqueued_at: r.3,
         total_enqueued: u64::try_from(r.4).unwrap_or(0),
         total_completed: u64::try_from(r.5).unwrap_or(0),
-        total_canceled: 0,
-        total_timed_out: 0,
-        total_purged: 0,
-        total_reclaimed: 0,
-        total_rejected: 0,
-        total_unmatched: 0,
-        total_no_route: 0,
-        no_route_since: None,
-        last_updated: r.6,
         last_progress: r.7.unwrap_or(r.6),
         enabled: r.8,
+        ..QueueStats::empty(action.clone(), r.6)
     }))
 }
 

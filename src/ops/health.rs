@@ -525,24 +525,12 @@ mod tests {
     fn queue(name: &str, queued: usize, active: usize, age: i64, idle: i64) -> QueueStats {
         let n = now();
         QueueStats {
-            action_ref: ActionRef::parse(name).expect("valid ref"),
             queue_length: queued,
             active_count: active,
             max_concurrent: 1,
             oldest_enqueued_at: (queued > 0).then(|| n - chrono::Duration::seconds(age)),
-            total_enqueued: 0,
-            total_completed: 0,
-            total_canceled: 0,
-            total_timed_out: 0,
-            total_purged: 0,
-            total_reclaimed: 0,
-            total_rejected: 0,
-            total_unmatched: 0,
-            total_no_route: 0,
-            no_route_since: None,
-            last_updated: n,
             last_progress: n - chrono::Duration::seconds(idle),
-            enabled: true,
+            ..QueueStats::empty(ActionRef::parse(name).expect("valid ref"), n)
         }
     }
 
