@@ -26,25 +26,7 @@ use support::{TestVhost, poll_until, wait_until};
 
 fn config_for(vhost: &TestVhost, db: &TestDb, limits: &HashMap<String, u32>) -> Config {
     support::init_tracing();
-    let mut c = Config::default();
-    c.rabbitmq.url = vhost.url.clone();
-    c.database.url = db.url.clone();
-    c.executor.durability = config::Durability::Ledger;
-    c.executor.shutdown_timeout_seconds = 5;
-    c.api.listen = ([127, 0, 0, 1], 0).into();
-    c.health.enabled = false;
-    c.purge.enabled = false;
-    for (action, n) in limits {
-        c.policies.actions.insert(
-            action.clone(),
-            config::ActionPolicy {
-                concurrency_limit: Some(*n),
-                rate_limit: None,
-                enabled: None,
-            },
-        );
-    }
-    c
+    common_pg::service_config(&vhost.url, db, limits)
 }
 
 fn workers(limits: &HashMap<String, u32>) -> WorkerSettings {
@@ -468,7 +450,7 @@ async fn a_cancel_for_a_request_held_by_an_id_lookup_waits_for_it_and_cancels_it
     // Time for the intake to take 5 and find that it cannot ask the ledger (the lookup fails
     // at once and is retried); only then do the cancels come.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    publish_cancels(&probe, &[5, 12]).await;
+    fleet::publish_cancels(&probe, &[5, 12]).await;
     // The cancel for 12 does not wait for 5's lookup.
     poll_until(
         Duration::from_secs(10),
@@ -487,19 +469,6 @@ async fn a_cancel_for_a_request_held_by_an_id_lookup_waits_for_it_and_cancels_it
 }
 
 /// Publishes a cancel for each id, in order, each confirmed.
-async fn publish_cancels(conn: &Connection, ids: &[u64]) {
-    let ch = fleet::confirm_channel(conn).await;
-    for id in ids {
-        fleet::publish(
-            &ch,
-            topology::CANCEL_ROUTING_KEY,
-            json!({"execution_id": id}).to_string().as_bytes(),
-            fleet::json_props(),
-        )
-        .await;
-    }
-}
-
 /// Waits until the ledger records execution `id` as canceled.
 async fn until_recorded_canceled(db: &TestDb, id: i64) {
     poll_until(
@@ -551,7 +520,7 @@ async fn a_cancel_that_overtakes_its_request_still_cancels_it_after_a_restart() 
     let service = start_one_action(&vhost, &db, &probe).await;
     let fleet = Fleet::start(&vhost.url, "ahead-restart.workers", workers(&one_action())).await;
     // The cancel for 30 comes first and is settled (acknowledged to the broker)…
-    publish_cancels(&probe, &[30]).await;
+    fleet::publish_cancels(&probe, &[30]).await;
     poll_until(Duration::from_secs(10), "the cancel is settled", || async {
         messages_in(&vhost, topology::CANCEL_QUEUE).await == Some((0, 0))
     })
@@ -588,7 +557,7 @@ async fn a_cancel_that_overtakes_its_request_cancels_it_when_it_arrives() {
     let service = start_one_action(&vhost, &db, &probe).await;
     let fleet = Fleet::start(&vhost.url, "ahead.workers", workers(&one_action())).await;
     // The cancel for 20 comes first (its request still behind others, say) and is settled.
-    publish_cancels(&probe, &[20]).await;
+    fleet::publish_cancels(&probe, &[20]).await;
     poll_until(Duration::from_secs(10), "the cancel is settled", || async {
         messages_in(&vhost, topology::CANCEL_QUEUE).await == Some((0, 0))
     })

@@ -7,6 +7,7 @@
 //! - [`eventually`]: poll until a condition holds, with a deadline; tests never sleep a fixed
 //!   time to wait for something.
 //! - [`Rig`]: an executor with the ledger and the stats writer as its ports.
+//! - [`service_config`]: the whole service's config on the ledger, for in-process services.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -615,4 +616,33 @@ pub async fn ledger_disagreements(
         ));
     }
     problems
+}
+
+/// The config of an in-process service on the ledger: RabbitMQ at `rabbit_url`, Postgres in
+/// `db`, HTTP on a free port, no health checks or purges, and `limits` per action.
+pub fn service_config(
+    rabbit_url: &str,
+    db: &TestDb,
+    limits: &std::collections::HashMap<String, u32>,
+) -> fifo_executor::config::Config {
+    use fifo_executor::config;
+    let mut c = config::Config::default();
+    c.rabbitmq.url = rabbit_url.to_owned();
+    c.database.url = db.url.clone();
+    c.executor.durability = config::Durability::Ledger;
+    c.executor.shutdown_timeout_seconds = 5;
+    c.api.listen = ([127, 0, 0, 1], 0).into();
+    c.health.enabled = false;
+    c.purge.enabled = false;
+    for (action, n) in limits {
+        c.policies.actions.insert(
+            action.clone(),
+            config::ActionPolicy {
+                concurrency_limit: Some(*n),
+                rate_limit: None,
+                enabled: None,
+            },
+        );
+    }
+    c
 }

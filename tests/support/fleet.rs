@@ -619,3 +619,17 @@ pub async fn until_not_consuming(conn: &Connection, deadline: Duration) {
     )
     .await;
 }
+
+/// Publishes a cancel for each of `ids`, confirmed by the broker.
+pub async fn publish_cancels(conn: &Connection, ids: &[u64]) {
+    let ch = confirm_channel(conn).await;
+    for id in ids {
+        publish(
+            &ch,
+            topology::CANCEL_ROUTING_KEY,
+            json!({"execution_id": id}).to_string().as_bytes(),
+            json_props(),
+        )
+        .await;
+    }
+}
