@@ -825,3 +825,86 @@ async fn a_takeover_is_not_held_up_for_good_by_an_owner_paused_inside_a_flush() 
         "the paused owner's transaction is gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_fence_grows_one_partition_at_a_time_and_any_one_taken_away_refuses_it() {
+    use fifo_executor::db::partitions;
+    let db = TestDb::new().await;
+    let fence = partitions::Fence::shared(&db.schema);
+    let mut tx = db.pool.begin().await.expect("a transaction");
+    assert!(
+        fence.check(&mut tx).await.expect("check"),
+        "holding nothing, nothing can be taken away"
+    );
+    drop(tx);
+
+    let first = partitions::take_one(&db.pool, &db.schema, 3, "a")
+        .await
+        .expect("a takes 3");
+    assert_eq!(
+        (first.epoch, first.released_cleanly),
+        (1, false),
+        "a partition never owned was not released cleanly"
+    );
+    fence.hold(3, first.epoch);
+    let seven = partitions::take_one(&db.pool, &db.schema, 7, "a")
+        .await
+        .expect("a takes 7");
+    fence.hold(7, seven.epoch);
+    assert_eq!(fence.held(), vec![(3, 1), (7, 1)]);
+
+    // A clean release is read, and cleared, by the next takeover.
+    let mut tx = db.pool.begin().await.expect("a transaction");
+    assert!(fence.check(&mut tx).await.expect("check"));
+    fence
+        .release_cleanly(&mut tx, &db.schema)
+        .await
+        .expect("released");
+    tx.commit().await.expect("commit");
+    let again = partitions::take_one(&db.pool, &db.schema, 7, "b")
+        .await
+        .expect("b takes 7");
+    assert_eq!((again.epoch, again.released_cleanly), (2, true));
+    let cleared: bool =
+        sqlx::query_scalar("SELECT released_cleanly FROM attune.partition WHERE id = 7")
+            .fetch_one(&db.pool)
+            .await
+            .expect("row");
+    assert!(!cleared);
+
+    // b took one of a's two partitions: every flush of a is refused now.
+    let mut tx = db.pool.begin().await.expect("a transaction");
+    assert!(!fence.check(&mut tx).await.expect("check"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn id_blocks_never_overlap_and_start_above_every_id_recorded() {
+    use fifo_executor::db::partitions::{ID_BLOCK, take_id_block};
+    let db = TestDb::new().await;
+    let first = take_id_block(&db.pool, &db.schema).await.expect("a block");
+    assert_eq!(first, ID_BLOCK);
+    // An execution recorded far above (a producer's own id): the next block starts above it.
+    let action: i64 =
+        sqlx::query_scalar("INSERT INTO attune.action (ref) VALUES ('blocks.a') RETURNING id")
+            .fetch_one(&db.pool)
+            .await
+            .expect("action");
+    let high = (5 * ID_BLOCK + 17) as i64;
+    sqlx::query(
+        "INSERT INTO attune.execution (id, action, status, enqueued_at) VALUES ($1, $2, 'requested', now())",
+    )
+    .bind(high)
+    .bind(action)
+    .execute(&db.pool)
+    .await
+    .expect("execution");
+    // Instances starting at once draw distinct blocks.
+    let draws =
+        futures::future::join_all((0..6).map(|_| take_id_block(&db.pool, &db.schema))).await;
+    let mut blocks: Vec<u64> = draws.into_iter().map(|b| b.expect("a block")).collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    assert_eq!(blocks.len(), 6, "{blocks:?}");
+    assert!(blocks.iter().all(|b| *b > high as u64), "{blocks:?}");
+    assert!(blocks.iter().all(|b| b % ID_BLOCK == 0));
+}
