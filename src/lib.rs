@@ -20,15 +20,18 @@
 //! - [`db`]: the Postgres edge: the ledger of executions (an outcome sink that settles receipts
 //!   only after the commit), the `queue_stats` writer, recovery at start, the `action`
 //!   table as the one source of policies, the health history and the ledger purge.
-//! - [`rabbit`]: the RabbitMQ edge (intake, dispatch, completions, cancels, dead letters).
+//! - [`rabbit`]: the RabbitMQ edge (intake, dispatch, completions, cancels, dead letters,
+//!   and in shared mode the partition queues).
 //! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
 //!   health check (its result in [`ops::health_report`]) and purge, reading and replaying the
 //!   DLQ, and the hooks through which the Postgres edge keeps policies, health results and the
 //!   ledger's history in check.
 //! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`.
-//! - [`cluster`]: how the actions are split into partitions (a fixed hash of the ref) and
-//!   what an instance is called; `db::partitions` records who owns each partition and fences
-//!   the ledger's writes by it.
+//! - [`cluster`]: how the actions are split into partitions (a fixed hash of the ref), what
+//!   an instance is called, and ([`cluster::takeover`]) how an instance in `cluster.mode:
+//!   shared` takes a partition over. `db::partitions` records who owns each partition and
+//!   fences the ledger's writes by it; `rabbit::partitions` and `rabbit::routing` are the
+//!   partition queues and what is carried to another instance's.
 //! - [`app`]: builds the service from the config and stops it, in one fixed order.
 //! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP
 //!   API, and the producer and worker simulators).
