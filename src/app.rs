@@ -736,7 +736,19 @@ async fn open_ledger(
     AppError,
 > {
     use crate::db;
-    let pool = db::connect_lazy(&config.database.url, config.database.max_connections)?;
+    // A paused owner's flush in flight holds its partition rows until Postgres ends its
+    // session; ended within one heartbeat, the lock is gone before the broker (after two)
+    // hands the partitions to another instance, so a takeover does not wait on it.
+    let idle_limit = match config.rabbitmq.heartbeat_seconds {
+        0 => db::IDLE_IN_TRANSACTION,
+        hb => Duration::from_secs(u64::from(hb))
+            .clamp(Duration::from_secs(1), db::IDLE_IN_TRANSACTION),
+    };
+    let pool = db::connect_lazy_idle(
+        &config.database.url,
+        config.database.max_connections,
+        idle_limit,
+    )?;
     let schema = db::Schema::new(&config.database.schema)?;
     db::retry_transient("migrating the schema", || db::migrate(&pool, &schema)).await?;
     let fence = match config.cluster.mode {

@@ -211,13 +211,24 @@ impl fmt::Display for Schema {
 /// backs off; short, so that an outage shows in the health flag within seconds.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `idle_in_transaction_session_timeout` of every session of the pool.
-const IDLE_IN_TRANSACTION: &str = "10s";
+/// `idle_in_transaction_session_timeout` of every session of a pool from [`connect_lazy`].
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
 
 /// A pool that connects on first use and reconnects by itself: broken connections are dropped
 /// and replaced on the next acquire, so writers only have to retry.
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    connect_lazy_idle(url, max_connections, IDLE_IN_TRANSACTION)
+}
+
+/// [`connect_lazy`] with sessions ended by Postgres once idle inside a transaction for
+/// `idle_limit` (whole milliseconds, at least one).
+pub fn connect_lazy_idle(
+    url: &str,
+    max_connections: u32,
+    idle_limit: Duration,
+) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse().map_err(DbError::InvalidUrl)?;
+    let idle_limit = format!("{}ms", idle_limit.as_millis().max(1));
     // At least two, so that the ledger's writes never queue behind a stats write or the
     // policy poll.
     Ok(PgPoolOptions::new()
@@ -230,7 +241,7 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, DbError> 
                 // is paused between two statements (SIGSTOP, a stall), Postgres ends the
                 // session after this long and a takeover waiting on those locks goes on.
                 // Nothing of ours idles inside a transaction for anywhere near it.
-                .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]),
+                .options([("idle_in_transaction_session_timeout", idle_limit.as_str())]),
         ))
 }
 
