@@ -529,10 +529,10 @@ impl Service {
             )));
         }
         if let Some(takeover) = takeover.clone() {
-            ctx = ctx.with_router(Arc::new(crate::rabbit::partitions::Router {
-                partitions: config.cluster.partitions,
-                owner: takeover,
-            }));
+            ctx = ctx.with_router(Arc::new(crate::rabbit::partitions::Router::new(
+                config.cluster.partitions,
+                takeover,
+            )));
         }
         let ctx = Arc::new(ctx);
         let settings = EdgeSettings {

@@ -409,7 +409,7 @@ fn reply(publisher: &PublisherHandle, d: &Delivery, reply: Reply) {
 /// that need one.
 pub type Handled = BoxFuture<'static, ()>;
 
-fn done() -> Handled {
+pub(crate) fn done() -> Handled {
     Box::pin(std::future::ready(()))
 }
 

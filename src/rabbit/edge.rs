@@ -169,10 +169,12 @@ where
     tracing::debug!(url = %redact(&settings.url), "connecting to RabbitMQ");
     // Setting up must not hang: a broker that accepts the TCP connection but never answers
     // (overloaded, or a half-open connection) would otherwise stall the executor for good.
-    let (conn, channels, mut loops, mut partition_loops) =
-        tokio::time::timeout(SETUP_TIMEOUT, setup(settings, ctx, publisher_slot))
-            .await
-            .map_err(|_| EdgeError::SetupTimeout(SETUP_TIMEOUT))??;
+    let (conn, channels, mut loops, mut partition_loops) = tokio::time::timeout(
+        SETUP_TIMEOUT,
+        setup(settings, ctx, publisher_slot, shutdown.clone()),
+    )
+    .await
+    .map_err(|_| EdgeError::SetupTimeout(SETUP_TIMEOUT))??;
     tracing::info!(url = %redact(&settings.url), "RabbitMQ session up; consuming");
     metrics::gauge!("attune_rabbitmq_connected").set(1.0);
 
@@ -283,6 +285,7 @@ async fn setup(
     settings: &EdgeSettings,
     ctx: &Arc<ConsumerContext>,
     publisher_slot: &ChannelSlot,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<SessionParts, EdgeError> {
     let conn =
         super::connect_with_heartbeat(&settings.url, "fifo-executor", settings.heartbeat_seconds)
@@ -318,22 +321,59 @@ async fn setup(
                 .min(settings.prefetch)
         });
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = ch
-            .basic_consume(
-                spec.queue.into(),
-                spec.tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        // Shared mode: only the intake leader consumes requests (`partitions`, "Order").
+        let gate = ctx.router.clone().filter(|_| {
+            settings.shared_partitions.is_some() && spec.queue == topology::REQUESTS_QUEUE
+        });
+        let consumer = match gate {
+            Some(_) => None,
+            None => Some(
+                ch.basic_consume(
+                    spec.queue.into(),
+                    spec.tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?,
+            ),
+        };
         let (acks, _ack_task) = Acks::spawn(ch.clone());
         let ctx = ctx.clone();
         let handle = spec.handle;
         let queue = spec.queue;
         let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
         let acks_for_loop = acks.clone();
-        tracing::info!(queue, "{}: consuming", spec.listener);
+        let (listener, tag, gated_ch) = (spec.listener, spec.tag, ch.clone());
+        let mut stop = shutdown.clone();
+        if consumer.is_some() {
+            tracing::info!(queue, "{listener}: consuming");
+        }
         loops.push(Box::pin(async move {
+            let consumer = match (consumer, gate) {
+                (Some(consumer), _) => consumer,
+                (None, Some(router)) => {
+                    tokio::select! {
+                        () = router.until_leader() => {}
+                        _ = stopped(&mut stop) => return (queue.to_owned(), Ok(())),
+                    }
+                    let consumed = gated_ch
+                        .basic_consume(
+                            queue.into(),
+                            tag.into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await;
+                    match consumed {
+                        Ok(c) => {
+                            tracing::info!(queue, "{listener}: consuming (intake leader)");
+                            c
+                        }
+                        Err(e) => return (queue.to_owned(), Err(e)),
+                    }
+                }
+                (None, None) => return (queue.to_owned(), Ok(())),
+            };
             let r = consumers::consume(consumer, acks_for_loop, batch, throttle, |b, a| {
                 handle(&ctx, b, a)
             })
@@ -373,6 +413,29 @@ async fn setup(
         channels.push((ch, acks, queue, tag));
     }
     if let Some(partitions) = settings.shared_partitions {
+        let queue = super::partitions::LEADER_QUEUE;
+        let tag = format!("fifo-executor.{queue}");
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(16, BasicQosOptions::default()).await?;
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (acks, _ack_task) = Acks::spawn(ch.clone());
+        let ctx = ctx.clone();
+        let acks_for_loop = acks.clone();
+        partition_loops.push(Box::pin(async move {
+            let r = consumers::consume(consumer, acks_for_loop, 16, None, |b, a| {
+                routing::handle_leader(&ctx, b, a)
+            })
+            .await;
+            (queue.to_owned(), r)
+        }));
+        channels.push((ch, acks, queue.to_owned(), tag));
         tracing::info!(
             partitions,
             "consuming every partition queue (cluster.mode: shared)"

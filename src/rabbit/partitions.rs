@@ -18,6 +18,21 @@
 //! does not know (its request not accepted yet) goes to every partition queue, so that
 //! whichever owner accepts the request later has it remembered.
 //!
+//! # Order
+//!
+//! Requests of one action must be accepted in the order producers published them. Consumers
+//! competing for one queue would break that, so one instance at a time consumes the shared
+//! request queue: the *intake leader*, the single active consumer of [`LEADER_QUEUE`] (a
+//! queue that carries only ticks). It handles a request here when it owns the request's
+//! partition, and carries it to the partition's queue otherwise; both paths keep order, but a
+//! request handled here must not overtake one carried earlier that still waits in the
+//! partition's queue. So every message this instance carries to a partition is stamped with
+//! this run and a number ([`STAMP_HEADER`]), and requests of a partition are handled here only
+//! once everything it carried there has come back through the queue and been submitted. On
+//! taking a partition over and on becoming leader it sends a stamped marker through each
+//! queue concerned, which brings the count level once what others carried before is handled.
+//! Completions and cancels have no order to keep: every instance consumes their queues.
+//!
 //! A message on a partition queue says what it is in the header [`KIND_HEADER`]; without it,
 //! it is a request, so a producer may publish a request straight to `partition.<p>`.
 //!
@@ -26,6 +41,7 @@
 //! every [`TICK_INTERVAL`] (non-persistent, expiring), which the active consumer takes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -46,6 +62,14 @@ pub const ROUTING_PREFIX: &str = "partition.";
 /// What a message on a partition queue is: `request` (also when absent), `completion`,
 /// `cancel` or `tick`.
 pub const KIND_HEADER: &str = "x-attune-kind";
+/// The queue whose single active consumer is the intake leader: the one instance that
+/// consumes the shared request queue (see the module docs).
+pub const LEADER_QUEUE: &str = "attune.intake.leader";
+/// Routing key that binds [`LEADER_QUEUE`] to `attune.executions`.
+pub const LEADER_ROUTING_KEY: &str = "intake.leader";
+/// Which run of which instance carried a message to a partition queue, and its number among
+/// that run's messages to the partition (`<run>:<seq>`).
+pub const STAMP_HEADER: &str = "x-attune-stamp";
 /// How often an instance ticks the partitions it does not own.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 /// A tick nobody took is dropped after this long.
@@ -102,7 +126,8 @@ impl Kind {
     }
 }
 
-/// Declares the `partitions` partition queues and their bindings, idempotently.
+/// Declares the `partitions` partition queues, [`LEADER_QUEUE`] and their bindings,
+/// idempotently.
 pub async fn declare(channel: &Channel, partitions: u16) -> Result<(), lapin::Error> {
     let mut arguments = FieldTable::default();
     arguments.insert(
@@ -110,8 +135,10 @@ pub async fn declare(channel: &Channel, partitions: u16) -> Result<(), lapin::Er
         AMQPValue::LongString("quorum".into()),
     );
     arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    for p in 0..partitions {
-        let queue = queue_name(p);
+    let queues = (0..partitions)
+        .map(|p| (queue_name(p), routing_key(p)))
+        .chain([(LEADER_QUEUE.to_owned(), LEADER_ROUTING_KEY.to_owned())]);
+    for (queue, key) in queues {
         channel
             .queue_declare(
                 queue.as_str().into(),
@@ -126,7 +153,7 @@ pub async fn declare(channel: &Channel, partitions: u16) -> Result<(), lapin::Er
             .queue_bind(
                 queue.as_str().into(),
                 EXCHANGE.into(),
-                routing_key(p).as_str().into(),
+                key.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -160,16 +187,112 @@ pub trait Owner: Send + Sync + 'static {
 pub struct Router {
     pub partitions: u16,
     pub owner: Arc<dyn Owner>,
+    /// This run's stamp (random): tells its own carried messages from others'.
+    run: u64,
+    /// Per partition, messages this run carried there, and the highest number of those that
+    /// came back through the queue and were handled here.
+    sent: Vec<AtomicU64>,
+    seen: Vec<AtomicU64>,
+    /// Whether this instance is the intake leader.
+    leader: tokio::sync::watch::Sender<bool>,
 }
 
 impl Router {
+    pub fn new(partitions: u16, owner: Arc<dyn Owner>) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self {
+            partitions,
+            owner,
+            run: seed ^ (u64::from(std::process::id()) << 32) | 1,
+            sent: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            leader: tokio::sync::watch::channel(false).0,
+        }
+    }
+
     pub fn partition_of(&self, action: &ActionRef) -> Partition {
         partition_of(action, self.partitions)
     }
 
-    /// Whether a message for `action` is handled here.
-    pub fn handles(&self, action: &ActionRef) -> bool {
-        self.owner.owns(self.partition_of(action))
+    /// Whether a request of partition `p` taken from the shared queue is handled here: the
+    /// partition is owned here and nothing this run carried there is still on its way.
+    pub fn handles_here(&self, p: Partition) -> bool {
+        let i = usize::from(p);
+        self.owner.owns(p)
+            && match (self.sent.get(i), self.seen.get(i)) {
+                (Some(sent), Some(seen)) => {
+                    seen.load(Ordering::Acquire) >= sent.load(Ordering::Acquire)
+                }
+                _ => false,
+            }
+    }
+
+    /// Notes that messages with these stamps (from partition `p`'s queue) were handled.
+    pub fn came_back(&self, p: Partition, stamps: &[(u64, u64)]) {
+        let Some(seen) = self.seen.get(usize::from(p)) else {
+            return;
+        };
+        for (run, seq) in stamps {
+            if *run == self.run {
+                seen.fetch_max(*seq, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn stamp(&self, p: Partition, headers: &mut FieldTable) {
+        if let Some(sent) = self.sent.get(usize::from(p)) {
+            let seq = sent.fetch_add(1, Ordering::AcqRel) + 1;
+            headers.insert(
+                STAMP_HEADER.into(),
+                AMQPValue::LongString(format!("{:x}:{seq}", self.run).into()),
+            );
+        }
+    }
+
+    /// Sends a stamped marker through partition `p`'s queue: once it is back, everything
+    /// carried there before it (by anyone) has been handled.
+    pub fn mark(&self, publisher: &PublisherHandle, p: Partition) {
+        let mut headers = FieldTable::default();
+        headers.insert(KIND_HEADER.into(), AMQPValue::LongString("tick".into()));
+        self.stamp(p, &mut headers);
+        publisher.publish(
+            Outgoing::Forward {
+                routing_key: routing_key(p),
+                body: Vec::new(),
+                properties: BasicProperties::default()
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            },
+            None,
+        );
+    }
+
+    /// Whether this instance is the intake leader.
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Makes this instance the intake leader (it was made the active consumer of
+    /// [`LEADER_QUEUE`]): markers go through every partition queue, and the request consumer
+    /// starts.
+    pub fn lead(&self, publisher: &PublisherHandle) {
+        if self.is_leader() {
+            return;
+        }
+        for p in 0..self.partitions {
+            self.mark(publisher, p);
+        }
+        self.leader.send_replace(true);
+        metrics::gauge!("attune_intake_leader").set(1.0);
+        tracing::info!("intake leader: this instance consumes the shared request queue");
+    }
+
+    /// Resolves once this instance is the intake leader.
+    pub async fn until_leader(&self) {
+        let mut rx = self.leader.subscribe();
+        let _ = rx.wait_for(|l| *l).await;
     }
 
     /// Carries `delivery` to partition `p`'s queue as `kind`; the delivery is acknowledged
@@ -223,11 +346,13 @@ impl Router {
         for p in to {
             let acks = acks.clone();
             let unconfirmed = unconfirmed.clone();
+            let mut stamped = properties.headers().clone().unwrap_or_default();
+            self.stamp(*p, &mut stamped);
             publisher.publish(
                 Outgoing::Forward {
                     routing_key: routing_key(*p),
                     body: delivery.data.clone(),
-                    properties: properties.clone(),
+                    properties: properties.clone().with_headers(stamped),
                 },
                 Some(Box::new(move |confirmed| {
                     let last = unconfirmed.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1;
@@ -241,14 +366,18 @@ impl Router {
         }
     }
 
-    /// Ticks every partition this instance does not own (see the module docs).
+    /// Ticks every partition this instance does not own, and the leader queue unless it leads (see the module docs).
     pub fn tick(&self, publisher: &PublisherHandle) {
-        for p in (0..self.partitions).filter(|p| !self.owner.owns(*p)) {
+        let keys = (0..self.partitions)
+            .filter(|p| !self.owner.owns(*p))
+            .map(routing_key)
+            .chain((!self.is_leader()).then(|| LEADER_ROUTING_KEY.to_owned()));
+        for key in keys {
             let mut headers = FieldTable::default();
             headers.insert(KIND_HEADER.into(), AMQPValue::LongString("tick".into()));
             publisher.publish(
                 Outgoing::Forward {
-                    routing_key: routing_key(p),
+                    routing_key: key,
                     body: Vec::new(),
                     properties: BasicProperties::default()
                         .with_headers(headers)
@@ -258,6 +387,18 @@ impl Router {
             );
         }
     }
+}
+
+/// The `(run, number)` a carried message was stamped with.
+pub fn stamp_of(properties: &BasicProperties) -> Option<(u64, u64)> {
+    let value = properties.headers().as_ref()?.inner().get(STAMP_HEADER)?;
+    let text = match value {
+        AMQPValue::LongString(s) => s.to_string(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        _ => return None,
+    };
+    let (run, seq) = text.split_once(':')?;
+    Some((u64::from_str_radix(run, 16).ok()?, seq.parse().ok()?))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub fn handle_requests(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &
     let mut here = Vec::with_capacity(batch.len());
     for d in batch {
         match peek_action(&d.data).map(|a| router.partition_of(&a)) {
-            Some(p) if !router.owner.owns(p) => {
+            Some(p) if !router.handles_here(p) => {
                 router.forward(&ctx.publisher, acks, d, p, Kind::Request);
             }
             // Owned, or not readable: refused here as anything malformed is.
@@ -169,10 +169,14 @@ pub fn handle_partition(
             // partition's next owner (requeued now, they would come straight back here).
             return;
         }
-        if !router.owner.owns(p) && !router.owner.clone().take(p).await {
-            // Stopping or fenced: nothing from this queue is handled; the broker gets it all
-            // back when the session closes.
-            return;
+        if !router.owner.owns(p) {
+            if !router.owner.clone().take(p).await {
+                // Stopping or fenced: nothing from this queue is handled; the broker gets it
+                // all back when the session closes.
+                return;
+            }
+            // Requests carried here before (by anyone) come first (see `partitions`).
+            router.mark(&ctx.publisher, p);
         }
         let mut runs: Vec<(Kind, Vec<Delivery>)> = Vec::new();
         for d in batch {
@@ -183,6 +187,10 @@ pub fn handle_partition(
             }
         }
         for (kind, run) in runs {
+            let stamps: Vec<(u64, u64)> = run
+                .iter()
+                .filter_map(|d| super::partitions::stamp_of(&d.properties))
+                .collect();
             match kind {
                 Kind::Tick => {
                     for d in run {
@@ -193,6 +201,23 @@ pub fn handle_partition(
                 Kind::Completion => consumers::handle_completions(&ctx, run, &acks).await,
                 Kind::Cancel => consumers::handle_cancels(&ctx, run, &acks).await,
             }
+            // Submitted (the handlers' futures end once they are): a request of this
+            // partition taken from the shared queue may be handled here after these.
+            router.came_back(p, &stamps);
         }
     })
+}
+
+/// The leader queue (only ticks): this instance was made its active consumer, so it becomes
+/// the intake leader.
+pub fn handle_leader(ctx: &Arc<ConsumerContext>, batch: Vec<Delivery>, acks: &Acks) -> Handled {
+    for d in &batch {
+        acks.ack(d.delivery_tag);
+    }
+    if let Some(router) = &ctx.router
+        && ctx.executor.is_accepting()
+    {
+        router.lead(&ctx.publisher);
+    }
+    consumers::done()
 }
