@@ -1,17 +1,21 @@
-//! `fifo-executor bench --chaos PLAN`: a long load against a real `fifo-executor serve`
-//! process while routine faults are injected at random moments, then an audit of what every
+//! `fifo-executor bench --chaos PLAN`: a long load against real `fifo-executor serve`
+//! processes while routine faults are injected at random moments, then an audit of what every
 //! execution became.
 //!
-//! The executor runs as a child process on a vhost and a database of the run's own (the
-//! current binary, or `--serve-bin`). Faults, each as often as the plan says, in a random
+//! The executor runs as child processes on a vhost and a database of the run's own (the
+//! current binary, or `--serve-bin`): one, or `--instances N` sharing them (see
+//! [`instances`](super::instances)). Faults, each as often as the plan says, in a random
 //! order at random points of the run's progress (seeded by `--chaos-seed`):
 //!
 //! | fault | what is done |
 //! | --- | --- |
-//! | `kill` | SIGKILL the executor, start it again after 0–0.5 s |
-//! | `close` | `rabbitmqctl close_connection` on the executor's connections |
+//! | `kill` | SIGKILL the busiest instance (the one owning the most partitions), start it again after 0–0.5 s |
+//! | `stop` | SIGSTOP the busiest instance, SIGCONT it after `--stop-for` (default two heartbeats and 3 s) |
+//! | `close` | `rabbitmqctl close_connection` on every instance's connections |
 //! | `broker` | `rabbitmqctl stop_app`, 0.2–1 s later `start_app`: every connection drops and the durable queues are recovered from disk |
 //! | `postgres` | restart PostgreSQL (`pg_ctlcluster … restart`, or `--postgres-restart`) |
+//!
+//! `--kill-every D` adds a `kill` every D of the run, whatever the plan.
 //!
 //! The producers and workers live through all of it (they connect again; see
 //! [`load`](super::load)), and the run's checks hold throughout: first attempts in submission
@@ -23,9 +27,12 @@
 //!
 //! For each fault the report gives when it happened, how long the longest pause in
 //! dispatching around it lasted, how long after the fault dispatching was back, and how many
-//! re-sent dispatches (attempt > 1) the workers received until the next fault.
+//! re-sent dispatches (attempt > 1) the workers received until the next fault; for `kill`
+//! and `stop`, the failover time on the instance's partitions, and for `stop` what shows that
+//! the instance was fenced once it woke.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
@@ -36,11 +43,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sqlx::Row;
 use tokio::process::{Child, Command};
-use tokio::sync::Mutex;
 
-use super::load::{Arrival, Collector};
+use super::instances::{Instance, Instances, Watch};
+use super::load::{Arrival, Arrived, Collector};
 use super::plan::Workload;
 use super::target::{Database, TargetError, Vhost, rabbitmqctl};
+use crate::cluster::Partition;
 use crate::config::Config;
 use crate::tools::XorShift;
 
@@ -48,8 +56,10 @@ use crate::tools::XorShift;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FaultKind {
-    /// SIGKILL the executor and start it again.
+    /// SIGKILL the executor (the busiest instance) and start it again.
     Kill,
+    /// SIGSTOP the executor (the busiest instance), SIGCONT it after a while.
+    Stop,
     /// Close the executor's RabbitMQ connections.
     Close,
     /// Stop RabbitMQ's application and start it again.
@@ -62,6 +72,7 @@ impl FaultKind {
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Kill => "kill",
+            FaultKind::Stop => "stop",
             FaultKind::Close => "close",
             FaultKind::Broker => "broker",
             FaultKind::Postgres => "postgres",
@@ -85,12 +96,13 @@ impl FromStr for ChaosPlan {
             let (name, count) = part.split_once(':').unwrap_or((part, "1"));
             let kind = match name.trim() {
                 "kill" | "kill9" | "sigkill" => FaultKind::Kill,
+                "stop" | "sigstop" | "pause" => FaultKind::Stop,
                 "close" | "connections" => FaultKind::Close,
                 "broker" | "rabbitmq" => FaultKind::Broker,
                 "postgres" | "pg" => FaultKind::Postgres,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?}: expected kill, close, broker or postgres"
+                        "unknown fault {other:?}: expected kill, stop, close, broker or postgres"
                     ));
                 }
             };
@@ -138,18 +150,47 @@ pub struct ServeProcess {
     config: PathBuf,
     env: Vec<(String, String)>,
     dir: PathBuf,
+    /// Each life logs to `<log_name>-<life>.log` in `dir`.
+    log_name: String,
     child: Option<Child>,
-    /// Starts so far; each life logs to `executor-<life>.log`.
+    /// Starts so far.
     lives: usize,
     /// The live child's process id (0 while none runs), readable without the lock.
     pid: Arc<AtomicU32>,
+    /// The current life was SIGSTOPped at some point.
+    stopped: bool,
 }
 
 impl ServeProcess {
+    /// `fifo-executor serve` from `bin` with the config file `config` and the variables
+    /// `env`, logging to `<log_name>-<life>.log` in `dir`; not started yet.
+    pub fn new(
+        bin: PathBuf,
+        config: PathBuf,
+        env: Vec<(String, String)>,
+        dir: PathBuf,
+        log_name: String,
+    ) -> Self {
+        Self {
+            bin,
+            config,
+            env,
+            dir,
+            log_name,
+            child: None,
+            lives: 0,
+            pid: Arc::new(AtomicU32::new(0)),
+            stopped: false,
+        }
+    }
+
     /// Starts the process (again).
     pub async fn start(&mut self) -> Result<(), TargetError> {
         self.lives += 1;
-        let log_path = self.dir.join(format!("executor-{}.log", self.lives));
+        self.stopped = false;
+        let log_path = self
+            .dir
+            .join(format!("{}-{}.log", self.log_name, self.lives));
         let log = std::fs::File::create(&log_path).map_err(TargetError::Runtime)?;
         let err = log.try_clone().map_err(TargetError::Runtime)?;
         let child = Command::new(&self.bin)
@@ -204,6 +245,43 @@ impl ServeProcess {
         self.lives
     }
 
+    /// Sends the live process `SIG<name>` (`STOP`, `CONT`).
+    pub async fn signal(&self, name: &str) -> Result<(), String> {
+        let Some(pid) = self.child.as_ref().and_then(Child::id) else {
+            return Err("no process runs".to_owned());
+        };
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .map_err(|e| format!("kill -{name} {pid}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -{name} {pid}: {status}"))
+        }
+    }
+
+    /// Notes that the current life was SIGSTOPped.
+    pub fn mark_stopped(&mut self) {
+        self.stopped = true;
+    }
+
+    /// Whether the current life was SIGSTOPped.
+    pub fn was_stopped_this_life(&self) -> bool {
+        self.stopped
+    }
+
+    /// The log of the current (or last) life.
+    pub fn log_path(&self) -> Option<PathBuf> {
+        (self.lives > 0).then(|| {
+            self.dir
+                .join(format!("{}-{}.log", self.log_name, self.lives))
+        })
+    }
+
     /// Whether the process has exited by itself (it should not).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child
@@ -222,10 +300,10 @@ impl ServeProcess {
     }
 }
 
-/// What the chaos run needs to reach the executor from outside.
+/// What the chaos run needs to reach the executors from outside.
 pub struct ChaosTarget {
-    pub process: Arc<Mutex<ServeProcess>>,
-    /// The executor's vhost: its connections are closed by name there.
+    pub instances: Arc<Instances>,
+    /// The executors' vhost: their connections are closed by name there.
     pub vhost_name: String,
     pub url: String,
     pub database_url: String,
@@ -236,14 +314,17 @@ pub struct ChaosTarget {
 /// Settings of a chaos run from the command line.
 #[derive(Debug, Clone)]
 pub struct ChaosSettings {
-    pub plan: ChaosPlan,
     pub seed: u64,
     /// The `fifo-executor` binary to run `serve` with.
     pub serve_bin: PathBuf,
-    /// Where the executor's config and logs go.
+    /// Where the executors' config and logs go.
     pub dir: PathBuf,
     /// The command that restarts PostgreSQL.
     pub postgres_restart: Vec<String>,
+    /// How many `serve` processes share the vhost and the database.
+    pub instances: usize,
+    /// How long each may take to answer on HTTP after its start.
+    pub start_timeout: Duration,
 }
 
 impl ChaosSettings {
@@ -271,8 +352,23 @@ impl ChaosSettings {
     }
 }
 
-/// Starts the executor for a chaos run: a vhost and database of its own, a config with the
-/// workload's limits, and the process itself.
+/// `n` free TCP ports on loopback, all different.
+fn free_ports(n: usize) -> Result<Vec<u16>, TargetError> {
+    // Held together until every port is known, so none is handed out twice.
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(TargetError::Runtime)?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(TargetError::Runtime)
+}
+
+/// Starts the executors for a chaos run: a vhost and database of their own, a config with
+/// the workload's limits, and `settings.instances` processes, the first alone until it
+/// answers on HTTP (it runs the migrations), then the others.
 pub async fn start_target(
     config: &Config,
     config_file: Option<&Path>,
@@ -291,25 +387,54 @@ pub async fn start_target(
     let url = vhost.url().to_owned();
     let database_url = database.url().to_owned();
     let config_path = settings.dir.join("executor.yaml");
-    if let Err(e) = write_config(config_file, workload, &config_path) {
-        vhost.delete().await;
-        database.drop_it().await;
-        return Err(e);
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(TargetError::Runtime)?;
-    let env = vec![
-        ("ATTUNE__RABBITMQ__URL".to_owned(), url.clone()),
-        ("ATTUNE__DATABASE__URL".to_owned(), database_url.clone()),
+    let instances = match write_config(config_file, workload, &config_path) {
+        Ok(()) => start_instances(
+            config,
+            workload,
+            settings,
+            &config_path,
+            &url,
+            &database_url,
+        )
+        .await
+        .map_err(|e| TargetError::Runtime(std::io::Error::other(e))),
+        Err(e) => Err(e),
+    };
+    let instances = match instances {
+        Ok(i) => i,
+        Err(e) => {
+            vhost.delete().await;
+            database.drop_it().await;
+            return Err(e);
+        }
+    };
+    Ok(ChaosTarget {
+        instances,
+        vhost_name: vhost.name().to_owned(),
+        url,
+        database_url,
+        vhost,
+        database,
+    })
+}
+
+/// Starts the processes of [`start_target`]; stops those it started if one fails.
+async fn start_instances(
+    config: &Config,
+    workload: &Workload,
+    settings: &ChaosSettings,
+    config_path: &Path,
+    url: &str,
+    database_url: &str,
+) -> Result<Arc<Instances>, String> {
+    let n = settings.instances.max(1);
+    let ports = free_ports(n).map_err(|e| e.to_string())?;
+    let common = vec![
+        ("ATTUNE__RABBITMQ__URL".to_owned(), url.to_owned()),
+        ("ATTUNE__DATABASE__URL".to_owned(), database_url.to_owned()),
         (
             "ATTUNE__EXECUTOR__DURABILITY".to_owned(),
             "ledger".to_owned(),
-        ),
-        (
-            "ATTUNE__API__LISTEN".to_owned(),
-            format!("127.0.0.1:{port}"),
         ),
         (
             "ATTUNE__EXECUTOR__QUEUE__MAX_QUEUE_LENGTH".to_owned(),
@@ -321,28 +446,55 @@ pub async fn start_target(
                 .to_string(),
         ),
     ];
-    let mut process = ServeProcess {
-        bin: settings.serve_bin.clone(),
-        config: config_path,
-        env,
-        dir: settings.dir.clone(),
-        child: None,
-        lives: 0,
-        pid: Arc::new(AtomicU32::new(0)),
-    };
-    if let Err(e) = process.start().await {
-        vhost.delete().await;
-        database.drop_it().await;
-        return Err(e);
+    let mut all = Vec::new();
+    for (i, port) in ports.into_iter().enumerate() {
+        let id = format!("bench-{i}");
+        let api = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut env = common.clone();
+        env.push(("ATTUNE__API__LISTEN".to_owned(), api.to_string()));
+        env.push(("ATTUNE__CLUSTER__INSTANCE_ID".to_owned(), id.clone()));
+        if n > 1 {
+            env.push(("ATTUNE__CLUSTER__MODE".to_owned(), "shared".to_owned()));
+        }
+        // One instance keeps the log names of the runs before there were several.
+        let log_name = if n == 1 {
+            "executor".to_owned()
+        } else {
+            id.clone()
+        };
+        let process = ServeProcess::new(
+            settings.serve_bin.clone(),
+            config_path.to_path_buf(),
+            env,
+            settings.dir.clone(),
+            log_name,
+        );
+        all.push(Arc::new(Instance::new(id, api, process)));
     }
-    Ok(ChaosTarget {
-        process: Arc::new(Mutex::new(process)),
-        vhost_name: vhost.name().to_owned(),
-        url,
-        database_url,
-        vhost,
-        database,
-    })
+    let instances = Arc::new(Instances::new(all, config.cluster.partitions));
+    let started = async {
+        for (k, i) in instances.all.iter().enumerate() {
+            i.process
+                .lock()
+                .await
+                .start()
+                .await
+                .map_err(|e| format!("{}: {e}", i.id))?;
+            if k == 0 {
+                i.wait_until_up(settings.start_timeout).await?;
+            }
+        }
+        for i in &instances.all {
+            i.wait_until_up(settings.start_timeout).await?;
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(e) = started {
+        instances.stop(Duration::from_secs(10)).await;
+        return Err(format!("{e} (logs in {})", settings.dir.display()));
+    }
+    Ok(instances)
 }
 
 /// The executor's config file: the one given (if any) with the workload's limits added as
@@ -402,6 +554,10 @@ pub struct Injection {
     pub done: Instant,
     /// What was done, or what went wrong doing it.
     pub detail: String,
+    /// For `kill` and `stop`: the instance, what it owned, what was waiting.
+    pub watch: Option<Watch>,
+    /// Injected by `--kill-every`, not by the plan.
+    pub periodic: bool,
 }
 
 /// Injects the faults of `schedule` as the run reaches each one's share of completions,
@@ -421,26 +577,51 @@ pub async fn inject(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let began = Instant::now();
-        tracing::info!(fault = kind.name(), "chaos: injecting");
-        let detail = target.apply(kind, &mut rng).await;
-        tracing::info!(fault = kind.name(), detail, "chaos: injected");
-        done.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Injection {
-                kind,
-                began,
-                done: Instant::now(),
-                detail,
-            });
+        let injection = target.inject(kind, &mut rng, &collector, false).await;
+        record(&done, injection);
     }
 }
 
-/// How faults reach the executor and the services.
+/// `--kill-every`: every `every`, SIGKILLs the busiest instance and starts it again, until
+/// the run is over.
+pub async fn kill_periodically(
+    every: Duration,
+    target: Arc<ChaosFaults>,
+    collector: Arc<Collector>,
+    mut rng: XorShift,
+    done: Arc<std::sync::Mutex<Vec<Injection>>>,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if collector.finished() {
+            return;
+        }
+        // Not while every instance is down or stopped (a `stop` of the plan under way).
+        if !target.instances.all.iter().any(|i| i.live()) {
+            continue;
+        }
+        let injection = target
+            .inject(FaultKind::Kill, &mut rng, &collector, true)
+            .await;
+        record(&done, injection);
+    }
+}
+
+fn record(done: &std::sync::Mutex<Vec<Injection>>, injection: Injection) {
+    done.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(injection);
+}
+
+/// How faults reach the executors and the services.
 pub struct ChaosFaults {
-    pub process: Arc<Mutex<ServeProcess>>,
+    pub instances: Arc<Instances>,
     pub vhost_name: String,
     pub postgres_restart: Vec<String>,
+    /// How long a `stop` keeps the instance stopped.
+    pub stop_for: Duration,
+    /// The partition of each action of the workload, by index.
+    pub action_partitions: Vec<Partition>,
 }
 
 /// The connection names of the executor's own connections (the session's, and the DLQ
@@ -448,18 +629,100 @@ pub struct ChaosFaults {
 const EXECUTOR_CONNECTIONS: [&str; 2] = ["fifo-executor", "fifo-executor.ops"];
 
 impl ChaosFaults {
+    async fn inject(
+        &self,
+        kind: FaultKind,
+        rng: &mut XorShift,
+        collector: &Collector,
+        periodic: bool,
+    ) -> Injection {
+        let began = Instant::now();
+        tracing::info!(fault = kind.name(), periodic, "chaos: injecting");
+        let (detail, watch) = match kind {
+            FaultKind::Kill | FaultKind::Stop => self.signal(kind, rng, collector).await,
+            _ => (self.apply(kind, rng).await, None),
+        };
+        tracing::info!(fault = kind.name(), detail, "chaos: injected");
+        Injection {
+            kind,
+            began,
+            done: Instant::now(),
+            detail,
+            watch,
+            periodic,
+        }
+    }
+
+    /// `kill` or `stop` of the busiest instance.
+    async fn signal(
+        &self,
+        kind: FaultKind,
+        rng: &mut XorShift,
+        collector: &Collector,
+    ) -> (String, Option<Watch>) {
+        let Some(victim) = self.instances.busiest(rng.next_u64()).await else {
+            return ("no instance was running".to_owned(), None);
+        };
+        let instance = self.instances.all[victim.index].clone();
+        let owned = victim
+            .owned
+            .as_ref()
+            .map_or("?".to_owned(), |o| o.len().to_string());
+        if kind == FaultKind::Kill {
+            let mut p = instance.process.lock().await;
+            let watch = Watch::new(
+                &instance,
+                &p,
+                victim.owned,
+                &collector.waiting_actions(),
+                &self.action_partitions,
+            );
+            p.kill().await;
+            let pause = Duration::from_millis(rng.next_u64() % 500);
+            tokio::time::sleep(pause).await;
+            let detail = match p.start().await {
+                Ok(()) => format!(
+                    "killed {} (owned {owned} partitions, {} with work waiting); started again after {} ms",
+                    instance.id,
+                    watch.waiting.len(),
+                    pause.as_millis()
+                ),
+                Err(e) => format!("killed {}; could not start again: {e}", instance.id),
+            };
+            return (detail, Some(watch));
+        }
+        let watch = {
+            let p = instance.process.lock().await;
+            Watch::new(
+                &instance,
+                &p,
+                victim.owned,
+                &collector.waiting_actions(),
+                &self.action_partitions,
+            )
+        };
+        if let Err(e) = instance.pause(true).await {
+            return (format!("could not stop {}: {e}", instance.id), None);
+        }
+        tokio::time::sleep(self.stop_for).await;
+        let resumed = instance.pause(false).await;
+        let detail = format!(
+            "stopped {} (owned {owned} partitions, {} with work waiting) for {} ms, then {}",
+            instance.id,
+            watch.waiting.len(),
+            self.stop_for.as_millis(),
+            match resumed {
+                Ok(()) => "continued".to_owned(),
+                Err(e) => format!("could not continue it: {e}"),
+            }
+        );
+        (detail, Some(watch))
+    }
+
+    /// `close`, `broker` or `postgres`.
     async fn apply(&self, kind: FaultKind, rng: &mut XorShift) -> String {
         match kind {
-            FaultKind::Kill => {
-                let mut p = self.process.lock().await;
-                p.kill().await;
-                let pause = Duration::from_millis(rng.next_u64() % 500);
-                tokio::time::sleep(pause).await;
-                match p.start().await {
-                    Ok(()) => format!("killed; started again after {} ms", pause.as_millis()),
-                    Err(e) => format!("killed; could not start again: {e}"),
-                }
-            }
+            FaultKind::Kill | FaultKind::Stop => "not a fault of the services".to_owned(),
             FaultKind::Close => self.close_connections().await,
             FaultKind::Broker => {
                 if let Err(e) = rabbitmqctl(&["stop_app"]).await {
@@ -616,12 +879,28 @@ pub struct FaultReport {
     /// executor raise the attempt of what it could not know was sent).
     pub resent_without_earlier_copy: u64,
     pub detail: String,
+    /// Injected by `--kill-every` rather than the plan.
+    pub periodic: bool,
+    /// For `kill` and `stop`: the instance it hit.
+    pub instance: Option<String>,
+    /// … the partitions it owned just before, by the cluster API (`None`: unknown) …
+    pub partitions_owned: Option<usize>,
+    /// … and of those, the partitions with work waiting then.
+    pub partitions_waiting: Option<usize>,
+    /// From the signal to the first dispatch, admitted after it, of an action of the
+    /// partitions it owned (`None`: none came before the run ended).
+    pub failover_ms: Option<f64>,
+    /// … and until each partition with work waiting at the fault had had one.
+    pub all_partitions_back_ms: Option<f64>,
+    /// For `stop`: what shows the instance was fenced once it woke (its exit with status 3,
+    /// `attune_fenced_writes_total`, its log); empty when nothing does.
+    pub fenced: Vec<String>,
 }
 
 /// Per-fault figures from the dispatch log (arrival times and whether each was a re-send).
 pub fn fault_reports(
     injections: &[Injection],
-    log: &[(Instant, Arrival)],
+    log: &[Arrived],
     run_start: Instant,
     run_end: Instant,
 ) -> Vec<FaultReport> {
@@ -629,10 +908,10 @@ pub fn fault_reports(
     for (i, f) in injections.iter().enumerate() {
         let until = injections.get(i + 1).map_or(run_end, |n| n.began);
         // The gaps between consecutive dispatches, from the last one before the fault.
-        let first_after = log.partition_point(|(t, _)| *t < f.began);
+        let first_after = log.partition_point(|a| a.at < f.began);
         let from = first_after.saturating_sub(1);
-        let upto = log.partition_point(|(t, _)| *t < until);
-        let mut times: Vec<Instant> = log[from..upto].iter().map(|(t, _)| *t).collect();
+        let upto = log.partition_point(|a| a.at < until);
+        let mut times: Vec<Instant> = log[from..upto].iter().map(|a| a.at).collect();
         if first_after == 0 {
             times.insert(0, f.began);
         }
@@ -652,11 +931,12 @@ pub fn fault_reports(
             resumed = until.saturating_duration_since(f.began);
         }
         let window = &log[first_after..upto];
-        let resent = window.iter().filter(|(_, a)| *a != Arrival::First).count() as u64;
+        let resent = window.iter().filter(|a| a.kind != Arrival::First).count() as u64;
         let unseen = window
             .iter()
-            .filter(|(_, a)| *a == Arrival::RaisedUnseen)
+            .filter(|a| a.kind == Arrival::RaisedUnseen)
             .count() as u64;
+        let (failover, all_back) = f.watch.as_ref().map_or((None, None), |w| w.failover(log));
         out.push(FaultReport {
             fault: f.kind,
             at_s: f.began.saturating_duration_since(run_start).as_secs_f64(),
@@ -666,6 +946,19 @@ pub fn fault_reports(
             resent,
             resent_without_earlier_copy: unseen,
             detail: f.detail.clone(),
+            periodic: f.periodic,
+            instance: f.watch.as_ref().map(|w| w.instance.clone()),
+            partitions_owned: f
+                .watch
+                .as_ref()
+                .and_then(|w| w.owned.as_ref().map(Vec::len)),
+            partitions_waiting: f
+                .watch
+                .as_ref()
+                .and_then(|w| w.owned.as_ref().map(|_| w.waiting.len())),
+            failover_ms: failover.map(ms),
+            all_partitions_back_ms: all_back.map(ms),
+            fenced: Vec::new(),
         });
     }
     out
@@ -850,8 +1143,16 @@ pub struct ChaosReport {
     pub faults: Vec<FaultReport>,
     /// Faults the plan had that the run never reached (it ended or stalled first).
     pub not_injected: u64,
-    /// How often the executor was started in all.
+    /// How often the executor was started in all (every instance's starts).
     pub executor_starts: usize,
+    /// `serve` processes sharing the vhost and the database.
+    pub instances: usize,
+    /// Failover times of the `kill` and `stop` faults that found work waiting on the
+    /// instance's partitions.
+    pub failover: super::instances::FailoverSummary,
+    /// Instances that exited by themselves and were started again (an expected one: status
+    /// 3, fenced, after a SIGSTOP in that life).
+    pub exits: Vec<super::instances::Exit>,
     pub audit: Option<Audit>,
     /// Completions the workers published again for executions they had finished.
     pub completions_reported_again: u64,
@@ -865,14 +1166,17 @@ mod tests {
 
     #[test]
     fn a_plan_names_each_fault_once_with_its_count() {
-        let plan: ChaosPlan = "kill:10, close:5,broker,pg:3".parse().expect("a plan");
+        let plan: ChaosPlan = "kill:10, close:5,broker,pg:3,stop:2"
+            .parse()
+            .expect("a plan");
         assert_eq!(
             plan.counts,
             vec![
                 (FaultKind::Kill, 10),
                 (FaultKind::Close, 5),
                 (FaultKind::Broker, 1),
-                (FaultKind::Postgres, 3)
+                (FaultKind::Postgres, 3),
+                (FaultKind::Stop, 2)
             ]
         );
         assert!("kill:2,kill:3".parse::<ChaosPlan>().is_err());
@@ -918,29 +1222,33 @@ mod tests {
     fn a_fault_reports_the_longest_pause_after_it_and_the_resends_until_the_next() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let arrived = |ms: u64, kind: Arrival| Arrived {
+            at: at(ms),
+            kind,
+            action: Some(0),
+            admitted: None,
+        };
         let log = vec![
-            (at(0), Arrival::First),
-            (at(10), Arrival::First),
-            (at(20), Arrival::First),
+            arrived(0, Arrival::First),
+            arrived(10, Arrival::First),
+            arrived(20, Arrival::First),
             // fault at 25; dispatching back at 500 with a re-send
-            (at(500), Arrival::Again),
-            (at(505), Arrival::RaisedUnseen),
-            (at(510), Arrival::First),
+            arrived(500, Arrival::Again),
+            arrived(505, Arrival::RaisedUnseen),
+            arrived(510, Arrival::First),
             // second fault at 600, nothing after it until the end at 1000
         ];
+        let injection = |kind, began, done| Injection {
+            kind,
+            began,
+            done,
+            detail: String::new(),
+            watch: None,
+            periodic: false,
+        };
         let injections = vec![
-            Injection {
-                kind: FaultKind::Kill,
-                began: at(25),
-                done: at(125),
-                detail: String::new(),
-            },
-            Injection {
-                kind: FaultKind::Close,
-                began: at(600),
-                done: at(601),
-                detail: String::new(),
-            },
+            injection(FaultKind::Kill, at(25), at(125)),
+            injection(FaultKind::Close, at(600), at(601)),
         ];
         let r = fault_reports(&injections, &log, t0, at(1000));
         assert_eq!(r[0].stalled_ms.round(), 480.0);

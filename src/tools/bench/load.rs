@@ -70,9 +70,20 @@ struct Inner {
     last_completion: Option<Instant>,
     /// Completions reported as failed (the failure rate at work).
     failed: u64,
-    /// When each dispatch arrived, and whether it was a re-send (attempt > 1); kept only when
-    /// asked for ([`Collector::keep_dispatch_log`]), for the chaos run's per-fault figures.
-    dispatch_log: Option<Vec<(Instant, Arrival)>>,
+    /// Every dispatch that arrived; kept only when asked for
+    /// ([`Collector::keep_dispatch_log`]), for the chaos run's per-fault figures.
+    dispatch_log: Option<Vec<Arrived>>,
+}
+
+/// One dispatch as it reached the workers, for the dispatch log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrived {
+    pub at: Instant,
+    pub kind: Arrival,
+    /// Its action, by index in the workload (`None`: not an execution of this run).
+    pub action: Option<u32>,
+    /// When the executor admitted it (its `dispatched_at`), if it said.
+    pub admitted: Option<SystemTime>,
 }
 
 /// What kind of dispatch arrived, for the dispatch log.
@@ -145,10 +156,15 @@ impl Collector {
         self.lock().dispatch_log.get_or_insert_with(Vec::new);
     }
 
-    /// When each dispatch arrived and what kind it was, in arrival order; empty unless
+    /// Every dispatch that arrived, in arrival order; empty unless
     /// [`Collector::keep_dispatch_log`] was called.
-    pub fn dispatch_log(&self) -> Vec<(Instant, Arrival)> {
+    pub fn dispatch_log(&self) -> Vec<Arrived> {
         self.lock().dispatch_log.clone().unwrap_or_default()
+    }
+
+    /// The actions (by index) with submitted executions no dispatch has reached yet.
+    pub fn waiting_actions(&self) -> Vec<u32> {
+        self.lock().verifier.waiting_actions()
     }
 
     /// Each completed execution and whether it was reported failed.
@@ -214,13 +230,21 @@ impl Collector {
         let outcome = inner
             .verifier
             .dispatched(id, attempt, redelivered, now, enqueued_at);
-        if let Some(log) = inner.dispatch_log.as_mut() {
+        if inner.dispatch_log.is_some() {
             let kind = match outcome {
                 _ if attempt <= 1 => Arrival::First,
                 Dispatched::Run { .. } => Arrival::RaisedUnseen,
                 _ => Arrival::Again,
             };
-            log.push((now, kind));
+            let action = inner.verifier.action_of(id);
+            if let Some(log) = inner.dispatch_log.as_mut() {
+                log.push(Arrived {
+                    at: now,
+                    kind,
+                    action,
+                    admitted: stamps.dispatched_at,
+                });
+            }
         }
         if let Dispatched::Run {
             queue_wait,

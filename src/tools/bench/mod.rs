@@ -19,8 +19,12 @@
 //! - [`report`]: the summary, the JSON report and the SVG plot.
 //! - [`target`]: what is measured (an executor in-process or already running, or the
 //!   relay) and the vhost and database a run may create for itself.
+//! - [`chaos`]: `serve` as child processes, the faults injected into them and the audit
+//!   afterwards; [`instances`]: several of them sharing the actions (`--instances`), the
+//!   busiest one, failover times.
 
 pub mod chaos;
+pub mod instances;
 pub mod load;
 pub mod measure;
 pub mod plan;
@@ -35,7 +39,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, ValueEnum};
+use clap::{ArgGroup, Parser, ValueEnum};
 use tokio::sync::watch;
 
 use self::load::{Collector, LoadError, WorkerSettings, Workers};
@@ -91,6 +95,11 @@ pub enum QueueTypeArg {
 /// The command line of `fifo-executor bench`.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "bench")]
+#[command(group(
+    ArgGroup::new("children")
+        .args(["chaos", "instances", "kill_every"])
+        .multiple(true)
+))]
 pub struct BenchArgs {
     /// The executor's config file (in-process: the service's whole config; --external: the
     /// broker URL). Built-in defaults and ATTUNE__ variables otherwise.
@@ -190,15 +199,30 @@ pub struct BenchArgs {
     /// restarts affect everything else on this machine too.
     #[arg(long, conflicts_with_all = ["external", "baseline", "isolated"])]
     pub chaos: Option<chaos::ChaosPlan>,
+    /// Run N `fifo-executor serve` processes (default 1) as children sharing a vhost and a
+    /// database of the run's own, each with its own HTTP port and cluster.instance_id
+    /// (bench-0, bench-1, …), in cluster.mode shared when N > 1. With or without --chaos.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64),
+          conflicts_with_all = ["external", "isolated"])]
+    pub instances: Option<u16>,
+    /// Every DURATION (e.g. 10s), SIGKILL the busiest instance (the one owning the most
+    /// partitions) and start it again; the report gives each failover time.
+    #[arg(long, value_parser = instances::parse_duration,
+          conflicts_with_all = ["external", "isolated"])]
+    pub kill_every: Option<Duration>,
+    /// How long a `stop` fault keeps its instance SIGSTOPped (default: two
+    /// rabbitmq.heartbeat_seconds and 3 s).
+    #[arg(long, value_parser = instances::parse_duration, requires = "chaos")]
+    pub stop_for: Option<Duration>,
     /// Seed of the fault schedule (random when absent; the report says which).
-    #[arg(long, requires = "chaos")]
+    #[arg(long, requires = "children")]
     pub chaos_seed: Option<u64>,
     /// The fifo-executor binary the chaos run starts `serve` from (default: this one).
-    #[arg(long, requires = "chaos")]
+    #[arg(long, requires = "children")]
     pub serve_bin: Option<PathBuf>,
     /// Where the chaos run keeps the executor's config and logs (default: a new directory
     /// under the system's temporary directory).
-    #[arg(long, requires = "chaos")]
+    #[arg(long, requires = "children")]
     pub chaos_dir: Option<PathBuf>,
     /// The command that restarts PostgreSQL, split at spaces (default: `pg_ctlcluster
     /// --skip-systemctl-redirect <version> main restart`).
@@ -276,8 +300,15 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     }
     let mut executor = None;
     let mut chaos_report = None;
-    if let Some(plan) = &args.chaos {
-        let (phase, report) = chaos_phase(plan, args, &config, &workload).await?;
+    let children = args.chaos.is_some() || args.instances.is_some() || args.kill_every.is_some();
+    if children && args.baseline == Baseline::BrokerOnly {
+        return Err(BenchError::Usage(
+            "--baseline broker-only measures no executor: drop --instances and --kill-every"
+                .to_owned(),
+        ));
+    }
+    if children {
+        let (phase, report) = chaos_phase(args.chaos.as_ref(), args, &config, &workload).await?;
         executor = Some(phase);
         chaos_report = Some(report);
     } else if args.baseline != Baseline::BrokerOnly {
@@ -438,18 +469,19 @@ async fn phase(
     outcome.map(|(phase, _)| phase)
 }
 
-/// The chaos run (`--chaos`): the executor as a child process, faults injected while the
-/// load runs, then the audit. The process, its vhost and its database are gone when this
-/// returns; its logs are kept.
+/// The run with child processes (`--chaos`, `--instances`, `--kill-every`): the executor as
+/// `serve` processes, faults injected while the load runs, then the audit. The processes,
+/// their vhost and their database are gone when this returns; their logs are kept.
 async fn chaos_phase(
-    plan: &chaos::ChaosPlan,
+    plan: Option<&chaos::ChaosPlan>,
     args: &BenchArgs,
     config: &Config,
     workload: &Arc<Workload>,
 ) -> Result<(Phase, chaos::ChaosReport), BenchError> {
     if config.executor.durability != Durability::Ledger {
         return Err(BenchError::Usage(
-            "--chaos needs the Postgres ledger (executor.durability: ledger)".to_owned(),
+            "--chaos and --instances need the Postgres ledger (executor.durability: ledger)"
+                .to_owned(),
         ));
     }
     let seed = args
@@ -466,8 +498,8 @@ async fn chaos_phase(
         .map_or_else(chaos::ChaosSettings::default_postgres_restart, |c| {
             c.split_whitespace().map(str::to_owned).collect()
         });
+    let instances = usize::from(args.instances.unwrap_or(1));
     let settings = chaos::ChaosSettings {
-        plan: plan.clone(),
         seed,
         serve_bin,
         dir: args
@@ -475,49 +507,61 @@ async fn chaos_phase(
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join(format!("fifo-chaos-{}", run_id()))),
         postgres_restart: postgres_restart.clone(),
+        instances,
+        start_timeout: Duration::from_secs(args.start_timeout),
     };
     let ct = chaos::start_target(config, args.config.as_deref(), workload, &settings).await?;
-    let pid = ct.process.lock().await.pid_cell();
+    let fleet = ct.instances.clone();
+    let (stop_supervisor, supervisor_stop) = watch::channel(false);
+    let supervisor = tokio::spawn(fleet.clone().supervise(supervisor_stop));
     let outcome = async {
-        let mut target = Target::process(&ct.url, pid).await?;
+        let mut target = Target::process(&ct.url, fleet.all[0].pid.clone()).await?;
         let mut rng = crate::tools::XorShift::new(seed);
-        let schedule = plan.schedule(&mut rng);
+        let schedule = plan.map(|p| p.schedule(&mut rng)).unwrap_or_default();
         let planned = schedule.len() as u64;
+        let heartbeat = u64::from(config.rabbitmq.heartbeat_seconds);
         let run = ChaosRun {
             schedule,
+            kill_every: args.kill_every,
             faults: Arc::new(chaos::ChaosFaults {
-                process: ct.process.clone(),
+                instances: fleet.clone(),
                 vhost_name: ct.vhost_name.clone(),
                 postgres_restart,
+                stop_for: args
+                    .stop_for
+                    .unwrap_or(Duration::from_secs(2 * heartbeat + 3)),
+                action_partitions: workload
+                    .actions
+                    .iter()
+                    .map(|a| crate::cluster::partition_of_ref(&a.name, config.cluster.partitions))
+                    .collect(),
             }),
             rng,
             injections: Arc::new(std::sync::Mutex::new(Vec::new())),
         };
         let injections = run.injections.clone();
-        let broker_faults = plan
-            .counts
-            .iter()
-            .any(|(k, n)| *k == chaos::FaultKind::Broker && *n > 0);
+        let broker_faults = plan.is_some_and(|p| {
+            p.counts
+                .iter()
+                .any(|(k, n)| *k == chaos::FaultKind::Broker && *n > 0)
+        });
         let driven = drive("executor", &mut target, config, workload, args, Some(run)).await;
         target.stop().await;
-        // A fault cut short by the end of the run must not leave the broker or the executor
-        // down for the audit.
+        // A fault cut short by the end of the run must not leave the broker or an executor
+        // down (or stopped) for the audit.
         if broker_faults && let Err(e) = chaos::start_broker_app().await {
             tracing::warn!(error = %e, "could not make sure RabbitMQ's app runs");
         }
-        let exited = {
-            let mut p = ct.process.lock().await;
-            let exited = p.exited();
-            if exited.is_some() || p.pid_cell().load(std::sync::atomic::Ordering::Acquire) == 0 {
-                let _ = p.start().await;
-            }
-            exited
-        };
+        fleet.resume_all().await;
+        let _ = stop_supervisor.send(true);
+        let _ = supervisor.await;
+        fleet.ensure_running().await;
         let (mut phase, collector) = driven?;
-        let injections: Vec<chaos::Injection> = injections
+        let mut injections: Vec<chaos::Injection> = injections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        injections.sort_by_key(|i| i.began);
         let audit = chaos::audit(
             &ct.database_url,
             &ct.url,
@@ -526,10 +570,17 @@ async fn chaos_phase(
             Duration::from_secs(60),
         )
         .await;
-        let mut found = Vec::new();
-        if let Some(status) = exited {
-            found.push(format!("the executor exited by itself ({status})"));
-        }
+        let exits = fleet.exits();
+        let mut found: Vec<String> = exits
+            .iter()
+            .filter(|e| !e.expected)
+            .map(|e| {
+                format!(
+                    "{} exited by itself ({}) in its life {}",
+                    e.instance, e.status, e.life
+                )
+            })
+            .collect();
         let audit = match audit {
             Ok(a) => {
                 found.extend(a.violations());
@@ -545,10 +596,26 @@ async fn chaos_phase(
         phase.violations_total += found.len() as u64;
         phase.violations.extend(found);
         let (start, end) = collector.span();
+        let mut faults = chaos::fault_reports(&injections, &collector.dispatch_log(), start, end);
+        for (report, injection) in faults.iter_mut().zip(&injections) {
+            if injection.kind == chaos::FaultKind::Stop
+                && let Some(w) = &injection.watch
+            {
+                report.fenced = fence_evidence(&fleet, w, &exits).await;
+            }
+        }
+        // A fault counts when there was work on the instance's partitions: waiting at the
+        // fault, or dispatched after it.
+        let failover = instances::FailoverSummary::of(
+            &faults
+                .iter()
+                .filter(|f| f.failover_ms.is_some() || f.partitions_waiting.is_some_and(|n| n > 0))
+                .map(|f| f.failover_ms)
+                .collect::<Vec<_>>(),
+        );
+        let scheduled = injections.iter().filter(|i| !i.periodic).count() as u64;
         let report = chaos::ChaosReport {
-            plan: args
-                .chaos
-                .as_ref()
+            plan: plan
                 .map(|p| {
                     p.counts
                         .iter()
@@ -556,12 +623,15 @@ async fn chaos_phase(
                         .collect::<Vec<_>>()
                         .join(",")
                 })
-                .unwrap_or_default(),
+                .unwrap_or_else(|| "none".to_owned()),
             seed,
             dir: settings.dir.display().to_string(),
-            faults: chaos::fault_reports(&injections, &collector.dispatch_log(), start, end),
-            not_injected: planned.saturating_sub(injections.len() as u64),
-            executor_starts: ct.process.lock().await.lives(),
+            faults,
+            not_injected: planned.saturating_sub(scheduled),
+            executor_starts: fleet.starts().await,
+            instances,
+            failover,
+            exits,
             audit,
             completions_reported_again: collector.reports_again(),
             redelivered: phase.redelivered,
@@ -569,18 +639,46 @@ async fn chaos_phase(
         Ok::<_, BenchError>((phase, report))
     }
     .await;
-    ct.process.lock().await.stop(Duration::from_secs(30)).await;
+    let _ = stop_supervisor.send(true);
+    fleet.stop(Duration::from_secs(30)).await;
     ct.vhost.delete().await;
     ct.database.drop_it().await;
     outcome
 }
 
+/// What shows that the instance a `stop` hit was fenced once it woke: the exit of that life
+/// with status 3, its `attune_fenced_writes_total` if that life still runs, a line of its log.
+async fn fence_evidence(
+    fleet: &instances::Instances,
+    watch: &instances::Watch,
+    exits: &[instances::Exit],
+) -> Vec<String> {
+    let mut evidence: Vec<String> = exits
+        .iter()
+        .filter(|e| e.instance == watch.instance && e.life == watch.life && e.expected)
+        .map(|e| format!("exited: {}", e.status))
+        .collect();
+    if let Some(i) = fleet.all.iter().find(|i| i.id == watch.instance)
+        && i.process.lock().await.lives() == watch.life
+        && let Some(n) = i.fenced_writes().await
+        && n > 0.0
+    {
+        evidence.push(format!("attune_fenced_writes_total {n}"));
+    }
+    if let Some(line) = watch.log.as_deref().and_then(instances::fence_in_log) {
+        evidence.push(format!("log: {line}"));
+    }
+    evidence
+}
+
 /// What `drive` needs to inject the chaos run's faults.
 struct ChaosRun {
     schedule: Vec<(chaos::FaultKind, f64)>,
+    /// `--kill-every`.
+    kill_every: Option<Duration>,
     faults: Arc<chaos::ChaosFaults>,
     rng: crate::tools::XorShift,
-    /// What was injected so far; the injector adds to it as it goes.
+    /// What was injected so far; the injectors add to it as they go.
     injections: Arc<std::sync::Mutex<Vec<chaos::Injection>>>,
 }
 
@@ -634,15 +732,27 @@ async fn drive(
         config.rabbitmq.confirm_window,
         collector.clone(),
     ));
-    let injector = chaos.map(|c| {
-        tokio::spawn(chaos::inject(
+    let mut injectors = Vec::new();
+    if let Some(mut c) = chaos {
+        if let Some(every) = c.kill_every {
+            // Its own stream of random pauses, drawn from the run's seed.
+            let rng = crate::tools::XorShift::new(c.rng.next_u64());
+            injectors.push(tokio::spawn(chaos::kill_periodically(
+                every,
+                c.faults.clone(),
+                collector.clone(),
+                rng,
+                c.injections.clone(),
+            )));
+        }
+        injectors.push(tokio::spawn(chaos::inject(
             c.schedule,
             c.faults,
             collector.clone(),
             c.rng,
             c.injections,
-        ))
-    });
+        )));
+    }
     let progress = progress_bar(args, name, collector.total());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let mut ticks = tokio::time::interval(TICK);
@@ -673,7 +783,7 @@ async fn drive(
         }
     }
     progress.finish_and_clear();
-    if let Some(injector) = injector {
+    for injector in injectors {
         // Done by now unless the run ended or stalled before the last fault was due; what
         // it injected is already recorded.
         injector.abort();

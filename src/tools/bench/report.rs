@@ -177,9 +177,10 @@ impl super::chaos::ChaosReport {
     fn summary(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "[chaos] plan {} seed {}: {} faults injected{}, executor started {} times; logs in {}",
+            "[chaos] plan {} seed {}, {} instance(s): {} faults injected{}, executors started {} times; logs in {}",
             self.plan,
             self.seed,
+            self.instances,
             self.faults.len(),
             if self.not_injected > 0 {
                 format!(
@@ -204,6 +205,56 @@ impl super::chaos::ChaosReport {
                 f.resent,
                 f.resent_without_earlier_copy,
                 f.detail
+            );
+            if let Some(waiting) = f.partitions_waiting {
+                let _ = writeln!(
+                    out,
+                    "[chaos]            failover: first dispatch on its partitions after {}; on all {waiting} with work waiting then after {}{}",
+                    fmt_ms(f.failover_ms),
+                    fmt_ms(f.all_partitions_back_ms),
+                    if f.fault == super::chaos::FaultKind::Stop && self.instances > 1 {
+                        if f.fenced.is_empty() {
+                            "; nothing shows it was fenced".to_owned()
+                        } else {
+                            format!("; fenced: {}", f.fenced.join("; "))
+                        }
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        let fo = &self.failover;
+        if !fo.each_ms.is_empty() || fo.never > 0 {
+            let each: Vec<String> = fo.each_ms.iter().map(|m| format!("{m:.0}")).collect();
+            let _ = writeln!(
+                out,
+                "[chaos] failover (ms): {}; p50 {}, max {}{}",
+                each.join(", "),
+                fmt_ms(fo.p50_ms),
+                fmt_ms(fo.max_ms),
+                if fo.never > 0 {
+                    format!(
+                        "; {} faults saw no dispatch on the partitions again",
+                        fo.never
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for e in &self.exits {
+            let _ = writeln!(
+                out,
+                "[chaos] {} exited by itself ({}) in its life {}{}; started again",
+                e.instance,
+                e.status,
+                e.life,
+                if e.expected {
+                    " as a fenced instance may"
+                } else {
+                    ""
+                }
             );
         }
         let _ = writeln!(
@@ -297,6 +348,10 @@ impl Phase {
             }
         }
     }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.0} ms"))
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

@@ -432,6 +432,24 @@ impl Verifier {
         self.foreign
     }
 
+    /// The action (by index) of execution `id`, if the run submitted it.
+    pub fn action_of(&self, id: u64) -> Option<u32> {
+        self.slot(id)
+            .and_then(|s| self.execs[s].as_ref())
+            .map(|e| e.action)
+    }
+
+    /// The actions (by index) with executions submitted that no dispatch has reached yet:
+    /// the ones with work waiting in the executor (or on its way there).
+    pub fn waiting_actions(&self) -> Vec<u32> {
+        self.actions
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.dispatched < a.order.len())
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
     /// Ends the run: adds what is missing and returns every violation (the first
     /// [`MAX_KEPT`] in full) and how many there were in all.
     pub fn finish(&mut self) -> (Vec<Violation>, u64) {
@@ -494,6 +512,22 @@ mod tests {
         let (violations, total) = v.finish();
         assert_eq!(total, 0, "{violations:?}");
         assert_eq!(v.completed_count(), 4);
+    }
+
+    #[test]
+    fn an_action_waits_while_a_submission_has_no_dispatch_yet() {
+        let (mut v, now) = verifier(1);
+        assert!(v.waiting_actions().is_empty());
+        v.submitted(0, 100, now);
+        v.submitted(1, 101, now);
+        v.submitted(1, 102, now);
+        assert_eq!(v.waiting_actions(), vec![0, 1]);
+        run(&mut v, 100, now);
+        run(&mut v, 101, now);
+        assert_eq!(v.waiting_actions(), vec![1]);
+        assert_eq!(v.action_of(102), Some(1));
+        assert_eq!(v.action_of(99), None);
+        assert_eq!(v.action_of(105), None);
     }
 
     #[test]
