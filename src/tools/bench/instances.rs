@@ -97,6 +97,16 @@ impl Instance {
                 Err(e) if start.elapsed() >= deadline => return Err(format!("{}: {e}", self.id)),
                 _ => {}
             }
+            {
+                let mut p = self.process.lock().await;
+                if let Some(status) = p.exited() {
+                    let tail = p.log_path().map(|l| log_tail(&l)).unwrap_or_default();
+                    return Err(format!(
+                        "{} exited at its start ({status}): {tail}",
+                        self.id
+                    ));
+                }
+            }
             if self.pid.load(Ordering::Acquire) == 0 {
                 return Err(format!("{} is not running", self.id));
             }
@@ -459,6 +469,13 @@ impl FailoverSummary {
             each_ms,
         }
     }
+}
+
+/// The last lines of a log, for an error message.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 /// What the log of a faulted life says about a fence: its first line that mentions one.
