@@ -515,7 +515,8 @@ async fn chaos_phase(
     let (stop_supervisor, supervisor_stop) = watch::channel(false);
     let supervisor = tokio::spawn(fleet.clone().supervise(supervisor_stop));
     let outcome = async {
-        let mut target = Target::process(&ct.url, fleet.all[0].pid.clone()).await?;
+        let pids = fleet.all.iter().map(|i| i.pid.clone()).collect();
+        let mut target = Target::process(&ct.url, pids).await?;
         let mut rng = crate::tools::XorShift::new(seed);
         let schedule = plan.map(|p| p.schedule(&mut rng)).unwrap_or_default();
         let planned = schedule.len() as u64;

@@ -283,11 +283,14 @@ enum Kind {
         url: String,
         pid: Option<u32>,
     },
-    /// `serve` as a child process that the chaos run kills and starts again; the run owns
-    /// the process, this only reads its id.
+    /// `serve` as child processes that the chaos run kills and starts again; the run owns
+    /// the processes, this only reads their ids.
     Process {
         url: String,
-        pid: Arc<AtomicU32>,
+        pids: Vec<Arc<AtomicU32>>,
+        /// Their ids when the target was made: CPU time is only a difference while they
+        /// still run.
+        first: Vec<u32>,
     },
 }
 
@@ -430,14 +433,16 @@ impl Target {
         ))
     }
 
-    /// An executor running as a child process (the chaos run's), whose current process id
-    /// is in `pid` (0 while none runs).
-    pub async fn process(url: &str, pid: Arc<AtomicU32>) -> Result<Target, TargetError> {
+    /// The executor running as child processes (the chaos run's), whose current process
+    /// ids are in `pids` (0 while none runs).
+    pub async fn process(url: &str, pids: Vec<Arc<AtomicU32>>) -> Result<Target, TargetError> {
         let probe = edge::connect(url, "fifo-executor bench probe").await?;
+        let first = pids.iter().map(|p| p.load(Ordering::Acquire)).collect();
         Ok(Target::new(
             Kind::Process {
                 url: url.to_owned(),
-                pid,
+                pids,
+                first,
             },
             probe,
             HashSet::new(),
@@ -526,7 +531,13 @@ impl Target {
         match &self.kind {
             Kind::External { pid, .. } => pid.and_then(measure::process_cpu),
             // Each restart starts the count again: a difference would mean nothing.
-            Kind::Process { .. } => None,
+            Kind::Process { pids, first, .. } => {
+                let now: Vec<u32> = pids.iter().map(|p| p.load(Ordering::Acquire)).collect();
+                if now != *first || now.contains(&0) {
+                    return None;
+                }
+                now.into_iter().map(measure::process_cpu).sum()
+            }
             _ => Some(measure::executor_seconds(&self.threads_cpu())),
         }
     }
@@ -538,7 +549,9 @@ impl Target {
             Kind::Relay { .. } => "relay runtime and its lapin I/O threads (fx-exec*)",
             Kind::External { pid: Some(_), .. } => "executor process (--executor-pid)",
             Kind::External { pid: None, .. } => "not measured (no --executor-pid)",
-            Kind::Process { .. } => "not measured (the chaos run restarts the executor)",
+            Kind::Process { .. } => {
+                "executor processes, summed (not measured once one was started again)"
+            }
         }
     }
 
@@ -546,10 +559,13 @@ impl Target {
     pub fn rss(&self) -> Option<(u64, u64)> {
         match &self.kind {
             Kind::External { pid, .. } => pid.and_then(|p| measure::rss_kb(Some(p))),
-            Kind::Process { pid, .. } => match pid.load(Ordering::Acquire) {
-                0 => None,
-                p => measure::rss_kb(Some(p)),
-            },
+            Kind::Process { pids, .. } => pids
+                .iter()
+                .map(|p| match p.load(Ordering::Acquire) {
+                    0 => None,
+                    p => measure::rss_kb(Some(p)),
+                })
+                .try_fold((0, 0), |(r, h), x| x.map(|(a, b)| (r + a, h + b))),
             _ => measure::rss_kb(None),
         }
     }
@@ -559,7 +575,7 @@ impl Target {
         match &self.kind {
             Kind::External { pid: Some(_), .. } => "executor process",
             Kind::External { pid: None, .. } => "not measured (no --executor-pid)",
-            Kind::Process { .. } => "executor process (its current life)",
+            Kind::Process { .. } => "executor processes, summed (their current lives)",
             _ => "whole bench process: executor and load generator",
         }
     }
