@@ -106,3 +106,55 @@ async fn an_executor_that_never_consumes_fails_the_run_with_a_reason() {
         .to_string();
     assert!(error.contains("nobody consumes"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_serve_process_lives_through_a_stop_and_periodic_kills_with_their_failover_times() {
+    // One instance (cluster.mode single, the default): a SIGSTOP past two 1 s heartbeats,
+    // and a SIGKILL every 4 s; the instance owns every partition, so each failover is its
+    // own return.
+    let dir = std::env::temp_dir().join(format!("fifo-bench-one-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the run");
+    let config = dir.join("bench.yaml");
+    std::fs::write(&config, "rabbitmq:\n  heartbeat_seconds: 1\n").expect("config written");
+    let args = support::bench_with_children(
+        &dir,
+        "--actions 20 --executions 100 --limit 3 --duration-ms 1-10 --rate 150",
+        &[
+            "--config",
+            config.to_str().expect("utf-8 temp dir"),
+            "--instances",
+            "1",
+            "--chaos",
+            "stop:1",
+            "--kill-every",
+            "4s",
+            "--timeout",
+            "120",
+        ],
+    );
+
+    let report = bench::run(&args).await.expect("the run reports");
+    let summary = report.summary();
+    assert!(report.ok, "{summary}");
+    let chaos = report.chaos.as_ref().expect("a chaos report");
+    assert_eq!(chaos.instances, 1);
+    let stops: Vec<_> = chaos.faults.iter().filter(|f| !f.periodic).collect();
+    assert_eq!(stops.len(), 1, "{summary}");
+    assert!(stops[0].detail.starts_with("stopped bench-0"), "{summary}");
+    let kills = chaos.faults.iter().filter(|f| f.periodic).count();
+    assert!(kills >= 1, "{summary}");
+    assert_eq!(chaos.executor_starts, 1 + kills, "{summary}");
+    for f in &chaos.faults {
+        assert_eq!(f.partitions_owned, Some(16), "{summary}");
+    }
+    // Every fault came while executions still flowed; each saw the instance dispatch again.
+    assert_eq!(chaos.failover.never, 0, "{summary}");
+    assert!(chaos.failover.max_ms.is_some(), "{summary}");
+    let audit = chaos.audit.as_ref().expect("the audit ran");
+    assert_eq!(
+        audit.ledger_statuses.get("succeeded"),
+        Some(&2000),
+        "{summary}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,8 +25,9 @@
 //! The fault schedule is random (the seed is printed); `FIFO_CLUSTER_SEED` repeats one. Each
 //! instance's log is kept in the printed directory if the test fails.
 
-use clap::Parser;
-use fifo_executor::tools::bench::{self, BenchArgs, chaos::FaultKind};
+mod support;
+
+use fifo_executor::tools::bench::{self, chaos::FaultKind};
 
 /// How long the SIGSTOP lasts: more than two 2 s heartbeats, with room for the takeover.
 const STOP_FOR_MS: f64 = 10_000.0;
@@ -47,39 +48,24 @@ async fn three_instances_end_every_execution_once_in_order_within_limits_through
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or_else(|| fifo_executor::tools::XorShift::seeded().next_u64())
         .to_string();
-    let args = BenchArgs::try_parse_from([
-        "bench",
-        "--config",
-        config.to_str().expect("utf-8 temp dir"),
-        "--preset",
-        "wide",
-        "--actions",
-        "200",
-        "--executions",
-        "100",
-        "--limit",
-        "3",
-        "--duration-ms",
-        "1-20",
-        "--rate",
-        "400",
-        "--instances",
-        "3",
-        "--chaos",
-        "kill:2,stop:1",
-        "--stop-for",
-        "10s",
-        "--chaos-seed",
-        &seed,
-        "--serve-bin",
-        env!("CARGO_BIN_EXE_fifo-executor"),
-        "--chaos-dir",
-        dir.to_str().expect("utf-8 temp dir"),
-        "--no-progress",
-        "--timeout",
-        "180",
-    ])
-    .expect("valid arguments");
+    let args = support::bench_with_children(
+        &dir,
+        "--actions 200 --executions 100 --limit 3 --duration-ms 1-20 --rate 400",
+        &[
+            "--config",
+            config.to_str().expect("utf-8 temp dir"),
+            "--instances",
+            "3",
+            "--chaos",
+            "kill:2,stop:1",
+            "--stop-for",
+            "10s",
+            "--chaos-seed",
+            &seed,
+            "--timeout",
+            "180",
+        ],
+    );
 
     let report = bench::run(&args).await.expect("the run reports");
     let summary = report.summary();

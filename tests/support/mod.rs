@@ -84,6 +84,30 @@ impl Drop for TestVhost {
     }
 }
 
+/// The command line of `fifo-executor bench` against `serve` child processes of this build
+/// (`--chaos`, `--instances`, `--kill-every`), their config and logs kept in `dir`, no
+/// progress bar: `workload` split at spaces (e.g. `--actions 20 --executions 100`), then
+/// `rest`.
+pub fn bench_with_children(
+    dir: &std::path::Path,
+    workload: &str,
+    rest: &[&str],
+) -> fifo_executor::tools::bench::BenchArgs {
+    use clap::Parser;
+    let dir = dir.to_str().expect("a UTF-8 directory");
+    let mut args = vec!["bench", "--preset", "wide"];
+    args.extend(workload.split_whitespace());
+    args.extend_from_slice(rest);
+    args.extend([
+        "--serve-bin",
+        env!("CARGO_BIN_EXE_fifo-executor"),
+        "--chaos-dir",
+        dir,
+        "--no-progress",
+    ]);
+    fifo_executor::tools::bench::BenchArgs::try_parse_from(args).expect("valid arguments")
+}
+
 /// How many messages `queue` holds now (0 if it does not exist).
 pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
     ch.queue_declare(

@@ -159,6 +159,44 @@ fn owners(body: &[u8]) -> Option<Vec<(Partition, String)>> {
         .collect()
 }
 
+/// [`Instances::busiest`] among the `live` instances (indexes into `ids`, not empty), by the
+/// partitions' `owners` when they are known.
+fn busiest_of(
+    live: &[usize],
+    ids: &[&str],
+    owners: Option<&[(Partition, String)]>,
+    partitions: u16,
+    pick: u64,
+) -> Victim {
+    let owned_by = |i: usize| -> Option<Vec<Partition>> {
+        owners.map(|o| {
+            o.iter()
+                .filter(|(_, owner)| *owner == ids[i])
+                .map(|(p, _)| *p)
+                .collect()
+        })
+    };
+    let best = live
+        .iter()
+        .copied()
+        .max_by_key(|&i| (owned_by(i).map_or(0, |o| o.len()), std::cmp::Reverse(i)));
+    if let Some(i) = best
+        && let Some(owned) = owned_by(i).filter(|o| !o.is_empty())
+    {
+        return Victim {
+            index: i,
+            owned: Some(owned),
+        };
+    }
+    let index = live[(pick % live.len().max(1) as u64) as usize];
+    let owned = if ids.len() == 1 {
+        Some((0..partitions).collect())
+    } else {
+        owned_by(index)
+    };
+    Victim { index, owned }
+}
+
 /// An instance's exit that the supervisor saw (and started it again after).
 #[derive(Debug, Clone, Serialize)]
 pub struct Exit {
@@ -215,39 +253,20 @@ impl Instances {
     /// random live one (with one instance, that one owns every partition).
     pub async fn busiest(&self, pick: u64) -> Option<Victim> {
         let live: Vec<usize> = (0..self.all.len())
-            .filter(|&i| self.all[i].pid.load(Ordering::Acquire) != 0 && !self.all[i].paused())
+            .filter(|&i| self.all[i].live())
             .collect();
         if live.is_empty() {
             return None;
         }
+        let ids: Vec<&str> = self.all.iter().map(|i| i.id.as_str()).collect();
         let owners = self.owners().await;
-        let owned_by = |i: usize| -> Option<Vec<Partition>> {
-            owners.as_ref().map(|o| {
-                o.iter()
-                    .filter(|(_, owner)| *owner == self.all[i].id)
-                    .map(|(p, _)| *p)
-                    .collect()
-            })
-        };
-        let best = live
-            .iter()
-            .copied()
-            .max_by_key(|&i| (owned_by(i).map_or(0, |o| o.len()), std::cmp::Reverse(i)));
-        match best {
-            Some(i) if owned_by(i).is_some_and(|o| !o.is_empty()) => Some(Victim {
-                index: i,
-                owned: owned_by(i),
-            }),
-            _ => {
-                let index = live[(pick % live.len() as u64) as usize];
-                let owned = if self.all.len() == 1 {
-                    Some((0..self.partitions).collect())
-                } else {
-                    owned_by(index)
-                };
-                Some(Victim { index, owned })
-            }
-        }
+        Some(busiest_of(
+            &live,
+            &ids,
+            owners.as_deref(),
+            self.partitions,
+            pick,
+        ))
     }
 
     /// Starts again every instance that exited by itself, until `stop`.
@@ -544,6 +563,29 @@ mod tests {
         );
         assert_eq!(owners(b"{}"), None);
         assert_eq!(owners(b"not json"), None);
+    }
+
+    #[test]
+    fn the_busiest_live_instance_owns_the_most_partitions() {
+        let ids = ["bench-0", "bench-1", "bench-2"];
+        let owners: Vec<(Partition, String)> = [(0, "bench-1"), (1, "bench-2"), (2, "bench-1")]
+            .iter()
+            .map(|(p, o)| (*p, (*o).to_owned()))
+            .collect();
+        let v = busiest_of(&[0, 1, 2], &ids, Some(&owners), 3, 0);
+        assert_eq!((v.index, v.owned), (1, Some(vec![0, 2])));
+        // bench-1 is stopped or down: the next busiest.
+        let v = busiest_of(&[0, 2], &ids, Some(&owners), 3, 0);
+        assert_eq!((v.index, v.owned), (2, Some(vec![1])));
+        // The live ones own nothing: any of them, owning nothing.
+        let v = busiest_of(&[0], &ids, Some(&owners), 3, 7);
+        assert_eq!((v.index, v.owned), (0, Some(Vec::new())));
+        // Nobody answered: a random live one, its partitions unknown…
+        let v = busiest_of(&[0, 2], &ids, None, 3, 1);
+        assert_eq!((v.index, v.owned), (2, None));
+        // … unless it is the only instance, which owns them all.
+        let v = busiest_of(&[0], &ids[..1], None, 3, 5);
+        assert_eq!((v.index, v.owned), (0, Some(vec![0, 1, 2])));
     }
 
     #[test]
