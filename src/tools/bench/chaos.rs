@@ -878,6 +878,9 @@ pub struct FaultReport {
     /// Of those, dispatches of executions no earlier copy had reached (a crash made the
     /// executor raise the attempt of what it could not know was sent).
     pub resent_without_earlier_copy: u64,
+    /// Violations the workers' checks found in the dispatches from the fault to the next one
+    /// (order, limit, a copy again).
+    pub violations: u64,
     pub detail: String,
     /// Injected by `--kill-every` rather than the plan.
     pub periodic: bool,
@@ -936,6 +939,7 @@ pub fn fault_reports(
             .iter()
             .filter(|a| a.kind == Arrival::RaisedUnseen)
             .count() as u64;
+        let violations = window.iter().map(|a| u64::from(a.violations)).sum();
         let (failover, all_back) = f.watch.as_ref().map_or((None, None), |w| w.failover(log));
         out.push(FaultReport {
             fault: f.kind,
@@ -945,6 +949,7 @@ pub fn fault_reports(
             resumed_after_ms: ms(resumed),
             resent,
             resent_without_earlier_copy: unseen,
+            violations,
             detail: f.detail.clone(),
             periodic: f.periodic,
             instance: f.watch.as_ref().map(|w| w.instance.clone()),
@@ -1226,6 +1231,7 @@ mod tests {
             at: at(ms),
             kind,
             action: Some(0),
+            violations: u32::from(kind == Arrival::RaisedUnseen),
             admitted: None,
         };
         let log = vec![
@@ -1255,6 +1261,8 @@ mod tests {
         assert_eq!(r[0].resumed_after_ms.round(), 475.0);
         assert_eq!(r[0].resent, 2);
         assert_eq!(r[0].resent_without_earlier_copy, 1);
+        assert_eq!(r[0].violations, 1);
+        assert_eq!(r[1].violations, 0);
         assert_eq!(r[0].took_ms.round(), 100.0);
         assert_eq!(r[1].stalled_ms.round(), 490.0);
         assert_eq!(r[1].resumed_after_ms.round(), 400.0);

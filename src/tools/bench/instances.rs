@@ -629,6 +629,7 @@ mod tests {
             at: at(ms),
             kind: Arrival::First,
             action: Some(action),
+            violations: 0,
             admitted: Some(wall(admitted)),
         };
         let log = vec![

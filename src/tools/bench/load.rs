@@ -82,6 +82,8 @@ pub struct Arrived {
     pub kind: Arrival,
     /// Its action, by index in the workload (`None`: not an execution of this run).
     pub action: Option<u32>,
+    /// Violations the verifier found in it (order, limit, a copy again).
+    pub violations: u32,
     /// When the executor admitted it (its `dispatched_at`), if it said.
     pub admitted: Option<SystemTime>,
 }
@@ -227,9 +229,11 @@ impl Collector {
         let wall = SystemTime::now();
         let mut inner = self.lock();
         let enqueued_at = stamps.enqueued_at;
+        let violations_before = inner.verifier.violations_total();
         let outcome = inner
             .verifier
             .dispatched(id, attempt, redelivered, now, enqueued_at);
+        let violations = inner.verifier.violations_total() - violations_before;
         if inner.dispatch_log.is_some() {
             let kind = match outcome {
                 _ if attempt <= 1 => Arrival::First,
@@ -242,6 +246,7 @@ impl Collector {
                     at: now,
                     kind,
                     action,
+                    violations: u32::try_from(violations).unwrap_or(u32::MAX),
                     admitted: stamps.dispatched_at,
                 });
             }

@@ -196,7 +196,7 @@ impl super::chaos::ChaosReport {
         for f in &self.faults {
             let _ = writeln!(
                 out,
-                "[chaos]   {:>7.2}s {:<8} took {:>6.0} ms; dispatching paused {:>6.0} ms, back {:>6.0} ms after; {} re-sent, {} of them with no earlier copy ({})",
+                "[chaos]   {:>7.2}s {:<8} took {:>6.0} ms; dispatching paused {:>6.0} ms, back {:>6.0} ms after; {} re-sent, {} of them with no earlier copy{} ({})",
                 f.at_s,
                 f.fault.name(),
                 f.took_ms,
@@ -204,6 +204,11 @@ impl super::chaos::ChaosReport {
                 f.resumed_after_ms,
                 f.resent,
                 f.resent_without_earlier_copy,
+                if f.violations > 0 {
+                    format!("; {} VIOLATIONS until the next fault", f.violations)
+                } else {
+                    String::new()
+                },
                 f.detail
             );
             if let Some(waiting) = f.partitions_waiting {

@@ -427,6 +427,11 @@ impl Verifier {
         self.redelivered
     }
 
+    /// Violations found so far.
+    pub fn violations_total(&self) -> u64 {
+        self.violations_total
+    }
+
     /// Dispatches of executions this run did not submit.
     pub fn foreign(&self) -> u64 {
         self.foreign
