@@ -384,64 +384,65 @@ async fn setup(
     }
     let partition_loops: futures::stream::FuturesUnordered<ConsumerLoop> =
         futures::stream::FuturesUnordered::new();
-    for p in 0..settings.shared_partitions.unwrap_or(0) {
-        let queue = super::partitions::queue_name(p);
-        let tag = format!("fifo-executor.{queue}");
-        let ch = conn.create_channel().await?;
-        ch.basic_qos(settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let (acks, _ack_task) = Acks::spawn(ch.clone());
-        let ctx = ctx.clone();
-        let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
-        let acks_for_loop = acks.clone();
-        let name = queue.clone();
-        partition_loops.push(Box::pin(async move {
-            let r = consumers::consume(consumer, acks_for_loop, batch, None, |b, a| {
-                routing::handle_partition(&ctx, p, b, a)
-            })
-            .await;
-            (name, r)
-        }));
-        channels.push((ch, acks, queue, tag));
-    }
     if let Some(partitions) = settings.shared_partitions {
-        let queue = super::partitions::LEADER_QUEUE;
-        let tag = format!("fifo-executor.{queue}");
-        let ch = conn.create_channel().await?;
-        ch.basic_qos(16, BasicQosOptions::default()).await?;
-        let consumer = ch
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
+        let batch = MAX_BATCH.min(settings.prefetch.max(1) as usize);
+        for p in 0..partitions {
+            let queue = super::partitions::queue_name(p);
+            let ctx = ctx.clone();
+            let (ch, acks, run) = consume_queue(
+                &conn,
+                queue.clone(),
+                settings.prefetch,
+                batch,
+                move |b, a| routing::handle_partition(&ctx, p, b, a),
             )
             .await?;
-        let (acks, _ack_task) = Acks::spawn(ch.clone());
+            partition_loops.push(run);
+            channels.push((ch, acks, queue.clone(), format!("fifo-executor.{queue}")));
+        }
+        let queue = super::partitions::LEADER_QUEUE.to_owned();
         let ctx = ctx.clone();
-        let acks_for_loop = acks.clone();
-        partition_loops.push(Box::pin(async move {
-            let r = consumers::consume(consumer, acks_for_loop, 16, None, |b, a| {
-                routing::handle_leader(&ctx, b, a)
-            })
-            .await;
-            (queue.to_owned(), r)
-        }));
-        channels.push((ch, acks, queue.to_owned(), tag));
+        let (ch, acks, run) = consume_queue(&conn, queue.clone(), 16, 16, move |b, a| {
+            routing::handle_leader(&ctx, b, a)
+        })
+        .await?;
+        partition_loops.push(run);
+        channels.push((ch, acks, queue.clone(), format!("fifo-executor.{queue}")));
         tracing::info!(
             partitions,
             "consuming every partition queue (cluster.mode: shared)"
         );
     }
     Ok((conn, channels, loops, partition_loops))
+}
+
+/// Opens a channel on `conn` with `prefetch`, consumes `queue` on it (consumer tag
+/// `fifo-executor.<queue>`) and returns the channel, its acks and the loop that hands
+/// batches of at most `batch` to `handle`.
+async fn consume_queue(
+    conn: &lapin::Connection,
+    queue: String,
+    prefetch: u16,
+    batch: usize,
+    mut handle: impl FnMut(Vec<lapin::message::Delivery>, &Acks) -> consumers::Handled + Send + 'static,
+) -> Result<(Channel, Acks, ConsumerLoop), EdgeError> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            format!("fifo-executor.{queue}").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (acks, _ack_task) = Acks::spawn(ch.clone());
+    let for_loop = acks.clone();
+    let run: ConsumerLoop = Box::pin(async move {
+        let r = consumers::consume(consumer, for_loop, batch, None, |b, a| handle(b, a)).await;
+        (queue, r)
+    });
+    Ok((ch, acks, run))
 }
 
 /// The URL without its password, for logs.
