@@ -182,7 +182,8 @@ where
         match &ctx.router {
             Some(router) if settings.shared_partitions.is_some() => loop {
                 router.tick(&ctx.publisher);
-                tokio::time::sleep(super::partitions::TICK_INTERVAL).await;
+                tokio::time::sleep(super::partitions::tick_interval(settings.heartbeat_seconds))
+                    .await;
             },
             _ => std::future::pending::<()>().await,
         }

@@ -38,7 +38,7 @@
 //!
 //! An instance that owns no partition would never learn that the broker made it active on a
 //! queue nobody publishes to: every instance sends each partition it does not own a tick
-//! every [`TICK_INTERVAL`] (non-persistent, expiring), which the active consumer takes.
+//! every [`tick_interval`] (non-persistent, expiring), which the active consumer takes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,8 +70,17 @@ pub const LEADER_ROUTING_KEY: &str = "intake.leader";
 /// Which run of which instance carried a message to a partition queue, and its number among
 /// that run's messages to the partition (`<run>:<seq>`).
 pub const STAMP_HEADER: &str = "x-attune-stamp";
-/// How often an instance ticks the partitions it does not own.
-pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an instance ticks the partitions it does not own: a quarter of the heartbeat
+/// (`rabbitmq.heartbeat_seconds`; 0, the broker's own, counts as 60 s), between 250 ms and
+/// 1 s. A standby made active learns it within one tick, a small part of the two heartbeats
+/// the broker takes to notice a paused owner.
+pub fn tick_interval(heartbeat_seconds: u16) -> Duration {
+    let heartbeat = match heartbeat_seconds {
+        0 => Duration::from_secs(60),
+        s => Duration::from_secs(u64::from(s)),
+    };
+    (heartbeat / 4).clamp(Duration::from_millis(250), Duration::from_secs(1))
+}
 /// A tick nobody took is dropped after this long.
 const TICK_EXPIRATION_MS: &str = "5000";
 
@@ -419,6 +428,14 @@ mod tests {
                 kind
             );
         }
+    }
+
+    #[test]
+    fn ticks_come_four_times_a_heartbeat_within_bounds() {
+        assert_eq!(tick_interval(2), Duration::from_millis(500));
+        assert_eq!(tick_interval(1), Duration::from_millis(250));
+        assert_eq!(tick_interval(10), Duration::from_secs(1));
+        assert_eq!(tick_interval(0), Duration::from_secs(1));
     }
 
     #[test]
