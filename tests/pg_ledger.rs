@@ -714,14 +714,7 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
         .await
         .expect("joined")
         .expect("the takeover goes through once the flush committed");
-    assert_eq!(
-        second
-            .held()
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect::<Vec<_>>(),
-        vec![2; 4]
-    );
+    assert_eq!(epochs(&second), vec![2; 4]);
 
     // A takeover in flight (its rows locked, not committed): a flush's check waits for it
     // and, once it commits, finds the epochs moved on.
@@ -774,6 +767,11 @@ async fn a_takeover_waits_for_a_fenced_flush_in_flight_and_refuses_every_one_aft
     assert!(rows.iter().all(|r| r.owner == "third"));
 }
 
+/// The epochs a fence holds, in partition order.
+fn epochs(fence: &fifo_executor::db::partitions::Fence) -> Vec<i64> {
+    fence.held().into_iter().map(|(_, e)| e).collect()
+}
+
 /// Waits until some session of this test's database waits for a row lock.
 async fn until_a_lock_wait(db: &TestDb) {
     eventually(
@@ -812,14 +810,7 @@ async fn a_takeover_is_not_held_up_for_good_by_an_owner_paused_inside_a_flush() 
     .await
     .expect("the takeover goes through once Postgres ends the idle transaction")
     .expect("the takeover");
-    assert_eq!(
-        second
-            .held()
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect::<Vec<_>>(),
-        vec![2; 4]
-    );
+    assert_eq!(epochs(&second), vec![2; 4]);
     assert!(
         paused.commit().await.is_err(),
         "the paused owner's transaction is gone"
