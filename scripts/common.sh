@@ -39,3 +39,18 @@ ensure_cargo() {
         die "cargo not found: install the Rust toolchain with rustup (rustup-init, then" \
             "'rustup toolchain install stable --component rustfmt,clippy') and put ~/.cargo/bin on PATH"
 }
+
+# Debian's Chromium and its WebDriver, for the browser tests of the operations page
+# (tests/ui_browser.rs). Installed once; nothing is downloaded by a test itself.
+ensure_chromium() {
+    if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        die "the browser tests need Chromium and ChromeDriver at /usr/bin (Debian packages" \
+            "chromium and chromium-driver), and apt-get is not here to install them"
+    echo "installing chromium and chromium-driver (for tests/ui_browser.rs)…"
+    quietly as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+    quietly as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        chromium chromium-driver
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test (unit, integration, and benches and examples in test mode) against the local
 # RabbitMQ and PostgreSQL, starting them first if needed, after checking the Prometheus alert
-# rules and the Grafana dashboard with promtool (scripts/promtool.sh). Arguments go on to
+# rules and the Grafana dashboard with promtool (scripts/promtool.sh), and installing Debian's
+# Chromium and ChromeDriver for the operations page's browser tests. Arguments go on to
 # `cargo test`:
 #   scripts/test.sh topology                              # only tests whose name has "topology"
 #   scripts/test.sh --test rabbit_topology -- --nocapture
@@ -13,4 +14,5 @@ source scripts/common.sh
 ensure_cargo
 scripts/services.sh
 scripts/promtool.sh
+ensure_chromium
 exec cargo test --all-targets "$@"

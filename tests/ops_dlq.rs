@@ -19,10 +19,10 @@ use fifo_executor::ops::health::{HealthMonitor, Status, UNREAD_QUEUE_FROM};
 use fifo_executor::ops::hooks::{NoHealthStore, NoLedgerPurge, NoPolicyStore};
 use fifo_executor::ops::metrics::names;
 use fifo_executor::ops::purge::{PurgeSettings, Purger};
-use fifo_executor::rabbit::topology::{self, QueueKind, TopologySpec};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use fifo_executor::rabbit::topology;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
 use support::{TestVhost, idle_executor, poll_until};
 use tower::ServiceExt;
@@ -31,25 +31,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A vhost with the executor's topology and a confirm-mode channel to publish with.
 async fn broker() -> (TestVhost, Connection, Channel) {
-    let vhost = TestVhost::create().await;
-    let conn = Connection::connect(&vhost.url, ConnectionProperties::default())
-        .await
-        .expect("connects");
-    let ch = conn.create_channel().await.expect("channel");
-    topology::declare(
-        &ch,
-        &TopologySpec {
-            queue_type: QueueKind::Classic,
-            dlq_ttl_hours: 168,
-            dlq_max_entries: 10_000,
-        },
-    )
-    .await
-    .expect("topology");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    (vhost, conn, ch)
+    support::broker_with_topology().await
 }
 
 /// Publishes a body to the dead-letter exchange, as the executor does, and waits for the

@@ -10,14 +10,10 @@ use std::time::Duration;
 use fifo_executor::app::Service;
 use fifo_executor::config::{self, Config, Secret};
 use fifo_executor::http::client::Client;
-use fifo_executor::rabbit::topology::{self, QueueKind, TopologySpec};
+use fifo_executor::rabbit::topology::{self};
 use fifo_executor::tools::ops::{self, OpsError};
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::options::BasicGetOptions;
+use lapin::{Channel, Connection};
 use serde_json::{Value, json};
 use support::{TestVhost, poll_until};
 
@@ -37,25 +33,7 @@ fn config_for(vhost: &TestVhost) -> Config {
 }
 
 async fn channel(vhost: &TestVhost) -> (Connection, Channel) {
-    let conn = Connection::connect(&vhost.url, ConnectionProperties::default())
-        .await
-        .expect("connects");
-    let ch = conn.create_channel().await.expect("channel");
-    // The topology the service declares too, so the test can publish before it is up.
-    topology::declare(
-        &ch,
-        &TopologySpec {
-            queue_type: QueueKind::Classic,
-            dlq_ttl_hours: 168,
-            dlq_max_entries: 10_000,
-        },
-    )
-    .await
-    .expect("topology");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    (conn, ch)
+    support::topology_channel(vhost).await
 }
 
 fn client(service: &Service) -> Client {
@@ -128,19 +106,7 @@ async fn the_cli_reads_health_metrics_and_statistics_from_the_running_service() 
 
 /// Publishes a request as a producer would.
 async fn request(ch: &Channel, body: Value) {
-    ch.basic_publish(
-        topology::EXCHANGE.into(),
-        topology::REQUESTED_ROUTING_KEY.into(),
-        BasicPublishOptions::default(),
-        body.to_string().as_bytes(),
-        BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirmed");
+    support::publish_json(ch, topology::REQUESTED_ROUTING_KEY, &body).await;
 }
 
 async fn dlq_entries(client: &Client) -> Vec<Value> {
@@ -168,22 +134,7 @@ async fn a_request_rejected_for_a_disabled_action_is_replayed_from_the_dlq_once_
     let vhost = TestVhost::create().await;
     let (_conn, ch) = channel(&vhost).await;
     // A worker's queue, to see the dispatch.
-    ch.queue_declare(
-        "svc.worker".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("worker queue");
-    ch.queue_bind(
-        "svc.worker".into(),
-        topology::EXCHANGE.into(),
-        "execution.dispatch.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("bound");
+    support::all_dispatches_queue(&ch, "svc.worker").await;
     let service = Service::start(config_for(&vhost))
         .await
         .expect("the service starts");

@@ -20,6 +20,7 @@
 //! | GET | `/api/v1/dlq/stats` | admin | dead letters by origin and class |
 //! | POST | `/api/v1/dlq/replay` | admin | replay dead letters |
 //! | POST | `/api/v1/purge` | admin | run a purge cycle now |
+//! | GET | `/`, `/ui/app.js`, `/ui/app.css` | | the operations page ([`ui`]) |
 
 pub mod auth;
 pub mod client;
@@ -32,6 +33,7 @@ pub mod openapi;
 pub mod ops;
 pub mod queues;
 pub mod telemetry;
+pub mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -161,6 +163,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::DLQ_STATS, admin(get(dlq::stats)))
         .route(paths::DLQ_REPLAY, admin(post(dlq::replay)))
         .route(paths::PURGE, admin(post(ops::purge)))
+        .merge(ui::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

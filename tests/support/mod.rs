@@ -311,3 +311,73 @@ pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
         .finish();
     (captured, tracing::subscriber::set_default(subscriber))
 }
+
+/// A vhost of its own with the executor's topology declared (classic queues), and a
+/// confirm-mode channel to publish with: what a producer or worker in a test starts from.
+pub async fn broker_with_topology() -> (TestVhost, lapin::Connection, lapin::Channel) {
+    let vhost = TestVhost::create().await;
+    let (conn, ch) = topology_channel(&vhost).await;
+    (vhost, conn, ch)
+}
+
+/// A confirm-mode channel on `vhost`, after declaring the topology the service declares
+/// too, so a test can publish before the service is up.
+pub async fn topology_channel(vhost: &TestVhost) -> (lapin::Connection, lapin::Channel) {
+    use fifo_executor::rabbit::topology::{self, QueueKind, TopologySpec};
+    let conn = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    topology::declare(
+        &ch,
+        &TopologySpec {
+            queue_type: QueueKind::Classic,
+            dlq_ttl_hours: 168,
+            dlq_max_entries: 10_000,
+        },
+    )
+    .await
+    .expect("topology");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    (conn, ch)
+}
+
+/// Publishes `body` as persistent JSON on the executor's exchange, as a producer or worker
+/// would, and waits for the broker's confirm.
+pub async fn publish_json(ch: &lapin::Channel, routing_key: &str, body: &serde_json::Value) {
+    ch.basic_publish(
+        fifo_executor::rabbit::topology::EXCHANGE.into(),
+        routing_key.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body.to_string().as_bytes(),
+        lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+}
+
+/// A worker's queue `name`, bound to every action's dispatches.
+pub async fn all_dispatches_queue(ch: &lapin::Channel, name: &str) {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("worker queue");
+    ch.queue_bind(
+        name.into(),
+        fifo_executor::rabbit::topology::EXCHANGE.into(),
+        "execution.dispatch.#".into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("bound");
+}
