@@ -37,6 +37,8 @@
 //! `env.rs` decodes the `ATTUNE__` variables, `load.rs` merges them over the file and reads
 //! the result into the types, and `validate.rs` refuses impossible values. `error.rs` holds
 //! [`ConfigError`]; `provenance.rs` finds which layer set a key, for the errors to name.
+//! `reload.rs` compares two configurations for a reload: which keys changed, and which of them
+//! apply while the service runs ([`ConfigChange`]).
 
 mod cluster;
 mod database;
@@ -47,6 +49,7 @@ mod load;
 mod ops;
 mod provenance;
 mod rabbitmq;
+mod reload;
 mod secret;
 #[cfg(test)]
 mod testing;
@@ -67,6 +70,7 @@ pub use ops::{
     PurgeConfig, RateLimitsConfig, StatsConfig,
 };
 pub use rabbitmq::{QueueType, RabbitConfig};
+pub use reload::{ConfigChange, changed_keys, with_live_changes};
 pub use secret::Secret;
 
 /// Longest action ref accepted anywhere (requests, config, HTTP paths).
