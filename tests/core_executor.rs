@@ -640,6 +640,124 @@ async fn raising_the_limit_through_the_executor_admits_at_once() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Settings and policies replaced while running (a configuration reload)
+
+#[tokio::test(start_paused = true)]
+async fn new_settings_reach_running_actors_and_actors_started_later() {
+    let r = ExecRig::start(no_timeout(2), policy(1)).await;
+    let a = action("settings.a");
+    r.submit_accepted(&a, &[1, 2, 3]).await;
+    let full = answers("queue full", &r.submit(&a, &[4])).await;
+    assert_eq!(
+        full,
+        vec![Verdict::Rejected {
+            execution_id: 4,
+            rejection: Rejection::QueueFull { max: 2 }
+        }]
+    );
+    r.exec.set_settings(QueueSettings {
+        remember_ended: 7,
+        ..no_timeout(3)
+    });
+    assert_eq!(r.exec.settings().max_queue_length, 3);
+    assert_eq!(
+        r.exec.settings().remember_ended,
+        QueueSettings::default().remember_ended,
+        "the window of ended ids keeps its size"
+    );
+    let room = answers("one more place", &r.submit(&a, &[5])).await;
+    assert_eq!(room, vec![Verdict::Queued { execution_id: 5 }]);
+    // An action first seen after the change starts with the new settings.
+    let b = action("settings.b");
+    r.submit_accepted(&b, &[10, 11, 12, 13]).await;
+    let full = answers("b full at 3", &r.submit(&b, &[14])).await;
+    assert_eq!(
+        full,
+        vec![Verdict::Rejected {
+            execution_id: 14,
+            rejection: Rejection::QueueFull { max: 3 }
+        }]
+    );
+    r.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shorter_queue_timeout_times_out_what_already_waited_longer() {
+    let mut r = ExecRig::start(no_timeout(100), policy(1)).await;
+    let a = action("settings.timeout");
+    r.submit_accepted(&a, &[1, 2, 3]).await;
+    advance(Duration::from_secs(60)).await;
+    r.exec.set_settings(settings(100, Duration::from_secs(30)));
+    r.until_event("2 timed out", |e| is_removed(e, RemovalReason::TimedOut, 2))
+        .await;
+    r.until_event("3 timed out", |e| is_removed(e, RemovalReason::TimedOut, 3))
+        .await;
+    r.barrier(&[&a]).await;
+    assert_eq!(r.stats(&a).await.queue_length, 0);
+    assert_eq!(r.dispatched_ids(), vec![1], "the running one is left alone");
+    r.shutdown().await;
+}
+
+/// A policy source whose answer a test changes, as a reload changes the configured policies.
+struct Switchable(std::sync::Mutex<ActionPolicy>);
+
+impl fifo_executor::core::PolicySource for Switchable {
+    fn policy_for(&self, _action: &fifo_executor::model::ActionRef) -> ActionPolicy {
+        *lock(&self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn following_the_policy_source_keeps_or_replaces_what_was_set_at_run_time() {
+    let source = Arc::new(Switchable(std::sync::Mutex::new(policy(1))));
+    let (dispatcher, mut dispatch_rx) = ChannelDispatcher::new();
+    let (sink, _events) = ChannelSink::new();
+    let exec = fifo_executor::core::Executor::start(
+        no_timeout(100),
+        Ports {
+            dispatcher: Arc::new(dispatcher),
+            sink: Arc::new(sink),
+            observer: Arc::new(NoStats),
+        },
+        source.clone(),
+    )
+    .await
+    .expect("starts");
+    let (a, b) = (action("follow.a"), action("follow.b"));
+    exec.set_policy(&b, policy(2)).expect("set at run time");
+    for (action, ids) in [(&a, [1, 2, 3, 4, 5]), (&b, [11, 12, 13, 14, 15])] {
+        exec.submit(action, common_core::subs(ids));
+    }
+    *lock(&source.0) = policy(3);
+    exec.follow_policy_source(true);
+    let mut dispatched = Vec::new();
+    common_core::poll_until("a at 3, b still at 2", || {
+        while let Ok(batch) = dispatch_rx.try_recv() {
+            dispatched.extend(batch.into_iter().map(|d| d.execution_id));
+        }
+        dispatched.len() >= 5
+    })
+    .await;
+    exec.stats(&a).await.expect("a answers");
+    exec.stats(&b).await.expect("b answers");
+    while let Ok(batch) = dispatch_rx.try_recv() {
+        dispatched.extend(batch.into_iter().map(|d| d.execution_id));
+    }
+    dispatched.sort_unstable();
+    assert_eq!(dispatched, vec![1, 2, 3, 11, 12]);
+    assert_eq!(exec.policy(&b), policy(2), "kept");
+    // A source that holds what was set at run time (the action table) replaces it too.
+    exec.follow_policy_source(false);
+    assert_eq!(exec.policy(&b), policy(3));
+    exec.stats(&b).await.expect("b answers");
+    while let Ok(batch) = dispatch_rx.try_recv() {
+        dispatched.extend(batch.into_iter().map(|d| d.execution_id));
+    }
+    assert!(dispatched.contains(&13), "{dispatched:?}");
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Purge and restore
 
 #[tokio::test(start_paused = true)]

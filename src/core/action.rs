@@ -31,6 +31,8 @@ pub enum ActionMsg {
     Complete(Vec<Completion>),
     Cancel(Vec<CancelRequest>),
     SetPolicy(ActionPolicy),
+    /// New executor-wide settings (a configuration reload).
+    SetSettings(QueueSettings),
     /// Executions recovered after a restart, in acceptance order.
     Restore(Vec<Restored>),
     Purge(PurgeOrder, RpcReplyPort<Vec<PurgedEntry>>),
@@ -59,7 +61,9 @@ pub struct ActionActor;
 /// [`Executor`]: super::Executor
 pub struct Shared {
     pub clock: Clock,
-    pub settings: QueueSettings,
+    /// What every actor starts with; [`Executor::set_settings`](super::Executor::set_settings)
+    /// replaces it and tells the running actors.
+    settings: std::sync::RwLock<QueueSettings>,
     pub ports: Ports,
     /// Every queued or running execution id, with the actor that owns it.
     pub live: LiveIndex,
@@ -89,7 +93,7 @@ impl Shared {
     pub fn new(clock: Clock, settings: QueueSettings, ports: Ports) -> Self {
         Self {
             clock,
-            settings,
+            settings: std::sync::RwLock::new(settings),
             ports,
             live: DashMap::with_hasher_and_shard_amount(
                 foldhash::fast::RandomState::default(),
@@ -99,6 +103,17 @@ impl Shared {
             canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
             no_route: Unroutable::default(),
         }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> QueueSettings {
+        *self.settings.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the settings an actor starting from now on gets (the running ones are told by
+    /// the executor).
+    pub fn replace_settings(&self, settings: QueueSettings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
     }
 }
 
@@ -131,7 +146,7 @@ impl Actor for ActionActor {
         let queue = ActionQueue::new(
             args.action,
             args.shared.clock.clone(),
-            args.shared.settings,
+            args.shared.settings(),
             args.policy,
         );
         Ok(ActionState {
@@ -191,6 +206,7 @@ impl Actor for ActionActor {
                 }
             }
             ActionMsg::SetPolicy(policy) => st.queue.set_policy(policy, now, &mut fx),
+            ActionMsg::SetSettings(settings) => st.queue.set_settings(settings, now, &mut fx),
             ActionMsg::Restore(restored) => st.queue.restore(restored, now, &mut fx),
             ActionMsg::Purge(order, reply) => {
                 let report = st.queue.purge(order, now, &mut fx);

@@ -488,6 +488,14 @@ impl ActionQueue {
         self.pump(now, fx);
     }
 
+    /// Applies new executor-wide settings. A shorter queue timeout removes what has now waited
+    /// too long at once; leaving emergency mode lets the timeouts and rate limits hold again;
+    /// a longer queue admits more from the next submission on.
+    pub fn set_settings(&mut self, settings: QueueSettings, now: Stamp, fx: &mut Effects) {
+        self.settings = settings;
+        self.pump(now, fx);
+    }
+
     /// Handles timers: timeouts of waiting executions and the rate limiter's next window.
     pub fn tick(&mut self, now: Stamp, fx: &mut Effects) {
         self.pump(now, fx);

@@ -98,6 +98,9 @@ pub struct Executor {
     /// Policies set at run time; they win over the policy source, also for an actor that is
     /// respawned later.
     overrides: DashMap<ActionRef, ActionPolicy>,
+    /// Held while a policy is written to `overrides` and sent to its actor, so that the
+    /// messages of two writers reach an actor in the order `overrides` saw them.
+    policy_writes: std::sync::Mutex<()>,
     ids: IdAllocator,
     accepting: AtomicBool,
     /// Completions no action knew (unknown ids, or duplicates after the execution ended);
@@ -142,6 +145,7 @@ impl Executor {
             supervisor,
             policies,
             overrides: DashMap::new(),
+            policy_writes: std::sync::Mutex::new(()),
             ids: IdAllocator::starting_at(first_id),
             accepting: AtomicBool::new(true),
             unmatched_unknown: AtomicU64::new(0),
@@ -153,7 +157,24 @@ impl Executor {
     }
 
     pub fn settings(&self) -> QueueSettings {
-        self.shared.settings
+        self.shared.settings()
+    }
+
+    /// Replaces the executor-wide settings (a configuration reload): every running actor gets
+    /// them in its mailbox, after what is already there, and every actor started later starts
+    /// with them. `remember_ended` keeps its value: the window of ended ids is sized once, at
+    /// start.
+    pub fn set_settings(&self, settings: QueueSettings) {
+        let settings = QueueSettings {
+            remember_ended: self.shared.settings().remember_ended,
+            ..settings
+        };
+        // First the shared value, then the actors: one spawned in between reads the new value
+        // in `pre_start` and is told again, which changes nothing.
+        self.shared.replace_settings(settings);
+        for actor in self.actors.iter() {
+            let _ = actor.value().cast(ActionMsg::SetSettings(settings));
+        }
     }
 
     /// An id for a request that came without one.
@@ -413,11 +434,53 @@ impl Executor {
 
     /// Changes an action's policy at once and keeps it for the actor's lifetime and beyond.
     pub fn set_policy(&self, action: &ActionRef, policy: ActionPolicy) -> Result<(), CoreError> {
+        let _one_writer = self.policy_writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_policy_held(action, policy)
+    }
+
+    /// [`Executor::set_policy`] with `policy_writes` held by the caller.
+    fn set_policy_held(&self, action: &ActionRef, policy: ActionPolicy) -> Result<(), CoreError> {
         self.overrides.insert(action.clone(), policy);
         let actor = self.actor_for(action)?;
         actor
             .cast(ActionMsg::SetPolicy(policy))
             .map_err(|_| CoreError::Stopped(action.clone()))
+    }
+
+    /// Makes the actors follow the policy source again after it changed (a configuration
+    /// reload): every action that has an actor and no policy set at run time gets the source's
+    /// policy now, and actors started later get it anyway. With `keep_set_at_run_time` false,
+    /// the actions whose policy was set at run time ([`Executor::set_policy`]) get the
+    /// source's too, where it differs: for a source that already holds what was set at run
+    /// time (the `action` table), under whatever keeps its writers apart.
+    pub fn follow_policy_source(&self, keep_set_at_run_time: bool) {
+        // A policy set meanwhile must not be overtaken by the source's in the actor's mailbox.
+        let _one_writer = self.policy_writes.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in self.actors.iter() {
+            let action = entry.key();
+            if self.overrides.contains_key(action) {
+                continue;
+            }
+            let _ = entry
+                .value()
+                .cast(ActionMsg::SetPolicy(self.policies.policy_for(action)));
+        }
+        if keep_set_at_run_time {
+            return;
+        }
+        let set: Vec<(ActionRef, ActionPolicy)> = self
+            .overrides
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        for (action, policy) in set {
+            let wanted = self.policies.policy_for(&action);
+            if wanted != policy
+                && let Err(e) = self.set_policy_held(&action, wanted)
+            {
+                tracing::warn!(action = %action, error = %e, "could not apply the reloaded policy");
+            }
+        }
     }
 
     /// The policy an action has now (or would get if it started now).
