@@ -7,8 +7,11 @@
 //! stop consuming, settle what was taken, drain the action actors, get the last publishes
 //! confirmed, close the connections, and close HTTP last, so `/health` and `/metrics` answer
 //! until the end.
+//!
+//! A service started with [`Service::start_reloadable`] hands its live parts (executor,
+//! configured policies, health monitor, purger, DLQ switch) to the [`Reloader`] once it runs,
+//! and takes them back when it stops; the reload itself is [`crate::ops::reload`]'s.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +19,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{self, Config, DispatchWait};
 use crate::core::memory::{DiscardSink, LatestStats};
-use crate::core::{
-    ActionPolicy, Executor, OutcomeSink, PolicySource, Ports, QueueSettings, RateLimit,
-};
+use crate::core::{Executor, OutcomeSink, PolicySource, Ports};
 use crate::http::{self, AppState};
-use crate::model::ActionRef;
 use crate::ops::dlq::Dlq;
 use crate::ops::health::HealthMonitor;
 use crate::ops::hooks::{
@@ -28,57 +28,15 @@ use crate::ops::hooks::{
 };
 use crate::ops::metrics::{self as ops_metrics, Metrics, MetricsError, MetricsSink};
 use crate::ops::purge::{PurgeSettings, Purger};
+use crate::ops::reload::{LiveTargets, Reloader};
 use crate::rabbit::consumers::ConsumerContext;
-use crate::rabbit::dead_letters::DeadLetterSink;
+use crate::rabbit::dead_letters::{DeadLetterSink, DlqSwitch};
 use crate::rabbit::edge::{self, EdgeError, EdgeSettings};
 use crate::rabbit::publisher;
 use crate::rabbit::throttle::IntakeThrottle;
 use crate::rabbit::topology::TopologySpec;
 
-/// Policies as the config file gives them.
-pub struct ConfigPolicies(pub Config);
-
-impl PolicySource for ConfigPolicies {
-    fn policy_for(&self, action: &ActionRef) -> ActionPolicy {
-        let p = self.0.policy_for(action.as_str());
-        let enabled = self
-            .0
-            .policies
-            .actions
-            .get(action.as_str())
-            .and_then(|a| a.enabled)
-            .unwrap_or(true);
-        core_policy(p, enabled)
-    }
-}
-
-/// Converts a validated config policy into the core's.
-pub fn core_policy(p: config::Policy, enabled: bool) -> ActionPolicy {
-    ActionPolicy {
-        // Validation has refused 0 already; 1 is the safe reading if it ever slipped through.
-        concurrency_limit: NonZeroU32::new(p.concurrency_limit).unwrap_or(NonZeroU32::MIN),
-        rate_limit: p.rate_limit.and_then(|r| {
-            Some(RateLimit {
-                max: NonZeroU32::new(r.max)?,
-                per: Duration::from_secs(r.per_seconds),
-            })
-        }),
-        enabled,
-    }
-}
-
-/// The core's queue settings from the config.
-pub fn queue_settings(c: &Config) -> QueueSettings {
-    QueueSettings {
-        max_queue_length: c.executor.queue.max_queue_length,
-        queue_timeout: Duration::from_secs(c.executor.queue.queue_timeout_seconds),
-        emergency_mode: c.executor.emergency_mode,
-        remember_ended: c.executor.remember_ended_ids,
-        no_route_retry: Duration::from_millis(c.executor.queue.no_route_retry_ms),
-        no_route_timeout: (c.executor.queue.no_route_timeout_seconds > 0)
-            .then(|| Duration::from_secs(c.executor.queue.no_route_timeout_seconds)),
-    }
-}
+pub use crate::ops::settings::{ConfigPolicies, core_policy, queue_settings};
 
 /// The exit status of `serve` when another instance took its partitions.
 pub const FENCED_EXIT_STATUS: u8 = 3;
@@ -292,6 +250,8 @@ pub struct Service {
     http_shutdown: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     shutdown_timeout: Duration,
+    /// Applies configuration reloads to this service while it runs.
+    reloader: Arc<Reloader>,
 }
 
 impl Service {
@@ -300,8 +260,17 @@ impl Service {
         Self::start_with(config, Hooks::default()).await
     }
 
-    /// Builds everything and starts consuming.
+    /// Builds everything and starts consuming. `config` was built in code: there is nothing to
+    /// reload it from (`POST /api/v1/admin/reload` answers 409).
     pub async fn start_with(config: Config, hooks: Hooks) -> Result<Self, AppError> {
+        Self::start_reloadable(Arc::new(Reloader::given(config)), hooks).await
+    }
+
+    /// Builds everything from the configuration `reloader` holds in force and starts
+    /// consuming; SIGHUP (where the caller listens for it) and `POST /api/v1/admin/reload`
+    /// reload through `reloader`, which applies to this service until it stops.
+    pub async fn start_reloadable(reloader: Arc<Reloader>, hooks: Hooks) -> Result<Self, AppError> {
+        let config = reloader.in_force().await;
         let metrics_handle = if config.executor.queue.enable_metrics {
             let handle = ops_metrics::install()?;
             metrics::gauge!(ops_metrics::names::EMERGENCY_MODE).set(
@@ -315,7 +284,7 @@ impl Service {
         } else {
             None
         };
-        note_if_purge_is_shadowed(&config);
+        crate::ops::purge::note_if_shadowed(&config);
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -337,9 +306,10 @@ impl Service {
         let (publisher, slot, _publisher_task) =
             publisher::spawn(Some(outcomes.clone()), config.rabbitmq.confirm_window);
         let stats = Arc::new(LatestStats::default());
+        let dlq_switch = DlqSwitch::new(config.dlq.enabled);
         let dead_letters: Arc<dyn OutcomeSink> = Arc::new(DeadLetterSink::new(
             publisher.clone(),
-            config.dlq.enabled,
+            dlq_switch.clone(),
             Arc::new(DiscardSink),
         ));
         // Counting is skipped altogether when metrics are off (the runbook turns them off to
@@ -349,13 +319,13 @@ impl Service {
         } else {
             dead_letters
         };
-        let config_policies: Arc<dyn PolicySource> = Arc::new(ConfigPolicies(config.clone()));
+        let config_policies = Arc::new(ConfigPolicies::new(config.clone()));
         let (sink, observer, policies, mut durable): CorePorts = if ledger_mode {
             let (sink, observer, durable) = open_ledger(
                 &config,
                 sink,
                 stats.clone(),
-                config_policies,
+                config_policies.clone(),
                 &ledger_cell,
                 &instance_id,
             )
@@ -363,7 +333,7 @@ impl Service {
             let policies: Arc<dyn PolicySource> = durable.policies.clone();
             (sink, observer, policies, Some(durable))
         } else {
-            (sink, stats.clone(), config_policies, None)
+            (sink, stats.clone(), config_policies.clone(), None)
         };
         // On the ledger, a dispatch leaves only once recovery could cope with a crash.
         let live_only = Arc::new(crate::db::ledger::LiveOnly::new(Arc::new(
@@ -445,10 +415,10 @@ impl Service {
             _ => None,
         };
         let hooks = hooks.resolve(durable.as_ref());
-        let dlq = config
-            .dlq
-            .enabled
-            .then(|| Arc::new(Dlq::new(config.rabbitmq.url.clone())));
+        // Connects on first use, and only while dlq.enabled is true (a reload may change it).
+        let dlq = Some(Arc::new(
+            Dlq::new(config.rabbitmq.url.clone()).with_switch(dlq_switch.clone()),
+        ));
         let health = Arc::new(
             HealthMonitor::new(
                 executor.clone(),
@@ -468,19 +438,22 @@ impl Service {
 
         let (ops_shutdown, ops_rx) = watch::channel(false);
         let mut ops_tasks = Vec::new();
-        if config.health.enabled {
-            ops_tasks.push(tokio::spawn(health.clone().run(
-                Duration::from_secs(config.health.interval_seconds),
-                ops_rx.clone(),
-            )));
-        }
-        if config.purge.enabled {
-            ops_tasks.push(tokio::spawn(purger.clone().run(
-                Duration::from_secs(config.purge.interval_seconds),
-                config.purge.dry_run,
-                ops_rx.clone(),
-            )));
-        }
+        // Both run even when switched off, so that a reload can switch them on.
+        health.set_schedule(
+            config
+                .health
+                .enabled
+                .then(|| Duration::from_secs(config.health.interval_seconds)),
+        );
+        ops_tasks.push(tokio::spawn(health.clone().run_scheduled(ops_rx.clone())));
+        purger.set_schedule(
+            config
+                .purge
+                .enabled
+                .then(|| Duration::from_secs(config.purge.interval_seconds)),
+            config.purge.dry_run,
+        );
+        ops_tasks.push(tokio::spawn(purger.clone().run_scheduled(ops_rx.clone())));
         if let Some(m) = metrics.clone() {
             ops_tasks.push(tokio::spawn(upkeep(m, ops_rx.clone())));
         }
@@ -495,7 +468,7 @@ impl Service {
             policies: hooks.policies.clone(),
             admin_token: config.api.admin_token.clone(),
             max_body_bytes: config.api.max_body_bytes,
-            purge_dry_run: config.purge.dry_run,
+            reloader: reloader.clone(),
             cluster: Arc::new(http::cluster::ClusterView {
                 instance_id: instance_id.clone(),
                 partitions: config.cluster.partitions,
@@ -519,7 +492,7 @@ impl Service {
             publisher,
             config.rabbitmq.max_message_bytes,
             config.rabbitmq.max_deliveries,
-            config.dlq.enabled,
+            dlq_switch.clone(),
         );
         if let (Some(d), Some(ledger)) = (durable.as_ref(), ledger_cell.get()) {
             ctx = ctx.with_history(Arc::new(crate::db::history::LedgerHistory::new(
@@ -598,6 +571,19 @@ impl Service {
                 }
             }
         }));
+        reloader
+            .attach(
+                LiveTargets {
+                    executor: executor.clone(),
+                    config_policies,
+                    policies: hooks.policies.clone(),
+                    health: health.clone(),
+                    purger: purger.clone(),
+                    dlq: dlq_switch,
+                },
+                &config,
+            )
+            .await;
         Ok(Self {
             executor,
             stats,
@@ -614,7 +600,13 @@ impl Service {
             http_shutdown,
             http,
             shutdown_timeout: drain_timeout,
+            reloader,
         })
+    }
+
+    /// Reloads the configuration as SIGHUP does (tests in the same process).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     /// The address the HTTP API listens on (the real port when `api.listen` asked for 0).
@@ -634,6 +626,7 @@ impl Service {
 
     /// Stops the service in the one fixed order and waits for it.
     pub async fn shutdown(self) -> Result<(), AppError> {
+        self.reloader.detach();
         let _ = self.ops_shutdown.send(true);
         for mut task in self.ops_tasks {
             // A purge or health check in the middle of a slow call is cut off rather than
@@ -704,6 +697,7 @@ impl Service {
                 Err(AppError::Fenced)
             }
             r = &mut self.edge => {
+                self.reloader.detach();
                 let _ = self.ops_shutdown.send(true);
                 for task in self.ops_tasks {
                     let _ = task.await;
@@ -850,23 +844,6 @@ async fn upkeep(metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
             _ = ticks.tick() => metrics.upkeep(),
             _ = shutdown.wait_for(|s| *s) => return,
         }
-    }
-}
-
-/// Says so at start when the purge of queued executions can never find anything, because the
-/// queue timeout removes them first: a threshold that silently does nothing misleads.
-fn note_if_purge_is_shadowed(c: &Config) {
-    if c.purge.enabled
-        && !c.executor.emergency_mode
-        && c.purge.max_queued_age_seconds >= c.executor.queue.queue_timeout_seconds
-    {
-        tracing::info!(
-            max_queued_age_seconds = c.purge.max_queued_age_seconds,
-            queue_timeout_seconds = c.executor.queue.queue_timeout_seconds,
-            "[purge] purge.max_queued_age_seconds is not below executor.queue.queue_timeout_seconds: \
-             queued executions time out (error_class QueueTimeout) before the purge would take \
-             them; the purge still reclaims lost running executions"
-        );
     }
 }
 

@@ -3,15 +3,17 @@
 //! (`api.listen` from the config, or `--url`) and send `api.admin_token` (from the config or
 //! `ATTUNE__API__ADMIN_TOKEN`) to the endpoints that need it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
-use crate::app::{self, Service};
+use crate::app::{self, Hooks, Service};
 use crate::config::Config;
 use crate::http::client::Client;
+use crate::ops::reload::Reloader;
 use crate::tools::ops::{self, render};
 use crate::tools::{DurationDist, bench, submit, worker};
 
@@ -222,17 +224,52 @@ fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
     Config::load(config.map(PathBuf::as_path)).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.logging.filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if config.logging.json {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
+/// Runs `serve` until SIGINT or SIGTERM (or a fatal error). SIGHUP reloads the configuration.
+async fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let reloader = Reloader::from_file(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = reloader.in_force().await;
+    let log_filter = crate::ops::logging::init(&config.logging);
+    let reloader = Arc::new(reloader.with_log_filter(log_filter));
+    // Before anything slow: until it is installed, a SIGHUP would end the process.
+    #[cfg(unix)]
+    let hangups = crate::ops::reload::reload_on_hangup(reloader.clone())
+        .map_err(|e| anyhow::anyhow!("cannot listen for SIGHUP: {e}"))?;
+    tracing::info!(durability = ?config.executor.durability, "starting fifo-executor");
+    let shared = config.cluster.mode == crate::config::ClusterMode::Shared;
+    let stopped = loop {
+        // A start-over uses the configuration in force: what it started with and what
+        // reloads applied since (keys that need a restart keep their values until one).
+        let service = match Service::start_reloadable(reloader.clone(), Hooks::default()).await {
+            Ok(service) => service,
+            Err(e) => break Err(e.into()),
+        };
+        match service.run_until(app::termination_signal()).await {
+            // Shared: the instance drops everything it held and starts over as a
+            // standby; the broker hands it partitions again when their owners go.
+            Err(e) if shared && e.calls_for_a_new_start() => {
+                tracing::warn!(error = %e, "starting over as a standby of every partition");
+                metrics::counter!("attune_instance_restarts_total").increment(1);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+            // Single: not a failure to restart from: another instance owns the
+            // partitions now, and a restart would only take them back (the systemd
+            // unit does not restart on it).
+            Err(e @ app::AppError::Fenced) => {
+                tracing::error!("{e}");
+                break Ok(ExitCode::from(app::FENCED_EXIT_STATUS));
+            }
+            Err(e) => break Err(e.into()),
+            Ok(()) => break Ok(ExitCode::SUCCESS),
+        }
+    };
+    #[cfg(unix)]
+    hangups.abort();
+    if matches!(stopped, Ok(ExitCode::SUCCESS)) {
+        tracing::info!("fifo-executor stopped");
     }
+    stopped
 }
-
 /// Runs a command; the exit status is success unless the command says otherwise (`health`).
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -297,36 +334,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
 
-        Command::Serve { config } => {
-            let config = load(config.as_ref())?;
-            init_logging(&config);
-            tracing::info!(durability = ?config.executor.durability, "starting fifo-executor");
-            let shared = config.cluster.mode == crate::config::ClusterMode::Shared;
-            loop {
-                let service = Service::start(config.clone()).await?;
-                match service.run_until(app::termination_signal()).await {
-                    // Shared: the instance drops everything it held and starts over as a
-                    // standby; the broker hands it partitions again when their owners go.
-                    Err(e) if shared && e.calls_for_a_new_start() => {
-                        tracing::warn!(error = %e, "starting over as a standby of every partition");
-                        metrics::counter!("attune_instance_restarts_total").increment(1);
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        continue;
-                    }
-                    // Single: not a failure to restart from: another instance owns the
-                    // partitions now, and a restart would only take them back (the systemd
-                    // unit does not restart on it).
-                    Err(e @ app::AppError::Fenced) => {
-                        tracing::error!("{e}");
-                        return Ok(ExitCode::from(app::FENCED_EXIT_STATUS));
-                    }
-                    r => r?,
-                }
-                break;
-            }
-            tracing::info!("fifo-executor stopped");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve { config } => serve(config.as_deref()).await,
         Command::Bench(args) => {
             // The in-process executor logs warnings and errors only: the summary is the output.
             // lapin logs every closed channel as an error, and the probe that waits for the
@@ -381,7 +389,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             failure_rate,
         } => {
             let config = load(config.as_ref())?;
-            init_logging(&config);
+            // The worker's filter never changes.
+            drop(crate::ops::logging::init(&config.logging));
             let duration = DurationDist::parse_ms(&duration_ms)
                 .map_err(|e| anyhow::anyhow!("--duration-ms: {e}"))?;
             anyhow::ensure!(

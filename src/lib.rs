@@ -24,8 +24,9 @@
 //!   and in shared mode the partition queues).
 //! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
 //!   health check (its result in [`ops::health_report`]) and purge, reading and replaying the
-//!   DLQ, and the hooks through which the Postgres edge keeps policies, health results and the
-//!   ledger's history in check.
+//!   DLQ, the hooks through which the Postgres edge keeps policies, health results and the
+//!   ledger's history in check, the log output, and live configuration reload
+//!   ([`ops::reload`], applying what [`config`]'s comparison of two configurations allows).
 //! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`.
 //! - [`cluster`]: how the actions are split into partitions (a fixed hash of the ref), what
 //!   an instance is called, and ([`cluster::takeover`]) how an instance in `cluster.mode:

@@ -24,6 +24,7 @@ use fifo_executor::ops::hooks::{
 };
 use fifo_executor::ops::metrics::{self, Metrics};
 use fifo_executor::ops::purge::{PurgeSettings, Purger};
+use fifo_executor::ops::reload::Reloader;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -105,7 +106,7 @@ async fn rig_with(o: Options) -> Rig {
         policies: o.policies,
         admin_token: o.token.map(Secret::new),
         max_body_bytes: o.max_body_bytes,
-        purge_dry_run: false,
+        reloader: Arc::new(Reloader::given(fifo_executor::config::Config::default())),
         cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
     });
     Rig { app, exec, health }

@@ -19,6 +19,7 @@ use fifo_executor::ops::health::{HealthMonitor, Status, UNREAD_QUEUE_FROM};
 use fifo_executor::ops::hooks::{NoHealthStore, NoLedgerPurge, NoPolicyStore};
 use fifo_executor::ops::metrics::names;
 use fifo_executor::ops::purge::{PurgeSettings, Purger};
+use fifo_executor::ops::reload::Reloader;
 use fifo_executor::rabbit::topology;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
@@ -355,7 +356,7 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
         policies: Arc::new(NoPolicyStore),
         admin_token: Some(Secret::new("t0ken")),
         max_body_bytes: 65_536,
-        purge_dry_run: false,
+        reloader: Arc::new(Reloader::given(fifo_executor::config::Config::default())),
         cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
     });
 

@@ -246,6 +246,64 @@ async fn the_periodic_task_runs_a_cycle_each_interval_and_stops_on_shutdown() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_reconfigured_purger_follows_its_new_schedule_and_ages() {
+    let _serial = SERIAL.lock().await;
+    let mut r = rig(false).await;
+    let a = action("purge.reconfigured");
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    // No schedule yet (purge.enabled false): nothing runs however long it waits.
+    let task = tokio::spawn(r.purger.clone().run_scheduled(stop_rx));
+    submit(&r.exec, &a, &[1]);
+    r.exec.stats(&a).await.expect("barrier");
+    // Below the configured running age (3600 s) even when the first cycle comes, 600 s after
+    // the reconfiguration: only the new age (60 s) reclaims it.
+    advance(Duration::from_secs(100)).await;
+    r.exec.stats(&a).await.expect("barrier");
+    assert!(
+        removals(&drain(&mut r.events)).is_empty(),
+        "no cycle while off"
+    );
+
+    // On, every 600 s, with a shorter running age; dry runs by default at first.
+    let shorter = PurgeSettings {
+        max_running_age: Duration::from_secs(60),
+        ..r.purger.settings()
+    };
+    r.purger
+        .reconfigure(shorter, Some(Duration::from_secs(600)), true);
+    assert!(r.purger.dry_run_by_default());
+    r.purger
+        .reconfigure(shorter, Some(Duration::from_secs(600)), false);
+    assert!(!r.purger.dry_run_by_default());
+    assert_eq!(r.purger.settings().max_running_age, Duration::from_secs(60));
+    // The task plans its beat when it wakes; on this single thread that is at the next yield.
+    tokio::task::yield_now().await;
+    // Not at once: a reload must not double as a purge.
+    advance(Duration::from_secs(599)).await;
+    r.exec.stats(&a).await.expect("barrier");
+    assert!(removals(&drain(&mut r.events)).is_empty(), "no cycle yet");
+    advance(Duration::from_secs(1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while seen.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cycle reclaimed the slot"
+        );
+        tokio::task::yield_now().await;
+        seen = removals(&drain(&mut r.events));
+    }
+    assert_eq!(
+        seen,
+        vec![(1, "reclaimed")],
+        "a live cycle, by the new default"
+    );
+    stop.send_replace(true);
+    task.await.expect("the task ends");
+    r.exec.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_log_lines_have_the_operator_guide_s_shape() {
     let _serial = SERIAL.lock().await;
     // The test runtime is single-threaded, so everything below logs through this subscriber.

@@ -411,4 +411,23 @@ impl PolicyStore for DbPolicyStore {
     ) -> BoxFuture<'a, Result<(), HookError>> {
         Box::pin(self.store_and_apply(executor, action, policy))
     }
+
+    /// The table's last read over the configuration now in force, for every action, as at
+    /// start: a pinned row (set over HTTP) keeps its whole policy, another row's columns
+    /// keep theirs and the configuration fills in the rest. Under the poller's lock, so a
+    /// `PUT …/policy` in flight is applied after this, not undone by it.
+    fn reconcile<'a>(&'a self, executor: &'a Executor) -> BoxFuture<'a, Result<(), HookError>> {
+        Box::pin(async move {
+            let _in_step = tokio::time::timeout(STEP_TIMEOUT, self.source.apply_lock.lock())
+                .await
+                .map_err(|_| {
+                    HookError(format!(
+                        "the action table's poller held its lock for over {STEP_TIMEOUT:?}; \
+                         the reloaded policies apply with its next poll"
+                    ))
+                })?;
+            executor.follow_policy_source(false);
+            Ok(())
+        })
+    }
 }

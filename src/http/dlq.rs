@@ -18,12 +18,16 @@ use crate::ops::dlq::{
 use crate::rabbit::wire::MAX_EXECUTION_ID;
 
 fn dlq(state: &AppState) -> Result<&Dlq, ApiError> {
-    state.dlq.as_deref().ok_or_else(|| {
-        ApiError::Unavailable(
-            "dlq.enabled is false: nothing is dead-lettered to attune.dlq, so it is not read"
-                .to_owned(),
-        )
-    })
+    state
+        .dlq
+        .as_deref()
+        .filter(|d| d.is_enabled())
+        .ok_or_else(|| {
+            ApiError::Unavailable(
+                "dlq.enabled is false: nothing is dead-lettered to attune.dlq, so it is not read"
+                    .to_owned(),
+            )
+        })
 }
 
 fn unavailable(e: DlqError) -> ApiError {

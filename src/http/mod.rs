@@ -20,11 +20,14 @@
 //! | GET | `/api/v1/dlq/stats` | admin | dead letters by origin and class |
 //! | POST | `/api/v1/dlq/replay` | admin | replay dead letters |
 //! | POST | `/api/v1/purge` | admin | run a purge cycle now |
+//! | GET | `/api/v1/config/status` | | where the config comes from, when it was loaded, the last reload |
+//! | POST | `/api/v1/admin/reload` | admin | reload the configuration |
 //! | GET | `/`, `/ui/app.js`, `/ui/app.css` | | the operations page ([`ui`]) |
 
 pub mod auth;
 pub mod client;
 pub mod cluster;
+pub mod config;
 pub mod dlq;
 pub mod error;
 pub mod executions;
@@ -52,6 +55,7 @@ use crate::ops::health::HealthMonitor;
 use crate::ops::hooks::PolicyStore;
 use crate::ops::metrics::Metrics;
 use crate::ops::purge::Purger;
+use crate::ops::reload::Reloader;
 use error::ApiError;
 
 /// The route paths, in axum's syntax (also OpenAPI's).
@@ -68,6 +72,8 @@ pub mod paths {
     pub const DLQ_STATS: &str = "/api/v1/dlq/stats";
     pub const DLQ_REPLAY: &str = "/api/v1/dlq/replay";
     pub const PURGE: &str = "/api/v1/purge";
+    pub const CONFIG_STATUS: &str = "/api/v1/config/status";
+    pub const ADMIN_RELOAD: &str = "/api/v1/admin/reload";
 }
 
 /// A route: method, path, and whether it needs the admin token.
@@ -102,6 +108,8 @@ pub const ROUTES: &[Route] = &[
     route("GET", paths::DLQ_STATS, true),
     route("POST", paths::DLQ_REPLAY, true),
     route("POST", paths::PURGE, true),
+    route("GET", paths::CONFIG_STATUS, false),
+    route("POST", paths::ADMIN_RELOAD, true),
 ];
 
 /// What the handlers reach.
@@ -113,7 +121,7 @@ pub struct AppState {
     pub stats: Arc<LatestStats>,
     pub health: Arc<HealthMonitor>,
     pub purger: Arc<Purger>,
-    /// `None` when `dlq.enabled` is false.
+    /// The DLQ reader; it answers only while `dlq.enabled` is true.
     pub dlq: Option<Arc<Dlq>>,
     /// `None` when `executor.queue.enable_metrics` is false.
     pub metrics: Option<Metrics>,
@@ -122,8 +130,8 @@ pub struct AppState {
     pub admin_token: Option<Secret>,
     /// `api.max_body_bytes`.
     pub max_body_bytes: usize,
-    /// `purge.dry_run`: what a manual purge does when the request does not say.
-    pub purge_dry_run: bool,
+    /// Reloads the configuration and says when it was loaded.
+    pub reloader: Arc<Reloader>,
     /// The partitions and their owners, for `GET /api/v1/cluster`.
     pub cluster: Arc<cluster::ClusterView>,
 }
@@ -163,6 +171,8 @@ pub fn router(state: AppState) -> Router {
         .route(paths::DLQ_STATS, admin(get(dlq::stats)))
         .route(paths::DLQ_REPLAY, admin(post(dlq::replay)))
         .route(paths::PURGE, admin(post(ops::purge)))
+        .route(paths::CONFIG_STATUS, get(config::status))
+        .route(paths::ADMIN_RELOAD, admin(post(config::reload)))
         .merge(ui::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

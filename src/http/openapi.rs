@@ -283,6 +283,28 @@ pub fn document() -> Value {
         }}),
     );
 
+    doc_paths.insert(
+        paths::CONFIG_STATUS.to_owned(),
+        json!({"get": {
+            "summary": "Where the configuration comes from, when it was loaded, and the last reload",
+            "description": "No token: it holds no value of the configuration (no URL, no token), only the config file's path, times and changed key names.",
+            "responses": {"200": ok("Status", data(schema("ConfigStatus")))}
+        }}),
+    );
+    doc_paths.insert(
+        paths::ADMIN_RELOAD.to_owned(),
+        json!({"post": {
+            "summary": "Reload the configuration (as SIGHUP does)",
+            "description": "Reads the config file and the ATTUNE__ environment again (the process's own environment, which cannot change while it runs) and validates them as start-up does. What can change while running is applied at once (`applied`); other changed keys keep their old values until a restart (`needs_restart`). An invalid configuration changes nothing and is answered 400 with the message start-up would print. Reloads are serialised: this waits for one in progress.",
+            "security": admin,
+            "responses": admin_errors(json!({
+                "200": ok("Loaded: `applied` or `unchanged`", data(schema("ReloadReport"))),
+                "400": error_response("The configuration is invalid (the message start-up would print); nothing changed"),
+                "409": error_response("The service was given a configuration built in code: nothing to read again")
+            }))
+        }}),
+    );
+
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -383,6 +405,30 @@ pub fn document() -> Value {
                             }
                         }},
                         "totals": {"type": "object"}
+                    }
+                },
+                "ReloadReport": {
+                    "type": "object",
+                    "required": ["result", "trigger", "attempted_at", "loaded_at", "applied", "needs_restart", "notes", "error"],
+                    "properties": {
+                        "result": {"type": "string", "enum": ["applied", "unchanged", "invalid"], "description": "applied: at least one key is in force now; unchanged: nothing that can change while running changed; invalid: refused, nothing changed"},
+                        "trigger": {"type": "string", "enum": ["signal", "api"]},
+                        "attempted_at": {"type": "string", "format": "date-time"},
+                        "loaded_at": {"type": "string", "format": "date-time", "description": "When the configuration in force was read: attempted_at unless invalid"},
+                        "applied": {"type": "array", "items": {"type": "string"}, "description": "Dotted keys now in force, e.g. policies.actions.\"core.http.get\".concurrency_limit"},
+                        "needs_restart": {"type": "array", "items": {"type": "string"}, "description": "Dotted keys that changed but keep their old values until a restart"},
+                        "notes": {"type": "array", "items": {"type": "string"}, "description": "E.g. logging.filter applied while RUST_LOG wins"},
+                        "error": {"type": "string", "nullable": true, "description": "invalid: the message start-up would print"}
+                    }
+                },
+                "ConfigStatus": {
+                    "type": "object",
+                    "required": ["path", "reloadable", "loaded_at", "last_reload"],
+                    "properties": {
+                        "path": {"type": "string", "nullable": true, "description": "The config file given to serve --config"},
+                        "reloadable": {"type": "boolean", "description": "False for a configuration built in code"},
+                        "loaded_at": {"type": "string", "format": "date-time", "description": "When the configuration in force was read (start, or the last reload that was not invalid)"},
+                        "last_reload": {"allOf": [{"$ref": "#/components/schemas/ReloadReport"}], "nullable": true}
                     }
                 },
                 "PurgeReport": {

@@ -51,7 +51,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         .into_response())
 }
 
-/// Runs one purge cycle now. `dry_run` defaults to `purge.dry_run`, so a deployment testing
+/// Runs one purge cycle now. `dry_run` defaults to `purge.dry_run` (as last loaded), so a deployment testing
 /// its thresholds in dry-run mode is not purged for real by a bare POST. 409 while another
 /// cycle runs (see [`crate::ops::purge`]).
 pub async fn purge(
@@ -59,7 +59,7 @@ pub async fn purge(
     params: Params,
 ) -> Result<axum::Json<Data<PurgeReport>>, ApiError> {
     params.only(&["dry_run"])?;
-    let dry_run = params.get_bool("dry_run", state.purge_dry_run)?;
+    let dry_run = params.get_bool("dry_run", state.purger.dry_run_by_default())?;
     match state.purger.try_run_cycle(dry_run).await {
         Ok(report) => Ok(axum::Json(Data { data: report })),
         Err(e @ PurgeError::Busy) => Err(ApiError::Conflict(e.to_string())),

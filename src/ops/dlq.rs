@@ -58,6 +58,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use crate::model::ExecutionId;
+use crate::rabbit::dead_letters::DlqSwitch;
 use crate::rabbit::{topology, wire};
 
 /// Most entries one peek returns.
@@ -191,6 +192,9 @@ pub struct Dlq {
     /// The connection, opened on first use and again after it broke. The lock also
     /// serialises operations (see the module docs).
     conn: Mutex<Option<Connection>>,
+    /// `dlq.enabled`: while off, the health check and the API leave the DLQ alone (nothing is
+    /// dead-lettered to it, so there is nothing new to read).
+    enabled: DlqSwitch,
 }
 
 impl std::fmt::Debug for Dlq {
@@ -202,13 +206,25 @@ impl std::fmt::Debug for Dlq {
 }
 
 impl Dlq {
-    /// Connects lazily to the broker at `url`.
+    /// Connects lazily to the broker at `url`, on first use.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             timeout: DEFAULT_TIMEOUT,
             conn: Mutex::new(None),
+            enabled: DlqSwitch::new(true),
         }
+    }
+
+    /// Follows `dlq.enabled` as `switch` says (on by default).
+    pub fn with_switch(mut self, switch: DlqSwitch) -> Self {
+        self.enabled = switch;
+        self
+    }
+
+    /// Whether `dlq.enabled` is true now.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.is_on()
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {

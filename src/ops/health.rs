@@ -3,7 +3,9 @@
 //! [`evaluate`] is a pure function of the inputs (queue counters, DLQ size, stuck count,
 //! thresholds, the time), so every verdict is unit-tested without actors or a broker;
 //! [`HealthMonitor`] gathers the inputs every `health.interval_seconds`, exports the result,
-//! logs it and keeps the latest for `/health`.
+//! logs it and keeps the latest for `/health`. A configuration reload changes the thresholds,
+//! the interval and whether checks run at all ([`HealthMonitor::reconfigure`]); the next check
+//! then runs at once.
 //!
 //! Rules, all with strict `>` (a value equal to a threshold is still within it):
 //!
@@ -296,16 +298,30 @@ pub const UNREAD_QUEUE_FROM: &str = "(unread)";
 /// Every origin a dead letter of this executor can have: always exported, as 0 when none.
 const QUEUE_FROMS: &[&str] = &["requested", "queued", "running", "completed", "cancel"];
 
+/// When [`HealthMonitor::run_scheduled`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    /// Not said yet: nothing runs checks but whoever calls [`HealthMonitor::check`].
+    Unset,
+    /// `health.enabled` is false.
+    Off,
+    /// Every `health.interval_seconds`.
+    Every(Duration),
+}
+
 /// Runs the checks and keeps the latest result.
 pub struct HealthMonitor {
     /// Asked for every action's counters and the stuck count.
     executor: Arc<Executor>,
-    /// `None` when `dlq.enabled` is false.
+    /// `None` without a DLQ reader; a reader whose `dlq.enabled` is off is not asked either.
     dlq: Option<Arc<Dlq>>,
-    /// `health.thresholds`.
-    thresholds: HealthThresholds,
+    /// `health.thresholds`; a configuration reload replaces them.
+    thresholds: std::sync::RwLock<HealthThresholds>,
     /// Shown in the report and the log line: it changes what the queue checks mean.
-    emergency_mode: bool,
+    emergency_mode: std::sync::atomic::AtomicBool,
+    /// When checks run. Changed by a configuration reload, which
+    /// [`HealthMonitor::run_scheduled`] follows.
+    schedule: watch::Sender<Schedule>,
     /// Where each result goes besides memory (Postgres with the ledger).
     store: Arc<dyn super::hooks::HealthStore>,
     /// Whether each check also reads the DLQ to export its size by origin: only worth the
@@ -319,7 +335,7 @@ pub struct HealthMonitor {
 }
 
 impl HealthMonitor {
-    /// `dlq` is `None` when `dlq.enabled` is false.
+    /// `dlq` is `None` when there is no DLQ to read.
     pub fn new(
         executor: Arc<Executor>,
         dlq: Option<Arc<Dlq>>,
@@ -330,8 +346,9 @@ impl HealthMonitor {
         Self {
             executor,
             dlq,
-            thresholds,
-            emergency_mode,
+            thresholds: std::sync::RwLock::new(thresholds),
+            emergency_mode: std::sync::atomic::AtomicBool::new(emergency_mode),
+            schedule: watch::channel(Schedule::Unset).0,
             store,
             dlq_breakdown: true,
             extra_origins: std::sync::Mutex::new(std::collections::BTreeSet::new()),
@@ -353,6 +370,42 @@ impl HealthMonitor {
 
     pub fn emergency_mode(&self) -> bool {
         self.emergency_mode
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The thresholds in force.
+    pub fn thresholds(&self) -> HealthThresholds {
+        self.thresholds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// New settings from a configuration reload. With checks on (`interval` is `Some`), the
+    /// next check runs at once, so `/health` shows the new thresholds within one check, and
+    /// the ones after every `interval`; with checks off (`None`), the last result is dropped,
+    /// as if checks had never run, and `/health` says only that the process is up.
+    pub fn reconfigure(
+        &self,
+        thresholds: HealthThresholds,
+        emergency_mode: bool,
+        interval: Option<Duration>,
+    ) {
+        *self.thresholds.write().unwrap_or_else(|p| p.into_inner()) = thresholds;
+        self.emergency_mode
+            .store(emergency_mode, std::sync::atomic::Ordering::Relaxed);
+        if interval.is_none() {
+            self.latest.send_replace(None);
+        }
+        self.set_schedule(interval);
+    }
+
+    /// Checks every `interval`, or none (`health.enabled` false); see
+    /// [`HealthMonitor::run_scheduled`].
+    pub fn set_schedule(&self, interval: Option<Duration>) {
+        // Replaced even when equal: the loop takes every change as "check now".
+        self.schedule
+            .send_replace(interval.map_or(Schedule::Off, Schedule::Every));
     }
 
     /// Runs one check now: gathers the inputs, judges, exports, logs, stores, keeps.
@@ -366,12 +419,14 @@ impl HealthMonitor {
     /// first 1,000 are counted under [`UNREAD_QUEUE_FROM`]; when a read fails the gauges keep
     /// their last values (the failure is logged, and `attune_dlq_size` still moves).
     pub async fn check(&self) -> Arc<HealthReport> {
+        let thresholds = self.thresholds();
+        let emergency_mode = self.emergency_mode();
         let stats = self.executor.all_stats().await;
         let stuck = self
             .executor
-            .count_stuck(Duration::from_secs(self.thresholds.stuck_age_seconds))
+            .count_stuck(Duration::from_secs(thresholds.stuck_age_seconds))
             .await;
-        let dlq = match &self.dlq {
+        let dlq = match self.dlq.as_ref().filter(|d| d.is_enabled()) {
             None => DlqReading::Disabled,
             Some(dlq) => match dlq.size().await {
                 Ok(n) => DlqReading::Known(n),
@@ -387,9 +442,9 @@ impl HealthMonitor {
                 // can step (NTP) while the core's cannot, and paused tokio time drives it in
                 // tests.
                 now: self.executor.clock().wall(self.executor.clock().now()),
-                emergency_mode: self.emergency_mode,
+                emergency_mode,
             },
-            &self.thresholds,
+            &thresholds,
         ));
         export(&report);
         if report.status == Status::Healthy {
@@ -410,24 +465,38 @@ impl HealthMonitor {
                  not stored"
             ),
         }
-        self.latest.send_replace(Some(report.clone()));
+        // Checks turned off meanwhile: the result is dropped, as `reconfigure` promises.
+        if *self.schedule.borrow() != Schedule::Off {
+            self.latest.send_replace(Some(report.clone()));
+        }
         report
     }
 
-    /// Checks every `interval` until `shutdown` turns true. One task, so checks never
-    /// overlap; a check that overruns the interval delays the next one. The first check comes
-    /// after [`FIRST_CHECK_DELAY`] (or the interval, if shorter), not at once: by then the
-    /// RabbitMQ edge has declared the topology, so the first report does not flag a DLQ that
-    /// simply does not exist yet.
-    pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
-        let first = tokio::time::Instant::now() + interval.min(FIRST_CHECK_DELAY);
-        let mut ticks = tokio::time::interval_at(first, interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = super::stopped(&mut shutdown) => return,
-            }
+    /// Checks every `interval` until `shutdown` turns true (see
+    /// [`HealthMonitor::run_scheduled`]).
+    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: watch::Receiver<bool>) {
+        self.set_schedule(Some(interval));
+        self.run_scheduled(shutdown).await;
+    }
+
+    /// Checks as the schedule says until `shutdown` turns true: every `health.interval_seconds`,
+    /// or not at all while `health.enabled` is false. One task, so checks never overlap; a
+    /// check that overruns the interval delays the next one. The first check comes after
+    /// [`FIRST_CHECK_DELAY`] (or the interval, if shorter), not at once: by then the RabbitMQ
+    /// edge has declared the topology, so the first report does not flag a DLQ that simply
+    /// does not exist yet. After a reconfiguration the next check comes at once.
+    pub async fn run_scheduled(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let every = |s: &Schedule| match s {
+            Schedule::Every(interval) => Some(*interval),
+            Schedule::Unset | Schedule::Off => None,
+        };
+        let mut ticker = super::Ticker::new(
+            self.schedule.subscribe(),
+            every,
+            FIRST_CHECK_DELAY,
+            Duration::ZERO,
+        );
+        while ticker.next(&mut shutdown).await {
             tokio::select! {
                 _ = self.check() => {}
                 _ = super::stopped(&mut shutdown) => return,
@@ -498,7 +567,7 @@ fn export(report: &HealthReport) {
 impl std::fmt::Debug for HealthMonitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthMonitor")
-            .field("thresholds", &self.thresholds)
+            .field("thresholds", &self.thresholds())
             .finish()
     }
 }

@@ -31,6 +31,17 @@ pub trait PolicyStore: Send + Sync + 'static {
         action: &'a ActionRef,
         policy: ActionPolicy,
     ) -> BoxFuture<'a, Result<(), HookError>>;
+
+    /// After the configured policies changed (a reload), makes the executor follow them with
+    /// the same precedence as at start. By default, for a store that keeps nothing but the
+    /// executor's own record of what was set over HTTP: that stays in force (until a restart),
+    /// everything else follows the configuration.
+    fn reconcile<'a>(&'a self, executor: &'a Executor) -> BoxFuture<'a, Result<(), HookError>> {
+        Box::pin(async move {
+            executor.follow_policy_source(true);
+            Ok(())
+        })
+    }
 }
 
 /// Keeps policies in memory only (the executor's overrides), i.e. until the next restart.

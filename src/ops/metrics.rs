@@ -60,6 +60,11 @@ pub mod names {
     pub const UNMATCHED_COMPLETIONS_TOTAL: &str = "attune_unmatched_completions_total";
     /// Counted by the RabbitMQ edge for each cancel from the cancels queue, by `verdict`.
     pub const CANCELS_TOTAL: &str = "attune_cancels_total";
+    /// Configuration reloads by `result` (`applied`, `unchanged`, `invalid`).
+    pub const CONFIG_RELOADS_TOTAL: &str = "attune_config_reloads_total";
+    /// Unix time the configuration in force was read (at start, or by a reload).
+    pub const CONFIG_LAST_RELOAD_TIMESTAMP_SECONDS: &str =
+        "attune_config_last_reload_timestamp_seconds";
 
     /// All of the above.
     pub const ALL: &[&str] = &[
@@ -88,6 +93,8 @@ pub mod names {
         RABBITMQ_RECONNECTS_TOTAL,
         UNMATCHED_COMPLETIONS_TOTAL,
         CANCELS_TOTAL,
+        CONFIG_RELOADS_TOTAL,
+        CONFIG_LAST_RELOAD_TIMESTAMP_SECONDS,
     ];
 
     /// The histograms, which Prometheus sees as `<name>_bucket`, `<name>_sum`, `<name>_count`.
@@ -188,6 +195,16 @@ fn describe() {
         "Cancels from the cancels queue by verdict: canceled, running (left to its worker), \
          unknown (nothing to cancel) and remembered (its request had not come yet; it is \
          canceled when it does)"
+    );
+    describe_counter!(
+        names::CONFIG_RELOADS_TOTAL,
+        "Configuration reloads (SIGHUP or POST /api/v1/admin/reload) by result: applied, \
+         unchanged, invalid (refused, nothing changed)"
+    );
+    describe_gauge!(
+        names::CONFIG_LAST_RELOAD_TIMESTAMP_SECONDS,
+        "Unix time the configuration in force was read: at start, then by each reload that \
+         was not invalid"
     );
     describe_counter!(
         names::DLQ_MESSAGES_TOTAL,

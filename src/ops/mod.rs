@@ -9,13 +9,20 @@
 //! - [`dlq`]: reading and replaying the dead-letter queue.
 //! - [`hooks`]: seams for what the Postgres edge keeps (policies, health results, old ledger
 //!   rows), with the in-memory implementations; the Postgres ones are in [`crate::db`].
+//! - [`settings`]: the core's settings and configured policies from the configuration.
+//! - [`reload`]: live configuration reload (SIGHUP, `POST /api/v1/admin/reload`): reads and
+//!   validates again, applies what can change while running, reports the rest.
+//! - [`logging`]: the log output, and the filter a reload changes.
 
 pub mod dlq;
 pub mod health;
 pub mod health_report;
 pub mod hooks;
+pub mod logging;
 pub mod metrics;
 pub mod purge;
+pub mod reload;
+pub mod settings;
 
 use tokio::sync::watch;
 
@@ -23,4 +30,112 @@ use tokio::sync::watch;
 /// is dropped here so it never lives across an await in a task that moves between threads.
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// The beat of a periodic task (health checks, purge cycles) whose interval, or whether it
+/// runs at all, a configuration reload can change: every change of the schedule starts the
+/// beat over.
+pub(crate) struct Ticker<S> {
+    /// The schedule, as the task's owner last set it.
+    schedule: watch::Receiver<S>,
+    /// Reads the interval out of the schedule; `None`: the task does not run.
+    every: fn(&S) -> Option<std::time::Duration>,
+    /// The current beat; `None` until planned, and again after the schedule changed.
+    ticks: Option<tokio::time::Interval>,
+    /// How long after planning the first beat comes (at most one interval).
+    first: std::time::Duration,
+    /// `first` for every plan after a change of the schedule.
+    after_change: std::time::Duration,
+}
+
+impl<S> Ticker<S> {
+    /// The first beat comes `first` after the start (at most one interval), and
+    /// `after_change` after each change of the schedule (`Duration::MAX`: one interval).
+    pub(crate) fn new(
+        schedule: watch::Receiver<S>,
+        every: fn(&S) -> Option<std::time::Duration>,
+        first: std::time::Duration,
+        after_change: std::time::Duration,
+    ) -> Self {
+        Self {
+            schedule,
+            every,
+            ticks: None,
+            first,
+            after_change,
+        }
+    }
+
+    /// Waits for the next beat: true when the task should run now, false once `shutdown`
+    /// turned true. A beat that comes while the task still runs is delayed, never doubled.
+    pub(crate) async fn next(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            if self.ticks.is_none() {
+                let every = (self.every)(&self.schedule.borrow_and_update());
+                if let Some(interval) = every {
+                    let start = tokio::time::Instant::now() + self.first.min(interval);
+                    let mut ticks = tokio::time::interval_at(start, interval);
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    self.ticks = Some(ticks);
+                }
+            }
+            let changed = match self.ticks.as_mut() {
+                Some(ticks) => tokio::select! {
+                    _ = ticks.tick() => return true,
+                    changed = self.schedule.changed() => changed,
+                    _ = stopped(shutdown) => return false,
+                },
+                None => tokio::select! {
+                    changed = self.schedule.changed() => changed,
+                    _ = stopped(shutdown) => return false,
+                },
+            };
+            if changed.is_err() {
+                // The owner is gone: nothing will change the schedule again, nor stop waiting.
+                stopped(shutdown).await;
+                return false;
+            }
+            self.ticks = None;
+            self.first = self.after_change;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+    use tokio::time::Instant;
+
+    use super::Ticker;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ticker_beats_on_its_schedule_and_starts_over_when_it_changes() {
+        let secs = Duration::from_secs;
+        let (schedule, rx) = watch::channel(Some(secs(10)));
+        let (stop, mut shutdown) = watch::channel(false);
+        let mut ticker = Ticker::new(rx, |s: &Option<Duration>| *s, secs(2), Duration::ZERO);
+        let start = Instant::now();
+        assert!(ticker.next(&mut shutdown).await);
+        assert_eq!(
+            start.elapsed(),
+            secs(2),
+            "the first beat comes after `first`"
+        );
+        assert!(ticker.next(&mut shutdown).await);
+        assert_eq!(start.elapsed(), secs(12));
+        schedule.send_replace(Some(secs(3)));
+        assert!(ticker.next(&mut shutdown).await);
+        assert_eq!(start.elapsed(), secs(12), "after a change, `after_change`");
+        assert!(ticker.next(&mut shutdown).await);
+        assert_eq!(start.elapsed(), secs(15), "then the new interval");
+        schedule.send_replace(None);
+        tokio::select! {
+            _ = ticker.next(&mut shutdown) => panic!("a beat while switched off"),
+            _ = tokio::time::sleep(secs(3600)) => {}
+        }
+        stop.send_replace(true);
+        assert!(!ticker.next(&mut shutdown).await, "false once shut down");
+    }
 }

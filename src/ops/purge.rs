@@ -21,6 +21,10 @@
 //! does not wait: it gets [`PurgeError::Busy`] (HTTP 409) so an operator's call never hangs for
 //! the length of someone else's cycle. A dry run logs and reports what a live cycle would
 //! remove and changes nothing.
+//!
+//! A configuration reload ([`Purger::reconfigure`]) changes the ages and `dry_run` from the
+//! next cycle on, and the interval and `enabled` from the reload on: the next scheduled cycle
+//! comes one interval after it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +35,7 @@ use tokio::sync::{Mutex, watch};
 
 use super::hooks::{HISTORY_RETENTION, LedgerPurge, LedgerPurgeOrder, LedgerPurged};
 use super::metrics::names;
-use crate::config::PurgeConfig;
+use crate::config::{Config, PurgeConfig};
 use crate::core::{Executor, PurgeOrder, PurgedEntry};
 
 /// The ages a purge applies.
@@ -55,6 +59,24 @@ impl PurgeSettings {
             max_stale_stats_age: Duration::from_secs(c.max_stale_stats_age_seconds),
             max_history_age: HISTORY_RETENTION,
         }
+    }
+}
+
+/// Says so (at start, and after a reload) when the purge of queued executions can never find
+/// anything, because the queue timeout removes them first: a threshold that silently does
+/// nothing misleads.
+pub fn note_if_shadowed(c: &Config) {
+    if c.purge.enabled
+        && !c.executor.emergency_mode
+        && c.purge.max_queued_age_seconds >= c.executor.queue.queue_timeout_seconds
+    {
+        tracing::info!(
+            max_queued_age_seconds = c.purge.max_queued_age_seconds,
+            queue_timeout_seconds = c.executor.queue.queue_timeout_seconds,
+            "[purge] purge.max_queued_age_seconds is not below executor.queue.queue_timeout_seconds: \
+             queued executions time out (error_class QueueTimeout) before the purge would take \
+             them; the purge still reclaims lost running executions"
+        );
     }
 }
 
@@ -91,16 +113,30 @@ pub enum PurgeError {
     Busy,
 }
 
+/// When the periodic cycles run, and whether they only look (`purge.dry_run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Schedule {
+    /// `None`: no periodic cycles (`purge.enabled` false).
+    every: Option<Duration>,
+    /// What a cycle does when nobody says: the periodic ones, and a manual one over HTTP
+    /// without `dry_run`.
+    dry_run: bool,
+}
+
 /// Runs purge cycles, one at a time.
 pub struct Purger {
     executor: Arc<Executor>,
-    settings: PurgeSettings,
+    /// The ages; a configuration reload replaces them, for the next cycle on.
+    settings: std::sync::RwLock<PurgeSettings>,
+    /// Followed by [`Purger::run_scheduled`]; a configuration reload replaces it.
+    schedule: watch::Sender<Schedule>,
     ledger: Arc<dyn LedgerPurge>,
     /// Held for the whole of a cycle.
     running: Mutex<()>,
 }
 
 impl Purger {
+    /// No periodic cycles until [`Purger::set_schedule`] (or [`Purger::run`]) says when.
     pub fn new(
         executor: Arc<Executor>,
         settings: PurgeSettings,
@@ -108,14 +144,43 @@ impl Purger {
     ) -> Self {
         Self {
             executor,
-            settings,
+            settings: std::sync::RwLock::new(settings),
+            schedule: watch::channel(Schedule {
+                every: None,
+                dry_run: false,
+            })
+            .0,
             ledger,
             running: Mutex::new(()),
         }
     }
 
     pub fn settings(&self) -> PurgeSettings {
-        self.settings
+        *self.settings.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `purge.dry_run`: what a cycle does when its caller does not say.
+    pub fn dry_run_by_default(&self) -> bool {
+        self.schedule.borrow().dry_run
+    }
+
+    /// Periodic cycles every `every` (none when `None`), each a dry run if `dry_run`. A
+    /// changed interval counts from now: the next cycle comes one interval later, never at
+    /// once (a reload must not double as a purge).
+    pub fn set_schedule(&self, every: Option<Duration>, dry_run: bool) {
+        self.schedule.send_if_modified(|s| {
+            let new = Schedule { every, dry_run };
+            let replan = s.every != every;
+            *s = new;
+            replan
+        });
+    }
+
+    /// New settings from a configuration reload, in force from the next cycle on (one in
+    /// progress finishes with the old ones).
+    pub fn reconfigure(&self, settings: PurgeSettings, every: Option<Duration>, dry_run: bool) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
+        self.set_schedule(every, dry_run);
     }
 
     /// Runs a cycle, after the one in progress if there is one.
@@ -138,6 +203,7 @@ impl Purger {
         };
         let started = tokio::time::Instant::now();
         let started_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let settings = self.settings();
         let emergency_mode = self.executor.settings().emergency_mode;
         tracing::info!(?trigger, "{tag} Starting stale queue entry purge cycle");
         if emergency_mode {
@@ -149,8 +215,8 @@ impl Purger {
         let entries = self
             .executor
             .purge(PurgeOrder {
-                max_queued_age: Some(self.settings.max_queued_age),
-                max_running_age: Some(self.settings.max_running_age),
+                max_queued_age: Some(settings.max_queued_age),
+                max_running_age: Some(settings.max_running_age),
                 dry_run,
             })
             .await;
@@ -160,9 +226,9 @@ impl Purger {
         let (ledger, ledger_error) = match self
             .ledger
             .purge(LedgerPurgeOrder {
-                max_completed_age: self.settings.max_completed_age,
-                max_stale_stats_age: self.settings.max_stale_stats_age,
-                max_history_age: self.settings.max_history_age,
+                max_completed_age: settings.max_completed_age,
+                max_stale_stats_age: settings.max_stale_stats_age,
+                max_history_age: settings.max_history_age,
                 dry_run,
             })
             .await
@@ -186,7 +252,7 @@ impl Purger {
             }
         }
         if let Some(l) = &ledger {
-            self.log_ledger(l, dry_run);
+            log_ledger(&settings, l, dry_run);
             for (table, n) in l.by_table() {
                 if n > 0 {
                     metrics::counter!(names::PURGE_LEDGER_ROWS_TOTAL, "table" => table, "mode" => mode)
@@ -227,58 +293,64 @@ impl Purger {
         }
     }
 
-    /// Runs a cycle every `interval` (the first one interval after start, not at once: a
-    /// restart must not double as a purge) until `shutdown` turns true. A cycle in progress
-    /// when shutdown comes is finished, so the core is never left halfway.
+    /// Runs a cycle every `interval` until `shutdown` turns true (see
+    /// [`Purger::run_scheduled`]).
     pub async fn run(
         self: Arc<Self>,
         interval: Duration,
         dry_run: bool,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = super::stopped(&mut shutdown) => return,
-            }
-            self.run_cycle(dry_run, Trigger::Scheduled).await;
+        self.set_schedule(Some(interval), dry_run);
+        self.run_scheduled(shutdown).await;
+    }
+
+    /// Runs cycles as the schedule says until `shutdown` turns true: every
+    /// `purge.interval_seconds`, the first one interval after start (not at once: a restart
+    /// must not double as a purge), none while `purge.enabled` is false. A cycle in progress
+    /// when shutdown comes is finished, so the core is never left halfway.
+    pub async fn run_scheduled(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = super::Ticker::new(
+            self.schedule.subscribe(),
+            |s: &Schedule| s.every,
+            Duration::MAX,
+            Duration::MAX,
+        );
+        while ticker.next(&mut shutdown).await {
+            self.run_cycle(self.dry_run_by_default(), Trigger::Scheduled)
+                .await;
         }
     }
 }
 
-impl Purger {
-    /// One line per kind of ledger row that was (or would be) deleted, with its age limit.
-    fn log_ledger(&self, l: &LedgerPurged, dry_run: bool) {
-        let st = &self.settings;
-        for (what, n, limit) in [
-            (
-                "finished executions",
-                l.completed_executions,
-                st.max_completed_age,
+/// One line per kind of ledger row that was (or would be) deleted, with its age limit.
+fn log_ledger(st: &PurgeSettings, l: &LedgerPurged, dry_run: bool) {
+    for (what, n, limit) in [
+        (
+            "finished executions",
+            l.completed_executions,
+            st.max_completed_age,
+        ),
+        (
+            "idle queue_stats rows",
+            l.stale_stats,
+            st.max_stale_stats_age,
+        ),
+        ("queue_snapshots rows", l.old_snapshots, st.max_history_age),
+        (
+            "health_checks rows",
+            l.old_health_checks,
+            st.max_history_age,
+        ),
+    ] {
+        let max = limit.as_secs();
+        match (n, dry_run) {
+            (0, _) => {}
+            (_, true) => tracing::info!(
+                "[purge][dry-run] Would purge {n} {what} from the ledger (age over max: {max}s)"
             ),
-            (
-                "idle queue_stats rows",
-                l.stale_stats,
-                st.max_stale_stats_age,
-            ),
-            ("queue_snapshots rows", l.old_snapshots, st.max_history_age),
-            (
-                "health_checks rows",
-                l.old_health_checks,
-                st.max_history_age,
-            ),
-        ] {
-            let max = limit.as_secs();
-            match (n, dry_run) {
-                (0, _) => {}
-                (_, true) => tracing::info!(
-                    "[purge][dry-run] Would purge {n} {what} from the ledger (age over max: {max}s)"
-                ),
-                (_, false) => tracing::info!(
-                    "[purge] Purged {n} {what} from the ledger (age over max: {max}s)"
-                ),
+            (_, false) => {
+                tracing::info!("[purge] Purged {n} {what} from the ledger (age over max: {max}s)")
             }
         }
     }
@@ -287,7 +359,7 @@ impl Purger {
 impl std::fmt::Debug for Purger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Purger")
-            .field("settings", &self.settings)
+            .field("settings", &self.settings())
             .finish()
     }
 }

@@ -50,8 +50,8 @@ pub struct ConsumerContext {
     /// restarts). Each gives every unacknowledged message back to the broker once: routine,
     /// not a sign of a message that breaks the executor.
     session_losses: AtomicU32,
-    /// When false, failures are logged and counted but not published.
-    pub dlq_enabled: bool,
+    /// When off, failures are logged and counted but not published.
+    pub dlq_enabled: super::dead_letters::DlqSwitch,
     /// Deliveries seen per message, for classic queues, which do not count redeliveries
     /// themselves. Only redelivered messages are tracked; reset when it grows large.
     redeliveries: Mutex<HashMap<u64, u32>>,
@@ -152,7 +152,7 @@ impl ConsumerContext {
         publisher: PublisherHandle,
         max_message_bytes: usize,
         max_deliveries: u32,
-        dlq_enabled: bool,
+        dlq_enabled: impl Into<super::dead_letters::DlqSwitch>,
     ) -> Self {
         Self {
             executor,
@@ -160,7 +160,7 @@ impl ConsumerContext {
             max_message_bytes,
             max_deliveries,
             session_losses: AtomicU32::new(0),
-            dlq_enabled,
+            dlq_enabled: dlq_enabled.into(),
             redeliveries: Mutex::new(HashMap::new()),
             completion_log: CompletionLog::new(),
             history: None,
@@ -284,7 +284,7 @@ impl ConsumerContext {
             request_id = ?letter.request_id,
             "dead-lettering message"
         );
-        if !self.dlq_enabled {
+        if !self.dlq_enabled.is_on() {
             acks.ack(tag);
             return;
         }

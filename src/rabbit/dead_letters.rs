@@ -1,25 +1,60 @@
 //! Turns the core's failures into dead letters: executions that timed out or were purged while
 //! waiting (`queue_from: queued`) and slots reclaimed for want of a completion
 //! (`queue_from: running`). Wraps the next sink and passes every event on.
+//!
+//! [`DlqSwitch`] is `dlq.enabled`, shared by everything that publishes or reads dead letters,
+//! so that a configuration reload turns them on or off everywhere at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::publisher::{Outgoing, PublisherHandle};
 use super::wire::{DeadLetter, QueueFrom};
 use crate::core::ports::RemovalReason;
 use crate::core::{Event, OutcomeSink};
 
+/// `dlq.enabled`: whether failures are published to `attune.dlx` (and the DLQ is read), or
+/// only logged and counted. Clones share one value.
+#[derive(Debug, Clone)]
+pub struct DlqSwitch(Arc<AtomicBool>);
+
+impl DlqSwitch {
+    pub fn new(on: bool) -> Self {
+        Self(Arc::new(AtomicBool::new(on)))
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Turns it on or off for every clone.
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Relaxed);
+    }
+}
+
+/// A switch of its own, for what is built with a fixed `dlq.enabled`.
+impl From<bool> for DlqSwitch {
+    fn from(on: bool) -> Self {
+        Self::new(on)
+    }
+}
+
 pub struct DeadLetterSink {
     publisher: PublisherHandle,
-    enabled: bool,
+    enabled: DlqSwitch,
     inner: Arc<dyn OutcomeSink>,
 }
 
 impl DeadLetterSink {
-    pub fn new(publisher: PublisherHandle, enabled: bool, inner: Arc<dyn OutcomeSink>) -> Self {
+    pub fn new(
+        publisher: PublisherHandle,
+        enabled: impl Into<DlqSwitch>,
+        inner: Arc<dyn OutcomeSink>,
+    ) -> Self {
         Self {
             publisher,
-            enabled,
+            enabled: enabled.into(),
             inner,
         }
     }
@@ -112,7 +147,7 @@ impl OutcomeSink for DeadLetterSink {
                     "error_class" => letter.error_class.clone()
                 )
                 .increment(1);
-                if self.enabled {
+                if self.enabled.is_on() {
                     self.publisher.publish(Outgoing::DeadLetter(letter), None);
                 } else {
                     tracing::warn!(execution_id = ?letter.execution_id, error_class = %letter.error_class, "dead letter (dlq disabled)");

@@ -108,6 +108,18 @@ pub fn bench_with_children(
     fifo_executor::tools::bench::BenchArgs::try_parse_from(args).expect("valid arguments")
 }
 
+/// Declares the executor's topology with the default arguments, as the service does, so a
+/// test can publish before the service is up.
+pub async fn declare_topology(ch: &lapin::Channel) {
+    use fifo_executor::rabbit::topology::{self, QueueKind, TopologySpec};
+    let spec = TopologySpec {
+        queue_type: QueueKind::Classic,
+        dlq_ttl_hours: 168,
+        dlq_max_entries: 10_000,
+    };
+    topology::declare(ch, &spec).await.expect("topology");
+}
+
 /// How many messages `queue` holds now (0 if it does not exist).
 pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
     ch.queue_declare(
