@@ -283,7 +283,17 @@ impl Reloader {
         };
         let mut in_force = self.in_force.lock().await;
         let attempted_at = Utc::now();
-        let report = match Config::load(path.as_deref()) {
+        // File reads block; a slow disk must not hold up a runtime thread.
+        let path = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(path.as_deref()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigError::Syntax {
+                    file: "(the configuration)".to_owned(),
+                    message: format!("reading it failed: {e}"),
+                })
+            });
+        let report = match loaded {
             Err(e) => ReloadReport {
                 result: ReloadResult::Invalid,
                 trigger,
