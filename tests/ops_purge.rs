@@ -98,6 +98,22 @@ fn drain(rx: &mut UnboundedReceiver<Event>) -> Vec<Event> {
     out
 }
 
+/// Waits (yielding, in real time) until a cycle has removed something; returns what.
+async fn until_removed(events: &mut UnboundedReceiver<Event>) -> Vec<(u64, &'static str)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = removals(&drain(events));
+        if !seen.is_empty() {
+            return seen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cycle removed anything"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 fn removals(events: &[Event]) -> Vec<(u64, &'static str)> {
     events
         .iter()
@@ -229,16 +245,7 @@ async fn the_periodic_task_runs_a_cycle_each_interval_and_stops_on_shutdown() {
     assert!(removals(&drain(&mut r.events)).is_empty());
     advance(Duration::from_secs(600)).await;
     // Let the cycle's actor calls finish.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut seen = Vec::new();
-    while seen.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no cycle reclaimed the slot"
-        );
-        tokio::task::yield_now().await;
-        seen = removals(&drain(&mut r.events));
-    }
+    let seen = until_removed(&mut r.events).await;
     assert_eq!(seen, vec![(1, "reclaimed")]);
     stop.send_replace(true);
     task.await.expect("the task ends");
@@ -283,16 +290,7 @@ async fn a_reconfigured_purger_follows_its_new_schedule_and_ages() {
     r.exec.stats(&a).await.expect("barrier");
     assert!(removals(&drain(&mut r.events)).is_empty(), "no cycle yet");
     advance(Duration::from_secs(1)).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut seen = Vec::new();
-    while seen.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no cycle reclaimed the slot"
-        );
-        tokio::task::yield_now().await;
-        seen = removals(&drain(&mut r.events));
-    }
+    let seen = until_removed(&mut r.events).await;
     assert_eq!(
         seen,
         vec![(1, "reclaimed")],
