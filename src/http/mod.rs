@@ -1,4 +1,5 @@
-//! The HTTP edge: the operators' API, `/health` and `/metrics`, on `api.listen`.
+//! The HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics` and the
+//! operations page ([`ui`], `GET /`), which reads and calls the same API.
 //!
 //! [`router`] builds the whole API from an [`AppState`] without binding anything, so tests
 //! drive it with `oneshot`; [`serve`] runs it on a listener until a shutdown future resolves.
