@@ -198,7 +198,7 @@ impl Hooks {
                 &d.schema,
                 d.policies.clone(),
             )),
-            None => Arc::new(NoPolicyStore),
+            None => Arc::new(NoPolicyStore::default()),
         });
         let health = self.health.unwrap_or_else(|| match durable {
             Some(d) => Arc::new(DbHealthStore::new(d.pool.clone(), &d.schema)),

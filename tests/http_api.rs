@@ -14,7 +14,9 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use fifo_executor::config::{HealthThresholds, Secret};
 use fifo_executor::core::memory::{ChannelDispatcher, DiscardSink, LatestStats};
-use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
+use fifo_executor::core::{
+    ActionPolicy, Executor, PolicyPatch, Ports, QueueSettings, RateLimit, UniformPolicy,
+};
 use fifo_executor::http::{self, AppState, ROUTES};
 use fifo_executor::model::{ActionRef, Completion, EndStatus, Payload, Submission};
 use fifo_executor::ops::health::HealthMonitor;
@@ -67,7 +69,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             token: Some(TOKEN),
-            policies: Arc::new(NoPolicyStore),
+            policies: Arc::new(NoPolicyStore::default()),
             ledger: Arc::new(NoLedgerPurge),
             max_body_bytes: 64 * 1024,
         }
@@ -613,6 +615,85 @@ async fn a_policy_put_takes_effect_at_once_and_reads_back() {
 }
 
 #[tokio::test]
+async fn a_policy_put_changes_only_the_fields_it_gives_and_null_removes_the_rate_limit() {
+    let r = rig().await;
+    let uri = "/api/v1/actions/policy.partial/policy";
+    let a = action("policy.partial");
+    submit(&r.exec, "policy.partial", 1..=5);
+    let put = |body: Value| send(&r.app, req(Method::PUT, uri, true, Some(body)));
+    let (status, body) = put(json!({
+        "concurrency_limit": 1,
+        "rate_limit": {"max": 10, "per_seconds": 60},
+        "enabled": false
+    }))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ten_a_minute = Some(RateLimit {
+        max: NonZeroU32::new(10).expect("10"),
+        per: Duration::from_secs(60),
+    });
+
+    // A lone limit change keeps the action paused and its rate limit.
+    let (status, body) = put(json!({"concurrency_limit": 3})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["data"],
+        json!({
+            "action_ref": "policy.partial",
+            "concurrency_limit": 3,
+            "rate_limit": {"max": 10, "per_seconds": 60},
+            "enabled": false
+        }),
+        "the answer is the whole policy in force"
+    );
+    let p = r.exec.policy(&a);
+    assert_eq!(
+        (p.concurrency_limit.get(), p.rate_limit, p.enabled),
+        (3, ten_a_minute, false)
+    );
+    let (_, stats) = get(&r.app, "/api/v1/actions/policy.partial/queue-stats").await;
+    // The first execution went before the pause; the raised limit admitted nothing more.
+    assert_eq!(
+        (
+            &stats["data"]["max_concurrent"],
+            &stats["data"]["active_count"]
+        ),
+        (&json!(3), &json!(1)),
+        "{stats}"
+    );
+
+    // A rate limit left out is kept; given as null it is removed.
+    let (status, body) = put(json!({"enabled": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(r.exec.policy(&a).rate_limit, ten_a_minute);
+    let (_, stats) = get(&r.app, "/api/v1/actions/policy.partial/queue-stats").await;
+    assert_eq!(
+        stats["data"]["active_count"], 3,
+        "resumed at the kept limit"
+    );
+    let (status, body) = put(json!({"rate_limit": null})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["rate_limit"], Value::Null);
+    let p = r.exec.policy(&a);
+    assert_eq!(
+        (p.concurrency_limit.get(), p.rate_limit, p.enabled),
+        (3, None, true)
+    );
+
+    // An empty body is refused with a message that says what to send, and changes nothing.
+    let (status, body) = put(json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_error(&body, "BAD_REQUEST");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("at least one of concurrency_limit")),
+        "{body}"
+    );
+    assert_eq!(r.exec.policy(&a), p);
+}
+
+#[tokio::test]
 async fn bad_policy_bodies_are_a_400_naming_the_field_and_change_nothing() {
     let r = rig().await;
     let uri = "/api/v1/actions/policy.bad/policy";
@@ -646,7 +727,17 @@ async fn bad_policy_bodies_are_a_400_naming_the_field_and_change_nothing() {
             json!({"concurrency_limit": 2, "enabled": true, "rate_limit": {"max": 2147483648_u64, "per_seconds": 1}}),
             Some("rate_limit.max"),
         ),
-        (json!({"concurrency_limit": 2}), None),
+        // Nothing to change, and null for a field that cannot be "none".
+        (json!({}), None),
+        (
+            json!({"concurrency_limit": null}),
+            Some("concurrency_limit"),
+        ),
+        (json!({"enabled": null}), Some("enabled")),
+        (
+            json!({"rate_limit": {"max": 0, "per_seconds": 1}}),
+            Some("rate_limit.max"),
+        ),
         (
             json!({"concurrency_limit": 2, "enabled": "yes"}),
             Some("enabled"),
@@ -761,8 +852,8 @@ impl PolicyStore for BrokenStore {
         &'a self,
         _executor: &'a Executor,
         _action: &'a ActionRef,
-        _policy: ActionPolicy,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
+        _patch: PolicyPatch,
+    ) -> BoxFuture<'a, Result<ActionPolicy, HookError>> {
         Box::pin(async { Err(HookError("database is down".to_owned())) })
     }
 }

@@ -353,7 +353,7 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
         )),
         dlq: Some(dlq.clone()),
         metrics: None,
-        policies: Arc::new(NoPolicyStore),
+        policies: Arc::new(NoPolicyStore::default()),
         admin_token: Some(Secret::new("t0ken")),
         max_body_bytes: 65_536,
         reloader: Arc::new(Reloader::given(fifo_executor::config::Config::default())),

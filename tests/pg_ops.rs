@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use common_pg::{Rig, TestDb, action, eventually};
 use fifo_executor::config::HealthThresholds;
-use fifo_executor::core::memory::DiscardSink;
-use fifo_executor::core::{ActionPolicy, PolicySource, QueueSettings, RateLimit, UniformPolicy};
+use fifo_executor::core::{ActionPolicy, PolicyPatch, PolicySource, RateLimit, UniformPolicy};
 use fifo_executor::db::ops::{DbHealthStore, DbLedgerPurge};
 use fifo_executor::db::policies::{DbPolicySource, DbPolicyStore};
 use fifo_executor::model::ActionRef;
@@ -131,20 +130,15 @@ fn open_policy(limit: u32) -> ActionPolicy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_set_over_http_is_the_action_row_and_the_poller_neither_reverts_nor_loses_it() {
     let db = TestDb::new().await;
-    let source = Arc::new(DbPolicySource::new(&db.schema, Arc::new(StrictConfig)));
-    source.load(&db.pool).await.expect("load");
-    let mut rig = Rig::start(
-        &db,
-        QueueSettings::default(),
-        source.clone(),
-        Arc::new(DiscardSink),
-    )
-    .await;
+    let (source, mut rig) = Rig::on_action_table(&db, Arc::new(StrictConfig)).await;
     let store = DbPolicyStore::new(db.pool.clone(), &db.schema, source.clone());
     let a = action("policy.pinned");
     let set = open_policy(4);
 
-    store.apply(&rig.exec, &a, set).await.expect("stored");
+    store
+        .apply(&rig.exec, &a, PolicyPatch::whole(set))
+        .await
+        .expect("stored");
     assert_eq!(rig.exec.policy(&a), set, "applied at once");
     let row = sqlx::query(
         "SELECT enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds, \
@@ -197,7 +191,7 @@ async fn a_policy_set_over_http_is_the_action_row_and_the_poller_neither_reverts
     // A policy for an action the table has no row for yet creates the row.
     let fresh = action("policy.fresh");
     store
-        .apply(&rig.exec, &fresh, open_policy(2))
+        .apply(&rig.exec, &fresh, PolicyPatch::whole(open_policy(2)))
         .await
         .expect("stored");
     let (pinned, limit): (bool, Option<i32>) =
@@ -221,14 +215,19 @@ async fn a_policy_the_table_cannot_take_changes_nothing() {
     let store = DbPolicyStore::new(db.pool.clone(), &db.schema, source);
     let a = action("policy.huge");
     let err = store
-        .apply(&exec, &a, open_policy(u32::MAX))
+        .apply(&exec, &a, PolicyPatch::whole(open_policy(u32::MAX)))
         .await
         .expect_err("refused");
     assert!(err.0.contains("concurrency_limit"), "{err}");
     assert_eq!(exec.policy(&a), ActionPolicy::default());
     // The pool is closed: storing fails, and the executor keeps its policy.
     db.pool.close().await;
-    assert!(store.apply(&exec, &a, open_policy(3)).await.is_err());
+    assert!(
+        store
+            .apply(&exec, &a, PolicyPatch::whole(open_policy(3)))
+            .await
+            .is_err()
+    );
     assert_eq!(exec.policy(&a), ActionPolicy::default());
     exec.shutdown(Duration::from_secs(5)).await;
 }

@@ -1,5 +1,6 @@
 //! The `action` table as the operators' switch: the runbook's emergency UPDATE pauses actions
-//! within two seconds, and enabling them again resumes them in order.
+//! within two seconds, and enabling them again resumes them in order. And a policy change over
+//! HTTP that gives only some fields is merged into the row as it is.
 
 mod common_pg;
 
@@ -8,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common_pg::{Rig, TestDb, action, eventually, limit};
-use fifo_executor::core::memory::DiscardSink;
-use fifo_executor::core::{PolicySource, QueueSettings, UniformPolicy};
-use fifo_executor::db::policies::{DEFAULT_POLL_INTERVAL, DbPolicySource};
-use fifo_executor::model::{EndStatus, Rejection, Verdict};
+use fifo_executor::core::{ActionPolicy, PolicyPatch, PolicySource, RateLimit, UniformPolicy};
+use fifo_executor::db::policies::{DEFAULT_POLL_INTERVAL, DbPolicySource, DbPolicyStore};
+use fifo_executor::model::{ActionRef, EndStatus, Rejection, Verdict};
+use fifo_executor::ops::hooks::PolicyStore;
 
 /// The runbook's "Temporarily Disable Non-Critical Actions", verbatim.
 const RUNBOOK_DISABLE: &str = "UPDATE attune.action\n\
@@ -21,18 +22,7 @@ WHERE priority < 5 OR tags @> '[\"low-priority\"]';";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runbook_update_pauses_low_priority_actions_and_enabling_resumes_them_in_order() {
     let db = TestDb::new().await;
-    let source = Arc::new(DbPolicySource::new(
-        &db.schema,
-        Arc::new(UniformPolicy(limit(1))),
-    ));
-    source.load(&db.pool).await.expect("load");
-    let mut rig = Rig::start(
-        &db,
-        QueueSettings::default(),
-        source.clone(),
-        Arc::new(DiscardSink),
-    )
-    .await;
+    let (source, mut rig) = Rig::on_action_table(&db, Arc::new(UniformPolicy(limit(1)))).await;
     let poller = source.spawn_poller(db.pool.clone(), rig.exec.clone(), DEFAULT_POLL_INTERVAL);
     let low = action("reports.nightly");
     let high = action("core.http.get");
@@ -122,5 +112,157 @@ async fn the_runbook_update_pauses_low_priority_actions_and_enabling_resumes_the
     );
 
     poller.stop(Duration::from_secs(5)).await;
+    rig.shutdown().await;
+}
+
+fn rate(max: u32, per_seconds: u64) -> Option<RateLimit> {
+    Some(RateLimit {
+        max: NonZeroU32::new(max).expect("nonzero"),
+        per: Duration::from_secs(per_seconds),
+    })
+}
+
+/// `(enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds, policy_pinned)` of
+/// an action's row.
+type Row = (bool, Option<i32>, Option<i32>, Option<i32>, bool);
+
+async fn row(db: &TestDb, a: &ActionRef) -> Row {
+    sqlx::query_as(
+        "SELECT enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds, \
+         policy_pinned FROM attune.action WHERE ref = $1",
+    )
+    .bind(a.as_str())
+    .fetch_one(&db.pool)
+    .await
+    .expect("the row exists")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_some_fields_is_merged_into_the_action_row_as_it_is() {
+    let db = TestDb::new().await;
+    // The configuration: limit 1, five a second, disabled.
+    let config = ActionPolicy {
+        concurrency_limit: NonZeroU32::MIN,
+        rate_limit: rate(5, 1),
+        enabled: false,
+    };
+    let (source, mut rig) = Rig::on_action_table(&db, Arc::new(UniformPolicy(config))).await;
+    let store = DbPolicyStore::new(db.pool.clone(), &db.schema, source.clone());
+    let a = action("policy.merged");
+    let set = |patch| store.apply(&rig.exec, &a, patch);
+
+    let whole = ActionPolicy {
+        concurrency_limit: NonZeroU32::MIN,
+        rate_limit: rate(10, 60),
+        enabled: false,
+    };
+    assert_eq!(set(PolicyPatch::whole(whole)).await.expect("stored"), whole);
+
+    // A lone limit change keeps the action disabled and its rate limit, in the row too.
+    let raised = set(PolicyPatch {
+        concurrency_limit: NonZeroU32::new(3),
+        ..PolicyPatch::default()
+    })
+    .await
+    .expect("stored");
+    let expected = ActionPolicy {
+        concurrency_limit: NonZeroU32::new(3).expect("3"),
+        ..whole
+    };
+    assert_eq!(raised, expected);
+    assert_eq!(rig.exec.policy(&a), expected, "applied at once");
+    assert_eq!(
+        row(&db, &a).await,
+        (false, Some(3), Some(10), Some(60), true)
+    );
+
+    // An operator enables the action by hand; before the poller has seen it, a change of the
+    // rate limit merges into the row, not into the executor's older policy. Null clears.
+    sqlx::query("UPDATE attune.action SET enabled = true WHERE ref = $1")
+        .bind(a.as_str())
+        .execute(&db.pool)
+        .await
+        .expect("update");
+    let cleared = set(PolicyPatch {
+        rate_limit: Some(None),
+        ..PolicyPatch::default()
+    })
+    .await
+    .expect("stored");
+    let expected = ActionPolicy {
+        concurrency_limit: NonZeroU32::new(3).expect("3"),
+        rate_limit: None,
+        enabled: true,
+    };
+    assert_eq!(cleared, expected);
+    assert_eq!(rig.exec.policy(&a), expected);
+    assert_eq!(row(&db, &a).await, (true, Some(3), None, None, true));
+    // The poller agrees with what was stored.
+    let applied = source.refresh(&db.pool, &rig.exec).await.expect("poll");
+    assert!(applied.is_empty(), "the poller changed {applied:?}");
+
+    // An action without a row: the fields not given come from the configuration, and the
+    // row pins them.
+    let fresh = action("policy.fresh");
+    let got = store
+        .apply(
+            &rig.exec,
+            &fresh,
+            PolicyPatch {
+                concurrency_limit: NonZeroU32::new(2),
+                ..PolicyPatch::default()
+            },
+        )
+        .await
+        .expect("stored");
+    assert_eq!(
+        got,
+        ActionPolicy {
+            concurrency_limit: NonZeroU32::new(2).expect("2"),
+            ..config
+        }
+    );
+    assert_eq!(
+        row(&db, &fresh).await,
+        (false, Some(2), Some(5), Some(1), true)
+    );
+
+    // Two instances change different fields of one action at once: the row lock orders
+    // them and neither change is lost.
+    let other_source = Arc::new(DbPolicySource::new(
+        &db.schema,
+        Arc::new(UniformPolicy(config)),
+    ));
+    let other = DbPolicyStore::new(db.pool.clone(), &db.schema, other_source);
+    for round in 0..10_u32 {
+        let limit = NonZeroU32::new(10 + round).expect("nonzero");
+        let enabled = round % 2 == 0;
+        let (x, y) = tokio::join!(
+            store.apply(
+                &rig.exec,
+                &a,
+                PolicyPatch {
+                    concurrency_limit: Some(limit),
+                    ..PolicyPatch::default()
+                }
+            ),
+            other.apply(
+                &rig.exec,
+                &a,
+                PolicyPatch {
+                    enabled: Some(enabled),
+                    ..PolicyPatch::default()
+                }
+            ),
+        );
+        x.expect("stored");
+        y.expect("stored");
+        let limit = i32::try_from(limit.get()).expect("small");
+        assert_eq!(
+            row(&db, &a).await,
+            (enabled, Some(limit), None, None, true),
+            "round {round}"
+        );
+    }
     rig.shutdown().await;
 }

@@ -16,7 +16,9 @@ pub mod supervisor;
 pub mod unroutable;
 
 pub use clock::{Clock, Stamp};
-pub use policy::{ActionPolicy, PolicySource, QueueSettings, RateLimit, UniformPolicy};
+pub use policy::{
+    ActionPolicy, PolicyPatch, PolicySource, QueueSettings, RateLimit, UniformPolicy,
+};
 pub use ports::{
     Dispatch, Dispatcher, Event, History, HistoryError, OutcomeSink, Ports, QueueStats,
     StatsObserver,

@@ -38,6 +38,40 @@ impl Default for ActionPolicy {
     }
 }
 
+/// A change to some of an action's policy: each field left `None` keeps what is in force.
+/// `rate_limit: Some(None)` removes the rate limit; `None` leaves it as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyPatch {
+    pub concurrency_limit: Option<NonZeroU32>,
+    pub rate_limit: Option<Option<RateLimit>>,
+    pub enabled: Option<bool>,
+}
+
+impl PolicyPatch {
+    /// A patch that sets every field: the whole policy.
+    pub fn whole(p: ActionPolicy) -> Self {
+        Self {
+            concurrency_limit: Some(p.concurrency_limit),
+            rate_limit: Some(p.rate_limit),
+            enabled: Some(p.enabled),
+        }
+    }
+
+    /// Whether the patch changes nothing at all.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// `current` with the fields this patch sets replaced.
+    pub fn over(&self, current: ActionPolicy) -> ActionPolicy {
+        ActionPolicy {
+            concurrency_limit: self.concurrency_limit.unwrap_or(current.concurrency_limit),
+            rate_limit: self.rate_limit.unwrap_or(current.rate_limit),
+            enabled: self.enabled.unwrap_or(current.enabled),
+        }
+    }
+}
+
 /// Where an action's policy comes from when its actor starts: config defaults and overrides,
 /// later also what operators stored in the database.
 pub trait PolicySource: Send + Sync + 'static {
@@ -104,4 +138,45 @@ pub(crate) fn limiter(rate: RateLimit, clock: &Clock) -> Limiter {
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
         .allow_burst(rate.max);
     RateLimiter::direct_with_clock(quota, clock.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(limit: u32, rate: Option<(u32, u64)>, enabled: bool) -> ActionPolicy {
+        ActionPolicy {
+            concurrency_limit: NonZeroU32::new(limit).expect("nonzero"),
+            rate_limit: rate.map(|(max, per)| RateLimit {
+                max: NonZeroU32::new(max).expect("nonzero"),
+                per: Duration::from_secs(per),
+            }),
+            enabled,
+        }
+    }
+
+    #[test]
+    fn a_patch_replaces_only_the_fields_it_sets() {
+        let current = policy(1, Some((10, 60)), false);
+        let limit_only = PolicyPatch {
+            concurrency_limit: NonZeroU32::new(3),
+            ..PolicyPatch::default()
+        };
+        assert_eq!(limit_only.over(current), policy(3, Some((10, 60)), false));
+        let clear_rate = PolicyPatch {
+            rate_limit: Some(None),
+            ..PolicyPatch::default()
+        };
+        assert_eq!(clear_rate.over(current), policy(1, None, false));
+        let enable = PolicyPatch {
+            enabled: Some(true),
+            ..PolicyPatch::default()
+        };
+        assert_eq!(enable.over(current), policy(1, Some((10, 60)), true));
+        assert!(PolicyPatch::default().is_empty());
+        assert_eq!(PolicyPatch::default().over(current), current);
+        let whole = policy(7, None, true);
+        assert_eq!(PolicyPatch::whole(whole).over(current), whole);
+        assert!(!PolicyPatch::whole(whole).is_empty());
+    }
 }

@@ -37,7 +37,7 @@ use sqlx::{Row, SqlStr};
 use tokio::time::MissedTickBehavior;
 
 use super::{DbError, Schema, Worker};
-use crate::core::{ActionPolicy, Executor, PolicySource, RateLimit};
+use crate::core::{ActionPolicy, Executor, PolicyPatch, PolicySource, RateLimit};
 use crate::model::ActionRef;
 use crate::ops::hooks::{HookError, PolicyStore};
 
@@ -301,13 +301,24 @@ fn stored_policy(row: &PgRow) -> Option<(ActionRef, Option<StoredPolicy>)> {
 /// Writes policies set with `PUT /api/v1/actions/{ref}/policy` to the `action` table as a
 /// pinned row (see the module docs), then applies them, under the poller's lock so that the
 /// poller and the API never undo each other. The row is created if the action has none yet.
+///
+/// A change of some fields is merged, in one transaction, into the policy the row gives now
+/// (the row locked from the read to the write): the table, not the executor, is the one truth,
+/// so an operator's `UPDATE` the poller has not applied yet is kept, and two changes at once,
+/// from this instance or another, each see the other's fields.
 pub struct DbPolicyStore {
     /// The service's pool.
     pool: PgPool,
-    /// The poller's source: its lock, and its last read, updated with what was written.
+    /// The poller's source: its lock, its fallback, and its last read, updated with what was
+    /// written.
     source: Arc<DbPolicySource>,
-    /// The upsert, built once for the schema.
-    upsert: SqlStr,
+    /// Creates the action's row if it has none (a bare row says what the configuration
+    /// says), so that the next statement has a row to lock.
+    create: SqlStr,
+    /// Reads the row's policy and locks it until the transaction ends.
+    lock_row: SqlStr,
+    /// Writes the merged policy as the whole of a pinned row.
+    write: SqlStr,
 }
 
 impl std::fmt::Debug for DbPolicyStore {
@@ -324,29 +335,23 @@ impl DbPolicyStore {
             pool,
             source,
             // An INSERT that conflicts burns a BIGSERIAL value; one per policy change is
-            // nothing, and a single statement cannot lose a race with the ledger creating the
-            // same row.
-            upsert: schema.sql(
-                "INSERT INTO {s}.action AS a \
-                   (ref, enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds, \
-                    policy_pinned) \
-                 VALUES ($1, $2, $3, $4, $5, true) \
-                 ON CONFLICT (ref) DO UPDATE SET \
-                   enabled = EXCLUDED.enabled, \
-                   concurrency_limit = EXCLUDED.concurrency_limit, \
-                   rate_limit_max = EXCLUDED.rate_limit_max, \
-                   rate_limit_per_seconds = EXCLUDED.rate_limit_per_seconds, \
-                   policy_pinned = true",
+            // nothing, and ON CONFLICT cannot lose a race with the ledger creating the row.
+            create: schema
+                .sql("INSERT INTO {s}.action (ref) VALUES ($1) ON CONFLICT (ref) DO NOTHING"),
+            lock_row: schema.sql(
+                "SELECT ref, enabled, concurrency_limit, rate_limit_max, rate_limit_per_seconds, \
+                 policy_pinned FROM {s}.action WHERE ref = $1 FOR UPDATE",
+            ),
+            write: schema.sql(
+                "UPDATE {s}.action SET enabled = $2, concurrency_limit = $3, \
+                   rate_limit_max = $4, rate_limit_per_seconds = $5, policy_pinned = true \
+                 WHERE ref = $1",
             ),
         }
     }
 
-    async fn store_and_apply(
-        &self,
-        executor: &Executor,
-        action: &ActionRef,
-        policy: ActionPolicy,
-    ) -> Result<(), HookError> {
+    /// The INT columns' values of a policy; refused if one does not fit.
+    fn columns(policy: &ActionPolicy) -> Result<(i32, Option<i32>, Option<i32>), HookError> {
         // The HTTP edge refuses values the INT columns cannot hold; refusing again here keeps
         // a caller that skipped that check from storing a wrapped-around limit.
         let int = |v: u64, what: &str| {
@@ -363,22 +368,68 @@ impl DbPolicyStore {
             ),
             None => (None, None),
         };
+        Ok((limit, max, per))
+    }
+
+    /// In one transaction: makes sure the row exists, locks and reads it, merges `patch` into
+    /// the policy it gives, writes the result as a pinned row. Returns the merged policy.
+    async fn merge_and_store(
+        &self,
+        executor: &Executor,
+        action: &ActionRef,
+        patch: PolicyPatch,
+    ) -> Result<ActionPolicy, HookError> {
+        let failed = |e: sqlx::Error| HookError(DbError::query("storing a policy")(e).to_string());
+        let mut tx = self.pool.begin().await.map_err(failed)?;
+        sqlx::query(self.create.clone())
+            .bind(action.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        let row = sqlx::query(self.lock_row.clone())
+            .bind(action.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed)?;
+        let fallback = self.source.fallback.policy_for(action);
+        let current = match stored_policy(&row) {
+            Some((_, Some(stored))) => stored.over(fallback),
+            // A row the executor cannot read (it warned): what is in force here is the best
+            // knowledge of the action's policy.
+            _ => executor.policy(action),
+        };
+        let policy = patch.over(current);
+        // Refused here, the transaction rolls back: not even the bare row stays.
+        let (limit, max, per) = Self::columns(&policy)?;
+        sqlx::query(self.write.clone())
+            .bind(action.as_str())
+            .bind(policy.enabled)
+            .bind(limit)
+            .bind(max)
+            .bind(per)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        Ok(policy)
+    }
+
+    async fn store_and_apply(
+        &self,
+        executor: &Executor,
+        action: &ActionRef,
+        patch: PolicyPatch,
+    ) -> Result<ActionPolicy, HookError> {
         let stored = tokio::time::timeout(STEP_TIMEOUT, async {
             let in_step = self.source.apply_lock.lock().await;
-            sqlx::query(self.upsert.clone())
-                .bind(action.as_str())
-                .bind(policy.enabled)
-                .bind(limit)
-                .bind(max)
-                .bind(per)
-                .execute(&self.pool)
+            self.merge_and_store(executor, action, patch)
                 .await
-                .map(|_| in_step)
+                .map(|policy| (in_step, policy))
         })
         .await;
-        let _in_step = match stored {
-            Ok(Ok(guard)) => guard,
-            Ok(Err(e)) => return Err(HookError(DbError::query("storing a policy")(e).to_string())),
+        let (_in_step, policy) = match stored {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(HookError(format!(
                     "storing a policy: Postgres did not answer within {STEP_TIMEOUT:?}; the \
@@ -398,7 +449,8 @@ impl DbPolicyStore {
         );
         executor
             .set_policy(action, policy)
-            .map_err(|e| HookError(e.to_string()))
+            .map_err(|e| HookError(e.to_string()))?;
+        Ok(policy)
     }
 }
 
@@ -407,9 +459,9 @@ impl PolicyStore for DbPolicyStore {
         &'a self,
         executor: &'a Executor,
         action: &'a ActionRef,
-        policy: ActionPolicy,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
-        Box::pin(self.store_and_apply(executor, action, policy))
+        patch: PolicyPatch,
+    ) -> BoxFuture<'a, Result<ActionPolicy, HookError>> {
+        Box::pin(self.store_and_apply(executor, action, patch))
     }
 
     /// The table's last read over the configuration now in force, for every action, as at

@@ -15,7 +15,7 @@
 //! | GET | `/api/v1/queues` | | every action's counters, sorted |
 //! | GET | `/api/v1/cluster` | | the partitions, their owners and epochs |
 //! | GET | `/api/v1/actions/{ref}/policy` | | policy in force |
-//! | PUT | `/api/v1/actions/{ref}/policy` | admin | set a policy |
+//! | PUT | `/api/v1/actions/{ref}/policy` | admin | change any of a policy's fields |
 //! | POST | `/api/v1/executions/{id}/cancel` | admin | cancel a waiting execution |
 //! | GET | `/api/v1/dlq` | admin | peek at dead letters |
 //! | GET | `/api/v1/dlq/stats` | admin | dead letters by origin and class |

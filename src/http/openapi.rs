@@ -153,14 +153,14 @@ pub fn document() -> Value {
                 }
             },
             "put": {
-                "summary": "Set an action's policy; takes effect at once",
-                "description": "Stored first (with durability: ledger in the action table, so it survives a restart and the table's poller agrees with it; in memory mode until restart), then applied; if storing fails nothing changes. A higher limit admits from the head of the queue at once; a lower one preempts nothing.",
+                "summary": "Change any of an action's policy fields; takes effect at once",
+                "description": "The body gives one or more of concurrency_limit, rate_limit and enabled; a field left out keeps what is in force for the action, and \"rate_limit\": null removes the rate limit. The merged policy is stored first (with durability: ledger in the action table, merged with the row as it is, so it survives a restart and the table's poller agrees with it; in memory mode until restart), then applied; if storing fails nothing changes. A higher limit admits from the head of the queue at once; a lower one preempts nothing. The answer is the whole policy now in force.",
                 "security": admin,
                 "parameters": [action_ref_param()],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": schema("PolicyInput")}}},
                 "responses": admin_errors(json!({
                     "200": ok("The policy now in force", data(schema("Policy"))),
-                    "400": error_response("Bad ref or body (`field` names the culprit)"),
+                    "400": error_response("Bad ref or body (`field` names the culprit), or a body that changes nothing ({})"),
                     "413": error_response("Body larger than api.max_body_bytes"),
                     "415": error_response("Body not sent as application/json"),
                     "503": error_response("The store failed (nothing changed) or the executor is stopping")
@@ -357,10 +357,11 @@ pub fn document() -> Value {
                     }
                 },
                 "PolicyInput": {
-                    "type": "object", "required": ["concurrency_limit", "enabled"], "additionalProperties": false,
+                    "type": "object", "minProperties": 1, "additionalProperties": false,
+                    "description": "Any of the fields, at least one; those left out keep what is in force",
                     "properties": {
                         "concurrency_limit": {"type": "integer", "minimum": 1, "maximum": 2147483647},
-                        "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true},
+                        "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true, "description": "null removes the rate limit; left out, it is kept"},
                         "enabled": {"type": "boolean"}
                     }
                 },

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Json, Params, PathParam, action_ref};
-use crate::core::{ActionPolicy, QueueStats, RateLimit};
+use crate::core::{ActionPolicy, PolicyPatch, QueueStats, RateLimit};
 use crate::model::ActionRef;
 use crate::ops::metrics::oldest_age_seconds;
 
@@ -185,15 +185,31 @@ pub struct RateLimitBody {
     pub per_seconds: u64,
 }
 
-/// The body of `PUT /api/v1/actions/{ref}/policy`. Every field but `rate_limit` is required:
-/// a PUT replaces the whole policy, and a forgotten `enabled` must not switch an action on.
-#[derive(Debug, Clone, Deserialize)]
+/// The body of `PUT /api/v1/actions/{ref}/policy`: any of the three fields, at least one. A
+/// field left out keeps what is in force for the action; `"rate_limit": null` removes the
+/// rate limit. `null` for either of the other two is refused rather than read as "left out":
+/// no limit and no on/off switch mean nothing.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBody {
-    pub concurrency_limit: u32,
-    #[serde(default)]
-    pub rate_limit: Option<RateLimitBody>,
-    pub enabled: bool,
+    #[serde(default, deserialize_with = "present")]
+    pub concurrency_limit: Option<u32>,
+    /// `None`: absent; `Some(None)`: given as `null`.
+    #[serde(default, deserialize_with = "present")]
+    pub rate_limit: Option<Option<RateLimitBody>>,
+    #[serde(default, deserialize_with = "present")]
+    pub enabled: Option<bool>,
+}
+
+/// Reads a field that is there (as `T`, which for an `Option` takes `null`). serde calls it
+/// only for fields present in the body; `#[serde(default)]` makes an absent one `None`. This
+/// is how `"rate_limit": null` is told from no `rate_limit` at all.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A policy as the API shows it.
@@ -228,50 +244,64 @@ pub const MAX_RATE_WINDOW_SECONDS: u64 = 365 * 24 * 3600;
 pub const MAX_STORED_LIMIT: u32 = i32::MAX as u32;
 
 impl PolicyBody {
-    fn validate(&self) -> Result<ActionPolicy, ApiError> {
-        let concurrency_limit = NonZeroU32::new(self.concurrency_limit).ok_or_else(|| {
-            ApiError::bad_request(
-                "concurrency_limit",
-                "concurrency_limit must be at least 1 (0 would never run anything)",
-            )
-        })?;
-        if self.concurrency_limit > MAX_STORED_LIMIT {
-            return Err(ApiError::bad_request(
-                "concurrency_limit",
-                format!("concurrency_limit must be at most {MAX_STORED_LIMIT}"),
-            ));
-        }
-        let rate_limit = match self.rate_limit {
-            None => None,
-            Some(r) => {
-                let max = NonZeroU32::new(r.max)
-                    .filter(|m| m.get() <= MAX_STORED_LIMIT)
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "rate_limit.max",
-                            format!("rate_limit.max must be from 1 to {MAX_STORED_LIMIT}"),
-                        )
-                    })?;
-                if !(1..=MAX_RATE_WINDOW_SECONDS).contains(&r.per_seconds) {
-                    return Err(ApiError::bad_request(
-                        "rate_limit.per_seconds",
-                        format!(
-                            "rate_limit.per_seconds must be from 1 to {MAX_RATE_WINDOW_SECONDS}"
-                        ),
-                    ));
-                }
-                Some(RateLimit {
-                    max,
-                    per: Duration::from_secs(r.per_seconds),
-                })
-            }
-        };
-        Ok(ActionPolicy {
+    fn validate(&self) -> Result<PolicyPatch, ApiError> {
+        let concurrency_limit = self.concurrency_limit.map(validate_limit).transpose()?;
+        let rate_limit = self
+            .rate_limit
+            .map(|r| r.map(validate_rate).transpose())
+            .transpose()?;
+        let patch = PolicyPatch {
             concurrency_limit,
             rate_limit,
             enabled: self.enabled,
-        })
+        };
+        if patch.is_empty() {
+            return Err(ApiError::BadRequest {
+                field: None,
+                message: "the body changes nothing: give at least one of concurrency_limit, \
+                          rate_limit (null removes it) and enabled"
+                    .to_owned(),
+            });
+        }
+        Ok(patch)
     }
+}
+
+fn validate_limit(limit: u32) -> Result<NonZeroU32, ApiError> {
+    let limit = NonZeroU32::new(limit).ok_or_else(|| {
+        ApiError::bad_request(
+            "concurrency_limit",
+            "concurrency_limit must be at least 1 (0 would never run anything)",
+        )
+    })?;
+    if limit.get() > MAX_STORED_LIMIT {
+        return Err(ApiError::bad_request(
+            "concurrency_limit",
+            format!("concurrency_limit must be at most {MAX_STORED_LIMIT}"),
+        ));
+    }
+    Ok(limit)
+}
+
+fn validate_rate(r: RateLimitBody) -> Result<RateLimit, ApiError> {
+    let max = NonZeroU32::new(r.max)
+        .filter(|m| m.get() <= MAX_STORED_LIMIT)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "rate_limit.max",
+                format!("rate_limit.max must be from 1 to {MAX_STORED_LIMIT}"),
+            )
+        })?;
+    if !(1..=MAX_RATE_WINDOW_SECONDS).contains(&r.per_seconds) {
+        return Err(ApiError::bad_request(
+            "rate_limit.per_seconds",
+            format!("rate_limit.per_seconds must be from 1 to {MAX_RATE_WINDOW_SECONDS}"),
+        ));
+    }
+    Ok(RateLimit {
+        max,
+        per: Duration::from_secs(r.per_seconds),
+    })
 }
 
 /// `GET /api/v1/actions/{ref}/policy`: the policy in force (or that the action would get).
@@ -285,10 +315,11 @@ pub async fn get_policy(
     }))
 }
 
-/// `PUT /api/v1/actions/{ref}/policy` (admin): the [`PolicyStore`] hook stores the policy
-/// (with the Postgres ledger: in the `action` table) and then applies it at once; if storing
-/// fails, nothing changes. A higher limit admits from the head of the queue now; a lower one
-/// preempts nothing.
+/// `PUT /api/v1/actions/{ref}/policy` (admin): changes the fields the body gives and keeps
+/// the others as they are in force. The [`PolicyStore`] hook merges, stores the result (with
+/// the Postgres ledger: in the `action` table, merged with the row as it is) and then applies
+/// it at once; if storing fails, nothing changes. A higher limit admits from the head of the
+/// queue now; a lower one preempts nothing. The answer is the whole policy now in force.
 ///
 /// [`PolicyStore`]: crate::ops::hooks::PolicyStore
 pub async fn put_policy(
@@ -297,10 +328,10 @@ pub async fn put_policy(
     Json(body): Json<PolicyBody>,
 ) -> Result<axum::Json<Data<PolicyView>>, ApiError> {
     let action = action_ref(&raw)?;
-    let policy = body.validate()?;
-    state
+    let patch = body.validate()?;
+    let policy = state
         .policies
-        .apply(&state.executor, &action, policy)
+        .apply(&state.executor, &action, patch)
         .await
         .map_err(|e| {
             ApiError::Unavailable(format!("could not store the policy, nothing changed: {e}"))
@@ -310,6 +341,7 @@ pub async fn put_policy(
         concurrency_limit = policy.concurrency_limit.get(),
         rate_limit = ?policy.rate_limit,
         enabled = policy.enabled,
+        changed = ?patch,
         "[api] policy set"
     );
     Ok(axum::Json(Data {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use super::health_report::HealthReport;
-use crate::core::{ActionPolicy, Executor};
+use crate::core::{ActionPolicy, Executor, PolicyPatch};
 use crate::model::ActionRef;
 
 /// A store refused or failed; the message is for the operator (it is returned in the HTTP
@@ -20,17 +20,18 @@ use crate::model::ActionRef;
 #[error("{0}")]
 pub struct HookError(pub String);
 
-/// Sets policies over HTTP: stores a policy so that it survives a restart, then applies it to
-/// the executor. Both steps are the store's, so that a store which has other writers of the
-/// same policies (the `action`-table poller) can keep them in step. If storing fails, nothing
-/// changes.
+/// Sets policies over HTTP: merges a change of some of a policy's fields into the policy in
+/// force, stores the result so that it survives a restart, then applies it to the executor and
+/// returns it. The three steps are the store's, so that a store which has other writers of the
+/// same policies (the `action`-table poller, an operator's `UPDATE`) can merge with the latest
+/// of them and keep them in step. If storing fails, nothing changes.
 pub trait PolicyStore: Send + Sync + 'static {
     fn apply<'a>(
         &'a self,
         executor: &'a Executor,
         action: &'a ActionRef,
-        policy: ActionPolicy,
-    ) -> BoxFuture<'a, Result<(), HookError>>;
+        patch: PolicyPatch,
+    ) -> BoxFuture<'a, Result<ActionPolicy, HookError>>;
 
     /// After the configured policies changed (a reload), makes the executor follow them with
     /// the same precedence as at start. By default, for a store that keeps nothing but the
@@ -46,19 +47,26 @@ pub trait PolicyStore: Send + Sync + 'static {
 
 /// Keeps policies in memory only (the executor's overrides), i.e. until the next restart.
 #[derive(Debug, Default)]
-pub struct NoPolicyStore;
+pub struct NoPolicyStore {
+    /// Held from reading the policy in force to setting the merged one, so two changes at
+    /// once cannot each merge into the same old policy and lose the other's fields.
+    merging: std::sync::Mutex<()>,
+}
 
 impl PolicyStore for NoPolicyStore {
     fn apply<'a>(
         &'a self,
         executor: &'a Executor,
         action: &'a ActionRef,
-        policy: ActionPolicy,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
+        patch: PolicyPatch,
+    ) -> BoxFuture<'a, Result<ActionPolicy, HookError>> {
         Box::pin(async move {
+            let _merging = self.merging.lock().unwrap_or_else(|p| p.into_inner());
+            let policy = patch.over(executor.policy(action));
             executor
                 .set_policy(action, policy)
-                .map_err(|e| HookError(e.to_string()))
+                .map_err(|e| HookError(e.to_string()))?;
+            Ok(policy)
         })
     }
 }

@@ -416,6 +416,26 @@ impl Rig {
             w.stop(Duration::from_secs(5)).await;
         }
     }
+
+    /// A rig whose policies come from the `action` table (read once now) over `fallback`, as
+    /// the service's are; the source is returned for polls and policy stores.
+    pub async fn on_action_table(
+        db: &TestDb,
+        fallback: Arc<dyn PolicySource>,
+    ) -> (Arc<fifo_executor::db::policies::DbPolicySource>, Rig) {
+        let source = Arc::new(fifo_executor::db::policies::DbPolicySource::new(
+            &db.schema, fallback,
+        ));
+        source.load(&db.pool).await.expect("load the action table");
+        let rig = Rig::start(
+            db,
+            QueueSettings::default(),
+            source.clone(),
+            Arc::new(fifo_executor::core::memory::DiscardSink),
+        )
+        .await;
+        (source, rig)
+    }
 }
 
 pub fn action(name: &str) -> ActionRef {
