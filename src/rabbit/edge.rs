@@ -189,6 +189,11 @@ where
         }
     };
     let outcome = tokio::select! {
+        // The stop first: a consumer loop that ends because of it (the gated request
+        // consumer of a shared instance that is not the intake leader) must not read as a
+        // lost session, which would start a shared instance over instead of stopping it.
+        biased;
+        _ = stopped(shutdown) => Ok(()),
         Some((queue, r)) = loops.next() => Err(match r {
             Ok(()) => EdgeError::ConsumerCanceled { queue },
             Err(e) => EdgeError::Amqp(e),
@@ -198,7 +203,6 @@ where
             Err(e) => EdgeError::Amqp(e),
         }),
         () = ticker => Ok(()),
-        _ = stopped(shutdown) => Ok(()),
     };
     metrics::gauge!("attune_rabbitmq_connected").set(0.0);
     if let Err(e) = outcome {
