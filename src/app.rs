@@ -2,11 +2,14 @@
 //!
 //! Order at start: metrics recorder, HTTP listener (bound first, so a taken port stops the
 //! start before anything runs), core (executor and its ports), operations tasks (health
-//! checks, purge, metrics upkeep), HTTP server, RabbitMQ edge. Order at shutdown (one path,
-//! see [`Service::shutdown`]): stop the operations tasks (no purge starts while draining),
-//! stop consuming, settle what was taken, drain the action actors, get the last publishes
-//! confirmed, close the connections, and close HTTP last, so `/health` and `/metrics` answer
-//! until the end.
+//! checks, purge, metrics upkeep), HTTP server, RabbitMQ edge. The service is *ready*
+//! ([`Readiness`], `GET /ready`, systemd's `READY=1`) once the edge's session is up: topology
+//! declared, consumers running, recovery done (before the edge starts); not ready again while
+//! the session is lost or the service shuts down. Order at shutdown (one path, see
+//! [`Service::shutdown`]): not ready, stop the operations tasks (no purge starts while
+//! draining), stop consuming, settle what was taken, drain the action actors, get the last
+//! publishes confirmed, close the connections, and close HTTP last, so `/health`, `/ready`
+//! and `/metrics` answer until the end.
 //!
 //! A service started with [`Service::start_reloadable`] hands its live parts (executor,
 //! configured policies, health monitor, purger, DLQ switch) to the [`Reloader`] once it runs,
@@ -28,10 +31,11 @@ use crate::ops::hooks::{
 };
 use crate::ops::metrics::{self as ops_metrics, Metrics, MetricsError, MetricsSink};
 use crate::ops::purge::{PurgeSettings, Purger};
+use crate::ops::readiness::Readiness;
 use crate::ops::reload::{LiveTargets, Reloader};
 use crate::rabbit::consumers::ConsumerContext;
 use crate::rabbit::dead_letters::{DeadLetterSink, DlqSwitch};
-use crate::rabbit::edge::{self, EdgeError, EdgeSettings};
+use crate::rabbit::edge::{self, AfterLoss, EdgeError, EdgeSettings, SessionEvent};
 use crate::rabbit::publisher;
 use crate::rabbit::throttle::IntakeThrottle;
 use crate::rabbit::topology::TopologySpec;
@@ -252,6 +256,8 @@ pub struct Service {
     shutdown_timeout: Duration,
     /// Applies configuration reloads to this service while it runs.
     reloader: Arc<Reloader>,
+    /// Whether the service takes work (`GET /ready`, systemd's `READY=1`).
+    readiness: Arc<Readiness>,
 }
 
 impl Service {
@@ -270,6 +276,17 @@ impl Service {
     /// consuming; SIGHUP (where the caller listens for it) and `POST /api/v1/admin/reload`
     /// reload through `reloader`, which applies to this service until it stops.
     pub async fn start_reloadable(reloader: Arc<Reloader>, hooks: Hooks) -> Result<Self, AppError> {
+        Self::start_reporting(reloader, hooks, Arc::new(Readiness::default())).await
+    }
+
+    /// [`Service::start_reloadable`], telling `readiness` how far it got (the command line
+    /// passes the same one to every in-process restart, with systemd's socket).
+    pub async fn start_reporting(
+        reloader: Arc<Reloader>,
+        hooks: Hooks,
+        readiness: Arc<Readiness>,
+    ) -> Result<Self, AppError> {
+        readiness.starting("starting");
         let config = reloader.in_force().await;
         let metrics_handle = if config.executor.queue.enable_metrics {
             let handle = ops_metrics::install()?;
@@ -321,6 +338,9 @@ impl Service {
         };
         let config_policies = Arc::new(ConfigPolicies::new(config.clone()));
         let (sink, observer, policies, mut durable): CorePorts = if ledger_mode {
+            readiness.not_ready(
+                "starting: opening the Postgres ledger (retried while Postgres is unreachable)",
+            );
             let (sink, observer, durable) = open_ledger(
                 &config,
                 sink,
@@ -371,6 +391,7 @@ impl Service {
             );
         }
         if let Some(d) = durable.as_mut().filter(|_| !shared) {
+            readiness.not_ready("starting: recovering the queues from the ledger");
             // Everything the ledger holds goes back into the queues before anything is consumed.
             let report = crate::db::recovery::recover(&d.pool, &d.schema, &executor).await?;
             tracing::info!(
@@ -469,6 +490,7 @@ impl Service {
             admin_token: config.api.admin_token.clone(),
             max_body_bytes: config.api.max_body_bytes,
             reloader: reloader.clone(),
+            readiness: readiness.clone(),
             cluster: Arc::new(http::cluster::ClusterView {
                 instance_id: instance_id.clone(),
                 partitions: config.cluster.partitions,
@@ -509,6 +531,10 @@ impl Service {
         }
         let ctx = Arc::new(ctx);
         let settings = EdgeSettings {
+            on_session: {
+                let readiness = readiness.clone();
+                Arc::new(move |event| follow_session(&readiness, event))
+            },
             shared_partitions: shared.then_some(config.cluster.partitions),
             url: config.rabbitmq.url.clone(),
             prefetch: config.rabbitmq.prefetch,
@@ -601,6 +627,7 @@ impl Service {
             http,
             shutdown_timeout: drain_timeout,
             reloader,
+            readiness,
         })
     }
 
@@ -612,6 +639,11 @@ impl Service {
     /// The address the HTTP API listens on (the real port when `api.listen` asked for 0).
     pub fn http_addr(&self) -> std::net::SocketAddr {
         self.http_addr
+    }
+
+    /// Whether the service takes work (what `GET /ready` answers).
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
     }
 
     /// Whether another instance took this one's partitions (then it writes nothing more).
@@ -627,6 +659,7 @@ impl Service {
     /// Stops the service in the one fixed order and waits for it.
     pub async fn shutdown(self) -> Result<(), AppError> {
         self.reloader.detach();
+        self.readiness.hold();
         let _ = self.ops_shutdown.send(true);
         for mut task in self.ops_tasks {
             // A purge or health check in the middle of a slow call is cut off rather than
@@ -693,11 +726,16 @@ impl Service {
             // Another instance took the partitions: stop, leaving every unacknowledged message
             // to the broker (the ledger settles nothing more) and no clean-stop mark.
             () = fenced => {
+                self.readiness.not_ready(
+                    "fenced: another instance took this instance's partitions; shutting down",
+                );
                 self.shutdown().await?;
                 Err(AppError::Fenced)
             }
+            // The edge said why (`follow_session`) when it gave up.
             r = &mut self.edge => {
                 self.reloader.detach();
+                self.readiness.hold();
                 let _ = self.ops_shutdown.send(true);
                 for task in self.ops_tasks {
                     let _ = task.await;
@@ -709,6 +747,33 @@ impl Service {
             }
             _ = signal => self.shutdown().await,
         }
+    }
+}
+
+/// Readiness follows the RabbitMQ session: ready once it is up (recovery is done before the
+/// edge starts), not ready with the reason while it is being set up or was lost.
+fn follow_session(readiness: &Readiness, event: SessionEvent) {
+    match event {
+        SessionEvent::Up => readiness.ready(),
+        SessionEvent::Connecting { last_error: None } => readiness
+            .not_ready("connecting to RabbitMQ, declaring the topology and starting the consumers"),
+        SessionEvent::Connecting {
+            last_error: Some(e),
+        } => readiness.not_ready(format!(
+            "connecting to RabbitMQ again, declaring the topology and starting the consumers \
+             (the last attempt: {e})"
+        )),
+        SessionEvent::Lost { error, next } => readiness.not_ready(match next {
+            AfterLoss::Retry(wait) => format!(
+                "no RabbitMQ session ({error}); trying again in {} ms",
+                wait.as_millis()
+            ),
+            AfterLoss::StartOver => format!(
+                "RabbitMQ session lost ({error}); cluster.mode shared: starting over in-process \
+                 as a standby of every partition"
+            ),
+            AfterLoss::Stop => format!("RabbitMQ: {error}; the service stops"),
+        }),
     }
 }
 
@@ -849,22 +914,53 @@ async fn upkeep(metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn termination_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    Termination::listen().recv().await
+}
+
+/// SIGINT and SIGTERM, listened for from the moment this is made: a signal that comes
+/// before [`Termination::recv`] is awaited (during start, or just after systemd was told
+/// `READY=1`) is kept for it, instead of killing the process the default way.
+pub struct Termination {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Termination {
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM (at once for one that came already).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                _ = next(&mut self.term) => {}
+                _ = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::app::{self, Hooks, Service};
 use crate::config::Config;
 use crate::http::client::Client;
+use crate::ops::readiness::Readiness;
 use crate::ops::reload::Reloader;
 use crate::tools::ops::{self, render};
 use crate::tools::{DurationDist, bench, submit, worker};
@@ -234,16 +235,40 @@ async fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     #[cfg(unix)]
     let hangups = crate::ops::reload::reload_on_hangup(reloader.clone())
         .map_err(|e| anyhow::anyhow!("cannot listen for SIGHUP: {e}"))?;
+    // From now on a SIGTERM waits for the graceful stop, also one during start.
+    let mut termination = app::Termination::listen();
     tracing::info!(durability = ?config.executor.durability, "starting fifo-executor");
     let shared = config.cluster.mode == crate::config::ClusterMode::Shared;
+    // Type=notify under systemd: READY=1 once consuming, STOPPING=1 at a graceful stop.
+    let notifier = crate::ops::systemd::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable; systemd is not told of readiness");
+        None
+    });
+    let readiness = Arc::new(Readiness::new(notifier));
     let stopped = loop {
         // A start-over uses the configuration in force: what it started with and what
         // reloads applied since (keys that need a restart keep their values until one).
-        let service = match Service::start_reloadable(reloader.clone(), Hooks::default()).await {
-            Ok(service) => service,
-            Err(e) => break Err(e.into()),
+        let start = Service::start_reporting(reloader.clone(), Hooks::default(), readiness.clone());
+        let service = tokio::select! {
+            service = start => match service {
+                Ok(service) => service,
+                Err(e) => break Err(e.into()),
+            },
+            // Stopped while starting (waiting for Postgres, recovering, waiting for the first
+            // session): the start is dropped where it is, as the default SIGTERM action did
+            // before; anything the edge took in its first seconds goes back to the broker with
+            // its connection, as after a crash.
+            () = termination.recv() => {
+                readiness.stopping();
+                tracing::info!("stopped while starting");
+                break Ok(ExitCode::SUCCESS);
+            }
         };
-        match service.run_until(app::termination_signal()).await {
+        let signal = async {
+            termination.recv().await;
+            readiness.stopping();
+        };
+        match service.run_until(signal).await {
             // Shared: the instance drops everything it held and starts over as a
             // standby; the broker hands it partitions again when their owners go.
             Err(e) if shared && e.calls_for_a_new_start() => {

@@ -25,10 +25,11 @@
 //! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
 //!   health check (its result in [`ops::health_report`]) and purge, reading and replaying the
 //!   DLQ, the hooks through which the Postgres edge keeps policies, health results and the
-//!   ledger's history in check, the log output, and live configuration reload
-//!   ([`ops::reload`], applying what [`config`]'s comparison of two configurations allows).
-//! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics`, and
-//!   the operations page (`GET /`, [`http::ui`]) built on that API.
+//!   ledger's history in check, the log output, live configuration reload
+//!   ([`ops::reload`], applying what [`config`]'s comparison of two configurations allows),
+//!   and readiness ([`ops::readiness`], told to systemd by [`ops::systemd`]).
+//! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/ready`,
+//!   `/metrics`, and the operations page (`GET /`, [`http::ui`]) built on that API.
 //! - [`cluster`]: how the actions are split into partitions (a fixed hash of the ref), what
 //!   an instance is called, and ([`cluster::takeover`]) how an instance in `cluster.mode:
 //!   shared` takes a partition over. `db::partitions` records who owns each partition and

@@ -26,6 +26,7 @@ use fifo_executor::ops::hooks::{
 };
 use fifo_executor::ops::metrics::{self, Metrics};
 use fifo_executor::ops::purge::{PurgeSettings, Purger};
+use fifo_executor::ops::readiness::Readiness;
 use fifo_executor::ops::reload::Reloader;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
@@ -56,6 +57,7 @@ struct Rig {
     app: Router,
     exec: Arc<Executor>,
     health: Arc<HealthMonitor>,
+    readiness: Arc<Readiness>,
 }
 
 struct Options {
@@ -98,6 +100,7 @@ async fn rig_with(o: Options) -> Rig {
         o.ledger,
     ));
     let handle = metrics::install().expect("the recorder installs");
+    let readiness = Arc::new(Readiness::default());
     let app = http::router(AppState {
         executor: exec.clone(),
         stats: stats.clone(),
@@ -110,8 +113,14 @@ async fn rig_with(o: Options) -> Rig {
         max_body_bytes: o.max_body_bytes,
         reloader: Arc::new(Reloader::given(fifo_executor::config::Config::default())),
         cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
+        readiness: readiness.clone(),
     });
-    Rig { app, exec, health }
+    Rig {
+        app,
+        exec,
+        health,
+        readiness,
+    }
 }
 
 async fn rig() -> Rig {
@@ -332,6 +341,45 @@ async fn health_before_the_first_check_says_only_that_the_process_is_up_and_then
     assert_eq!(body["checks"]["queue_length"]["value"], 1.0);
     assert_eq!(body["checks"]["queue_length"]["warning"], 100);
     assert_eq!(body["checks"]["dlq"]["status"], "healthy");
+}
+
+#[tokio::test]
+async fn ready_is_a_503_with_the_reason_until_the_service_consumes_and_again_when_it_stops() {
+    let r = rig().await;
+    let (status, body) = get(&r.app, "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_error(&body, "SERVICE_UNAVAILABLE");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("not ready since ") && e.ends_with(": starting")),
+        "{body}"
+    );
+    r.readiness
+        .not_ready("no RabbitMQ session (connection refused); trying again in 100 ms");
+    let (_, body) = get(&r.app, "/ready").await;
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connection refused")),
+        "{body}"
+    );
+
+    r.readiness.ready();
+    let (status, body) = get(&r.app, "/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert!(body["since"].is_string(), "{body}");
+
+    r.readiness.hold();
+    let (status, body) = get(&r.app, "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.ends_with(": shutting down")),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -358,6 +358,7 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
         max_body_bytes: 65_536,
         reloader: Arc::new(Reloader::given(fifo_executor::config::Config::default())),
         cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
+        readiness: Arc::new(fifo_executor::ops::readiness::Readiness::default()),
     });
 
     let (status, body) = call(&app, Method::GET, "/api/v1/dlq?limit=2", None).await;

@@ -1,7 +1,7 @@
 //! The whole service with its HTTP API on a real socket, against the real RabbitMQ in a vhost of
 //! its own: the CLI's calls read health, metrics and statistics; a request rejected for a
-//! disabled action lands in the DLQ and a replay runs it once the action is enabled again; and
-//! shutdown closes the HTTP listener.
+//! disabled action lands in the DLQ and a replay runs it once the action is enabled again;
+//! `/ready` follows the broker session; and shutdown closes the HTTP listener.
 
 mod support;
 
@@ -211,6 +211,104 @@ async fn a_request_rejected_for_a_disabled_action_is_replayed_from_the_dlq_once_
         .expect("stats");
     assert_eq!(stats["data"]["active_count"], 1);
     assert_eq!(stats["data"]["total_rejected"], 2);
+
+    service.shutdown().await.expect("a clean shutdown");
+}
+
+/// `GET /ready`: the status and the error message, if any.
+async fn ready(client: &Client) -> (u16, String) {
+    match client.request("GET", "/ready", None).await {
+        Ok(r) => {
+            let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            (
+                r.status,
+                body["error"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Whether the exchange producers publish to exists in the vhost (a passive declare).
+async fn exchange_exists(vhost: &TestVhost) -> bool {
+    let conn = Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let exists = ch
+        .exchange_declare(
+            topology::EXCHANGE.into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "checked".into()).await;
+    exists
+}
+
+#[tokio::test]
+async fn ready_is_a_503_naming_the_reason_until_the_topology_is_consumed_and_while_the_broker_is_away()
+ {
+    let vhost = TestVhost::create().await;
+    let proxy = support::proxy::Proxy::start().await;
+    // The broker is away: every connection through the proxy is closed at once.
+    proxy.refuse(true);
+    let mut config = config_for(&vhost);
+    config.rabbitmq.url = proxy.url(&vhost.name);
+    config.rabbitmq.reconnect_max_backoff_ms = 200;
+    // No first health check to wait for: HTTP answers while the edge is still trying.
+    config.health.enabled = false;
+    let service = Service::start(config).await.expect("the service starts");
+    let client = client(&service);
+
+    poll_until(DEADLINE, "/ready says why it is not ready", || async {
+        let (status, error) = ready(&client).await;
+        status == 503 && error.contains("RabbitMQ") && error.contains("the last attempt")
+    })
+    .await;
+    assert!(
+        !exchange_exists(&vhost).await,
+        "not ready, and indeed a producer's publish would find no exchange"
+    );
+
+    proxy.refuse(false);
+    poll_until(DEADLINE, "/ready answers 200", || async {
+        ready(&client).await.0 == 200
+    })
+    .await;
+    assert!(
+        exchange_exists(&vhost).await,
+        "ready: the topology is there"
+    );
+    let text = client
+        .request("GET", "/ready", None)
+        .await
+        .expect("an answer");
+    let body: Value = serde_json::from_slice(&text.body).expect("JSON");
+    assert_eq!(body["status"], "ready");
+
+    // The session is lost and the broker stays away: not ready again, saying so.
+    proxy.refuse(true);
+    proxy.cut();
+    poll_until(
+        DEADLINE,
+        "/ready is a 503 after the session is lost",
+        || async {
+            let (status, error) = ready(&client).await;
+            status == 503 && error.contains("RabbitMQ")
+        },
+    )
+    .await;
+    proxy.refuse(false);
+    poll_until(DEADLINE, "/ready is 200 again once reconnected", || async {
+        ready(&client).await.0 == 200
+    })
+    .await;
 
     service.shutdown().await.expect("a clean shutdown");
 }

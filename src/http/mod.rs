@@ -1,14 +1,15 @@
-//! The HTTP edge on `api.listen`: the operators' API, `/health`, `/metrics` and the
+//! The HTTP edge on `api.listen`: the operators' API, `/health`, `/ready`, `/metrics` and the
 //! operations page ([`ui`], `GET /`), which reads and calls the same API.
 //!
 //! [`router`] builds the whole API from an [`AppState`] without binding anything, so tests
 //! drive it with `oneshot`; [`serve`] runs it on a listener until a shutdown future resolves.
-//! The service closes HTTP last, after the core has drained, so `/health` and `/metrics`
-//! answer for as long as anything is happening.
+//! The service closes HTTP last, after the core has drained, so `/health`, `/ready` and
+//! `/metrics` answer for as long as anything is happening.
 //!
 //! | method | path | auth | |
 //! | --- | --- | --- | --- |
 //! | GET | `/health` | | latest health check |
+//! | GET | `/ready` | | 200 once consuming, 503 with the reason before and while not |
 //! | GET | `/metrics` | | Prometheus text |
 //! | GET | `/api/v1/openapi.json` | | this API, as OpenAPI 3 |
 //! | GET | `/api/v1/actions/{ref}/queue-stats` | | one action's counters |
@@ -56,12 +57,14 @@ use crate::ops::health::HealthMonitor;
 use crate::ops::hooks::PolicyStore;
 use crate::ops::metrics::Metrics;
 use crate::ops::purge::Purger;
+use crate::ops::readiness::Readiness;
 use crate::ops::reload::Reloader;
 use error::ApiError;
 
 /// The route paths, in axum's syntax (also OpenAPI's).
 pub mod paths {
     pub const HEALTH: &str = "/health";
+    pub const READY: &str = "/ready";
     pub const METRICS: &str = "/metrics";
     pub const OPENAPI: &str = "/api/v1/openapi.json";
     pub const QUEUE_STATS: &str = "/api/v1/actions/{ref}/queue-stats";
@@ -97,6 +100,7 @@ const fn route(method: &'static str, path: &'static str, admin: bool) -> Route {
 /// document, so none of the three can forget one.
 pub const ROUTES: &[Route] = &[
     route("GET", paths::HEALTH, false),
+    route("GET", paths::READY, false),
     route("GET", paths::METRICS, false),
     route("GET", paths::OPENAPI, false),
     route("GET", paths::QUEUE_STATS, false),
@@ -135,6 +139,8 @@ pub struct AppState {
     pub reloader: Arc<Reloader>,
     /// The partitions and their owners, for `GET /api/v1/cluster`.
     pub cluster: Arc<cluster::ClusterView>,
+    /// Whether the service takes work, for `GET /ready`.
+    pub readiness: Arc<Readiness>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -158,6 +164,7 @@ pub fn router(state: AppState) -> Router {
     };
     Router::new()
         .route(paths::HEALTH, get(ops::health))
+        .route(paths::READY, get(ops::ready))
         .route(paths::METRICS, get(ops::metrics))
         .route(paths::OPENAPI, get(openapi::serve))
         .route(paths::QUEUE_STATS, get(queues::queue_stats))

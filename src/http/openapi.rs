@@ -56,8 +56,25 @@ pub fn document() -> Value {
         paths::HEALTH.to_owned(),
         json!({"get": {
             "summary": "Latest health check",
-            "description": "Always 200 while the process answers; the verdict is `status`. Before the first check (or with health.enabled false) `last_check` is null and `checks` empty.",
+            "description": "Always 200 while the process answers; the verdict is `status`. Before the first check (or with health.enabled false) `last_check` is null and `checks` empty. Says nothing of whether the service consumes yet: see /ready.",
             "responses": {"200": ok("Health report", schema("Health"))}
+        }}),
+    );
+    doc_paths.insert(
+        paths::READY.to_owned(),
+        json!({"get": {
+            "summary": "Whether the service takes work",
+            "description": "200 once the RabbitMQ topology is declared, the consumers run and recovery from the ledger is done: a message published now reaches a queue the executor consumes. 503 before that, while the broker session is lost and being set up again (or, in cluster.mode shared, while the instance starts over in-process), and while shutting down; the error names the reason. Wait for this, not for /health, before publishing. Under systemd (Type=notify) the same moment sends READY=1.",
+            "responses": {
+                "200": ok("Ready", json!({
+                    "type": "object", "required": ["status", "since"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ready"]},
+                        "since": {"type": "string", "format": "date-time"}
+                    }
+                })),
+                "503": error_response("Not ready; `error` says why and since when")
+            }
         }}),
     );
     doc_paths.insert(

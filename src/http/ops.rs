@@ -1,4 +1,4 @@
-//! `GET /health`, `GET /metrics` and `POST /api/v1/purge` (admin).
+//! `GET /health`, `GET /ready`, `GET /metrics` and `POST /api/v1/purge` (admin).
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::extract::Params;
 use super::queues::Data;
 use crate::ops::purge::{PurgeError, PurgeReport};
+use crate::ops::readiness::State as Readiness;
 
 /// The latest health check. Always 200 while the process can answer: the verdict is in the
 /// body. A liveness probe that restarted the executor because one queue is long would throw
@@ -31,6 +32,23 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
                      has not finished); this answer only says the process is up",
         }))
         .into_response(),
+    }
+}
+
+/// Whether the service takes work: 200 `{"status": "ready", "since": …}` once the RabbitMQ
+/// topology is declared, the consumers run and recovery is done; before that, while the broker
+/// session is lost, and while shutting down, 503 with the reason in the API's error body. A
+/// probe, a deploy script or a producer waits for this, not for `/health`, before it publishes.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let now = state.readiness.state();
+    let since = now.since();
+    match now {
+        Readiness::Ready { .. } => {
+            Ok(axum::Json(json!({"status": "ready", "since": since})).into_response())
+        }
+        Readiness::NotReady { reason, .. } => Err(ApiError::Unavailable(format!(
+            "not ready since {since}: {reason}"
+        ))),
     }
 }
 

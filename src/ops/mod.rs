@@ -13,6 +13,8 @@
 //! - [`reload`]: live configuration reload (SIGHUP, `POST /api/v1/admin/reload`): reads and
 //!   validates again, applies what can change while running, reports the rest.
 //! - [`logging`]: the log output, and the filter a reload changes.
+//! - [`readiness`]: whether the service takes work yet (`GET /ready`), told to systemd through
+//!   [`systemd`] (`READY=1`, `STOPPING=1`).
 
 pub mod dlq;
 pub mod health;
@@ -21,8 +23,10 @@ pub mod hooks;
 pub mod logging;
 pub mod metrics;
 pub mod purge;
+pub mod readiness;
 pub mod reload;
 pub mod settings;
+pub mod systemd;
 
 use tokio::sync::watch;
 

@@ -47,11 +47,37 @@ pub struct EdgeSettings {
     /// `api.rate_limits.global`: limits the request consumer only. Shared across reconnects,
     /// so a new session does not start with a fresh burst.
     pub intake_throttle: Option<Arc<IntakeThrottle>>,
+    /// Told when a session is being set up, is up (topology declared, consumers running) and
+    /// is lost: the service's readiness follows it.
+    pub on_session: Arc<dyn Fn(SessionEvent) + Send + Sync>,
     /// `cluster.mode: shared`: the partition count. The session then also consumes every
     /// partition queue and ticks the partitions not owned here; and a lost session is not
     /// reconnected: [`run`] returns, since the partitions may have moved meanwhile and the
     /// instance must start over ([`crate::app`]).
     pub shared_partitions: Option<u16>,
+}
+
+/// What happens to the RabbitMQ session, for [`EdgeSettings::on_session`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// Connecting, declaring the topology and starting the consumers; `last_error` is why the
+    /// previous attempt or session ended, if there was one.
+    Connecting { last_error: Option<String> },
+    /// The topology is declared and every consumer runs.
+    Up,
+    /// The session failed or could not be set up.
+    Lost { error: String, next: AfterLoss },
+}
+
+/// What the edge does after a lost session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterLoss {
+    /// Tries again after this long.
+    Retry(Duration),
+    /// Returns: in shared mode the instance starts over in-process.
+    StartOver,
+    /// Returns: the error needs an operator (a topology mismatch); the service stops.
+    Stop,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,19 +120,38 @@ where
 {
     let mut backoff = Duration::from_millis(100);
     let mut drain = Some(Box::pin(drain));
+    let mut last_error = None;
     loop {
+        (settings.on_session)(SessionEvent::Connecting {
+            last_error: last_error.take(),
+        });
         match session(&settings, &ctx, &publisher_slot, &mut shutdown, &mut drain).await {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) if e.is_fatal() => {
+                (settings.on_session)(SessionEvent::Lost {
+                    error: e.to_string(),
+                    next: AfterLoss::Stop,
+                });
+                return Err(e);
+            }
             Err(e) if settings.shared_partitions.is_some() => {
                 publisher_slot.send_replace(None);
                 metrics::counter!("attune_rabbitmq_reconnects_total").increment(1);
+                (settings.on_session)(SessionEvent::Lost {
+                    error: e.to_string(),
+                    next: AfterLoss::StartOver,
+                });
                 return Err(EdgeError::SharedSessionLost(Box::new(e)));
             }
             Err(e) => {
                 publisher_slot.send_replace(None);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "RabbitMQ session lost; reconnecting");
                 metrics::counter!("attune_rabbitmq_reconnects_total").increment(1);
+                (settings.on_session)(SessionEvent::Lost {
+                    error: e.to_string(),
+                    next: AfterLoss::Retry(backoff),
+                });
+                last_error = Some(e.to_string());
             }
         }
         tokio::select! {
@@ -177,6 +222,7 @@ where
     .map_err(|_| EdgeError::SetupTimeout(SETUP_TIMEOUT))??;
     tracing::info!(url = %redact(&settings.url), "RabbitMQ session up; consuming");
     metrics::gauge!("attune_rabbitmq_connected").set(1.0);
+    (settings.on_session)(SessionEvent::Up);
 
     let ticker = async {
         match &ctx.router {

@@ -15,6 +15,8 @@ pub struct Proxy {
     /// While true, bytes from the broker are read and held, not passed on.
     hold: Arc<AtomicBool>,
     held_released: Arc<Notify>,
+    /// While true, new connections are closed at once, as by a broker that is down.
+    refusing: Arc<AtomicBool>,
     /// Set to cut every connection open now.
     cut: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
@@ -26,10 +28,15 @@ impl Proxy {
         let port = listener.local_addr().expect("local address").port();
         let hold = Arc::new(AtomicBool::new(false));
         let held_released = Arc::new(Notify::new());
+        let refusing = Arc::new(AtomicBool::new(false));
         let (cut, cuts) = watch::channel(0u64);
-        let (h, r) = (hold.clone(), held_released.clone());
+        let (h, r, refuse) = (hold.clone(), held_released.clone(), refusing.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(Ordering::Acquire) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(super::BROKER_ADDR).await else {
                     continue;
                 };
@@ -40,9 +47,15 @@ impl Proxy {
             port,
             hold,
             held_released,
+            refusing,
             cut,
             task,
         }
+    }
+
+    /// While `on`, closes every new connection at once (the open ones are left alone).
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, Ordering::Release);
     }
 
     /// The AMQP URL of `vhost` through the proxy.
