@@ -1,12 +1,15 @@
 //! Startup and shutdown of the whole service, shared by `fifo-executor serve` and the tests.
 //!
-//! Order at start: metrics recorder, HTTP listener (bound first, so a taken port stops the
-//! start before anything runs), core (executor and its ports), operations tasks (health
-//! checks, purge, metrics upkeep), HTTP server, RabbitMQ edge. The service is *ready*
-//! ([`Readiness`], `GET /ready`, systemd's `READY=1`) once the edge's session is up: topology
-//! declared, consumers running, recovery done (before the edge starts); not ready again while
-//! the session is lost or the service shuts down. Order at shutdown (one path, see
-//! [`Service::shutdown`]): not ready, stop the operations tasks (no purge starts while
+//! Order at start: metrics recorder (every unlabelled family gets its first sample), HTTP
+//! listener (bound first, so a taken port stops the start before anything runs; connections
+//! wait in its backlog until the server runs), core (executor and its ports, recovery from the
+//! ledger), RabbitMQ edge, the first health check (once the edge's session is up, or after
+//! [`FIRST_CHECK_WAIT`]), operations tasks (health checks, purge, metrics upkeep), HTTP
+//! server. So the first answer of `/health` and `/metrics` already carries a health check's
+//! result. The service is *ready* ([`Readiness`], `GET /ready`, systemd's `READY=1`) once
+//! the edge's session is up: topology declared, consumers running, recovery done; not ready
+//! again while the session is lost or the service shuts down. Order at shutdown (one path,
+//! see [`Service::shutdown`]): not ready, stop the operations tasks (no purge starts while
 //! draining), stop consuming, settle what was taken, drain the action actors, get the last
 //! publishes confirmed, close the connections, and close HTTP last, so `/health`, `/ready`
 //! and `/metrics` answer until the end.
@@ -25,7 +28,7 @@ use crate::core::memory::{DiscardSink, LatestStats};
 use crate::core::{Executor, OutcomeSink, PolicySource, Ports};
 use crate::http::{self, AppState};
 use crate::ops::dlq::Dlq;
-use crate::ops::health::HealthMonitor;
+use crate::ops::health::{FIRST_CHECK_WAIT, HealthMonitor};
 use crate::ops::hooks::{
     HealthStore, LedgerPurge, NoHealthStore, NoLedgerPurge, NoPolicyStore, PolicyStore,
 };
@@ -290,13 +293,7 @@ impl Service {
         let config = reloader.in_force().await;
         let metrics_handle = if config.executor.queue.enable_metrics {
             let handle = ops_metrics::install()?;
-            metrics::gauge!(ops_metrics::names::EMERGENCY_MODE).set(
-                if config.executor.emergency_mode {
-                    1.0
-                } else {
-                    0.0
-                },
-            );
+            first_samples(&config);
             Some(handle)
         } else {
             None
@@ -457,58 +454,6 @@ impl Service {
         ));
         let metrics = metrics_handle.map(|h| Metrics::new(h, stats.clone()));
 
-        let (ops_shutdown, ops_rx) = watch::channel(false);
-        let mut ops_tasks = Vec::new();
-        // Both run even when switched off, so that a reload can switch them on.
-        health.set_schedule(
-            config
-                .health
-                .enabled
-                .then(|| Duration::from_secs(config.health.interval_seconds)),
-        );
-        ops_tasks.push(tokio::spawn(health.clone().run_scheduled(ops_rx.clone())));
-        purger.set_schedule(
-            config
-                .purge
-                .enabled
-                .then(|| Duration::from_secs(config.purge.interval_seconds)),
-            config.purge.dry_run,
-        );
-        ops_tasks.push(tokio::spawn(purger.clone().run_scheduled(ops_rx.clone())));
-        if let Some(m) = metrics.clone() {
-            ops_tasks.push(tokio::spawn(upkeep(m, ops_rx.clone())));
-        }
-
-        let app = http::router(AppState {
-            executor: executor.clone(),
-            stats: stats.clone(),
-            health: health.clone(),
-            purger: purger.clone(),
-            dlq: dlq.clone(),
-            metrics,
-            policies: hooks.policies.clone(),
-            admin_token: config.api.admin_token.clone(),
-            max_body_bytes: config.api.max_body_bytes,
-            reloader: reloader.clone(),
-            readiness: readiness.clone(),
-            cluster: Arc::new(http::cluster::ClusterView {
-                instance_id: instance_id.clone(),
-                partitions: config.cluster.partitions,
-                table: durable.as_ref().map(|d| (d.pool.clone(), d.schema.clone())),
-                started: chrono::Utc::now(),
-                owns: takeover.clone().map(|t| {
-                    let owns: Arc<dyn Fn(crate::cluster::Partition) -> bool + Send + Sync> =
-                        Arc::new(move |p| crate::rabbit::partitions::Owner::owns(t.as_ref(), p));
-                    owns
-                }),
-            }),
-        });
-        let (http_shutdown, http_stop) = oneshot::channel::<()>();
-        let http = tokio::spawn(http::serve(listener, app, async move {
-            let _ = http_stop.await;
-        }));
-        tracing::info!(%http_addr, "HTTP API listening");
-
         let mut ctx = ConsumerContext::new(
             executor.clone(),
             publisher,
@@ -597,6 +542,36 @@ impl Service {
                 }
             }
         }));
+        // The first health check before HTTP answers, once the session is up (or has had
+        // its chance): `/health` and `attune_health_status` have a real result from the start.
+        if config.health.enabled {
+            readiness.wait_ready(FIRST_CHECK_WAIT).await;
+            health.check().await;
+        }
+        let (ops_shutdown, ops_rx) = watch::channel(false);
+        let mut ops_tasks = Vec::new();
+        // Both run even when switched off, so that a reload can switch them on.
+        health.set_schedule(
+            config
+                .health
+                .enabled
+                .then(|| Duration::from_secs(config.health.interval_seconds)),
+        );
+        ops_tasks.push(tokio::spawn(health.clone().run_scheduled(ops_rx.clone())));
+        purger.set_schedule(
+            config
+                .purge
+                .enabled
+                .then(|| Duration::from_secs(config.purge.interval_seconds)),
+            config.purge.dry_run,
+        );
+        ops_tasks.push(tokio::spawn(purger.clone().run_scheduled(ops_rx.clone())));
+        if let Some(m) = metrics.clone() {
+            ops_tasks.push(tokio::spawn(upkeep(m, ops_rx.clone())));
+        }
+
+        // After the schedules are set from `config`: a reload during the start applies over
+        // them.
         reloader
             .attach(
                 LiveTargets {
@@ -610,6 +585,37 @@ impl Service {
                 &config,
             )
             .await;
+
+        let app = http::router(AppState {
+            executor: executor.clone(),
+            stats: stats.clone(),
+            health: health.clone(),
+            purger: purger.clone(),
+            dlq: dlq.clone(),
+            metrics,
+            policies: hooks.policies.clone(),
+            admin_token: config.api.admin_token.clone(),
+            max_body_bytes: config.api.max_body_bytes,
+            reloader: reloader.clone(),
+            readiness: readiness.clone(),
+            cluster: Arc::new(http::cluster::ClusterView {
+                instance_id: instance_id.clone(),
+                partitions: config.cluster.partitions,
+                table: durable.as_ref().map(|d| (d.pool.clone(), d.schema.clone())),
+                started: chrono::Utc::now(),
+                owns: takeover.clone().map(|t| {
+                    let owns: Arc<dyn Fn(crate::cluster::Partition) -> bool + Send + Sync> =
+                        Arc::new(move |p| crate::rabbit::partitions::Owner::owns(t.as_ref(), p));
+                    owns
+                }),
+            }),
+        });
+        let (http_shutdown, http_stop) = oneshot::channel::<()>();
+        let http = tokio::spawn(http::serve(listener, app, async move {
+            let _ = http_stop.await;
+        }));
+        tracing::info!(%http_addr, "HTTP API listening");
+
         Ok(Self {
             executor,
             stats,
@@ -774,6 +780,23 @@ fn follow_session(readiness: &Readiness, event: SessionEvent) {
             ),
             AfterLoss::Stop => format!("RabbitMQ: {error}; the service stops"),
         }),
+    }
+}
+
+/// The first samples of the families whose value depends on this instance's settings (the
+/// rest get theirs when the recorder is installed, see `ops::metrics`).
+fn first_samples(config: &Config) {
+    use crate::ops::metrics::names;
+    let on = |b: bool| if b { 1.0 } else { 0.0 };
+    metrics::gauge!(names::EMERGENCY_MODE).set(on(config.executor.emergency_mode));
+    let shared = config.cluster.mode == config::ClusterMode::Shared;
+    // Single: this instance is the one that consumes the request queue. Shared: not until
+    // the broker makes it the intake leader.
+    metrics::gauge!(names::INTAKE_LEADER).set(on(!shared));
+    // In memory mode a single instance holds every action from the start; with the ledger
+    // the partitions count once taken (`open_ledger`, the takeovers).
+    if !shared && config.executor.durability == config::Durability::Memory {
+        metrics::gauge!(names::PARTITIONS_OWNED).set(f64::from(config.cluster.partitions));
     }
 }
 

@@ -1,6 +1,10 @@
-//! `fifo-executor serve` as a process of its own, the way systemd meets it: with
-//! `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace) it sends `READY=1` once the
-//! contract's topology is declared and consumed, and `STOPPING=1` on SIGTERM.
+//! `fifo-executor serve` as a process of its own, the way systemd and Prometheus meet it:
+//!
+//! - the first answer of `/metrics` already has every family that can have a sample before
+//!   any action exists (the recorder is process-wide, so only a fresh process shows what a
+//!   restart looks like to Prometheus), and none of the per-action ones;
+//! - with `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace) it sends `READY=1`
+//!   once the contract's topology is declared and consumed, and `STOPPING=1` on SIGTERM.
 
 mod support;
 
@@ -8,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use fifo_executor::http::client::Client;
+use fifo_executor::ops::metrics::names;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -16,6 +22,20 @@ use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
 const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The families the contract names (design/contract.md, "Metrics").
+const CONTRACT_FAMILIES: &[&str] = &[
+    "attune_queue_length",
+    "attune_queue_active_count",
+    "attune_queue_max_concurrent",
+    "attune_queue_oldest_age_seconds",
+    "attune_queue_last_updated",
+    "attune_executions_total",
+    "attune_dlq_messages_total",
+    "attune_health_status",
+    "attune_health_stuck_executions",
+    "attune_queue_wait_seconds",
+];
 
 /// A directory of the test's own, removed at the end.
 struct Dir(PathBuf);
@@ -97,6 +117,155 @@ async fn terminate(child: &Child) {
         .await
         .expect("run kill");
     assert!(status.success(), "kill -TERM {pid}");
+}
+
+/// Whether a line of Prometheus text is a sample of `family` (a histogram's or summary's
+/// `_bucket`, `_sum` and `_count` included).
+fn is_sample_of(line: &str, family: &str) -> bool {
+    if line.starts_with('#') {
+        return false;
+    }
+    let Some(rest) = line.strip_prefix(family) else {
+        return false;
+    };
+    let rest = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| rest.strip_prefix(s))
+        .unwrap_or(rest);
+    rest.starts_with('{') || rest.starts_with(' ')
+}
+
+/// The value of the unlabelled `family`'s sample.
+fn unlabelled(text: &str, family: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{family} ")))
+        .map(str::to_owned)
+}
+
+/// Every `attune_…` family a file names; histogram suffixes and the alert rules' group
+/// names left out, and only whole names (the README's `attune_purge_*` is a pattern).
+fn families_in(file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices("attune_") {
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if name.ends_with('_') || ["attune_queues", "attune_executor"].contains(&name.as_str()) {
+            continue;
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| names::HISTOGRAMS.contains(f))
+            .unwrap_or(&name)
+            .to_owned();
+        if !out.contains(&family) {
+            out.push(family);
+        }
+    }
+    assert!(!out.is_empty(), "{file} names no metric");
+    out
+}
+
+#[tokio::test]
+async fn the_first_scrape_after_start_has_every_family_that_can_exist_before_an_action() {
+    let vhost = TestVhost::create().await;
+    let dir = Dir::new("metrics");
+    let port = free_port();
+    let mut child = serve(&dir.0, &config(&dir.0, &vhost, port), None);
+    let client = Client::for_listen_address(([127, 0, 0, 1], port).into())
+        .with_timeout(Duration::from_secs(20));
+
+    // As early as it answers: a connection refused means the port is not bound yet; once it
+    // is, the request waits in the listener's backlog until HTTP serves.
+    let started = tokio::time::Instant::now();
+    let first = loop {
+        match client.request("GET", "/metrics", None).await {
+            Ok(r) => break r,
+            Err(e) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("serve exited with {status}: {}", log_of(&dir.0));
+                }
+                assert!(
+                    started.elapsed() < DEADLINE,
+                    "/metrics did not answer within {DEADLINE:?}: {e}\n{}",
+                    log_of(&dir.0)
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    assert_eq!(first.status, 200);
+    let text = String::from_utf8_lossy(&first.body).into_owned();
+
+    // Every family the contract, the alert rules, the dashboard and the README name is one
+    // the service exports, in exactly one of three kinds.
+    let mut named: Vec<String> = CONTRACT_FAMILIES.iter().map(|f| (*f).to_owned()).collect();
+    for file in [
+        "config/prometheus/alerts.yml",
+        "config/grafana/fifo-executor.json",
+        "README.md",
+    ] {
+        for f in families_in(file) {
+            if !named.contains(&f) {
+                named.push(f);
+            }
+        }
+    }
+    for family in &named {
+        let kinds = [names::FROM_START, names::PER_ACTION, names::PER_EVENT]
+            .iter()
+            .filter(|k| k.contains(&family.as_str()))
+            .count();
+        assert_eq!(kinds, 1, "{family}: named, but not exactly one kind");
+    }
+    // Those that can have a sample have one; those of actions have none, there being none.
+    for family in names::FROM_START {
+        assert!(
+            text.lines().any(|l| is_sample_of(l, family)),
+            "{family} missing from the first scrape:\n{text}"
+        );
+    }
+    for family in names::PER_ACTION {
+        assert!(
+            !text.lines().any(|l| is_sample_of(l, family)),
+            "{family} has a sample before any action:\n{text}"
+        );
+    }
+    assert!(
+        named.iter().any(|f| f == names::HEALTH_STATUS),
+        "the list covers attune_health_status"
+    );
+
+    // The health gauges come from a real check, run once the topology was declared: the
+    // fresh vhost's DLQ is read as empty, not NaN.
+    let value = |family: &str| unlabelled(&text, family).unwrap_or_default();
+    assert!(
+        ["0", "1", "2"].contains(&value(names::HEALTH_STATUS).as_str()),
+        "{text}"
+    );
+    assert!(
+        value(names::HEALTH_LAST_CHECK)
+            .parse::<f64>()
+            .is_ok_and(|t| t > 1.0e9),
+        "{text}"
+    );
+    assert_eq!(value(names::DLQ_SIZE), "0", "{text}");
+    assert_eq!(value(names::RABBITMQ_CONNECTED), "1", "{text}");
+    // Not measured yet: said as NaN, not as a made-up 0.
+    assert_eq!(value(names::PURGE_CYCLE_SECONDS), "NaN", "{text}");
+    assert_eq!(value(names::RABBITMQ_RECONNECTS_TOTAL), "0", "{text}");
+    assert_eq!(value(names::INTAKE_LEADER), "1", "{text}");
+    assert_eq!(value(names::PARTITIONS_OWNED), "16", "{text}");
+
+    terminate(&child).await;
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("serve stops after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status}: {}", log_of(&dir.0));
 }
 
 /// The contract's exchanges and queues exist, and the executor consumes its three queues.

@@ -3,8 +3,8 @@
 //!
 //! [`router`] builds the whole API from an [`AppState`] without binding anything, so tests
 //! drive it with `oneshot`; [`serve`] runs it on a listener until a shutdown future resolves.
-//! The service closes HTTP last, after the core has drained, so `/health`, `/ready` and
-//! `/metrics` answer for as long as anything is happening.
+//! The service starts HTTP after its first health check and closes it last, after the core
+//! has drained, so `/health` and `/metrics` answer for as long as anything is happening.
 //!
 //! | method | path | auth | |
 //! | --- | --- | --- | --- |

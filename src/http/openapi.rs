@@ -56,7 +56,7 @@ pub fn document() -> Value {
         paths::HEALTH.to_owned(),
         json!({"get": {
             "summary": "Latest health check",
-            "description": "Always 200 while the process answers; the verdict is `status`. Before the first check (or with health.enabled false) `last_check` is null and `checks` empty. Says nothing of whether the service consumes yet: see /ready.",
+            "description": "Always 200 while the process answers; the verdict is `status`. The service runs its first check before HTTP answers; with health.enabled false `last_check` is null and `checks` empty. Says nothing of whether the service consumes yet: see /ready.",
             "responses": {"200": ok("Health report", schema("Health"))}
         }}),
     );

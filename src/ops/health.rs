@@ -280,8 +280,12 @@ pub fn evaluate(input: &HealthInput<'_>, t: &HealthThresholds) -> HealthReport {
     }
 }
 
-/// How long after start the first check runs (see [`HealthMonitor::run`]).
-pub const FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
+/// Longest the service waits at start for its RabbitMQ session (topology declared) before the
+/// first check, which it runs before HTTP answers: so that the first report does not flag a
+/// DLQ that simply does not exist yet, and so that `attune_health_status` and `/health` have
+/// a real result from the first scrape. A broker still unreachable by then is what the first
+/// report says (the `dlq` check degraded).
+pub const FIRST_CHECK_WAIT: Duration = Duration::from_secs(5);
 
 /// Longest the [`HealthStore`] may take to keep one result; past it the result is not kept
 /// and the check goes on (a slow Postgres must not hold up `/health` and the gauges).
@@ -290,13 +294,8 @@ pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest the DLQ may be read to count its entries by origin (see [`HealthMonitor::check`]).
 pub const DLQ_BREAKDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The `queue_from` label of `attune_dlq_size_by_queue_from` for entries beyond those read
-/// (the DLQ holds more than [`dlq::MAX_PEEK`](super::dlq::MAX_PEEK)). The parentheses keep it
-/// apart from every real origin.
-pub const UNREAD_QUEUE_FROM: &str = "(unread)";
-
-/// Every origin a dead letter of this executor can have: always exported, as 0 when none.
-const QUEUE_FROMS: &[&str] = &["requested", "queued", "running", "completed", "cancel"];
+use super::metrics::DLQ_ORIGINS as QUEUE_FROMS;
+pub use super::metrics::UNREAD_QUEUE_FROM;
 
 /// When [`HealthMonitor::run_scheduled`] checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -481,10 +480,10 @@ impl HealthMonitor {
 
     /// Checks as the schedule says until `shutdown` turns true: every `health.interval_seconds`,
     /// or not at all while `health.enabled` is false. One task, so checks never overlap; a
-    /// check that overruns the interval delays the next one. The first check comes after
-    /// [`FIRST_CHECK_DELAY`] (or the interval, if shorter), not at once: by then the RabbitMQ
-    /// edge has declared the topology, so the first report does not flag a DLQ that simply
-    /// does not exist yet. After a reconfiguration the next check comes at once.
+    /// check that overruns the interval delays the next one. The first check comes one
+    /// interval from now: the service runs the first check itself, before HTTP answers (see
+    /// [`FIRST_CHECK_WAIT`]). After a reconfiguration (checks switched on by a reload, or a
+    /// new interval) the next check comes at once.
     pub async fn run_scheduled(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let every = |s: &Schedule| match s {
             Schedule::Every(interval) => Some(*interval),
@@ -493,7 +492,7 @@ impl HealthMonitor {
         let mut ticker = super::Ticker::new(
             self.schedule.subscribe(),
             every,
-            FIRST_CHECK_DELAY,
+            Duration::MAX,
             Duration::ZERO,
         );
         while ticker.next(&mut shutdown).await {

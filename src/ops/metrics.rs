@@ -65,6 +65,21 @@ pub mod names {
     /// Unix time the configuration in force was read (at start, or by a reload).
     pub const CONFIG_LAST_RELOAD_TIMESTAMP_SECONDS: &str =
         "attune_config_last_reload_timestamp_seconds";
+    // The edges below name these themselves (the RabbitMQ edge and the cluster cannot import
+    // this module); the names here are for the first samples and the tests.
+    pub const RABBITMQ_ACKS_TOTAL: &str = "attune_rabbitmq_acks_total";
+    pub const INTAKE_THROTTLED_TOTAL: &str = "attune_intake_throttled_total";
+    pub const DISPATCHES_DROPPED_TOTAL: &str = "attune_dispatches_dropped_total";
+    pub const DISPATCHES_UNROUTABLE_TOTAL: &str = "attune_dispatches_unroutable_total";
+    pub const DISPATCH_BATCHES_TOTAL: &str = "attune_dispatch_batches_total";
+    pub const PARTITIONS_OWNED: &str = "attune_partitions_owned";
+    pub const FENCED_WRITES_TOTAL: &str = "attune_fenced_writes_total";
+    pub const PARTITION_TAKEOVERS_TOTAL: &str = "attune_partition_takeovers_total";
+    /// A summary (quantiles, `_sum`, `_count`): no buckets are configured for it.
+    pub const PARTITION_REBUILD_SECONDS: &str = "attune_partition_rebuild_seconds";
+    pub const FORWARDED_TOTAL: &str = "attune_forwarded_total";
+    pub const INTAKE_LEADER: &str = "attune_intake_leader";
+    pub const INSTANCE_RESTARTS_TOTAL: &str = "attune_instance_restarts_total";
 
     /// All of the above.
     pub const ALL: &[&str] = &[
@@ -95,6 +110,75 @@ pub mod names {
         CANCELS_TOTAL,
         CONFIG_RELOADS_TOTAL,
         CONFIG_LAST_RELOAD_TIMESTAMP_SECONDS,
+        RABBITMQ_ACKS_TOTAL,
+        INTAKE_THROTTLED_TOTAL,
+        DISPATCHES_DROPPED_TOTAL,
+        DISPATCHES_UNROUTABLE_TOTAL,
+        DISPATCH_BATCHES_TOTAL,
+        PARTITIONS_OWNED,
+        FENCED_WRITES_TOTAL,
+        PARTITION_TAKEOVERS_TOTAL,
+        PARTITION_REBUILD_SECONDS,
+        FORWARDED_TOTAL,
+        INTAKE_LEADER,
+        INSTANCE_RESTARTS_TOTAL,
+    ];
+
+    /// Families with a sample from the first scrape after start: every unlabelled one, and
+    /// the labelled ones whose label values are fixed and all exported from the start
+    /// (`attune_dlq_size_by_queue_from`, `attune_config_reloads_total`). Those of the health
+    /// check need `health.enabled` (the first check runs before HTTP answers); a value not
+    /// measured yet is `NaN` (see [`super::first_samples`]).
+    pub const FROM_START: &[&str] = &[
+        CONFIG_RELOADS_TOTAL,
+        CONFIG_LAST_RELOAD_TIMESTAMP_SECONDS,
+        HEALTH_STATUS,
+        HEALTH_STUCK_EXECUTIONS,
+        HEALTH_STALLED_QUEUES,
+        HEALTH_LAST_CHECK,
+        DLQ_SIZE,
+        DLQ_SIZE_BY_QUEUE_FROM,
+        EMERGENCY_MODE,
+        PURGE_CYCLE_SECONDS,
+        RABBITMQ_CONNECTED,
+        RABBITMQ_RECONNECTS_TOTAL,
+        INTAKE_THROTTLED_TOTAL,
+        PARTITIONS_OWNED,
+        FENCED_WRITES_TOTAL,
+        PARTITION_TAKEOVERS_TOTAL,
+        PARTITION_REBUILD_SECONDS,
+        INTAKE_LEADER,
+        INSTANCE_RESTARTS_TOTAL,
+    ];
+
+    /// Labelled by `action`: an action's series appear once the executor has seen it, so
+    /// none before the first action.
+    pub const PER_ACTION: &[&str] = &[
+        QUEUE_LENGTH,
+        QUEUE_ACTIVE_COUNT,
+        QUEUE_MAX_CONCURRENT,
+        QUEUE_OLDEST_AGE_SECONDS,
+        QUEUE_LAST_UPDATED,
+        QUEUE_WAIT_SECONDS,
+        EXECUTIONS_TOTAL,
+        DISPATCHES_UNROUTABLE_TOTAL,
+    ];
+
+    /// Labelled by what happened (an error class, a verdict, a route and status, a purge
+    /// mode): a series appears with the first event of its labels.
+    pub const PER_EVENT: &[&str] = &[
+        DLQ_MESSAGES_TOTAL,
+        PURGE_CYCLES_TOTAL,
+        PURGE_ENTRIES_TOTAL,
+        PURGE_LEDGER_ROWS_TOTAL,
+        HTTP_REQUESTS_TOTAL,
+        HTTP_REQUEST_DURATION_SECONDS,
+        UNMATCHED_COMPLETIONS_TOTAL,
+        CANCELS_TOTAL,
+        RABBITMQ_ACKS_TOTAL,
+        DISPATCHES_DROPPED_TOTAL,
+        DISPATCH_BATCHES_TOTAL,
+        FORWARDED_TOTAL,
     ];
 
     /// The histograms, which Prometheus sees as `<name>_bucket`, `<name>_sum`, `<name>_count`.
@@ -153,8 +237,46 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .install_recorder()
         .map_err(|e| MetricsError::Install(e.to_string()))?;
     describe();
+    first_samples();
     *slot = Some(handle.clone());
     Ok(handle)
+}
+
+/// Every origin a dead letter of this executor can have (`queue_from`): the DLQ's split by
+/// origin always exports each, as 0 when none.
+pub const DLQ_ORIGINS: &[&str] = &["requested", "queued", "running", "completed", "cancel"];
+
+/// The `queue_from` label of `attune_dlq_size_by_queue_from` for entries beyond those read
+/// (the DLQ holds more than [`dlq::MAX_PEEK`](super::dlq::MAX_PEEK)). The parentheses keep it
+/// apart from every real origin.
+pub const UNREAD_QUEUE_FROM: &str = "(unread)";
+
+/// Gives each unlabelled family (and the DLQ's split by origin) its sample before anything
+/// has happened, once per process, so that an `absent()` rule does not fire after a restart
+/// and `rate()` sees the first increment: counters at 0; gauges not measured yet at `NaN`,
+/// which Prometheus keeps as a value, compares as false in every rule, and Grafana shows as
+/// no value (the DLQ's size until a health check has read it, the last purge cycle's
+/// duration until one has run); the rebuild summary empty. The health gauges come from the
+/// first health check, which the service runs before HTTP answers; the gauges whose value
+/// depends on the instance's mode are set by the service at start (`app`).
+fn first_samples() {
+    for counter in [
+        names::RABBITMQ_RECONNECTS_TOTAL,
+        names::INTAKE_THROTTLED_TOTAL,
+        names::FENCED_WRITES_TOTAL,
+        names::PARTITION_TAKEOVERS_TOTAL,
+        names::INSTANCE_RESTARTS_TOTAL,
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
+    metrics::gauge!(names::RABBITMQ_CONNECTED).set(0.0);
+    metrics::gauge!(names::PURGE_CYCLE_SECONDS).set(f64::NAN);
+    metrics::gauge!(names::DLQ_SIZE).set(f64::NAN);
+    for origin in DLQ_ORIGINS.iter().chain([&UNREAD_QUEUE_FROM]) {
+        metrics::gauge!(names::DLQ_SIZE_BY_QUEUE_FROM, "queue_from" => *origin).set(f64::NAN);
+    }
+    // Registered without a sample: rendered with a count of 0.
+    let _ = metrics::histogram!(names::PARTITION_REBUILD_SECONDS);
 }
 
 /// The `# HELP` lines.
@@ -423,5 +545,25 @@ impl OutcomeSink for MetricsSink {
             self.count(event);
         }
         self.inner.record(events);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names;
+
+    #[test]
+    fn every_family_is_of_exactly_one_kind() {
+        let kinds = [names::FROM_START, names::PER_ACTION, names::PER_EVENT];
+        for name in names::ALL {
+            let n = kinds.iter().filter(|k| k.contains(name)).count();
+            assert_eq!(
+                n, 1,
+                "{name} is in {n} of FROM_START, PER_ACTION, PER_EVENT"
+            );
+        }
+        for name in kinds.iter().flat_map(|k| k.iter()) {
+            assert!(names::ALL.contains(name), "{name} is not in ALL");
+        }
     }
 }
