@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -18,6 +19,8 @@ use super::ended::RecentlyEnded;
 use super::policy::{ActionPolicy, QueueSettings};
 use super::ports::{Event, Ports};
 use super::queue::{ActionQueue, Effects, PurgeOrder, PurgedEntry, Restored};
+use super::recent::{EndOutcome, RecentEnds};
+use super::totals::Totals;
 use super::unroutable::Unroutable;
 use crate::model::{
     ActionRef, CancelRequest, CancelVerdict, Completion, ExecutionId, Receipt, Submission, settle,
@@ -37,12 +40,36 @@ pub enum ActionMsg {
     Restore(Vec<Restored>),
     Purge(PurgeOrder, RpcReplyPort<Vec<PurgedEntry>>),
     Stats(RpcReplyPort<super::ports::QueueStats>),
+    /// What the operations page shows of one action (see [`ActionView`]).
+    Inspect(Inspect, RpcReplyPort<ActionView>),
     /// The actor's timer: queue timeouts and the rate limiter's next window.
     Wake,
     /// Dispatches the broker returned unrouted (no worker queue bound).
     Returned(Vec<super::ports::Dispatch>),
     /// A dispatch of this action was delivered after some had come back unrouted.
     Routed,
+}
+
+/// How much of the queue an [`ActionMsg::Inspect`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inspect {
+    /// Waiting executions from the head.
+    pub waiting: usize,
+    /// Running executions, the longest-running first.
+    pub running: usize,
+}
+
+/// One action as the operations page shows it: its counters, the head of its queue, what
+/// runs and what ended lately. Times are wall-clock times of the core's clock.
+#[derive(Debug, Clone)]
+pub struct ActionView {
+    pub stats: super::ports::QueueStats,
+    /// The first waiting executions, head first, with when each was enqueued.
+    pub waiting: Vec<(ExecutionId, DateTime<Utc>)>,
+    /// Executions holding a slot, the longest-running first, with when each took it.
+    pub running: Vec<(ExecutionId, DateTime<Utc>)>,
+    /// The last ends (at most [`super::recent::RECENT_ENDS`]), most recent first.
+    pub recent_ends: Vec<(ExecutionId, EndOutcome, DateTime<Utc>)>,
 }
 
 /// The task that will send the actor its next [`ActionMsg::Wake`].
@@ -74,6 +101,8 @@ pub struct Shared {
     pub canceled_ahead: CanceledAhead,
     /// Actions whose dispatches come back unrouted.
     pub no_route: Unroutable,
+    /// Admissions, completions and queue waits over every action.
+    pub totals: Totals,
 }
 
 /// The live index: touched three times per execution (claimed on submit, looked up on
@@ -102,6 +131,7 @@ impl Shared {
             ended: RecentlyEnded::new(settings.remember_ended),
             canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
             no_route: Unroutable::default(),
+            totals: Totals::default(),
         }
     }
 
@@ -131,6 +161,8 @@ pub struct ActionState {
     early_cancels: HashMap<ExecutionId, Option<Receipt<CancelVerdict>>>,
     /// The pending timer and when it fires.
     timer: Option<(Stamp, TimerHandle)>,
+    /// The last ends, for [`ActionMsg::Inspect`]; empty (and unallocated) until the first.
+    ends: RecentEnds,
 }
 
 impl Actor for ActionActor {
@@ -154,6 +186,7 @@ impl Actor for ActionActor {
             shared: args.shared,
             early_cancels: HashMap::new(),
             timer: None,
+            ends: RecentEnds::default(),
         })
     }
 
@@ -216,6 +249,20 @@ impl Actor for ActionActor {
             ActionMsg::Stats(reply) => {
                 let _ = reply.send(st.queue.stats());
             }
+            ActionMsg::Inspect(ask, reply) => {
+                let clock = &st.shared.clock;
+                let _ = reply.send(ActionView {
+                    stats: st.queue.stats(),
+                    waiting: st.queue.waiting_head(ask.waiting),
+                    running: st.queue.running_longest_first(ask.running),
+                    recent_ends: st
+                        .ends
+                        .latest_first()
+                        .into_iter()
+                        .map(|e| (e.execution_id, e.outcome, clock.wall(e.at)))
+                        .collect(),
+                });
+            }
             ActionMsg::Wake => {
                 st.timer = None;
                 st.queue.tick(now, &mut fx);
@@ -232,7 +279,7 @@ impl Actor for ActionActor {
                 st.shared.no_route.set(st.queue.action(), false);
             }
         }
-        flush(&myself, st, fx);
+        flush(&myself, st, fx, now);
         arm_timer(&myself, st, now);
         Ok(())
     }
@@ -276,8 +323,9 @@ fn claimed_by(shared: &Shared, id: ExecutionId, me: &ActorRef<ActionMsg>) -> boo
         .is_some_and(|owner| owner.get_id() == me.get_id())
 }
 
-/// Hands one handler's effects to the ports and releases the ids that ended.
-fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects) {
+/// Hands one handler's effects to the ports and releases the ids that ended; counts them in
+/// the executor's totals and keeps the ends among them.
+fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects, now: Stamp) {
     if fx.is_empty() {
         return;
     }
@@ -312,6 +360,8 @@ fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects) {
             .live
             .remove_if(id, |_, owner| owner.get_id() == me);
     }
+    st.shared.totals.count(&events);
+    st.ends.record(&events, now);
     let ports = &st.shared.ports;
     // Events first: a ledger that holds dispatches until their admissions are committed must
     // have those admissions ahead of them.

@@ -71,6 +71,26 @@ impl LatestStats {
     pub fn all(&self) -> Vec<QueueStats> {
         self.0.iter().map(|e| e.value().clone()).collect()
     }
+
+    /// Actions known, and the executions waiting and running over all of them, without
+    /// copying anyone's counters.
+    pub fn sums(&self) -> StatsSums {
+        let mut sums = StatsSums::default();
+        for e in self.0.iter() {
+            sums.actions += 1;
+            sums.queued += e.queue_length as u64;
+            sums.running += e.active_count as u64;
+        }
+        sums
+    }
+}
+
+/// What [`LatestStats::sums`] adds up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSums {
+    pub actions: usize,
+    pub queued: u64,
+    pub running: u64,
 }
 
 impl StatsObserver for LatestStats {

@@ -11,8 +11,10 @@ pub mod memory;
 pub mod policy;
 pub mod ports;
 pub mod queue;
+pub mod recent;
 pub mod registry;
 pub mod supervisor;
+pub mod totals;
 pub mod unroutable;
 
 pub use clock::{Clock, Stamp};

@@ -240,6 +240,31 @@ impl ActionQueue {
         self.running.contains_key(&id)
     }
 
+    /// The first `n` waiting executions, head first, with when each was enqueued.
+    pub fn waiting_head(&self, n: usize) -> Vec<(ExecutionId, DateTime<Utc>)> {
+        self.waiting
+            .iter()
+            .take(n)
+            .map(|w| (w.id, self.wall(w.enqueued)))
+            .collect()
+    }
+
+    /// Up to `n` executions holding a slot, the longest-running first, with when each took
+    /// it.
+    pub fn running_longest_first(&self, n: usize) -> Vec<(ExecutionId, DateTime<Utc>)> {
+        let mut running: Vec<(Stamp, ExecutionId)> = self
+            .running
+            .iter()
+            .map(|(id, slot)| (slot.admitted, *id))
+            .collect();
+        running.sort_unstable();
+        running
+            .into_iter()
+            .take(n)
+            .map(|(admitted, id)| (id, self.wall(admitted)))
+            .collect()
+    }
+
     /// Accepts or rejects one submission. The caller has already made sure the id is not live
     /// anywhere else.
     pub fn submit(&mut self, sub: Submission, now: Stamp, fx: &mut Effects) {

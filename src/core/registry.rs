@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use ractor::{ActorId, ActorRef, ActorRuntime, ActorStatus, SpawnErr};
 
-use super::action::{ActionActor, ActionArgs, ActionMsg};
+use super::action::{ActionActor, ActionArgs, ActionMsg, ActionView, Inspect};
 use super::clock::Clock;
 use super::policy::{ActionPolicy, PolicySource, QueueSettings};
 use super::ports::{Event, Ports, QueueStats};
@@ -535,6 +535,37 @@ impl Executor {
                     .await;
             }
         })
+    }
+
+    /// One action as the operations page shows it (see [`ActionView`]), asked of its actor;
+    /// `None` for an action that has no actor.
+    pub async fn inspect(
+        &self,
+        action: &ActionRef,
+        ask: Inspect,
+    ) -> Result<Option<ActionView>, CoreError> {
+        let Some(actor) = self.actors.get(action).map(|a| a.clone()) else {
+            return Ok(None);
+        };
+        match actor
+            .call(|reply| ActionMsg::Inspect(ask, reply), Some(CALL_TIMEOUT))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(view)) => Ok(Some(view)),
+            Ok(_) => Err(CoreError::Timeout(action.clone())),
+            Err(_) => Err(CoreError::Stopped(action.clone())),
+        }
+    }
+
+    /// Admissions, completions and queue waits over every action since the start.
+    pub fn totals(&self) -> super::totals::TotalsSnapshot {
+        self.shared.totals.snapshot()
+    }
+
+    /// The longest queue wait of an execution admitted since the last call (zero if none),
+    /// and starts over; see [`super::totals::Totals::take_longest_wait`].
+    pub fn take_longest_wait(&self) -> Duration {
+        self.shared.totals.take_longest_wait()
     }
 
     /// Every action's counters.
