@@ -240,10 +240,14 @@ where
         // lost session, which would start a shared instance over instead of stopping it.
         biased;
         _ = stopped(shutdown) => Ok(()),
-        Some((queue, r)) = loops.next() => Err(match r {
-            Ok(()) => EdgeError::ConsumerCanceled { queue },
-            Err(e) => EdgeError::Amqp(e),
-        }),
+        Some((queue, r)) = loops.next() => match r {
+            // Polling the stop first is not enough: under load tokio's cooperative budget can
+            // leave the watch pending in the very poll in which such a loop is ready (seen in
+            // pg_shared), so a loop that ends once the stop has come is taken for the stop too.
+            Ok(()) if *shutdown.borrow() => Ok(()),
+            Ok(()) => Err(EdgeError::ConsumerCanceled { queue }),
+            Err(e) => Err(EdgeError::Amqp(e)),
+        },
         Some((queue, r)) = partition_loops.next() => Err(match r {
             Ok(()) => EdgeError::ConsumerCanceled { queue },
             Err(e) => EdgeError::Amqp(e),
