@@ -344,16 +344,54 @@ pub async fn stored(
     schema: &Schema,
     action: &ActionRef,
 ) -> Result<Option<QueueStats>, DbError> {
-    let row: Option<StoredRow> = sqlx::query_as(schema.sql(
-        "SELECT q.queue_length, q.active_count, q.max_concurrent, q.oldest_enqueued_at, \
-                q.total_enqueued, q.total_completed, q.last_updated, q.last_progress, a.enabled \
-         FROM {s}.queue_stats q JOIN {s}.action a ON a.id = q.action_id WHERE a.ref = $1",
+    let row: Option<StoredRow> = sqlx::query_as(stored_sql(schema, "WHERE a.ref = $1"))
+        .bind(action.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(DbError::query("reading an action's queue_stats row"))?;
+    Ok(row.map(|r| from_row(action.clone(), r)))
+}
+
+/// The `queue_stats` rows of the given actions (all of them when `actions` is `None`), as
+/// [`stored`] reads one. The operations page lists, from here, the actions of partitions
+/// another instance owns.
+pub async fn stored_many(
+    pool: &PgPool,
+    schema: &Schema,
+    actions: Option<&[ActionRef]>,
+) -> Result<Vec<QueueStats>, DbError> {
+    let refs: Option<Vec<&str>> = actions.map(|a| a.iter().map(ActionRef::as_str).collect());
+    let rows: Vec<StoredRow> = sqlx::query_as(stored_sql(
+        schema,
+        "WHERE $1::text[] IS NULL OR a.ref = ANY($1)",
     ))
-    .bind(action.as_str())
-    .fetch_optional(pool)
+    .bind(refs)
+    .fetch_all(pool)
     .await
-    .map_err(DbError::query("reading an action's queue_stats row"))?;
-    Ok(row.map(|r| QueueStats {
+    .map_err(DbError::query("reading queue_stats"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            // Every ref in the table was checked when it was written; one that is not valid
+            // now is skipped rather than failing the whole listing.
+            let action = ActionRef::parse(&r.9).ok()?;
+            Some(from_row(action, r))
+        })
+        .collect())
+}
+
+/// What [`stored`] and [`stored_many`] select (a [`StoredRow`]), with `filter`.
+fn stored_sql(schema: &Schema, filter: &str) -> sqlx::SqlStr {
+    schema.sql(&format!(
+        "SELECT q.queue_length, q.active_count, q.max_concurrent, q.oldest_enqueued_at, \
+                q.total_enqueued, q.total_completed, q.last_updated, q.last_progress, a.enabled, \
+                a.ref \
+         FROM {{s}}.queue_stats q JOIN {{s}}.action a ON a.id = q.action_id {filter}"
+    ))
+}
+
+fn from_row(action: ActionRef, r: StoredRow) -> QueueStats {
+    QueueStats {
         queue_length: usize::try_from(r.0).unwrap_or(0),
         active_count: usize::try_from(r.1).unwrap_or(0),
         max_concurrent: u32::try_from(r.2).unwrap_or(0),
@@ -362,8 +400,8 @@ pub async fn stored(
         total_completed: u64::try_from(r.5).unwrap_or(0),
         last_progress: r.7.unwrap_or(r.6),
         enabled: r.8,
-        ..QueueStats::empty(action.clone(), r.6)
-    }))
+        ..QueueStats::empty(action, r.6)
+    }
 }
 
 type StoredRow = (
@@ -376,6 +414,7 @@ type StoredRow = (
     DateTime<Utc>,
     Option<DateTime<Utc>>,
     bool,
+    String,
 );
 
 /// Every action's ref with its queued and running counts from `queue_stats`.
