@@ -68,8 +68,9 @@ fn grade(value: u64, warning: u64, critical: u64) -> Status {
     }
 }
 
-/// Seconds from `earlier` to `now`, never negative.
-fn seconds_since(now: DateTime<Utc>, earlier: DateTime<Utc>) -> u64 {
+/// Seconds from `earlier` to `now`, never negative (whole seconds, as every age check
+/// compares them).
+pub(crate) fn seconds_since(now: DateTime<Utc>, earlier: DateTime<Utc>) -> u64 {
     u64::try_from((now - earlier).num_seconds()).unwrap_or(0)
 }
 
@@ -331,6 +332,9 @@ pub struct HealthMonitor {
     extra_origins: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The latest result, for `/health`.
     latest: watch::Sender<Option<Arc<HealthReport>>>,
+    /// The last check's stuck executions per action (only actions with some), for the
+    /// per-action flags of the operations page.
+    stuck: std::sync::Mutex<Arc<std::collections::HashMap<crate::model::ActionRef, usize>>>,
 }
 
 impl HealthMonitor {
@@ -352,6 +356,7 @@ impl HealthMonitor {
             dlq_breakdown: true,
             extra_origins: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             latest: watch::channel(None).0,
+            stuck: std::sync::Mutex::default(),
         }
     }
 
@@ -395,6 +400,7 @@ impl HealthMonitor {
             .store(emergency_mode, std::sync::atomic::Ordering::Relaxed);
         if interval.is_none() {
             self.latest.send_replace(None);
+            *self.stuck.lock().unwrap_or_else(|p| p.into_inner()) = Arc::default();
         }
         self.set_schedule(interval);
     }
@@ -405,6 +411,14 @@ impl HealthMonitor {
         // Replaced even when equal: the loop takes every change as "check now".
         self.schedule
             .send_replace(interval.map_or(Schedule::Off, Schedule::Every));
+    }
+
+    /// Per action, its executions the last check found running longer than
+    /// `stuck_age_seconds` (actions with none are absent; empty before the first check).
+    pub fn stuck_by_action(
+        &self,
+    ) -> Arc<std::collections::HashMap<crate::model::ActionRef, usize>> {
+        self.stuck.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Runs one check now: gathers the inputs, judges, exports, logs, stores, keeps.
@@ -464,6 +478,8 @@ impl HealthMonitor {
                  not stored"
             ),
         }
+        *self.stuck.lock().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(stuck.into_iter().collect());
         // Checks turned off meanwhile: the result is dropped, as `reconfigure` promises.
         if *self.schedule.borrow() != Schedule::Off {
             self.latest.send_replace(Some(report.clone()));
@@ -571,14 +587,15 @@ impl std::fmt::Debug for HealthMonitor {
     }
 }
 
+/// Shared with the per-action flags' tests ([`super::flags`]), which judge by the same rules.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use chrono::TimeZone;
 
     use super::*;
     use crate::model::ActionRef;
 
-    fn now() -> DateTime<Utc> {
+    pub(crate) fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0)
             .single()
             .expect("a time")
@@ -590,7 +607,13 @@ mod tests {
 
     /// An action with `queued` waiting (the oldest for `age` seconds, progress `idle` seconds
     /// ago) and `active` running.
-    fn queue(name: &str, queued: usize, active: usize, age: i64, idle: i64) -> QueueStats {
+    pub(crate) fn queue(
+        name: &str,
+        queued: usize,
+        active: usize,
+        age: i64,
+        idle: i64,
+    ) -> QueueStats {
         let n = now();
         QueueStats {
             queue_length: queued,

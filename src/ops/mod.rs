@@ -5,6 +5,10 @@
 //! - [`metrics`]: the Prometheus recorder, execution counters and queue gauges.
 //! - [`health`]: the periodic health check (a pure verdict function plus the task around it).
 //! - [`health_report`]: what a check finds, which the check and the [`hooks`] both use.
+//! - [`flags`]: the health check's rules applied to one action (the operations page's
+//!   per-action health flag).
+//! - [`history`]: the last 15 minutes of throughput, queue wait and totals, sampled every 5 s
+//!   for the operations page's overview.
 //! - [`purge`]: the periodic purge of stale queued and lost running executions.
 //! - [`dlq`]: reading and replaying the dead-letter queue.
 //! - [`hooks`]: seams for what the Postgres edge keeps (policies, health results, old ledger
@@ -17,8 +21,10 @@
 //!   [`systemd`] (`READY=1`, `STOPPING=1`).
 
 pub mod dlq;
+pub mod flags;
 pub mod health;
 pub mod health_report;
+pub mod history;
 pub mod hooks;
 pub mod logging;
 pub mod metrics;
@@ -101,6 +107,30 @@ impl<S> Ticker<S> {
             }
             self.ticks = None;
             self.first = self.after_change;
+        }
+    }
+}
+
+/// Runs `work` at every tick of `ticks` until `shutdown` turns true; a run still going when it
+/// does is dropped. Missed ticks are delayed, so runs never overlap: one that overruns the
+/// interval delays the next.
+pub(crate) async fn every<F, Fut>(
+    mut ticks: tokio::time::Interval,
+    mut shutdown: watch::Receiver<bool>,
+    mut work: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        tokio::select! {
+            _ = work() => {}
+            _ = stopped(&mut shutdown) => return,
         }
     }
 }
