@@ -4,8 +4,8 @@
 //! listener (bound first, so a taken port stops the start before anything runs; connections
 //! wait in its backlog until the server runs), core (executor and its ports, recovery from the
 //! ledger), RabbitMQ edge, the first health check (once the edge's session is up, or after
-//! [`FIRST_CHECK_WAIT`]), operations tasks (health checks, purge, metrics upkeep), HTTP
-//! server. So the first answer of `/health` and `/metrics` already carries a health check's
+//! [`FIRST_CHECK_WAIT`]), operations tasks (health checks, purge, metrics upkeep, the
+//! overview's history sampler), HTTP server. So the first answer of `/health` and `/metrics` already carries a health check's
 //! result. The service is *ready* ([`Readiness`], `GET /ready`, systemd's `READY=1`) once
 //! the edge's session is up: topology declared, consumers running, recovery done; not ready
 //! again while the session is lost or the service shuts down. Order at shutdown (one path,
@@ -29,6 +29,7 @@ use crate::core::{Executor, OutcomeSink, PolicySource, Ports};
 use crate::http::{self, AppState};
 use crate::ops::dlq::Dlq;
 use crate::ops::health::{FIRST_CHECK_WAIT, HealthMonitor};
+use crate::ops::history::{SAMPLE_INTERVAL, Sampler};
 use crate::ops::hooks::{
     HealthStore, LedgerPurge, NoHealthStore, NoLedgerPurge, NoPolicyStore, PolicyStore,
 };
@@ -251,7 +252,7 @@ pub struct Service {
     http_addr: std::net::SocketAddr,
     shutdown: watch::Sender<bool>,
     edge: tokio::task::JoinHandle<Result<(), EdgeError>>,
-    /// Stops the health, purge and metrics-upkeep loops.
+    /// Stops the health, purge, metrics-upkeep and history-sampling loops.
     ops_shutdown: watch::Sender<bool>,
     ops_tasks: Vec<tokio::task::JoinHandle<()>>,
     http_shutdown: oneshot::Sender<()>,
@@ -453,6 +454,7 @@ impl Service {
             hooks.ledger_purge.clone(),
         ));
         let metrics = metrics_handle.map(|h| Metrics::new(h, stats.clone()));
+        let history = Arc::new(Sampler::new(executor.clone(), stats.clone(), dlq.clone()));
 
         let mut ctx = ConsumerContext::new(
             executor.clone(),
@@ -569,6 +571,9 @@ impl Service {
         if let Some(m) = metrics.clone() {
             ops_tasks.push(tokio::spawn(upkeep(m, ops_rx.clone())));
         }
+        ops_tasks.push(tokio::spawn(
+            history.clone().run(SAMPLE_INTERVAL, ops_rx.clone()),
+        ));
 
         // After the schedules are set from `config`: a reload during the start applies over
         // them.
@@ -609,6 +614,7 @@ impl Service {
                     owns
                 }),
             }),
+            history,
         });
         let (http_shutdown, http_stop) = oneshot::channel::<()>();
         let http = tokio::spawn(http::serve(listener, app, async move {

@@ -5,6 +5,8 @@
 //! The executor behind it is the real core with in-memory ports. The DLQ endpoints' success
 //! paths need RabbitMQ and live in `ops_dlq.rs`.
 
+mod support;
+
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,12 +22,13 @@ use fifo_executor::core::{
 use fifo_executor::http::{self, AppState, ROUTES};
 use fifo_executor::model::{ActionRef, Completion, EndStatus, Payload, Submission};
 use fifo_executor::ops::health::HealthMonitor;
+use fifo_executor::ops::history::Sampler;
 use fifo_executor::ops::hooks::{
     HookError, LedgerPurge, LedgerPurgeOrder, LedgerPurged, NoHealthStore, NoLedgerPurge,
     NoPolicyStore, PolicyStore,
 };
 use fifo_executor::ops::metrics::{self, Metrics};
-use fifo_executor::ops::purge::{PurgeSettings, Purger};
+use fifo_executor::ops::purge::Purger;
 use fifo_executor::ops::readiness::Readiness;
 use fifo_executor::ops::reload::Reloader;
 use futures::future::BoxFuture;
@@ -90,13 +93,7 @@ async fn rig_with(o: Options) -> Rig {
     ));
     let purger = Arc::new(Purger::new(
         exec.clone(),
-        PurgeSettings {
-            max_queued_age: Duration::from_secs(7200),
-            max_running_age: Duration::from_secs(3600),
-            max_completed_age: Duration::from_secs(604_800),
-            max_stale_stats_age: Duration::from_secs(3600),
-            max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
-        },
+        support::purge_settings(),
         o.ledger,
     ));
     let handle = metrics::install().expect("the recorder installs");
@@ -107,13 +104,14 @@ async fn rig_with(o: Options) -> Rig {
         health: health.clone(),
         purger,
         dlq: None,
-        metrics: Some(Metrics::new(handle, stats)),
+        metrics: Some(Metrics::new(handle, stats.clone())),
         policies: o.policies,
         admin_token: o.token.map(Secret::new),
         max_body_bytes: o.max_body_bytes,
         reloader: Arc::new(Reloader::given(fifo_executor::config::Config::default())),
         cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
         readiness: readiness.clone(),
+        history: Arc::new(Sampler::new(exec.clone(), stats, None)),
     });
     Rig {
         app,
@@ -1166,6 +1164,14 @@ async fn no_malformed_request_gets_a_500() {
         "/api/v1/executions//cancel",
         "/api/v1/executions/%FF/cancel",
         "/api/v1/dlq?limit=%FF",
+        "/api/v1/dlq?queue_from=&error_class=%FF",
+        "/api/v1/dlq/discard",
+        "/api/v1/overview?x=1",
+        "/api/v1/actions?refs=a,,%00",
+        "/api/v1/actions?refs=a&sort=health",
+        "/api/v1/actions?limit=0&offset=-1",
+        "/api/v1/actions/%00",
+        "/api/v1/actions/a?waiting=-1",
         "/api/v1/purge?dry_run",
         "//health",
         "/metrics?x=1",

@@ -10,16 +10,14 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use fifo_executor::config::{HealthThresholds, Secret};
+use fifo_executor::config::HealthThresholds;
 use fifo_executor::core::memory::{DiscardSink, LatestStats};
 use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
-use fifo_executor::http::{self, AppState};
+use fifo_executor::http;
 use fifo_executor::ops::dlq::{Dlq, DlqError, MAX_PEEK, Selection};
 use fifo_executor::ops::health::{HealthMonitor, Status, UNREAD_QUEUE_FROM};
-use fifo_executor::ops::hooks::{NoHealthStore, NoLedgerPurge, NoPolicyStore};
+use fifo_executor::ops::hooks::NoHealthStore;
 use fifo_executor::ops::metrics::names;
-use fifo_executor::ops::purge::{PurgeSettings, Purger};
-use fifo_executor::ops::reload::Reloader;
 use fifo_executor::rabbit::topology;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
@@ -303,18 +301,8 @@ async fn call(
     (status, serde_json::from_slice(&bytes).expect("JSON"))
 }
 
-#[tokio::test]
-async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
-    let (vhost, _conn, ch) = broker().await;
-    publish_letters(
-        &ch,
-        &[
-            letter(31, "requested", "QueueFull", 0),
-            letter(32, "queued", "QueueTimeout", 0),
-            letter(33, "requested", "ActionDisabled", 0),
-        ],
-    )
-    .await;
+/// The HTTP API over an idle core and the vhost's DLQ, with the admin token `t0ken`.
+async fn dlq_app(vhost: &TestVhost) -> (axum::Router, Arc<Executor>, Arc<Dlq>) {
     let stats = Arc::new(LatestStats::default());
     let exec = Arc::new(
         Executor::start(
@@ -330,36 +318,36 @@ async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
         .expect("starts"),
     );
     let dlq = Arc::new(Dlq::new(vhost.url.clone()));
-    let app = http::router(AppState {
-        executor: exec.clone(),
+    let health = Arc::new(HealthMonitor::new(
+        exec.clone(),
+        Some(dlq.clone()),
+        HealthThresholds::default(),
+        false,
+        Arc::new(NoHealthStore),
+    ));
+    let app = http::router(support::app_state(
+        exec.clone(),
         stats,
-        health: Arc::new(HealthMonitor::new(
-            exec.clone(),
-            Some(dlq.clone()),
-            HealthThresholds::default(),
-            false,
-            Arc::new(NoHealthStore),
-        )),
-        purger: Arc::new(Purger::new(
-            exec.clone(),
-            PurgeSettings {
-                max_queued_age: Duration::from_secs(7200),
-                max_running_age: Duration::from_secs(3600),
-                max_completed_age: Duration::from_secs(604_800),
-                max_stale_stats_age: Duration::from_secs(3600),
-                max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
-            },
-            Arc::new(NoLedgerPurge),
-        )),
-        dlq: Some(dlq.clone()),
-        metrics: None,
-        policies: Arc::new(NoPolicyStore::default()),
-        admin_token: Some(Secret::new("t0ken")),
-        max_body_bytes: 65_536,
-        reloader: Arc::new(Reloader::given(fifo_executor::config::Config::default())),
-        cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
-        readiness: Arc::new(fifo_executor::ops::readiness::Readiness::default()),
-    });
+        health,
+        Some(dlq.clone()),
+    ));
+
+    (app, exec, dlq)
+}
+
+#[tokio::test]
+async fn the_dlq_endpoints_peek_count_and_replay_through_http() {
+    let (vhost, _conn, ch) = broker().await;
+    publish_letters(
+        &ch,
+        &[
+            letter(31, "requested", "QueueFull", 0),
+            letter(32, "queued", "QueueTimeout", 0),
+            letter(33, "requested", "ActionDisabled", 0),
+        ],
+    )
+    .await;
+    let (app, exec, dlq) = dlq_app(&vhost).await;
 
     let (status, body) = call(&app, Method::GET, "/api/v1/dlq?limit=2", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");

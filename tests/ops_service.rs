@@ -1,7 +1,9 @@
 //! The whole service with its HTTP API on a real socket, against the real RabbitMQ in a vhost of
 //! its own: the CLI's calls read health, metrics and statistics; a request rejected for a
 //! disabled action lands in the DLQ and a replay runs it once the action is enabled again;
-//! `/ready` follows the broker session; and shutdown closes the HTTP listener.
+//! `/ready` follows the broker session; the operations page's API (table, detail, overview
+//! with its sampler running) follows executions submitted and completed over RabbitMQ; and
+//! shutdown closes the HTTP listener.
 
 mod support;
 
@@ -310,5 +312,111 @@ async fn ready_is_a_503_naming_the_reason_until_the_topology_is_consumed_and_whi
     })
     .await;
 
+    service.shutdown().await.expect("a clean shutdown");
+}
+
+/// Publishes a worker's completion.
+async fn completion(ch: &Channel, id: u64, status: &str) {
+    support::publish_json(
+        ch,
+        topology::COMPLETED_ROUTING_KEY,
+        &json!({"execution_id": id, "status": status}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_page_s_api_follows_executions_submitted_and_completed_over_rabbitmq() {
+    let vhost = TestVhost::create().await;
+    let (_conn, ch) = channel(&vhost).await;
+    support::all_dispatches_queue(&ch, "page.worker").await;
+    let service = Service::start(config_for(&vhost))
+        .await
+        .expect("the service starts");
+    let client = client(&service);
+    let action = "page.svc";
+    for id in 901..=903 {
+        request(
+            &ch,
+            json!({"execution_id": id, "action_ref": action, "parameters": {}}),
+        )
+        .await;
+    }
+
+    // The table, then a refresh of its one row.
+    poll_until(
+        DEADLINE,
+        "the action's row: 1 running, 2 waiting",
+        || async {
+            ops::call(&client, "GET", "/api/v1/actions?q=PAGE.", None)
+                .await
+                .is_ok_and(|b| {
+                    b["total"] == 1
+                        && b["data"][0]["action_ref"] == action
+                        && b["data"][0]["active_count"] == 1
+                        && b["data"][0]["queue_length"] == 2
+                })
+        },
+    )
+    .await;
+    let row = ops::call(
+        &client,
+        "GET",
+        "/api/v1/actions?refs=page.svc,other.x",
+        None,
+    )
+    .await
+    .expect("refresh");
+    assert_eq!(row["total"], 1);
+    assert_eq!(row["data"][0]["health"], "ok");
+
+    let detail = ops::call(&client, "GET", "/api/v1/actions/page.svc", None)
+        .await
+        .expect("detail");
+    let d = &detail["data"];
+    let waiting: Vec<&Value> = d["waiting"]
+        .as_array()
+        .expect("waiting")
+        .iter()
+        .map(|w| &w["execution_id"])
+        .collect();
+    assert_eq!(waiting, vec![&json!(902), &json!(903)]);
+    assert_eq!(d["running"][0]["execution_id"], 901);
+
+    completion(&ch, 901, "succeeded").await;
+    poll_until(DEADLINE, "901's end in the detail, 902 running", || async {
+        ops::call(&client, "GET", "/api/v1/actions/page.svc", None)
+            .await
+            .is_ok_and(|b| {
+                b["data"]["recent_ends"][0]["execution_id"] == 901
+                    && b["data"]["recent_ends"][0]["outcome"] == "succeeded"
+                    && b["data"]["running"][0]["execution_id"] == 902
+            })
+    })
+    .await;
+
+    // The sampler runs every 5 s: a sample after the admissions shows them, and the DLQ
+    // size once the topology exists.
+    poll_until(
+        Duration::from_secs(20),
+        "the overview's totals and history",
+        || async {
+            ops::call(&client, "GET", "/api/v1/overview", None)
+                .await
+                .is_ok_and(|b| {
+                    let d = &b["data"];
+                    d["mode"] == "single"
+                        && d["totals"]["queued"] == 1
+                        && d["totals"]["running"] == 1
+                        && d["totals"]["dlq_size"] == 0
+                        && d["history"].as_array().is_some_and(|h| {
+                            h.iter().any(|s| {
+                                s["dispatched_per_second"].as_f64().is_some_and(|r| r > 0.0)
+                            })
+                        })
+                })
+        },
+    )
+    .await;
     service.shutdown().await.expect("a clean shutdown");
 }

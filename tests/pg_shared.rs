@@ -6,6 +6,8 @@
 //! order, within its limit. A cancel that comes before its request reaches whichever
 //! instance accepts the request.
 //!
+//! Either instance lists every action for the operations page, with its owner.
+//!
 //! Killing and pausing whole processes is `tests/cluster.rs`'s part.
 
 mod common_pg;
@@ -183,6 +185,82 @@ async fn a_cancel_before_its_request_cancels_it_on_whichever_instance_accepts_it
             == ids.len() as i64
     })
     .await;
+    b.shutdown().await.expect("b stops");
+    a.shutdown().await.expect("a stops");
+}
+
+/// `GET path` on an instance's API, as JSON.
+async fn api(service: &fifo_executor::app::Service, path: &str) -> serde_json::Value {
+    let client = fifo_executor::http::client::Client::for_listen_address(service.http_addr());
+    fifo_executor::tools::ops::call(&client, "GET", path, None)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_s_actions_show_every_action_and_its_owner_on_either_instance() {
+    let db = TestDb::new().await;
+    let vhost = TestVhost::create().await;
+    let limits = HashMap::from([("shared.page".to_owned(), 1)]);
+    let (a, b) = start_pair(&vhost, &db, &limits).await;
+    // A worker queue nobody consumes: 1 holds the slot, 2 and 3 wait, on a (which owns
+    // every partition).
+    let conn = fleet::connect(&vhost.url).await;
+    let ch = conn.create_channel().await.expect("channel");
+    fleet::worker_queue(&ch, "shared.page.worker").await;
+    let requests: Vec<(u64, String)> = (1..=3).map(|id| (id, "shared.page".to_owned())).collect();
+    fleet::publish_requests(&vhost.url, &requests).await;
+    poll_until(Duration::from_secs(30), "a's queue_stats row", || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT q.queue_length FROM attune.queue_stats q \
+             JOIN attune.action x ON x.id = q.action_id WHERE x.ref = 'shared.page'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .ok()
+        .flatten()
+            == Some(2)
+    })
+    .await;
+
+    let on_a = api(&a, "/api/v1/actions?q=shared.page").await;
+    let on_b = api(&b, "/api/v1/actions?q=shared.page").await;
+    for (who, body) in [("a", &on_a), ("b", &on_b)] {
+        assert_eq!(body["total"], 1, "{who}: {body}");
+        let row = &body["data"][0];
+        assert_eq!(
+            (&row["queue_length"], &row["active_count"], &row["owner"]),
+            (
+                &serde_json::json!(2),
+                &serde_json::json!(1),
+                &serde_json::json!("a")
+            ),
+            "{who}: {row}"
+        );
+        assert!(row["partition"].is_u64(), "{who}: {row}");
+    }
+    let refreshed = api(&b, "/api/v1/actions?refs=shared.page,shared.none").await;
+    assert_eq!(refreshed["data"][0]["owner"], "a");
+    assert_eq!(refreshed["total"], 1);
+
+    // The detail: a has the lists; b says who does.
+    let from_a = api(&a, "/api/v1/actions/shared.page").await;
+    assert_eq!(from_a["data"]["waiting"].as_array().map(Vec::len), Some(2));
+    assert!(from_a["data"].get("note").is_none());
+    let from_b = api(&b, "/api/v1/actions/shared.page").await;
+    let d = &from_b["data"];
+    assert_eq!(d["waiting"], serde_json::json!([]));
+    assert_eq!(
+        (&d["waiting_total"], &d["running_total"]),
+        (&serde_json::json!(2), &serde_json::json!(1))
+    );
+    assert_eq!(d["stats"]["owner"], "a");
+    assert!(d["note"].as_str().is_some_and(|n| n.contains("(a)")), "{d}");
+    let overview = api(&b, "/api/v1/overview").await;
+    assert_eq!(
+        (&overview["data"]["instance"], &overview["data"]["mode"]),
+        (&serde_json::json!("b"), &serde_json::json!("shared"))
+    );
     b.shutdown().await.expect("b stops");
     a.shutdown().await.expect("a stops");
 }

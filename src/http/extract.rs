@@ -116,6 +116,11 @@ impl Params {
         }
     }
 
+    /// A parameter's raw value, if given.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
     /// A whole number within `min..=max`, `default` when absent.
     pub fn get_usize(
         &self,

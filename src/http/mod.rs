@@ -12,6 +12,9 @@
 //! | GET | `/ready` | | 200 once consuming, 503 with the reason before and while not |
 //! | GET | `/metrics` | | Prometheus text |
 //! | GET | `/api/v1/openapi.json` | | this API, as OpenAPI 3 |
+//! | GET | `/api/v1/overview` | | instance, health, totals, the last 15 minutes |
+//! | GET | `/api/v1/actions` | | the actions table: filtered, sorted, paged; or `refs=` rows |
+//! | GET | `/api/v1/actions/{ref}` | | one action: counters, policy, waiting, running, last ends |
 //! | GET | `/api/v1/actions/{ref}/queue-stats` | | one action's counters |
 //! | GET | `/api/v1/queues` | | every action's counters, sorted |
 //! | GET | `/api/v1/cluster` | | the partitions, their owners and epochs |
@@ -26,6 +29,7 @@
 //! | POST | `/api/v1/admin/reload` | admin | reload the configuration |
 //! | GET | `/`, `/ui/app.js`, `/ui/app.css` | | the operations page ([`ui`]) |
 
+pub mod actions;
 pub mod auth;
 pub mod client;
 pub mod cluster;
@@ -36,6 +40,7 @@ pub mod executions;
 pub mod extract;
 pub mod openapi;
 pub mod ops;
+pub mod overview;
 pub mod queues;
 pub mod telemetry;
 pub mod ui;
@@ -54,6 +59,7 @@ use crate::core::Executor;
 use crate::core::memory::LatestStats;
 use crate::ops::dlq::Dlq;
 use crate::ops::health::HealthMonitor;
+use crate::ops::history::Sampler;
 use crate::ops::hooks::PolicyStore;
 use crate::ops::metrics::Metrics;
 use crate::ops::purge::Purger;
@@ -67,6 +73,9 @@ pub mod paths {
     pub const READY: &str = "/ready";
     pub const METRICS: &str = "/metrics";
     pub const OPENAPI: &str = "/api/v1/openapi.json";
+    pub const OVERVIEW: &str = "/api/v1/overview";
+    pub const ACTIONS: &str = "/api/v1/actions";
+    pub const ACTION: &str = "/api/v1/actions/{ref}";
     pub const QUEUE_STATS: &str = "/api/v1/actions/{ref}/queue-stats";
     pub const QUEUES: &str = "/api/v1/queues";
     pub const CLUSTER: &str = "/api/v1/cluster";
@@ -103,6 +112,9 @@ pub const ROUTES: &[Route] = &[
     route("GET", paths::READY, false),
     route("GET", paths::METRICS, false),
     route("GET", paths::OPENAPI, false),
+    route("GET", paths::OVERVIEW, false),
+    route("GET", paths::ACTIONS, false),
+    route("GET", paths::ACTION, false),
     route("GET", paths::QUEUE_STATS, false),
     route("GET", paths::QUEUES, false),
     route("GET", paths::CLUSTER, false),
@@ -141,6 +153,8 @@ pub struct AppState {
     pub cluster: Arc<cluster::ClusterView>,
     /// Whether the service takes work, for `GET /ready`.
     pub readiness: Arc<Readiness>,
+    /// The last 15 minutes of throughput and the totals, for `GET /api/v1/overview`.
+    pub history: Arc<Sampler>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -167,6 +181,9 @@ pub fn router(state: AppState) -> Router {
         .route(paths::READY, get(ops::ready))
         .route(paths::METRICS, get(ops::metrics))
         .route(paths::OPENAPI, get(openapi::serve))
+        .route(paths::OVERVIEW, get(overview::overview))
+        .route(paths::ACTIONS, get(actions::list))
+        .route(paths::ACTION, get(actions::detail))
         .route(paths::QUEUE_STATS, get(queues::queue_stats))
         .route(paths::QUEUES, get(queues::list_queues))
         .route(paths::CLUSTER, get(cluster::cluster))

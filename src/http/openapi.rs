@@ -95,6 +95,118 @@ pub fn document() -> Value {
         }}),
     );
     doc_paths.insert(
+        paths::OVERVIEW.to_owned(),
+        json!({"get": {
+            "summary": "The operations page's overview: instance, health, totals, the last 15 minutes",
+            "description": "Served from what is already kept: the latest health report, and a sample taken every 5 s (the last 180 kept). Totals are the latest sample's. Rates are admissions (dispatched) and worker completions between two samples per second; queue wait is over the executions admitted in that interval (null when none was). A request asks no actor and reads neither RabbitMQ nor Postgres.",
+            "responses": {"200": ok("Overview", data(json!({
+                "type": "object", "required": ["instance", "mode", "now", "health", "totals", "history"],
+                "properties": {
+                    "instance": {"type": "string", "description": "cluster.instance_id of the instance that answered"},
+                    "mode": {"type": "string", "enum": ["single", "shared"]},
+                    "now": {"type": "string", "format": "date-time"},
+                    "health": {"allOf": [schema("Health")], "nullable": true, "description": "As /health serves it; null before the first check"},
+                    "totals": {"type": "object", "properties": {
+                        "actions": {"type": "integer"},
+                        "queued": {"type": "integer"},
+                        "running": {"type": "integer"},
+                        "dispatched_per_second": {"type": "number"},
+                        "completed_per_second": {"type": "number"},
+                        "dlq_size": {"type": "integer", "nullable": true, "description": "null when dlq.enabled is false or the size could not be read"},
+                        "sampled_at": {"type": "string", "format": "date-time"}
+                    }},
+                    "history": {"type": "array", "description": "Oldest first", "items": {
+                        "type": "object",
+                        "properties": {
+                            "at": {"type": "string", "format": "date-time"},
+                            "dispatched_per_second": {"type": "number"},
+                            "completed_per_second": {"type": "number"},
+                            "queued": {"type": "integer"},
+                            "running": {"type": "integer"},
+                            "queue_wait_mean_seconds": {"type": "number", "nullable": true},
+                            "queue_wait_max_seconds": {"type": "number", "nullable": true}
+                        }
+                    }}
+                }
+            })))}
+        }}),
+    );
+    doc_paths.insert(
+        paths::ACTIONS.to_owned(),
+        json!({"get": {
+            "summary": "The actions table: filtered, sorted and paged, or the rows of named actions",
+            "description": "Served from the latest counters each action reported and the policies in force; no actor is asked. With `refs` (which excludes the other parameters) it answers the named actions' rows in the order named, leaving out unknown ones, so a refresh costs in proportion to the rows shown. In cluster.mode shared, actions of partitions another instance owns are listed from queue_stats, with `partition` and `owner`. `health` is `ok` or the worst of `flags`: stalled, queue_critical, wait_critical (unhealthy); stuck (from the last health check), queue_long, wait_long, no_route (degraded); disabled (paused); each by health.thresholds as the health check judges the whole executor.",
+            "parameters": [
+                {"name": "q", "in": "query", "description": "Case-insensitive substring of the action ref", "schema": {"type": "string"}},
+                {"name": "sort", "in": "query", "schema": {"type": "string", "enum": ["action_ref", "queue_length", "active_count", "max_concurrent", "oldest", "rate_limit", "enabled", "health"], "default": "action_ref"}},
+                {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"], "default": "asc"}},
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+                {"name": "refs", "in": "query", "description": "Comma-separated action refs (1 to 500)", "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": ok("One page of rows", json!({
+                    "type": "object", "required": ["data", "total", "offset", "limit"],
+                    "properties": {
+                        "data": {"type": "array", "items": schema("ActionRow")},
+                        "total": {"type": "integer", "description": "Actions matching q (with refs: rows found)"},
+                        "offset": {"type": "integer"},
+                        "limit": {"type": "integer"}
+                    }
+                })),
+                "400": error_response("A query parameter is invalid (`field` names it)"),
+                "503": error_response("Shared mode: queue_stats or the partition table could not be read")
+            }
+        }}),
+    );
+    doc_paths.insert(
+        paths::ACTION.to_owned(),
+        json!({"get": {
+            "summary": "One action in detail: counters, policy, health, the head of its queue, what runs, its last ends",
+            "description": "Asks the action's actor. recent_ends keeps the last 20 ends; outcome is the worker's status (succeeded, failed, canceled, timeout) or why the executor ended it: canceled (while waiting), timed_out (queue timeout), purged, no_route, reclaimed, rejected (with error_class); stage says where it was (running, queued, requested). In shared mode, an action another instance owns is answered from queue_stats with empty lists and a `note`; so is an action whose actor did not answer.",
+            "parameters": [
+                action_ref_param(),
+                {"name": "waiting", "in": "query", "description": "Waiting executions to list from the head", "schema": {"type": "integer", "minimum": 0, "maximum": 500, "default": 20}}
+            ],
+            "responses": {
+                "200": ok("The action", data(json!({
+                    "type": "object",
+                    "required": ["stats", "policy", "health", "flags", "waiting", "waiting_total", "running", "running_total", "recent_ends"],
+                    "properties": {
+                        "stats": schema("QueueStats"),
+                        "policy": schema("Policy"),
+                        "health": {"type": "string"},
+                        "flags": {"type": "array", "items": {"type": "string"}},
+                        "waiting": {"type": "array", "items": {"type": "object", "properties": {
+                            "position": {"type": "integer", "description": "1 for the head"},
+                            "execution_id": {"type": "integer"},
+                            "enqueued_at": {"type": "string", "format": "date-time"},
+                            "wait_seconds": {"type": "number"}
+                        }}},
+                        "waiting_total": {"type": "integer"},
+                        "running": {"type": "array", "description": "The longest-running first, at most 500", "items": {"type": "object", "properties": {
+                            "execution_id": {"type": "integer"},
+                            "started_at": {"type": "string", "format": "date-time"},
+                            "running_seconds": {"type": "number"}
+                        }}},
+                        "running_total": {"type": "integer"},
+                        "recent_ends": {"type": "array", "description": "Most recent first", "items": {"type": "object", "properties": {
+                            "execution_id": {"type": "integer"},
+                            "outcome": {"type": "string", "enum": ["succeeded", "failed", "canceled", "timeout", "timed_out", "purged", "no_route", "reclaimed", "rejected"]},
+                            "stage": {"type": "string", "enum": ["running", "queued", "requested"]},
+                            "error_class": {"type": "string"},
+                            "ended_at": {"type": "string", "format": "date-time"}
+                        }}},
+                        "note": {"type": "string"}
+                    }
+                }))),
+                "400": error_response("Bad ref or waiting"),
+                "404": error_response("This executor has never seen the action"),
+                "503": error_response("The action's actor did not answer and nothing it reported is kept, or queue_stats could not be read")
+            }
+        }}),
+    );
+    doc_paths.insert(
         paths::QUEUE_STATS.to_owned(),
         json!({"get": {
             "summary": "One action's queue statistics",
@@ -364,6 +476,25 @@ pub fn document() -> Value {
                         "total_unmatched": {"type": "integer"},
                         "partition": {"type": "integer", "description": "cluster.mode shared only: the action's partition"},
                         "owner": {"type": "string", "description": "cluster.mode shared only: the instance that owns the partition. An instance that does not own it answers from queue_stats, as the owner last wrote it (the counters beyond the table's columns are then 0)"}
+                    }
+                },
+                "ActionRow": {
+                    "type": "object",
+                    "required": ["action_ref", "queue_length", "active_count", "max_concurrent", "oldest_age_seconds", "oldest_enqueued_at", "rate_limit", "enabled", "health", "flags", "last_updated"],
+                    "properties": {
+                        "action_ref": {"type": "string"},
+                        "queue_length": {"type": "integer"},
+                        "active_count": {"type": "integer"},
+                        "max_concurrent": {"type": "integer"},
+                        "oldest_age_seconds": {"type": "number"},
+                        "oldest_enqueued_at": {"type": "string", "format": "date-time", "nullable": true},
+                        "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true},
+                        "enabled": {"type": "boolean"},
+                        "health": {"type": "string", "description": "ok, or the worst of flags"},
+                        "flags": {"type": "array", "items": {"type": "string", "enum": ["stalled", "queue_critical", "wait_critical", "stuck", "queue_long", "wait_long", "no_route", "disabled"]}},
+                        "last_updated": {"type": "string", "format": "date-time"},
+                        "partition": {"type": "integer", "description": "cluster.mode shared only"},
+                        "owner": {"type": "string", "description": "cluster.mode shared only"}
                     }
                 },
                 "RateLimit": {

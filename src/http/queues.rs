@@ -222,7 +222,7 @@ pub struct PolicyView {
 }
 
 impl PolicyView {
-    fn new(action: &ActionRef, p: ActionPolicy) -> Self {
+    pub(crate) fn new(action: &ActionRef, p: ActionPolicy) -> Self {
         Self {
             action_ref: action.to_string(),
             concurrency_limit: p.concurrency_limit.get(),

@@ -393,3 +393,49 @@ pub async fn all_dispatches_queue(ch: &lapin::Channel, name: &str) {
     .await
     .expect("bound");
 }
+
+/// The HTTP API's state over `exec` for router tests: the admin token `t0ken`, the in-memory
+/// hooks, no metrics, one instance owning every partition (`test`), a history sampler that
+/// reads `dlq` when given; change what a test needs with struct update syntax.
+pub fn app_state(
+    exec: std::sync::Arc<fifo_executor::core::Executor>,
+    stats: std::sync::Arc<fifo_executor::core::memory::LatestStats>,
+    health: std::sync::Arc<fifo_executor::ops::health::HealthMonitor>,
+    dlq: Option<std::sync::Arc<fifo_executor::ops::dlq::Dlq>>,
+) -> fifo_executor::http::AppState {
+    use fifo_executor::ops::hooks::{NoLedgerPurge, NoPolicyStore};
+    use fifo_executor::ops::purge::Purger;
+    use std::sync::Arc;
+    fifo_executor::http::AppState {
+        executor: exec.clone(),
+        stats: stats.clone(),
+        health,
+        purger: Arc::new(Purger::new(
+            exec.clone(),
+            purge_settings(),
+            Arc::new(NoLedgerPurge),
+        )),
+        dlq: dlq.clone(),
+        metrics: None,
+        policies: Arc::new(NoPolicyStore::default()),
+        admin_token: Some(fifo_executor::config::Secret::new("t0ken")),
+        max_body_bytes: 65_536,
+        reloader: Arc::new(fifo_executor::ops::reload::Reloader::given(
+            fifo_executor::config::Config::default(),
+        )),
+        cluster: fifo_executor::http::cluster::ClusterView::alone("test".to_owned(), 16),
+        readiness: Arc::new(fifo_executor::ops::readiness::Readiness::default()),
+        history: Arc::new(fifo_executor::ops::history::Sampler::new(exec, stats, dlq)),
+    }
+}
+
+/// The purge's default ages (`purge.*` as `config/default.yaml` has them).
+pub fn purge_settings() -> fifo_executor::ops::purge::PurgeSettings {
+    fifo_executor::ops::purge::PurgeSettings {
+        max_queued_age: Duration::from_secs(7200),
+        max_running_age: Duration::from_secs(3600),
+        max_completed_age: Duration::from_secs(604_800),
+        max_stale_stats_age: Duration::from_secs(3600),
+        max_history_age: fifo_executor::ops::hooks::HISTORY_RETENTION,
+    }
+}
