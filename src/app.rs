@@ -5,14 +5,14 @@
 //! wait in its backlog until the server runs), core (executor and its ports, recovery from the
 //! ledger), RabbitMQ edge, the first health check (once the edge's session is up, or after
 //! [`FIRST_CHECK_WAIT`]), operations tasks (health checks, purge, metrics upkeep, the
-//! overview's history sampler), HTTP server. So the first answer of `/health` and `/metrics` already carries a health check's
-//! result. The service is *ready* ([`Readiness`], `GET /ready`, systemd's `READY=1`) once
-//! the edge's session is up: topology declared, consumers running, recovery done; not ready
-//! again while the session is lost or the service shuts down. Order at shutdown (one path,
-//! see [`Service::shutdown`]): not ready, stop the operations tasks (no purge starts while
-//! draining), stop consuming, settle what was taken, drain the action actors, get the last
-//! publishes confirmed, close the connections, and close HTTP last, so `/health`, `/ready`
-//! and `/metrics` answer until the end.
+//! overview's history sampler), HTTP server. So the first answer of `/health` and `/metrics`
+//! already carries a health check's result. The service is *ready* ([`Readiness`],
+//! `GET /ready`, systemd's `READY=1`) once the edge's session is up: topology declared,
+//! consumers running, recovery done; not ready again while the session is lost or the service
+//! shuts down. Order at shutdown (one path, see [`Service::shutdown`]): not ready, stop the
+//! operations tasks (no purge starts while draining), stop consuming, settle what was taken,
+//! drain the action actors, get the last publishes confirmed, close the connections, and close
+//! HTTP last, so `/health`, `/ready` and `/metrics` answer until the end.
 //!
 //! A service started with [`Service::start_reloadable`] hands its live parts (executor,
 //! configured policies, health monitor, purger, DLQ switch) to the [`Reloader`] once it runs,

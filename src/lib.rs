@@ -12,7 +12,9 @@
 //!   [`core::supervisor`] watches the actors. What the actors share with the registry is
 //!   [`core::action::Shared`]: the live index, the ids that ended lately
 //!   ([`core::ended`]), the cancels that came before their requests ([`core::ahead`]) and
-//!   the actions whose dispatches come back unrouted ([`core::unroutable`]).
+//!   the actions whose dispatches come back unrouted ([`core::unroutable`]), and the
+//!   executor-wide counters of admissions, completions and waits ([`core::totals`]). Each
+//!   actor keeps its last few ends ([`core::recent`]) for the operations page.
 //!   [`core::policy`] holds the limits and settings, [`core::clock`] the one clock,
 //!   [`core::ports`] the traits through which the core reaches the edges and
 //!   [`core::memory`] their in-memory versions. Imports point one way: registry →
@@ -23,12 +25,15 @@
 //! - [`rabbit`]: the RabbitMQ edge (intake, dispatch, completions, cancels, dead letters,
 //!   and in shared mode the partition queues).
 //! - [`ops`]: what operators and monitoring see and do: Prometheus metrics, the periodic
-//!   health check (its result in [`ops::health_report`]) and purge, reading and replaying the
-//!   DLQ, the hooks through which the Postgres edge keeps policies, health results and the
-//!   ledger's history in check, the log output, live configuration reload
-//!   ([`ops::reload`], applying what [`config`]'s comparison of two configurations allows),
-//!   and readiness ([`ops::readiness`], told to systemd by [`ops::systemd`]).
-//! - [`http`]: the HTTP edge on `api.listen`: the operators' API, `/health`, `/ready`,
+//!   health check (its result in [`ops::health_report`], its rules applied to one action in
+//!   [`ops::flags`]) and purge, the overview's 15-minute history ([`ops::history`]), reading,
+//!   replaying and discarding the DLQ, the hooks through which the Postgres edge keeps
+//!   policies, health results and the ledger's history in check, the log output, live
+//!   configuration reload ([`ops::reload`], applying what [`config`]'s comparison of two
+//!   configurations allows), and readiness ([`ops::readiness`], told to systemd by
+//!   [`ops::systemd`]).
+//! - [`http`]: the HTTP edge on `api.listen`: the operators' API (with what the operations
+//!   page reads: the overview, the actions table, one action in detail), `/health`, `/ready`,
 //!   `/metrics`, and the operations page (`GET /`, [`http::ui`]) built on that API.
 //! - [`cluster`]: how the actions are split into partitions (a fixed hash of the ref), what
 //!   an instance is called, and ([`cluster::takeover`]) how an instance in `cluster.mode:

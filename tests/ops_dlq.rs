@@ -14,7 +14,7 @@ use fifo_executor::config::HealthThresholds;
 use fifo_executor::core::memory::{DiscardSink, LatestStats};
 use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformPolicy};
 use fifo_executor::http;
-use fifo_executor::ops::dlq::{Dlq, DlqError, MAX_PEEK, Selection};
+use fifo_executor::ops::dlq::{Dlq, DlqError, Filter, MAX_PEEK, Selection};
 use fifo_executor::ops::health::{HealthMonitor, Status, UNREAD_QUEUE_FROM};
 use fifo_executor::ops::hooks::NoHealthStore;
 use fifo_executor::ops::metrics::names;
@@ -575,5 +575,312 @@ async fn the_dlq_check_turns_degraded_above_the_warning_unhealthy_above_critical
     .await
     .expect("purge");
     assert_eq!(monitor.check().await.status, Status::Healthy, "emptied");
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filters and discards (the operations page's DLQ view)
+
+/// The execution ids a replay's new requests carry, in order.
+fn replayed_ids(report: &fifo_executor::ops::dlq::ReplayReport) -> Vec<Option<u64>> {
+    report.replayed.iter().map(|r| r.execution_id).collect()
+}
+
+/// The execution ids of the entries a discard took off, in order.
+fn discarded_ids(report: &fifo_executor::ops::dlq::DiscardReport) -> Vec<Option<u64>> {
+    report.discarded.iter().map(|d| d.execution_id).collect()
+}
+
+fn filter(queue_from: Option<&str>, error_class: Option<&str>) -> Filter {
+    Filter {
+        queue_from: queue_from.map(str::to_owned),
+        error_class: error_class.map(str::to_owned),
+    }
+}
+
+/// Five dead letters of mixed origins and classes, and one message that is not JSON.
+async fn mixed(ch: &Channel) {
+    publish_letters(
+        ch,
+        &[
+            letter(41, "requested", "QueueFull", 0),
+            letter(42, "queued", "QueueTimeout", 0),
+            letter(43, "requested", "ActionDisabled", 0),
+            letter(44, "running", "LostCompletion", 0),
+            letter(45, "requested", "QueueFull", 0),
+        ],
+    )
+    .await;
+    dead_letter(ch, "requested", b"not json").await;
+}
+
+#[tokio::test]
+async fn a_filtered_peek_returns_the_first_matches_counts_every_match_and_moves_nothing() {
+    let (vhost, _conn, ch) = broker().await;
+    mixed(&ch).await;
+    let dlq = Dlq::new(vhost.url.clone());
+
+    let peek = dlq
+        .peek_matching(&filter(Some("requested"), None), 2)
+        .await
+        .expect("peek");
+    assert_eq!(ids(&peek.entries), vec![41, 43]);
+    assert_eq!(
+        (peek.queue_size, peek.matched, peek.scanned),
+        (6, 3, 6),
+        "41, 43 and 45; the unreadable one was routed as requested but has no queue_from"
+    );
+    let peek = dlq
+        .peek_matching(&filter(Some("requested"), Some("QueueFull")), 50)
+        .await
+        .expect("peek");
+    assert_eq!(ids(&peek.entries), vec![41, 45]);
+    assert_eq!(peek.matched, 2);
+    let none = dlq
+        .peek_matching(&filter(Some("(none)"), None), 50)
+        .await
+        .expect("peek");
+    assert_eq!(
+        none.entries,
+        vec![json!({"unreadable": true, "raw": "not json"})]
+    );
+    let nothing = dlq
+        .peek_matching(&filter(None, Some("NoSuchClass")), 50)
+        .await
+        .expect("peek");
+    assert_eq!((nothing.entries.len(), nothing.matched), (0, 0));
+
+    let plain = dlq.peek(3).await.expect("peek");
+    assert_eq!(ids(&plain.entries), vec![41, 42, 43]);
+    assert_eq!((plain.matched, plain.scanned), (3, 3));
+    let all = dlq.peek(100).await.expect("peek");
+    assert_eq!(ids(&all.entries), vec![41, 42, 43, 44, 45], "order kept");
+    dlq.close().await;
+}
+
+#[tokio::test]
+async fn replay_by_filter_replays_the_first_matches_and_leaves_the_rest_in_order() {
+    let (vhost, _conn, ch) = broker().await;
+    mixed(&ch).await;
+    let dlq = Dlq::new(vhost.url.clone());
+    let report = dlq
+        .replay(Selection::Matching(filter(None, Some("QueueFull")), 1))
+        .await
+        .expect("replay");
+    assert_eq!(replayed_ids(&report), vec![Some(41)]);
+    let report = dlq
+        .replay(Selection::Matching(filter(Some("requested"), None), 10))
+        .await
+        .expect("replay");
+    assert_eq!(
+        replayed_ids(&report),
+        vec![Some(43), Some(45)],
+        "only entries with the field match; the unreadable one has none"
+    );
+    assert_eq!(report.scanned, 5);
+    let left = dlq.peek(100).await.expect("peek");
+    assert_eq!(ids(&left.entries), vec![42, 44], "the rest stay, in order");
+    assert_eq!(left.entries.len(), 3, "and the unreadable one after them");
+    let sent: Vec<Value> = requests(&ch).await.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(
+        sent.iter()
+            .map(|b| b["execution_id"].as_u64())
+            .collect::<Vec<_>>(),
+        vec![Some(41), Some(43), Some(45)]
+    );
+    dlq.close().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_discard_takes_the_chosen_entries_off_logs_each_and_keeps_the_rest_in_order() {
+    let (logs, _guard) = support::capture_logs();
+    let (vhost, _conn, ch) = broker().await;
+    mixed(&ch).await;
+    let dlq = Dlq::new(vhost.url.clone());
+
+    let report = dlq
+        .discard(Selection::Ids(vec![44, 99]))
+        .await
+        .expect("discard");
+    assert_eq!(report.not_found, vec![99]);
+    assert_eq!(report.discarded.len(), 1);
+    let gone = &report.discarded[0];
+    assert_eq!(gone.execution_id, Some(44));
+    assert_eq!(gone.action_ref.as_deref(), Some("core.http.get"));
+    assert_eq!(gone.queue_from.as_deref(), Some("running"));
+    assert_eq!(gone.error_class.as_deref(), Some("LostCompletion"));
+
+    let report = dlq
+        .discard(Selection::Matching(
+            filter(Some("requested"), Some("QueueFull")),
+            1,
+        ))
+        .await
+        .expect("discard");
+    assert_eq!(discarded_ids(&report), vec![Some(41)]);
+    let report = dlq
+        .discard(Selection::Matching(filter(Some("(none)"), None), 5))
+        .await
+        .expect("discard");
+    assert_eq!(report.discarded.len(), 1, "the unreadable message");
+    assert_eq!(report.discarded[0].execution_id, None);
+
+    let left = dlq.peek(100).await.expect("peek");
+    assert_eq!(ids(&left.entries), vec![42, 43, 45], "the rest, in order");
+    assert_eq!(left.queue_size, 3);
+    assert!(
+        requests(&ch).await.is_empty(),
+        "a discard publishes nothing"
+    );
+    let text = logs.text();
+    let discarded: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("[dlq] discarded"))
+        .collect();
+    assert_eq!(discarded.len(), 3, "{text}");
+    assert!(
+        discarded[0].contains("execution_id=Some(44)")
+            && discarded[0].contains("action_ref=\"core.http.get\"")
+            && discarded[0].contains("error_class=\"LostCompletion\""),
+        "{}",
+        discarded[0]
+    );
+    assert!(discarded[1].contains("execution_id=Some(41)") && discarded[1].contains("QueueFull"));
+    dlq.close().await;
+}
+
+#[tokio::test]
+async fn the_filter_replay_and_discard_endpoints_work_through_http_and_refuse_bad_bodies() {
+    let (vhost, _conn, ch) = broker().await;
+    mixed(&ch).await;
+    let (app, exec, dlq) = dlq_app(&vhost).await;
+
+    let (status, body) = call(
+        &app,
+        Method::GET,
+        "/api/v1/dlq?queue_from=requested&error_class=QueueFull&limit=1",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let d = &body["data"];
+    assert_eq!(ids(d["entries"].as_array().expect("entries")), vec![41]);
+    assert_eq!(
+        (&d["queue_size"], &d["matched"], &d["scanned"]),
+        (&json!(6), &json!(2), &json!(6))
+    );
+
+    let (status, body) = call(
+        &app,
+        Method::POST,
+        "/api/v1/dlq/replay",
+        Some(json!({"filter": {"queue_from": "queued"}, "limit": 5})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["replayed"][0]["replay_of"], 42);
+
+    let (status, body) = call(
+        &app,
+        Method::POST,
+        "/api/v1/dlq/discard",
+        Some(json!({"execution_ids": [43, 7]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["discarded"][0]["execution_id"], 43);
+    assert_eq!(
+        body["data"]["discarded"][0]["error_class"],
+        "ActionDisabled"
+    );
+    assert_eq!(body["data"]["not_found"], json!([7]));
+    let (status, body) = call(
+        &app,
+        Method::POST,
+        "/api/v1/dlq/discard",
+        Some(json!({"filter": {"error_class": "QueueFull"}, "limit": 10})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["discarded"].as_array().map(Vec::len), Some(2));
+    let left = dlq.peek(100).await.expect("peek");
+    assert_eq!(
+        (ids(&left.entries), left.entries.len()),
+        (vec![44], 2),
+        "the reclaimed one and the unreadable one, in order"
+    );
+
+    for (uri, body, field) in [
+        (
+            "/api/v1/dlq/discard",
+            json!({"filter": {"queue_from": "queued"}}),
+            Some("limit"),
+        ),
+        (
+            "/api/v1/dlq/replay",
+            json!({"filter": {}, "execution_ids": [1]}),
+            Some("filter"),
+        ),
+        (
+            "/api/v1/dlq/discard",
+            json!({"filter": {"queue_from": ""}, "limit": 1}),
+            Some("filter"),
+        ),
+        (
+            "/api/v1/dlq/discard",
+            json!({"filter": {"color": "red"}, "limit": 1}),
+            Some("filter"),
+        ),
+        ("/api/v1/dlq/discard", json!({"limit": 1001}), Some("limit")),
+        ("/api/v1/dlq/discard", json!({}), None),
+    ] {
+        let (status, answer) = call(&app, Method::POST, uri, Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {body}: {answer}");
+        match field {
+            Some(f) => assert!(
+                answer["field"]
+                    .as_str()
+                    .is_some_and(|got| got.starts_with(f)),
+                "{uri} {body}: {answer}"
+            ),
+            None => assert!(answer.get("field").is_none(), "{answer}"),
+        }
+    }
+    let (status, answer) = call(&app, Method::GET, "/api/v1/dlq?queue_from=", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["field"], "queue_from");
+    assert_eq!(
+        dlq.size().await.expect("size"),
+        2,
+        "refusals changed nothing"
+    );
+    dlq.close().await;
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn the_overview_history_reads_the_dlq_size_with_each_sample() {
+    let (vhost, _conn, ch) = broker().await;
+    let exec = idle_executor().await;
+    let sampler = fifo_executor::ops::history::Sampler::new(
+        exec.clone(),
+        Arc::new(LatestStats::default()),
+        Some(Arc::new(Dlq::new(vhost.url.clone()))),
+    );
+    assert_eq!(sampler.sample().await.dlq_size, Some(0));
+    mixed(&ch).await;
+    assert_eq!(sampler.sample().await.dlq_size, Some(6));
+    let unreachable = fifo_executor::ops::history::Sampler::new(
+        exec.clone(),
+        Arc::new(LatestStats::default()),
+        Some(Arc::new(
+            Dlq::new("amqp://guest:guest@127.0.0.1:1/%2f").with_timeout(Duration::from_secs(2)),
+        )),
+    );
+    assert_eq!(
+        unreachable.sample().await.dlq_size,
+        None,
+        "unreadable is null, not 0"
+    );
     exec.shutdown(Duration::from_secs(5)).await;
 }

@@ -24,6 +24,7 @@
 //! | GET | `/api/v1/dlq` | admin | peek at dead letters |
 //! | GET | `/api/v1/dlq/stats` | admin | dead letters by origin and class |
 //! | POST | `/api/v1/dlq/replay` | admin | replay dead letters |
+//! | POST | `/api/v1/dlq/discard` | admin | discard dead letters |
 //! | POST | `/api/v1/purge` | admin | run a purge cycle now |
 //! | GET | `/api/v1/config/status` | | where the config comes from, when it was loaded, the last reload |
 //! | POST | `/api/v1/admin/reload` | admin | reload the configuration |
@@ -84,6 +85,7 @@ pub mod paths {
     pub const DLQ: &str = "/api/v1/dlq";
     pub const DLQ_STATS: &str = "/api/v1/dlq/stats";
     pub const DLQ_REPLAY: &str = "/api/v1/dlq/replay";
+    pub const DLQ_DISCARD: &str = "/api/v1/dlq/discard";
     pub const PURGE: &str = "/api/v1/purge";
     pub const CONFIG_STATUS: &str = "/api/v1/config/status";
     pub const ADMIN_RELOAD: &str = "/api/v1/admin/reload";
@@ -124,6 +126,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", paths::DLQ, true),
     route("GET", paths::DLQ_STATS, true),
     route("POST", paths::DLQ_REPLAY, true),
+    route("POST", paths::DLQ_DISCARD, true),
     route("POST", paths::PURGE, true),
     route("GET", paths::CONFIG_STATUS, false),
     route("POST", paths::ADMIN_RELOAD, true),
@@ -195,6 +198,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::DLQ, admin(get(dlq::list)))
         .route(paths::DLQ_STATS, admin(get(dlq::stats)))
         .route(paths::DLQ_REPLAY, admin(post(dlq::replay)))
+        .route(paths::DLQ_DISCARD, admin(post(dlq::discard)))
         .route(paths::PURGE, admin(post(ops::purge)))
         .route(paths::CONFIG_STATUS, get(config::status))
         .route(paths::ADMIN_RELOAD, admin(post(config::reload)))

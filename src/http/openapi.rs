@@ -40,6 +40,17 @@ fn admin_errors(mut responses: Value) -> Value {
     responses
 }
 
+/// The responses of the DLQ's POST endpoints: `success` and every refusal.
+fn dlq_post_responses(success: Value) -> Value {
+    admin_errors(json!({
+        "200": success,
+        "400": error_response("Bad body (`field` names the culprit)"),
+        "413": error_response("Body larger than api.max_body_bytes"),
+        "415": error_response("Body not sent as application/json"),
+        "503": error_response("dlq.enabled is false, or RabbitMQ cannot be reached")
+    }))
+}
+
 fn action_ref_param() -> Value {
     json!({
         "name": "ref", "in": "path", "required": true,
@@ -319,15 +330,21 @@ pub fn document() -> Value {
         paths::DLQ.to_owned(),
         json!({"get": {
             "summary": "Peek at the dead-letter queue without consuming it",
-            "description": "Reads with basic.get and hands every message back with one nack (requeue): order and TTL are kept; read messages come back flagged redelivered.",
+            "description": "Reads with basic.get and hands every message back with one nack (requeue): order and TTL are kept; read messages come back flagged redelivered. With queue_from or error_class (exact; `(none)` matches entries without the field), the first 1000 entries are read and the first `limit` that match are returned.",
             "security": admin,
-            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}}],
+            "parameters": [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}},
+                {"name": "queue_from", "in": "query", "schema": {"type": "string"}},
+                {"name": "error_class", "in": "query", "schema": {"type": "string"}}
+            ],
             "responses": admin_errors(json!({
                 "200": ok("Entries from the head", data(json!({
                     "type": "object",
                     "properties": {
                         "queue_size": {"type": "integer"},
-                        "entries": {"type": "array", "items": schema("DeadLetter")}
+                        "entries": {"type": "array", "items": schema("DeadLetter")},
+                        "matched": {"type": "integer", "description": "Entries read that match the filter (all read without one)"},
+                        "scanned": {"type": "integer", "description": "Entries read"}
                     }
                 }))),
                 "400": error_response("Bad limit"),
@@ -363,39 +380,48 @@ pub fn document() -> Value {
             "summary": "Replay dead letters as new execution requests",
             "description": "Publishes each chosen entry's `original` as `execution.requested` with x-retry-count = retry_count + 1, waits for the broker's confirm, then acknowledges the entry off the DLQ. Entries from `queued` get a new execution id (header x-replay-of names the old one); `running`, `completed` and invalid originals are skipped and stay.",
             "security": admin,
-            "requestBody": {"required": true, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": false,
-                "description": "Exactly one of the two",
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema("DlqSelection")}}},
+            "responses": dlq_post_responses(ok("What was replayed and skipped", data(json!({
+                "type": "object",
                 "properties": {
-                    "execution_ids": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {"type": "integer", "minimum": 1}},
-                    "limit": {"type": "integer", "minimum": 1, "maximum": 1000}
+                    "replayed": {"type": "array", "items": {"type": "object", "properties": {
+                        "execution_id": {"type": "integer", "nullable": true},
+                        "replay_of": {"type": "integer", "nullable": true},
+                        "action_ref": {"type": "string", "nullable": true},
+                        "queue_from": {"type": "string"},
+                        "error_class": {"type": "string"},
+                        "retry_count": {"type": "integer"}
+                    }}},
+                    "skipped": {"type": "array", "items": {"type": "object", "properties": {
+                        "execution_id": {"type": "integer", "nullable": true},
+                        "reason": {"type": "string"}
+                    }}},
+                    "not_found": {"type": "array", "items": {"type": "integer"}},
+                    "scanned": {"type": "integer"}
                 }
-            }}}},
-            "responses": admin_errors(json!({
-                "200": ok("What was replayed and skipped", data(json!({
-                    "type": "object",
-                    "properties": {
-                        "replayed": {"type": "array", "items": {"type": "object", "properties": {
-                            "execution_id": {"type": "integer", "nullable": true},
-                            "replay_of": {"type": "integer", "nullable": true},
-                            "action_ref": {"type": "string", "nullable": true},
-                            "queue_from": {"type": "string"},
-                            "error_class": {"type": "string"},
-                            "retry_count": {"type": "integer"}
-                        }}},
-                        "skipped": {"type": "array", "items": {"type": "object", "properties": {
-                            "execution_id": {"type": "integer", "nullable": true},
-                            "reason": {"type": "string"}
-                        }}},
-                        "not_found": {"type": "array", "items": {"type": "integer"}},
-                        "scanned": {"type": "integer"}
-                    }
-                }))),
-                "400": error_response("Bad body (`field` names the culprit)"),
-                "413": error_response("Body larger than api.max_body_bytes"),
-                "415": error_response("Body not sent as application/json"),
-                "503": error_response("dlq.enabled is false, or RabbitMQ cannot be reached")
-            }))
+            }))))
+        }}),
+    );
+    doc_paths.insert(
+        paths::DLQ_DISCARD.to_owned(),
+        json!({"post": {
+            "summary": "Discard dead letters: acknowledge them off the DLQ without replaying",
+            "description": "Each discarded entry is logged at info level (execution id, action, queue_from, error_class) before it is acknowledged; it is gone afterwards. Entries not chosen stay in place and in order.",
+            "security": admin,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema("DlqSelection")}}},
+            "responses": dlq_post_responses(ok("What was discarded", data(json!({
+                "type": "object",
+                "properties": {
+                    "discarded": {"type": "array", "items": {"type": "object", "properties": {
+                        "execution_id": {"type": "integer", "nullable": true},
+                        "action_ref": {"type": "string", "nullable": true},
+                        "queue_from": {"type": "string", "nullable": true},
+                        "error_class": {"type": "string", "nullable": true}
+                    }}},
+                    "not_found": {"type": "array", "items": {"type": "integer"}},
+                    "scanned": {"type": "integer"}
+                }
+            }))))
         }}),
     );
     doc_paths.insert(
@@ -434,7 +460,8 @@ pub fn document() -> Value {
         }}),
     );
 
-    json!({
+    // Built in two steps: one `json!` holding every schema exceeds the macro's recursion limit.
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "fifo-executor",
@@ -476,25 +503,6 @@ pub fn document() -> Value {
                         "total_unmatched": {"type": "integer"},
                         "partition": {"type": "integer", "description": "cluster.mode shared only: the action's partition"},
                         "owner": {"type": "string", "description": "cluster.mode shared only: the instance that owns the partition. An instance that does not own it answers from queue_stats, as the owner last wrote it (the counters beyond the table's columns are then 0)"}
-                    }
-                },
-                "ActionRow": {
-                    "type": "object",
-                    "required": ["action_ref", "queue_length", "active_count", "max_concurrent", "oldest_age_seconds", "oldest_enqueued_at", "rate_limit", "enabled", "health", "flags", "last_updated"],
-                    "properties": {
-                        "action_ref": {"type": "string"},
-                        "queue_length": {"type": "integer"},
-                        "active_count": {"type": "integer"},
-                        "max_concurrent": {"type": "integer"},
-                        "oldest_age_seconds": {"type": "number"},
-                        "oldest_enqueued_at": {"type": "string", "format": "date-time", "nullable": true},
-                        "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true},
-                        "enabled": {"type": "boolean"},
-                        "health": {"type": "string", "description": "ok, or the worst of flags"},
-                        "flags": {"type": "array", "items": {"type": "string", "enum": ["stalled", "queue_critical", "wait_critical", "stuck", "queue_long", "wait_long", "no_route", "disabled"]}},
-                        "last_updated": {"type": "string", "format": "date-time"},
-                        "partition": {"type": "integer", "description": "cluster.mode shared only"},
-                        "owner": {"type": "string", "description": "cluster.mode shared only"}
                     }
                 },
                 "RateLimit": {
@@ -613,5 +621,38 @@ pub fn document() -> Value {
                 }
             }
         }
-    })
+    });
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["ActionRow"] = json!({
+        "type": "object",
+        "required": ["action_ref", "queue_length", "active_count", "max_concurrent", "oldest_age_seconds", "oldest_enqueued_at", "rate_limit", "enabled", "health", "flags", "last_updated"],
+        "properties": {
+            "action_ref": {"type": "string"},
+            "queue_length": {"type": "integer"},
+            "active_count": {"type": "integer"},
+            "max_concurrent": {"type": "integer"},
+            "oldest_age_seconds": {"type": "number"},
+            "oldest_enqueued_at": {"type": "string", "format": "date-time", "nullable": true},
+            "rate_limit": {"allOf": [{"$ref": "#/components/schemas/RateLimit"}], "nullable": true},
+            "enabled": {"type": "boolean"},
+            "health": {"type": "string", "description": "ok, or the worst of flags"},
+            "flags": {"type": "array", "items": {"type": "string", "enum": ["stalled", "queue_critical", "wait_critical", "stuck", "queue_long", "wait_long", "no_route", "disabled"]}},
+            "last_updated": {"type": "string", "format": "date-time"},
+            "partition": {"type": "integer", "description": "cluster.mode shared only"},
+            "owner": {"type": "string", "description": "cluster.mode shared only"}
+        }
+    });
+    schemas["DlqSelection"] = json!({
+        "type": "object", "additionalProperties": false,
+        "description": "Either execution_ids (the first entry of each id, anywhere in the queue), or limit (the first N entries from the head) with an optional filter (the first N entries that match, looked for among the first 100,000)",
+        "properties": {
+            "execution_ids": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {"type": "integer", "minimum": 1}},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "filter": {"type": "object", "additionalProperties": false, "description": "Exact match; a field left out matches every entry; `(none)` matches entries without the field", "properties": {
+                "queue_from": {"type": "string"},
+                "error_class": {"type": "string"}
+            }}
+        }
+    });
+    doc
 }

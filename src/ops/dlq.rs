@@ -43,6 +43,19 @@
 //!   parameters), not `completed`/`cancel` (they are not requests), and not an original that
 //!   does not decode as a request (it would only be dead-lettered again). These stay in the
 //!   DLQ and are reported as skipped, with the reason.
+//!
+//! # Choosing entries, and discarding them
+//!
+//! Replay and discard take a [`Selection`]: entries by execution id (the first entry of each
+//! id, anywhere in the queue), the first N entries, or the first N entries that match a
+//! [`Filter`] on `queue_from` and `error_class`. Entries not chosen (or chosen and left, like
+//! a replay's skipped ones) are held unacknowledged while the walk goes on and handed back
+//! together at its end, so they stay in place and in order; only the chosen ones that were
+//! dealt with are acknowledged off the queue.
+//!
+//! A discard acknowledges the chosen entries without publishing anything: they are gone.
+//! Each is logged at info level (`[dlq] discarded`, with its execution id, action, origin and
+//! error class) before its acknowledgement, so the log keeps what the queue no longer does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -53,7 +66,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
@@ -84,13 +97,58 @@ pub enum DlqError {
     Timeout(Duration),
 }
 
-/// Which entries to replay.
+/// Which entries to replay or discard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
     /// The entries of these executions, wherever they are in the queue.
     Ids(Vec<ExecutionId>),
     /// The first `n` entries from the head (oldest first); each is replayed or skipped.
     First(usize),
+    /// The first `n` entries from the head that match the filter (looked for among the
+    /// first [`MAX_SCAN`]); the others stay where they are.
+    Matching(Filter, usize),
+}
+
+/// Which dead letters an operation is about, by two of their fields, compared exactly. A
+/// field left out matches every entry; `(none)` matches the entries without that field
+/// (which is how [`DlqStats`] counts them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub queue_from: Option<String>,
+    pub error_class: Option<String>,
+}
+
+/// The value of [`Filter`] fields that stands for "the entry has no such field".
+pub const NO_FIELD: &str = "(none)";
+
+impl Filter {
+    /// True when it matches every entry.
+    pub fn is_empty(&self) -> bool {
+        self.queue_from.is_none() && self.error_class.is_none()
+    }
+
+    /// Whether an entry with these fields matches.
+    pub fn matches_fields(&self, queue_from: Option<&str>, error_class: Option<&str>) -> bool {
+        let one = |want: &Option<String>, have: Option<&str>| match want {
+            None => true,
+            Some(w) => w.as_str() == have.unwrap_or(NO_FIELD),
+        };
+        one(&self.queue_from, queue_from) && one(&self.error_class, error_class)
+    }
+
+    /// Whether an entry, as a peek shows it, matches.
+    pub fn matches(&self, entry: &Value) -> bool {
+        let field = |k: &str| entry.get(k).and_then(Value::as_str);
+        self.matches_fields(field("queue_from"), field("error_class"))
+    }
+
+    fn matches_letter(&self, l: Option<&Letter>) -> bool {
+        self.matches_fields(
+            l.and_then(|l| l.queue_from.as_deref()),
+            l.and_then(|l| l.error_class.as_deref()),
+        )
+    }
 }
 
 /// What a peek saw.
@@ -99,8 +157,14 @@ pub struct Peek {
     /// Messages ready in the queue when the peek began.
     pub queue_size: u64,
     /// Entries from the head, oldest first: each dead letter's JSON as published, or for a
-    /// message that is not a JSON object, `{"unreadable": true, "raw": …}`.
+    /// message that is not a JSON object, `{"unreadable": true, "raw": …}`. With a filter,
+    /// only the matching ones.
     pub entries: Vec<Value>,
+    /// Entries read that match the filter (all of them without one); may exceed
+    /// `entries` when more matched than were asked for.
+    pub matched: usize,
+    /// Entries read.
+    pub scanned: usize,
 }
 
 /// Counts over the entries at the head of the DLQ (`dlq stats`, and the per-origin gauges the
@@ -131,7 +195,7 @@ impl DlqStats {
             let field = |k: &str| {
                 e.get(k)
                     .and_then(Value::as_str)
-                    .unwrap_or("(none)")
+                    .unwrap_or(NO_FIELD)
                     .to_owned()
             };
             *by_queue_from.entry(field("queue_from")).or_insert(0) += 1;
@@ -261,17 +325,42 @@ impl Dlq {
                 entries.push(entry_json(&msg.delivery.data));
             }
             give_back(&ch, last_tag).await?;
+            let n = entries.len();
             Ok(Peek {
                 queue_size,
                 entries,
+                matched: n,
+                scanned: n,
             })
         })
         .await
     }
 
+    /// The first `limit` entries that match `filter`, looked for among the first
+    /// [`MAX_PEEK`], all left in the queue in their order; `matched` counts every match
+    /// among those read.
+    pub async fn peek_matching(&self, filter: &Filter, limit: usize) -> Result<Peek, DlqError> {
+        if filter.is_empty() {
+            return self.peek(limit).await;
+        }
+        let mut peek = self.peek(MAX_PEEK).await?;
+        peek.scanned = peek.entries.len();
+        peek.entries.retain(|e| filter.matches(e));
+        peek.matched = peek.entries.len();
+        peek.entries.truncate(limit);
+        Ok(peek)
+    }
+
     /// Replays the selected entries (see the module docs for which can be replayed).
     pub async fn replay(&self, selection: Selection) -> Result<ReplayReport, DlqError> {
         self.with_channel(|ch| async move { replay_on(&ch, selection).await })
+            .await
+    }
+
+    /// Acknowledges the selected entries off the queue without publishing anything, logging
+    /// each (see the module docs).
+    pub async fn discard(&self, selection: Selection) -> Result<DiscardReport, DlqError> {
+        self.with_channel(|ch| async move { discard_on(&ch, selection).await })
             .await
     }
 
@@ -387,7 +476,7 @@ struct Letter {
     execution_id: Option<ExecutionId>,
     action_ref: Option<String>,
     queue_from: Option<String>,
-    error_class: String,
+    error_class: Option<String>,
     retry_count: u32,
     original: Option<Value>,
 }
@@ -401,7 +490,7 @@ fn letter(body: &[u8]) -> Option<Letter> {
         execution_id: map.get("execution_id").and_then(Value::as_u64),
         action_ref: text("action_ref"),
         queue_from: text("queue_from"),
-        error_class: text("error_class").unwrap_or_default(),
+        error_class: text("error_class"),
         retry_count: map
             .get("retry_count")
             .and_then(Value::as_u64)
@@ -446,41 +535,112 @@ fn replay_body(l: &Letter) -> Result<Map<String, Value>, String> {
     Ok(body)
 }
 
+/// One walk over the DLQ from its head, picking the entries a [`Selection`] chooses. Every
+/// message it reads and does not hand out is held unacknowledged, and so is every one handed
+/// out and then [`leave`](Walk::leave)-d; [`finish`](Walk::finish) gives them all back with
+/// one multiple-nack, so they keep their places.
+struct Walk {
+    /// By id: the ids still looked for.
+    wanted: BTreeSet<ExecutionId>,
+    by_id: bool,
+    filter: Filter,
+    /// Entries still to hand out.
+    take: usize,
+    /// Entries still to read.
+    budget: usize,
+    scanned: usize,
+    /// The highest tag still unacknowledged: one multiple-nack at the end returns it and
+    /// every lower one still held.
+    held: Option<u64>,
+}
+
+/// An entry a [`Walk`] handed out.
+struct Picked {
+    tag: u64,
+    /// `None` when the message is not a JSON object.
+    letter: Option<Letter>,
+    /// Its execution id (the dead letter's, else its original's).
+    id: Option<ExecutionId>,
+}
+
+impl Walk {
+    /// At most `most` entries are handed out (by id: as many as asked for).
+    fn new(selection: Selection, most: usize) -> Self {
+        let (wanted, by_id, filter, take) = match selection {
+            Selection::Ids(ids) => (
+                ids.into_iter().collect(),
+                true,
+                Filter::default(),
+                usize::MAX,
+            ),
+            Selection::First(n) => (BTreeSet::new(), false, Filter::default(), n.min(most)),
+            Selection::Matching(filter, n) => (BTreeSet::new(), false, filter, n.min(most)),
+        };
+        Self {
+            wanted,
+            by_id,
+            filter,
+            take,
+            budget: MAX_SCAN,
+            scanned: 0,
+            held: None,
+        }
+    }
+
+    /// The next chosen entry, or `None` once the selection is exhausted or the queue is.
+    async fn next(&mut self, ch: &Channel) -> Result<Option<Picked>, DlqError> {
+        while self.budget > 0 && self.take > 0 && !(self.by_id && self.wanted.is_empty()) {
+            let Some(msg) = get(ch).await? else { break };
+            self.budget -= 1;
+            self.scanned += 1;
+            let tag = msg.delivery.delivery_tag;
+            let letter = letter(&msg.delivery.data);
+            let id = letter.as_ref().and_then(|l| {
+                l.execution_id.or_else(|| {
+                    l.original
+                        .as_ref()
+                        .and_then(|o| o.get("execution_id"))
+                        .and_then(Value::as_u64)
+                })
+            });
+            let chosen = if self.by_id {
+                id.is_some_and(|id| self.wanted.remove(&id))
+            } else {
+                self.filter.matches_letter(letter.as_ref())
+            };
+            if !chosen {
+                self.held = Some(tag);
+                continue;
+            }
+            self.take -= 1;
+            return Ok(Some(Picked { tag, letter, id }));
+        }
+        Ok(None)
+    }
+
+    /// Leaves a handed-out entry in the queue.
+    fn leave(&mut self, tag: u64) {
+        self.held = Some(tag);
+    }
+
+    /// Gives back everything held; returns the ids asked for that no entry had.
+    async fn finish(self, ch: &Channel) -> Result<Vec<ExecutionId>, DlqError> {
+        give_back(ch, self.held).await?;
+        Ok(self.wanted.into_iter().collect())
+    }
+}
+
 async fn replay_on(ch: &Channel, selection: Selection) -> Result<ReplayReport, DlqError> {
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let (mut wanted, mut budget): (BTreeSet<ExecutionId>, usize) = match &selection {
-        Selection::Ids(ids) => (ids.iter().copied().collect(), MAX_SCAN),
-        Selection::First(n) => (BTreeSet::new(), (*n).min(MAX_REPLAY)),
-    };
-    let by_id = matches!(selection, Selection::Ids(_));
+    let mut walk = Walk::new(selection, MAX_REPLAY);
     let mut report = ReplayReport::default();
-    // The highest tag still unacknowledged: one multiple-nack at the end returns it and every
-    // lower one still held.
-    let mut held: Option<u64> = None;
-    while budget > 0 && !(by_id && wanted.is_empty()) {
-        let Some(msg) = get(ch).await? else { break };
-        budget -= 1;
-        report.scanned += 1;
-        let tag = msg.delivery.delivery_tag;
-        let parsed = letter(&msg.delivery.data);
-        let id = parsed.as_ref().and_then(|l| {
-            l.execution_id.or_else(|| {
-                l.original
-                    .as_ref()
-                    .and_then(|o| o.get("execution_id"))
-                    .and_then(Value::as_u64)
-            })
-        });
-        if by_id && !id.is_some_and(|id| wanted.remove(&id)) {
-            held = Some(tag);
-            continue;
-        }
-        let Some(l) = parsed else {
+    while let Some(Picked { tag, letter, id }) = walk.next(ch).await? {
+        let Some(l) = letter else {
             report.skipped.push(Skipped {
                 execution_id: None,
                 reason: "not a JSON dead letter".to_owned(),
             });
-            held = Some(tag);
+            walk.leave(tag);
             continue;
         };
         let body = match replay_body(&l) {
@@ -490,7 +650,7 @@ async fn replay_on(ch: &Channel, selection: Selection) -> Result<ReplayReport, D
                     execution_id: id,
                     reason,
                 });
-                held = Some(tag);
+                walk.leave(tag);
                 continue;
             }
         };
@@ -504,7 +664,7 @@ async fn replay_on(ch: &Channel, selection: Selection) -> Result<ReplayReport, D
                     replay_of: id.filter(|_| carried.is_none()),
                     action_ref: l.action_ref.clone(),
                     queue_from: l.queue_from.clone().unwrap_or_default(),
-                    error_class: l.error_class.clone(),
+                    error_class: l.error_class.clone().unwrap_or_default(),
                     retry_count: l.retry_count.saturating_add(1),
                 });
             }
@@ -513,12 +673,57 @@ async fn replay_on(ch: &Channel, selection: Selection) -> Result<ReplayReport, D
                     execution_id: id,
                     reason,
                 });
-                held = Some(tag);
+                walk.leave(tag);
             }
         }
     }
-    give_back(ch, held).await?;
-    report.not_found = wanted.into_iter().collect();
+    report.scanned = walk.scanned;
+    report.not_found = walk.finish(ch).await?;
+    Ok(report)
+}
+
+/// One discarded entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Discarded {
+    pub execution_id: Option<ExecutionId>,
+    pub action_ref: Option<String>,
+    pub queue_from: Option<String>,
+    pub error_class: Option<String>,
+}
+
+/// What a discard did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DiscardReport {
+    pub discarded: Vec<Discarded>,
+    /// Execution ids asked for that no entry has (already expired, replayed or never there).
+    pub not_found: Vec<ExecutionId>,
+    /// Entries looked at.
+    pub scanned: usize,
+}
+
+async fn discard_on(ch: &Channel, selection: Selection) -> Result<DiscardReport, DlqError> {
+    let mut walk = Walk::new(selection, MAX_REPLAY);
+    let mut report = DiscardReport::default();
+    while let Some(Picked { tag, letter, id }) = walk.next(ch).await? {
+        let gone = Discarded {
+            execution_id: id,
+            action_ref: letter.as_ref().and_then(|l| l.action_ref.clone()),
+            queue_from: letter.as_ref().and_then(|l| l.queue_from.clone()),
+            error_class: letter.as_ref().and_then(|l| l.error_class.clone()),
+        };
+        tracing::info!(
+            execution_id = ?gone.execution_id,
+            action_ref = gone.action_ref.as_deref().unwrap_or(NO_FIELD),
+            queue_from = gone.queue_from.as_deref().unwrap_or(NO_FIELD),
+            error_class = gone.error_class.as_deref().unwrap_or(NO_FIELD),
+            "[dlq] discarded"
+        );
+        ch.basic_ack(tag, BasicAckOptions { multiple: false })
+            .await?;
+        report.discarded.push(gone);
+    }
+    report.scanned = walk.scanned;
+    report.not_found = walk.finish(ch).await?;
     Ok(report)
 }
 

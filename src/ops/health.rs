@@ -528,6 +528,8 @@ impl HealthMonitor {
             DlqStats::of(&super::dlq::Peek {
                 queue_size: 0,
                 entries: Vec::new(),
+                matched: 0,
+                scanned: 0,
             })
         } else {
             match dlq
