@@ -391,21 +391,24 @@ impl Service {
         if let Some(d) = durable.as_mut().filter(|_| !shared) {
             readiness.not_ready("starting: recovering the queues from the ledger");
             // Everything the ledger holds goes back into the queues before anything is consumed.
-            let report = crate::db::recovery::recover(&d.pool, &d.schema, &executor).await?;
-            tracing::info!(
-                actions = report.actions,
-                waiting = report.waiting,
-                running = report.running,
-                unconfirmed = report.unconfirmed.len(),
-                skipped = report.skipped.len(),
-                "recovered the queues from the ledger"
-            );
             // Admitted but never confirmed by the broker: the worker may never have had it.
-            // The new attempt is recorded before the copy leaves. Refused: another instance
-            // took the partitions meanwhile; the copies stay unsent and the service stops as
-            // soon as it runs (the ledger is fenced).
-            crate::cluster::takeover::resend_unconfirmed(&d.ledger, &publisher, report.unconfirmed)
-                .await?;
+            // The new attempt is recorded before the copy leaves, and the copy leaves ahead of
+            // the action's waiting executions. Refused: another instance took the partitions
+            // meanwhile; nothing is restored and the service stops as soon as it runs (the
+            // ledger is fenced).
+            let report =
+                crate::db::recovery::recover_and_resend(&d.pool, &d.schema, &executor, &d.ledger)
+                    .await?;
+            if let Some(report) = report {
+                tracing::info!(
+                    actions = report.actions,
+                    waiting = report.waiting,
+                    running = report.running,
+                    unconfirmed = report.unconfirmed.len(),
+                    skipped = report.skipped.len(),
+                    "recovered the queues from the ledger"
+                );
+            }
         }
         if let Some(d) = durable.as_mut() {
             d.workers.insert(
@@ -428,7 +431,6 @@ impl Service {
                     d.schema.clone(),
                     executor.clone(),
                     ledger.clone(),
-                    publisher.clone(),
                 )))
             }
             _ => None,

@@ -886,6 +886,7 @@ async fn restored_executions_are_live_and_come_out_in_order() {
         enqueued_at: now.minus(Duration::from_secs(60)),
         admitted_at: running.then(|| now.minus(Duration::from_secs(30))),
         sent_before: 0,
+        resend: false,
     };
     r.exec
         .restore(&a, vec![entry(5, true), entry(6, false), entry(7, false)])

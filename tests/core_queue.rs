@@ -674,7 +674,45 @@ fn restored(id: u64, q: &QueueRig, enqueued_ago: u64, admitted_ago: Option<u64>)
         enqueued_at: now.minus(Duration::from_secs(enqueued_ago)),
         admitted_at: admitted_ago.map(|a| now.minus(Duration::from_secs(a))),
         sent_before: 0,
+        resend: false,
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unconfirmed_dispatch_restored_goes_out_again_before_the_waiting_ones() {
+    // Found by the cluster run: the new owner dispatched the waiting 594 into a free slot
+    // before it sent again 593, admitted by the dead owner but never confirmed, so a worker
+    // saw 594 first. The copy sent again leaves with the restore, ahead of them.
+    let mut q = rig(3);
+    let mut unconfirmed = restored(2, &q, 40, Some(30));
+    unconfirmed.resend = true;
+    unconfirmed.sent_before = 1;
+    q.restore(vec![
+        restored(1, &q, 50, Some(40)),
+        unconfirmed,
+        restored(3, &q, 30, None),
+        restored(4, &q, 20, None),
+    ]);
+    assert_eq!(
+        q.dispatched_ids(),
+        vec![2, 3],
+        "2 again, then the free slot's 3"
+    );
+    assert_eq!(
+        q.dispatched[0].attempt, 2,
+        "a copy sent again carries a raised attempt"
+    );
+    assert_eq!(q.dispatched[0].request_id.as_deref(), Some("req-2"));
+    assert_eq!(q.dispatched[0].payload, payload_of(2));
+    assert_eq!(q.dispatched[1].attempt, 1);
+    assert_eq!(q.waiting_ids(), vec![4]);
+    assert_eq!(
+        q.queue.stats().active_count,
+        3,
+        "2 holds its slot, sent again or not"
+    );
+    assert_eq!(q.complete(2), CompletionVerdict::Freed);
+    assert_eq!(q.dispatched_ids(), vec![2, 3, 4]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common_pg::{Rig, TempPg, TestDb, action, limit, quick_retries, statuses};
 use fifo_executor::core::memory::DiscardSink;
 use fifo_executor::core::{QueueSettings, UniformPolicy};
-use fifo_executor::db::recovery::{mark_clean_stop, record_resends, recover};
+use fifo_executor::db::recovery::{mark_clean_stop, record_resends, recover, recover_and_resend};
 use fifo_executor::model::{EndStatus, Verdict};
 
 const BIG_ID: u64 = 9_000_000_000_000_000_000;
@@ -118,6 +118,48 @@ async fn a_fresh_executor_resumes_where_the_dead_one_stopped() {
             .iter()
             .all(|(_, s)| s == "succeeded")
     );
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_dispatch_goes_out_again_before_a_waiting_one_takes_a_free_slot() {
+    // The cluster run found a waiting execution dispatched into a free slot ahead of one
+    // admitted earlier whose dispatch the broker never confirmed (it had never left): a
+    // worker saw the later one first. Sent again by the restore, it leaves first.
+    let db = TestDb::new().await;
+    let a = action("core.resend");
+    let mut first = rig_at(&db, 2).await;
+    let _v = first.submit(&a, [10, 11, 12, 13]);
+    assert_eq!(first.next_dispatched_ids(2).await, vec![10, 11]);
+    first.ledger.mark_running(vec![10]);
+    first.sync().await;
+    first.shutdown().await;
+    drop(first);
+
+    // A higher limit now: one slot is free at once.
+    let mut second = rig_at(&db, 3).await;
+    let report = recover_and_resend(&db.pool, &db.schema, &second.exec, &second.ledger)
+        .await
+        .expect("recovers")
+        .expect("no fence refuses");
+    assert_eq!(report.unconfirmed.len(), 1);
+    let sent = second.next_dispatches(2).await;
+    let order: Vec<(u64, u32)> = sent.iter().map(|d| (d.execution_id, d.attempt)).collect();
+    assert_eq!(
+        order,
+        vec![(11, 2), (12, 2)],
+        "11 again with a raised attempt, then the head of the waiting line (maybe sent \
+         ahead, so raised too)"
+    );
+    let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM attune.execution WHERE id = 11")
+        .fetch_one(&db.pool)
+        .await
+        .expect("attempt");
+    assert_eq!(
+        attempt, 2,
+        "the raised attempt was recorded before the copy left"
+    );
+    second.sync().await;
     second.shutdown().await;
 }
 

@@ -6,10 +6,12 @@
 //!    (`db::partitions::take_one`); from that commit on, every ledger write of the previous
 //!    owner is refused, and a flush of its in flight has committed before it;
 //! 2. the epoch joins this instance's fence, so its own writes for the partition are checked;
-//! 3. the partition's live executions go back into their queues from the ledger, in
-//!    acceptance order, those running holding their slots (`db::recovery::recover_partition`);
-//! 4. dispatches the previous owner's broker never confirmed go out again, their attempt raised
-//!    first behind the fence;
+//! 3. the attempts of the dispatches the previous owner's broker never confirmed are raised
+//!    behind the fence;
+//! 4. the partition's live executions go back into their queues from the ledger, in
+//!    acceptance order, those running holding their slots, and each action's actor sends the
+//!    unconfirmed ones again before it dispatches anything restored as waiting
+//!    (`db::recovery::recover_partition`);
 //! 5. the partition counts as owned: its queue's messages are handled, and requests for its
 //!    actions taken from the shared queue are handled here instead of being carried over.
 //!
@@ -25,13 +27,11 @@ use sqlx::postgres::PgPool;
 use sqlx::{Row, SqlStr};
 
 use super::Partition;
-use crate::core::{Dispatch, Executor};
+use crate::core::Executor;
 use crate::db::ledger::LedgerSink;
-use crate::db::recovery::UnconfirmedDispatch;
 use crate::db::{DbError, Schema};
 use crate::model::{ActionRef, ExecutionId};
 use crate::rabbit::partitions::{LocateError, Owner};
-use crate::rabbit::publisher::{Outgoing, PublisherHandle};
 
 /// The partitions this instance owns, and how it takes one.
 pub struct Takeover {
@@ -42,7 +42,6 @@ pub struct Takeover {
     schema: Schema,
     executor: Arc<Executor>,
     ledger: Arc<LedgerSink>,
-    publisher: PublisherHandle,
     locate: SqlStr,
     /// One takeover at a time: each reads the ledger, and a burst at start (a lone instance
     /// takes every partition) should not hold every connection of the pool.
@@ -50,7 +49,6 @@ pub struct Takeover {
 }
 
 impl Takeover {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         instance_id: String,
         partitions: u16,
@@ -58,7 +56,6 @@ impl Takeover {
         schema: Schema,
         executor: Arc<Executor>,
         ledger: Arc<LedgerSink>,
-        publisher: PublisherHandle,
     ) -> Self {
         metrics::gauge!("attune_partitions_owned").set(0.0);
         Self {
@@ -73,7 +70,6 @@ impl Takeover {
             schema,
             executor,
             ledger,
-            publisher,
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
     }
@@ -103,19 +99,21 @@ impl Takeover {
             return Ok(false);
         };
         fence.hold(p, taken.epoch);
-        let report = crate::db::recovery::recover_partition(
+        // Unconfirmed dispatches go out again from the restore itself, ahead of the waiting.
+        let Some(report) = crate::db::recovery::recover_partition(
             &self.pool,
             &self.schema,
             &self.executor,
+            &self.ledger,
             self.partitions,
             p,
             taken.released_cleanly,
         )
-        .await?;
-        let unconfirmed = report.unconfirmed.len();
-        if !resend_unconfirmed(&self.ledger, &self.publisher, report.unconfirmed).await? {
+        .await?
+        else {
             return Ok(false);
-        }
+        };
+        let unconfirmed = report.unconfirmed.len();
         if let Some(slot) = self.owned.get(usize::from(p)) {
             slot.store(true, Ordering::Release);
         }
@@ -188,33 +186,4 @@ impl Owner for Takeover {
             Ok(found)
         })
     }
-}
-
-/// Sends again the dispatches recovery found admitted but never confirmed by the broker (a
-/// worker may never have had them), their attempt raised first behind the fence. `false`:
-/// the fence refused (another instance owns their partitions now); nothing was sent.
-pub async fn resend_unconfirmed(
-    ledger: &LedgerSink,
-    publisher: &PublisherHandle,
-    unconfirmed: Vec<UnconfirmedDispatch>,
-) -> Result<bool, DbError> {
-    let ids: Vec<ExecutionId> = unconfirmed.iter().map(|u| u.execution_id).collect();
-    if !ledger.record_resends(&ids).await? {
-        return Ok(false);
-    }
-    for u in unconfirmed {
-        publisher.publish(
-            Outgoing::Dispatch(Dispatch {
-                action: u.action,
-                execution_id: u.execution_id,
-                request_id: u.request_id.map(Into::into),
-                payload: u.payload,
-                enqueued_at: u.enqueued_at,
-                dispatched_at: chrono::Utc::now(),
-                attempt: u32::try_from(u.attempt).unwrap_or(0).saturating_add(1),
-            }),
-            None,
-        );
-    }
-    Ok(true)
 }

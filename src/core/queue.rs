@@ -94,6 +94,11 @@ pub struct Restored {
     /// Dispatches that may already have reached a worker (the ledger's `attempt`); a waiting
     /// one is dispatched as attempt `sent_before + 1`.
     pub sent_before: u32,
+    /// Holding a slot, but its dispatch may never have reached a worker (the broker never
+    /// confirmed it): sent again as attempt `sent_before + 1` by the restore itself, ahead of
+    /// every execution restored as waiting, so that nothing accepted after it reaches a
+    /// worker first. The caller records the raised attempt before restoring.
+    pub resend: bool,
 }
 
 /// What a purge should remove, and whether only to report it.
@@ -607,6 +612,17 @@ impl ActionQueue {
             let seq = self.take_seq();
             match r.admitted_at {
                 Some(admitted) => {
+                    if r.resend {
+                        fx.dispatches.push(Dispatch {
+                            action: self.action.clone(),
+                            execution_id: r.execution_id,
+                            request_id: r.request_id.clone(),
+                            payload: r.payload,
+                            enqueued_at: self.wall(r.enqueued_at),
+                            dispatched_at: self.wall(now),
+                            attempt: r.sent_before.saturating_add(1),
+                        });
+                    }
                     self.running.insert(
                         r.execution_id,
                         Slot {

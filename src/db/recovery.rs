@@ -8,7 +8,7 @@
 //! | --- | --- |
 //! | `requested` | waiting, in acceptance order; the first [`SENT_AHEAD_PER_ACTION`] of each action with `attempt` raised first (below) |
 //! | `running` | holding a slot (a worker has it; its completion frees the slot) |
-//! | `scheduled` | holding a slot, and listed in [`RecoveryReport::unconfirmed`]: the executor admitted it but the broker never confirmed its dispatch, so it may never have reached a worker; whether to dispatch it again is the caller's decision |
+//! | `scheduled` | holding a slot, and listed in [`RecoveryReport::unconfirmed`]: the executor admitted it but the broker never confirmed its dispatch, so it may never have reached a worker; [`recover_and_resend`] and [`recover_partition`] send it again, ahead of the waiting ones |
 //!
 //! # Executions that may have been sent while the ledger said `requested`
 //!
@@ -42,7 +42,7 @@ use sqlx::PgConnection;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 
-use super::ledger::SENT_AHEAD_PER_ACTION;
+use super::ledger::{LedgerSink, SENT_AHEAD_PER_ACTION};
 use super::{DbError, Schema, max_execution_id};
 use crate::core::{Executor, Restored};
 use crate::model::{ActionRef, ExecutionId, Payload};
@@ -100,21 +100,59 @@ pub struct SkippedExecution {
 
 /// Puts every live execution recorded in the ledger back into `executor`, per action in
 /// acceptance order, and raises the executor's id allocator above every recorded id.
+/// Unconfirmed dispatches hold their slots and are not sent again (see
+/// [`recover_and_resend`] for what the service does).
 pub async fn recover(
     pool: &PgPool,
     schema: &Schema,
     executor: &Executor,
 ) -> Result<RecoveryReport, DbError> {
+    let (report, groups) = read_all(pool, schema, executor).await?;
+    restore_all(executor, &report, groups)?;
+    Ok(report)
+}
+
+/// As [`recover`], and the dispatches the broker never confirmed go out again: their attempt
+/// is raised in the ledger behind the fence first, then each action's actor sends them as
+/// it restores its queue, ahead of everything restored as waiting, so no execution accepted
+/// later reaches a worker before them. `None`: the fence refused (another instance took the
+/// partitions); nothing was restored or sent.
+pub async fn recover_and_resend(
+    pool: &PgPool,
+    schema: &Schema,
+    executor: &Executor,
+    ledger: &LedgerSink,
+) -> Result<Option<RecoveryReport>, DbError> {
+    let (report, mut groups) = read_all(pool, schema, executor).await?;
+    if !mark_resends(ledger, &report, &mut groups).await? {
+        return Ok(None);
+    }
+    restore_all(executor, &report, groups)?;
+    Ok(Some(report))
+}
+
+async fn read_all(
+    pool: &PgPool,
+    schema: &Schema,
+    executor: &Executor,
+) -> Result<(RecoveryReport, Groups), DbError> {
     // Everything is read before anything is restored, so that a Postgres restart in the
     // middle costs a retry of the reading, never an execution restored twice.
     let clock = executor.clock().clone();
     // Once: a retry after it committed would read this run's own mark, not the last stop.
     let after_clean_stop =
         super::retry_transient("marking the executor's run", || begin_run(pool, schema)).await?;
-    let (report, groups) = super::retry_transient("recovering the queues from the ledger", || {
+    super::retry_transient("recovering the queues from the ledger", || {
         read(pool, schema, &clock, after_clean_stop, None)
     })
-    .await?;
+    .await
+}
+
+fn restore_all(
+    executor: &Executor,
+    report: &RecoveryReport,
+    groups: Groups,
+) -> Result<(), DbError> {
     for (action, restored) in groups {
         executor.restore(&action, restored)?;
     }
@@ -135,32 +173,61 @@ pub async fn recover(
         canceled_ahead = report.canceled_ahead.len(),
         "recovered live executions from the ledger"
     );
-    Ok(report)
+    Ok(())
+}
+
+/// Records the raised attempts of the unconfirmed dispatches behind the fence and marks them
+/// to be sent again by the restore. `false`: the fence refused.
+async fn mark_resends(
+    ledger: &LedgerSink,
+    report: &RecoveryReport,
+    groups: &mut Groups,
+) -> Result<bool, DbError> {
+    let ids: Vec<ExecutionId> = report.unconfirmed.iter().map(|u| u.execution_id).collect();
+    if !ledger.record_resends(&ids).await? {
+        return Ok(false);
+    }
+    if ids.is_empty() {
+        return Ok(true);
+    }
+    let ids: std::collections::HashSet<ExecutionId> = ids.into_iter().collect();
+    for (_, restored) in groups.iter_mut() {
+        for r in restored.iter_mut() {
+            r.resend = r.admitted_at.is_some() && ids.contains(&r.execution_id);
+        }
+    }
+    Ok(true)
 }
 
 /// Puts the live executions of one partition's actions back into `executor` (shared mode:
-/// the instance just took the partition, and its epoch fences the previous owner). As
-/// [`recover`], for those actions only; `released_cleanly` (the previous owner stopped with
-/// every write committed) stands in for the clean-stop mark of a whole run. Assigned ids come
-/// from the instance's own block, so the ledger's highest id is not observed; it still tells
-/// memory which supplied ids may have ended before.
+/// the instance just took the partition, and its epoch fences the previous owner), and sends
+/// again what the broker never confirmed, as [`recover_and_resend`]. As [`recover`], for
+/// those actions only; `released_cleanly` (the previous owner stopped with every write
+/// committed) stands in for the clean-stop mark of a whole run. Assigned ids come from the
+/// instance's own block, so the ledger's highest id is not observed; it still tells memory
+/// which supplied ids may have ended before. `None`: the fence refused.
 pub async fn recover_partition(
     pool: &PgPool,
     schema: &Schema,
     executor: &Executor,
+    ledger: &LedgerSink,
     partitions: u16,
     partition: crate::cluster::Partition,
     released_cleanly: bool,
-) -> Result<RecoveryReport, DbError> {
+) -> Result<Option<RecoveryReport>, DbError> {
     let clock = executor.clock().clone();
     let only = super::retry_transient("finding a partition's live actions", || {
         live_actions_of(pool, schema, partitions, partition)
     })
     .await?;
-    let (report, groups) = super::retry_transient("rebuilding a partition from the ledger", || {
-        read(pool, schema, &clock, released_cleanly, Some(&only))
-    })
-    .await?;
+    let (report, mut groups) =
+        super::retry_transient("rebuilding a partition from the ledger", || {
+            read(pool, schema, &clock, released_cleanly, Some(&only))
+        })
+        .await?;
+    if !mark_resends(ledger, &report, &mut groups).await? {
+        return Ok(None);
+    }
     for (action, restored) in groups {
         executor.restore(&action, restored)?;
     }
@@ -168,7 +235,7 @@ pub async fn recover_partition(
     if let (Some(max), true) = (report.max_execution_id, report.ended_before) {
         executor.ended_before_start(max);
     }
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// The ids of the actions of `partition` that have live executions.
@@ -273,6 +340,7 @@ async fn read(
                 enqueued_at: clock.stamp_of(live.enqueued_at),
                 admitted_at,
                 sent_before: u32::try_from(live.attempt).unwrap_or(0),
+                resend: false,
             });
         }
     }
