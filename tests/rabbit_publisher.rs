@@ -59,6 +59,7 @@ fn dispatch(action: &str, id: u64) -> Dispatch {
         enqueued_at: now,
         dispatched_at: now,
         attempt: 1,
+        freed_by: None,
     }
 }
 

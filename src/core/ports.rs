@@ -27,6 +27,11 @@ pub struct Dispatch {
     /// 1 on the first dispatch; higher when the same execution is sent again (a dispatch that
     /// was never confirmed, or a replay).
     pub attempt: u32,
+    /// The execution whose completion freed the slot this one took, when it was admitted
+    /// as that completion was handled (the hand-off); `None` when it took a slot that was
+    /// already free, or one freed otherwise (a purge, a raised limit, a timer). Workers see it
+    /// as the header `x-freed-by`, so that a hand-off's latency can be measured exactly.
+    pub freed_by: Option<ExecutionId>,
 }
 
 /// Receives admitted executions, per action in FIFO order.

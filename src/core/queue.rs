@@ -375,7 +375,7 @@ impl ActionQueue {
                 receipt,
                 from_waiting: false,
             });
-            self.pump(now, fx);
+            self.pump_freed_by(now, fx, Some(execution_id));
             return;
         }
         let waiting_at = self.waiting.iter().position(|w| w.id == execution_id);
@@ -621,6 +621,7 @@ impl ActionQueue {
                             enqueued_at: self.wall(r.enqueued_at),
                             dispatched_at: self.wall(now),
                             attempt: r.sent_before.saturating_add(1),
+                            freed_by: None,
                         });
                     }
                     self.running.insert(
@@ -692,6 +693,12 @@ impl ActionQueue {
     /// Times out what waited too long, then admits from the head while slots, the rate limit
     /// and the enabled flag allow.
     fn pump(&mut self, now: Stamp, fx: &mut Effects) {
+        self.pump_freed_by(now, fx, None);
+    }
+
+    /// [`Self::pump`] right after the completion of `freed_by` freed a slot: the first
+    /// admission takes that slot, and its dispatch says so ([`Dispatch::freed_by`]).
+    fn pump_freed_by(&mut self, now: Stamp, fx: &mut Effects, mut freed_by: Option<ExecutionId>) {
         self.expire(now, fx);
         self.rate_ready_at = None;
         let mut admitted_at = None;
@@ -737,6 +744,7 @@ impl ActionQueue {
                 enqueued_at: self.wall(w.enqueued),
                 dispatched_at: at,
                 attempt: w.sent_before.saturating_add(1),
+                freed_by: freed_by.take(),
             });
         }
     }

@@ -459,6 +459,10 @@ impl Returns {
     }
 }
 
+/// The dispatch header naming the execution whose completion freed the slot
+/// ([`Dispatch::freed_by`]).
+pub const FREED_BY_HEADER: &str = "x-freed-by";
+
 fn json_properties() -> BasicProperties {
     BasicProperties::default()
         .with_content_type("application/json".into())
@@ -470,6 +474,10 @@ async fn send(ch: &Channel, out: &Outgoing) -> lapin::Result<lapin::PublisherCon
         Outgoing::Dispatch(d) => {
             let mut headers = FieldTable::default();
             headers.insert("x-attempt".into(), AMQPValue::LongUInt(d.attempt));
+            // AMQP has no unsigned 64-bit field: an id above i64::MAX goes without it.
+            if let Some(freed_by) = d.freed_by.and_then(|id| i64::try_from(id).ok()) {
+                headers.insert(FREED_BY_HEADER.into(), AMQPValue::LongLongInt(freed_by));
+            }
             (
                 topology::EXCHANGE.to_owned(),
                 topology::dispatch_routing_key(d.action.as_str()),

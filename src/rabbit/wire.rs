@@ -346,6 +346,8 @@ pub fn decode_dispatch(body: &[u8]) -> Option<Dispatch> {
         enqueued_at: w.enqueued_at,
         dispatched_at: w.dispatched_at,
         attempt: w.attempt,
+        // A header, not part of the body.
+        freed_by: None,
     })
 }
 
@@ -586,6 +588,7 @@ mod tests {
             enqueued_at: t,
             dispatched_at: t,
             attempt: 1,
+            freed_by: None,
         };
         let v: Value = serde_json::from_slice(&encode_dispatch(&d)).expect("json");
         assert_eq!(v["execution_id"], 123);

@@ -230,9 +230,10 @@ impl Collector {
         let mut inner = self.lock();
         let enqueued_at = stamps.enqueued_at;
         let violations_before = inner.verifier.violations_total();
-        let outcome = inner
-            .verifier
-            .dispatched(id, attempt, redelivered, now, enqueued_at);
+        let outcome =
+            inner
+                .verifier
+                .dispatched(id, attempt, redelivered, now, enqueued_at, stamps.freed_by);
         let violations = inner.verifier.violations_total() - violations_before;
         if inner.dispatch_log.is_some() {
             let kind = match outcome {
@@ -687,7 +688,7 @@ async fn work(
         };
         let tag = d.delivery_tag;
         acks.track(tag);
-        let (id, attempt, stamps) = match read_dispatch(&d.data) {
+        let (id, attempt, stamps) = match read_dispatch(&d.data, d.properties.headers()) {
             Ok(x) => x,
             Err(e) => {
                 collector.undecodable(e);
@@ -789,15 +790,35 @@ impl Completing {
 }
 
 /// When the executor says it accepted and admitted an execution (its dispatch's
-/// `enqueued_at` and `dispatched_at`), where it says.
+/// `enqueued_at` and `dispatched_at`), where it says, and which completion freed the slot it
+/// took (the header `x-freed-by`), if one did.
 #[derive(Debug, Clone, Copy, Default)]
 struct Stamps {
     enqueued_at: Option<SystemTime>,
     dispatched_at: Option<SystemTime>,
+    freed_by: Option<u64>,
 }
 
-/// `(execution_id, attempt, stamps)` of a dispatch body.
-fn read_dispatch(body: &[u8]) -> Result<(u64, u32, Stamps), String> {
+/// The execution id in a dispatch's `x-freed-by` header, whatever integer type carries it.
+fn freed_by(headers: &Option<lapin::types::FieldTable>) -> Option<u64> {
+    use lapin::types::AMQPValue;
+    let value = headers
+        .as_ref()?
+        .inner()
+        .get(crate::rabbit::publisher::FREED_BY_HEADER)?;
+    match value {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+/// `(execution_id, attempt, stamps)` of a dispatch.
+fn read_dispatch(
+    body: &[u8],
+    headers: &Option<lapin::types::FieldTable>,
+) -> Result<(u64, u32, Stamps), String> {
     #[derive(serde::Deserialize)]
     struct Wire {
         execution_id: u64,
@@ -813,6 +834,7 @@ fn read_dispatch(body: &[u8]) -> Result<(u64, u32, Stamps), String> {
                 Stamps {
                     enqueued_at: w.enqueued_at.map(SystemTime::from),
                     dispatched_at: w.dispatched_at.map(SystemTime::from),
+                    freed_by: freed_by(headers),
                 },
             )
         })

@@ -94,7 +94,13 @@ pub async fn run(
                     continue;
                 };
                 match &requests_gate {
-                    None => forward(&relay, req, None, Some((d.delivery_tag, acks.clone()))),
+                    None => forward(
+                        &relay,
+                        req,
+                        None,
+                        None,
+                        Some((d.delivery_tag, acks.clone())),
+                    ),
                     Some(gate) => lock(gate).submit(&relay, req, d.delivery_tag, acks),
                 }
             }
@@ -173,6 +179,7 @@ fn forward(
     publisher: &PublisherHandle,
     req: RequestMsg,
     enqueued_at: Option<DateTime<Utc>>,
+    freed_by: Option<ExecutionId>,
     ack: Option<(u64, Acks)>,
 ) {
     let now = Utc::now();
@@ -185,6 +192,7 @@ fn forward(
             enqueued_at: enqueued_at.unwrap_or(now),
             dispatched_at: now,
             attempt: 1,
+            freed_by,
         }),
         ack.map(|(tag, acks)| -> OnConfirmed {
             Box::new(move |confirmed| {
@@ -232,7 +240,7 @@ impl Gate {
             line.running += 1;
             self.running
                 .insert(req.execution_id.unwrap_or_default(), req.action_ref.clone());
-            forward(publisher, req, None, Some((tag, acks.clone())));
+            forward(publisher, req, None, None, Some((tag, acks.clone())));
         } else {
             line.waiting.push_back((req, Utc::now()));
             acks.ack(tag);
@@ -252,7 +260,7 @@ impl Gate {
             line.running += 1;
             self.running
                 .insert(next.execution_id.unwrap_or_default(), action);
-            forward(publisher, next, Some(enqueued_at), None);
+            forward(publisher, next, Some(enqueued_at), Some(id), None);
         }
     }
 }

@@ -20,7 +20,6 @@
 //!
 //! Dispatches of ids the bench did not submit (a shared vhost) are counted, not checked.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -146,6 +145,8 @@ struct Exec {
     highest_attempt: u32,
     /// What its completion reported, once completed.
     failed: bool,
+    /// When its (first) completion was published, by monotonic and wall clock.
+    completed_at: Option<(Instant, SystemTime)>,
 }
 
 #[derive(Debug)]
@@ -160,9 +161,6 @@ struct ActionState {
     dispatched: usize,
     /// Running now, from the workers' point of view.
     running: Vec<u64>,
-    /// Completions published while executions of this action were waiting, oldest first, by
-    /// monotonic and wall clock: each is answered by the next first dispatch.
-    freed_at: VecDeque<(Instant, SystemTime)>,
 }
 
 /// The verifier. Ids the bench submits are `base .. base + capacity`.
@@ -197,7 +195,6 @@ impl Verifier {
                     next: 0,
                     dispatched: 0,
                     running: Vec::new(),
-                    freed_at: VecDeque::new(),
                 })
                 .collect(),
             violations: Vec::new(),
@@ -241,13 +238,15 @@ impl Verifier {
             state: State::Submitted,
             highest_attempt: 0,
             failed: false,
+            completed_at: None,
         });
         self.submitted += 1;
     }
 
     /// A worker received a dispatch of `id` with `attempt`, flagged `redelivered` by the
     /// broker or not; `enqueued_at` is when the executor says it accepted the execution (its
-    /// `enqueued_at`), if it said.
+    /// `enqueued_at`), if it said; `freed_by` the execution whose completion freed the slot it
+    /// took (its `x-freed-by` header), if one did.
     pub fn dispatched(
         &mut self,
         id: u64,
@@ -255,6 +254,7 @@ impl Verifier {
         redelivered: bool,
         now: Instant,
         enqueued_at: Option<SystemTime>,
+        freed_by: Option<u64>,
     ) -> Dispatched {
         let Some(slot) = self.slot(id) else {
             self.foreign += 1;
@@ -326,12 +326,15 @@ impl Verifier {
                 running: a.running.clone(),
             });
         }
-        // Only a completion the executor could act on counts: one sent after it had accepted
-        // this execution. One sent while the request was still on its way in measures the
-        // intake, not the hand-off (the queue wait already covers that).
-        let since_completion = a
-            .freed_at
-            .pop_front()
+        // Paired exactly: the completion the executor says freed this slot. Only one it could
+        // act on counts: sent after it had accepted this execution. One sent while the request
+        // was still on its way in measures the intake, not the hand-off (the queue wait
+        // already covers that).
+        let since_completion = freed_by
+            .and_then(|f| self.slot(f))
+            .and_then(|s| self.execs[s].as_ref())
+            .filter(|e| e.action as usize == action)
+            .and_then(|e| e.completed_at)
             .filter(|(_, wall)| enqueued_at.is_none_or(|e| e <= *wall))
             .map(|(t, _)| now.saturating_duration_since(t));
         for v in found {
@@ -368,11 +371,9 @@ impl Verifier {
             State::Running => {
                 exec.state = State::Completed;
                 exec.failed = failed;
+                exec.completed_at = Some((now, wall));
                 let a = &mut self.actions[exec.action as usize];
                 a.running.retain(|r| *r != id);
-                if a.dispatched < a.order.len() {
-                    a.freed_at.push_back((now, wall));
-                }
                 self.completed += 1;
                 true
             }
@@ -498,7 +499,7 @@ mod tests {
 
     fn run(v: &mut Verifier, id: u64, now: Instant) {
         assert!(matches!(
-            v.dispatched(id, 1, false, now, None),
+            v.dispatched(id, 1, false, now, None, None),
             Dispatched::Run { .. }
         ));
         assert!(v.completed(id, false, now, SystemTime::now()));
@@ -563,7 +564,7 @@ mod tests {
             v.submitted(0, id, now);
         }
         for id in 100..103 {
-            v.dispatched(id, 1, false, now, None);
+            v.dispatched(id, 1, false, now, None, None);
         }
         let (violations, _) = v.finish();
         assert!(violations.contains(&Violation::OverLimit {
@@ -590,7 +591,7 @@ mod tests {
         run(&mut v, 100, now);
         assert!(!v.completed(100, false, now, SystemTime::now()));
         assert_eq!(
-            v.dispatched(100, 1, false, now, None),
+            v.dispatched(100, 1, false, now, None, None),
             Dispatched::Report { failed: false }
         );
         let (violations, total) = v.finish();
@@ -607,13 +608,16 @@ mod tests {
         let (mut v, now) = verifier(1);
         v.submitted(0, 100, now);
         assert!(matches!(
-            v.dispatched(100, 1, false, now, None),
+            v.dispatched(100, 1, false, now, None, None),
             Dispatched::Run { .. }
         ));
-        assert_eq!(v.dispatched(100, 2, false, now, None), Dispatched::Skip);
+        assert_eq!(
+            v.dispatched(100, 2, false, now, None, None),
+            Dispatched::Skip
+        );
         assert!(v.completed(100, true, now, SystemTime::now()));
         assert_eq!(
-            v.dispatched(100, 3, false, now, None),
+            v.dispatched(100, 3, false, now, None, None),
             Dispatched::Report { failed: true },
             "a finished execution's outcome is reported again"
         );
@@ -625,11 +629,20 @@ mod tests {
     fn a_copy_the_broker_delivers_again_is_excused_and_one_the_executor_repeats_is_not() {
         let (mut v, now) = verifier(1);
         v.submitted(0, 100, now);
-        v.dispatched(100, 1, false, now, None);
-        assert_eq!(v.dispatched(100, 1, true, now, None), Dispatched::Skip);
+        v.dispatched(100, 1, false, now, None, None);
+        assert_eq!(
+            v.dispatched(100, 1, true, now, None, None),
+            Dispatched::Skip
+        );
         assert_eq!(v.redelivered(), 1);
-        assert_eq!(v.dispatched(100, 2, false, now, None), Dispatched::Skip);
-        assert_eq!(v.dispatched(100, 2, false, now, None), Dispatched::Skip);
+        assert_eq!(
+            v.dispatched(100, 2, false, now, None, None),
+            Dispatched::Skip
+        );
+        assert_eq!(
+            v.dispatched(100, 2, false, now, None, None),
+            Dispatched::Skip
+        );
         let (violations, total) = v.finish();
         assert_eq!(total, 2, "the repeat of attempt 2, and 100 never completed");
         assert!(violations.contains(&Violation::DispatchedTwice {
@@ -645,7 +658,7 @@ mod tests {
             v.submitted(0, id, now);
         }
         run(&mut v, 100, now);
-        v.dispatched(101, 1, false, now, None);
+        v.dispatched(101, 1, false, now, None, None);
         let (violations, total) = v.finish();
         assert_eq!(total, 1);
         assert_eq!(
@@ -662,8 +675,11 @@ mod tests {
     #[test]
     fn dispatches_of_other_ids_are_counted_as_foreign() {
         let (mut v, now) = verifier(1);
-        assert_eq!(v.dispatched(5, 1, false, now, None), Dispatched::Skip);
-        assert_eq!(v.dispatched(105, 1, false, now, None), Dispatched::Skip);
+        assert_eq!(v.dispatched(5, 1, false, now, None, None), Dispatched::Skip);
+        assert_eq!(
+            v.dispatched(105, 1, false, now, None, None),
+            Dispatched::Skip
+        );
         assert_eq!(v.foreign(), 2);
         assert_eq!(v.finish().1, 0);
     }
@@ -674,12 +690,12 @@ mod tests {
         let wall = SystemTime::now();
         v.submitted(0, 100, t0);
         v.submitted(0, 101, t0);
-        v.dispatched(100, 1, false, t0, None);
+        v.dispatched(100, 1, false, t0, None, None);
         let t1 = t0 + Duration::from_millis(10);
         v.completed(100, false, t1, wall);
         let t2 = t1 + Duration::from_millis(3);
         assert_eq!(
-            v.dispatched(101, 1, false, t2, Some(wall)),
+            v.dispatched(101, 1, false, t2, Some(wall), Some(100)),
             Dispatched::Run {
                 queue_wait: Duration::from_millis(13),
                 since_completion: Some(Duration::from_millis(3))
@@ -689,7 +705,7 @@ mod tests {
         v.completed(101, false, t2, wall);
         v.submitted(0, 102, t2);
         assert!(matches!(
-            v.dispatched(102, 1, false, t2, None),
+            v.dispatched(102, 1, false, t2, None, None),
             Dispatched::Run {
                 since_completion: None,
                 ..
@@ -703,15 +719,46 @@ mod tests {
         let wall = SystemTime::now();
         v.submitted(0, 100, t0);
         v.submitted(0, 101, t0);
-        v.dispatched(100, 1, false, t0, None);
+        v.dispatched(100, 1, false, t0, None, None);
         v.completed(100, false, t0, wall);
         let accepted_later = wall + Duration::from_millis(5);
         assert!(matches!(
-            v.dispatched(101, 1, false, t0, Some(accepted_later)),
+            v.dispatched(101, 1, false, t0, Some(accepted_later), Some(100)),
             Dispatched::Run {
                 since_completion: None,
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn completion_to_next_dispatch_pairs_the_completion_the_executor_names() {
+        // Limit 2: 100 completes first, then 101, but the executor handled 101's completion
+        // first and says so: 102 took 101's slot, 103 took 100's.
+        let (mut v, t0) = verifier(2);
+        let wall = SystemTime::now();
+        for id in 100..104 {
+            v.submitted(0, id, t0);
+        }
+        v.dispatched(100, 1, false, t0, None, None);
+        v.dispatched(101, 1, false, t0, None, None);
+        v.completed(100, false, t0 + Duration::from_millis(10), wall);
+        v.completed(101, false, t0 + Duration::from_millis(20), wall);
+        let since = |d: Dispatched| match d {
+            Dispatched::Run {
+                since_completion, ..
+            } => since_completion,
+            other => panic!("not run: {other:?}"),
+        };
+        let t = t0 + Duration::from_millis(25);
+        assert_eq!(
+            since(v.dispatched(102, 1, false, t, Some(wall), Some(101))),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(
+            since(v.dispatched(103, 1, false, t, Some(wall), Some(100))),
+            Some(Duration::from_millis(15))
+        );
+        assert!(v.violations.is_empty(), "{:?}", v.violations);
     }
 }
