@@ -33,7 +33,7 @@ pub mod report;
 pub mod target;
 pub mod verify;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -130,6 +130,12 @@ pub struct BenchArgs {
     /// Publish as fast as the broker confirms, whatever the preset says.
     #[arg(long)]
     pub flat_out: bool,
+    /// Below the peak: first drive the limited relay flat out to find its peak, then the
+    /// limited relay and the executor each at this fraction of it (e.g. 0.8), and compare
+    /// their latencies. Adds the limited relay (not the bare one) without --baseline.
+    #[arg(long, conflicts_with_all = ["rate", "flat_out", "external", "chaos", "instances",
+          "kill_every"])]
+    pub load: Option<f64>,
     /// Requests published back to back before producers pause, keeping the average rate.
     #[arg(long)]
     pub burst: Option<u64>,
@@ -260,6 +266,13 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
             "--failure-rate must be between 0 and 1".to_owned(),
         ));
     }
+    if let Some(f) = args.load
+        && !(f > 0.0 && f <= 1.0)
+    {
+        return Err(BenchError::Usage(
+            "--load must be a fraction of the peak above 0 and at most 1".to_owned(),
+        ));
+    }
     let workload = Arc::new(Workload::resolve(
         args.preset,
         &Overrides {
@@ -283,18 +296,44 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     }
     let started_at = chrono::Utc::now().to_rfc3339();
     let load_start = measure::load_average();
-    let settings = settings(args, &config, &workload);
+    let limits: HashMap<String, u32> = workload
+        .actions
+        .iter()
+        .map(|a| (a.name.clone(), a.limit))
+        .collect();
+
+    // --load: the limited relay's peak first; every phase after it runs at the fraction.
+    let mut peak = None;
+    let workload = match args.load {
+        Some(fraction) => {
+            let flat_out = Arc::new(Workload {
+                rate: None,
+                ..(*workload).clone()
+            });
+            let target =
+                Target::relay(&config, args.executor_threads, Some(limits.clone())).await?;
+            let measured = phase("peak", target, &config, &flat_out, args).await?;
+            let rate = (measured.throughput * fraction).max(1.0);
+            peak = Some(measured);
+            Arc::new(Workload {
+                rate: Some(rate),
+                ..(*workload).clone()
+            })
+        }
+        None => workload,
+    };
+    let mut settings = settings(args, &config, &workload);
+    if let Some(f) = args.load {
+        settings.insert("load".to_owned(), f.to_string());
+    }
 
     let mut baseline = None;
     let mut limited_baseline = None;
     if args.baseline != Baseline::None {
         let target = Target::relay(&config, args.executor_threads, None).await?;
         baseline = Some(phase("broker", target, &config, &workload, args).await?);
-        let limits = workload
-            .actions
-            .iter()
-            .map(|a| (a.name.clone(), a.limit))
-            .collect();
+    }
+    if args.baseline != Baseline::None || args.load.is_some() {
         let target = Target::relay(&config, args.executor_threads, Some(limits)).await?;
         limited_baseline = Some(phase("limited", target, &config, &workload, args).await?);
     }
@@ -326,7 +365,11 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     };
     let ratio = ratio_of(&baseline);
     let ratio_limited = ratio_of(&limited_baseline);
-    let ok = [&baseline, &limited_baseline, &executor]
+    let versus_limited = match (&executor, &limited_baseline) {
+        (Some(e), Some(l)) => Some(report::Comparison::of(e, l)),
+        _ => None,
+    };
+    let ok = [&peak, &baseline, &limited_baseline, &executor]
         .into_iter()
         .flatten()
         .all(|p| p.violations_total == 0 && !p.timed_out)
@@ -345,6 +388,9 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         executor,
         ratio,
         ratio_limited,
+        peak,
+        load_fraction: args.load,
+        versus_limited,
         chaos: chaos_report,
         ok,
     };
@@ -721,6 +767,7 @@ async fn drive(
 
     let cpu_before = target.threads_cpu();
     let target_cpu_before = target.cpu();
+    let peak_reset = target.reset_rss_peak();
     let rss_start = target.rss();
     let mut rss_after_warmup = None;
     if chaos.is_some() {
@@ -861,6 +908,12 @@ async fn drive(
             rss_after_warmup_kb: rss_after_warmup,
             rss_end_kb: rss_end.map(|r| r.0),
             rss_peak_kb: rss_end.map(|r| r.1),
+            peak_since: if peak_reset {
+                "phase start"
+            } else {
+                "process start"
+            }
+            .to_owned(),
         },
         timeline: collected.timeline.buckets(collected.elapsed),
         violations,

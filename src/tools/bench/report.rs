@@ -30,10 +30,71 @@ pub struct Report {
     pub ratio: Option<f64>,
     /// Executor throughput / limited relay's, when both ran.
     pub ratio_limited: Option<f64>,
+    /// `--load`: the limited relay flat out, whose throughput set the rate both the limited
+    /// relay and the executor were then driven at.
+    pub peak: Option<Phase>,
+    /// `--load`: the fraction of the peak they were driven at.
+    pub load_fraction: Option<f64>,
+    /// The executor's figures divided by the limited relay's, when both ran.
+    pub versus_limited: Option<Comparison>,
     /// The faults injected and the audit, when `--chaos`.
     pub chaos: Option<super::chaos::ChaosReport>,
     /// No violation, nothing missing, no phase timed out.
     pub ok: bool,
+}
+
+/// The executor's figures divided by the limited relay's from the same run (above 1: the
+/// executor is higher, i.e. faster for throughput, slower for latencies). `None` where the
+/// relay's figure is zero (no samples).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Comparison {
+    pub throughput: Option<f64>,
+    pub queue_wait_p50: Option<f64>,
+    pub queue_wait_p99: Option<f64>,
+    pub completion_to_dispatch_p50: Option<f64>,
+    pub completion_to_dispatch_p99: Option<f64>,
+    /// RSS growth over the phase (peak − start), each from its own start.
+    pub rss_growth: Option<f64>,
+}
+
+impl Comparison {
+    pub fn of(executor: &Phase, limited: &Phase) -> Self {
+        let div = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+        let us = |a: u64, b: u64| div(a as f64, b as f64);
+        let growth =
+            |p: &Phase| Some(p.memory.rss_peak_kb?.saturating_sub(p.memory.rss_start_kb?) as f64);
+        Self {
+            throughput: div(executor.throughput, limited.throughput),
+            queue_wait_p50: us(executor.queue_wait.p50_us, limited.queue_wait.p50_us),
+            queue_wait_p99: us(executor.queue_wait.p99_us, limited.queue_wait.p99_us),
+            completion_to_dispatch_p50: us(
+                executor.completion_to_dispatch.p50_us,
+                limited.completion_to_dispatch.p50_us,
+            ),
+            completion_to_dispatch_p99: us(
+                executor.completion_to_dispatch.p99_us,
+                limited.completion_to_dispatch.p99_us,
+            ),
+            rss_growth: match (growth(executor), growth(limited)) {
+                (Some(e), Some(l)) => div(e, l),
+                _ => None,
+            },
+        }
+    }
+
+    fn line(&self) -> String {
+        let r = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        format!(
+            "throughput {}, queue wait p50 {} p99 {}, completion → next dispatch p50 {} p99 {}, \
+             RSS growth {}",
+            r(self.throughput),
+            r(self.queue_wait_p50),
+            r(self.queue_wait_p99),
+            r(self.completion_to_dispatch_p50),
+            r(self.completion_to_dispatch_p99),
+            r(self.rss_growth)
+        )
+    }
 }
 
 /// Where the figures come from.
@@ -113,7 +174,12 @@ pub struct Memory {
     /// RSS when a fifth of the executions had completed (after warm-up).
     pub rss_after_warmup_kb: Option<u64>,
     pub rss_end_kb: Option<u64>,
+    /// The highest RSS since `peak_since`.
     pub rss_peak_kb: Option<u64>,
+    /// `phase start` (the kernel's peak was reset when the phase began, so a phase run after
+    /// others in the same process is not charged their peak) or `process start` (it could
+    /// not be reset).
+    pub peak_since: String,
 }
 
 fn ms(us: u64) -> f64 {
@@ -137,10 +203,16 @@ impl Report {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         let _ = writeln!(out, "settings: {}", settings.join(" "));
-        for phase in [&self.baseline, &self.limited_baseline, &self.executor]
-            .into_iter()
-            .flatten()
-        {
+        if let (Some(peak), Some(f)) = (&self.peak, self.load_fraction) {
+            peak.summary(&mut out);
+            let _ = writeln!(
+                out,
+                "load: the limited relay's peak {:.0}/s × {f} = {:.0}/s for the phases below",
+                peak.throughput,
+                peak.throughput * f
+            );
+        }
+        for phase in self.phases() {
             phase.summary(&mut out);
         }
         match (self.ratio, &self.baseline, &self.executor) {
@@ -165,11 +237,21 @@ impl Report {
                 e.throughput, b.throughput, r
             );
         }
+        if let Some(c) = &self.versus_limited {
+            let _ = writeln!(out, "executor ÷ limited relay: {}", c.line());
+        }
         if let Some(c) = &self.chaos {
             c.summary(&mut out);
         }
         let _ = writeln!(out, "{}", if self.ok { "OK" } else { "FAILED" });
         out
+    }
+
+    /// The phases measured at the workload's rate, in the order they ran.
+    fn phases(&self) -> impl Iterator<Item = &Phase> {
+        [&self.baseline, &self.limited_baseline, &self.executor]
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -335,14 +417,25 @@ impl Phase {
             |v: Option<u64>| v.map_or("?".to_owned(), |v| format!("{:.1} MB", v as f64 / 1024.0));
         let _ = writeln!(
             out,
-            "[{}] RSS ({}): start {}, after warm-up {}, end {}, peak {}",
+            "[{}] RSS ({}): start {}, after warm-up {}, end {}, peak since {} {}",
             self.name,
             self.memory.counted,
             kb(self.memory.rss_start_kb),
             kb(self.memory.rss_after_warmup_kb),
             kb(self.memory.rss_end_kb),
+            self.memory.peak_since,
             kb(self.memory.rss_peak_kb)
         );
+        if let (Some(start), Some(peak)) = (self.memory.rss_start_kb, self.memory.rss_peak_kb)
+            && self.memory.peak_since == "phase start"
+        {
+            let _ = writeln!(
+                out,
+                "[{}] RSS growth over the phase (peak − start): {}",
+                self.name,
+                kb(Some(peak.saturating_sub(start)))
+            );
+        }
         if self.timed_out {
             let _ = writeln!(out, "[{}] TIMED OUT", self.name);
         }
@@ -377,15 +470,14 @@ type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 /// Two panels over time: throughput (executions/s) of every phase of the report, and
 /// completion → next dispatch p50/p99 (ms) of the phases that keep limits.
 pub fn svg(report: &Report) -> String {
-    let phases: Vec<&Phase> = [&report.baseline, &report.limited_baseline, &report.executor]
-        .into_iter()
-        .flatten()
-        .collect();
+    let phases: Vec<&Phase> = report.phases().collect();
     let t_max = phases
         .iter()
         .flat_map(|p| p.timeline.last().map(|b| b.t_s + 1.0))
         .fold(1.0_f64, f64::max);
-    let height = TOP + 2.0 * PANEL_HEIGHT + GAP + 40.0;
+    let table = figures(report);
+    let table_top = TOP + 2.0 * PANEL_HEIGHT + GAP + 40.0;
+    let height = table_top + ROW * (table.len() as f64 + 1.0);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -448,10 +540,74 @@ pub fn svg(report: &Report) -> String {
         out,
         r#"<text x="{}" y="{}" text-anchor="middle">seconds since the first request</text>"#,
         LEFT + (WIDTH - LEFT - RIGHT) / 2.0,
-        height - 8.0
+        table_top - 8.0
     );
+    for (i, row) in table.iter().enumerate() {
+        let y = table_top + ROW * (i as f64 + 1.0);
+        let _ = writeln!(
+            out,
+            r#"<text x="{LEFT}" y="{y}" font-family="monospace" font-size="11">{}</text>"#,
+            escape(row)
+        );
+    }
     out.push_str("</svg>\n");
     out
+}
+
+/// Height of a line of the figures under the plot.
+const ROW: f64 = 15.0;
+
+/// Every figure of the summary that the panels do not show, one line each, for the plot.
+fn figures(report: &Report) -> Vec<String> {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let mb = |kb: Option<u64>| kb.map_or("?".to_owned(), |kb| format!("{:.1}", kb as f64 / 1024.0));
+    let mut rows = vec![format!(
+        "{:<9} {:>9} {:>20} {:>20} {:>8} {:>24}",
+        "phase",
+        "exec/s",
+        "queue wait p50/p99",
+        "compl→disp p50/p99",
+        "µs/exec",
+        "RSS MB start/end/peak"
+    )];
+    let peak = report.peak.iter().map(|p| (p, "peak"));
+    for (p, label) in peak.chain(report.phases().map(|p| (p, p.name.as_str()))) {
+        rows.push(format!(
+            "{:<9} {:>9.0} {:>20} {:>20} {:>8} {:>24}",
+            label,
+            p.throughput,
+            format!(
+                "{:.1}/{:.1} ms",
+                ms(p.queue_wait.p50_us),
+                ms(p.queue_wait.p99_us)
+            ),
+            format!(
+                "{:.1}/{:.1} ms",
+                ms(p.completion_to_dispatch.p50_us),
+                ms(p.completion_to_dispatch.p99_us)
+            ),
+            p.cpu
+                .executor_us_per_execution
+                .map_or("?".to_owned(), |u| format!("{u:.1}")),
+            format!(
+                "{}/{}/{}",
+                mb(p.memory.rss_start_kb),
+                mb(p.memory.rss_end_kb),
+                mb(p.memory.rss_peak_kb)
+            ),
+        ));
+    }
+    if let Some(f) = report.load_fraction {
+        rows.push(format!("load: {f} of the limited relay's peak"));
+    }
+    if let Some(r) = report.ratio {
+        rows.push(format!("executor ÷ broker ceiling: throughput {r:.2}"));
+    }
+    if let Some(c) = &report.versus_limited {
+        rows.push(format!("executor ÷ limited relay: {}", c.line()));
+    }
+    rows.push(if report.ok { "OK" } else { "FAILED" }.to_owned());
+    rows
 }
 
 /// One panel: axes, a y scale from 0 to the largest value, and a polyline per series.
@@ -593,6 +749,9 @@ mod tests {
             executor: Some(phase("executor")),
             ratio: Some(1.0),
             ratio_limited: Some(1.0),
+            peak: None,
+            load_fraction: None,
+            versus_limited: Some(Comparison::of(&phase("executor"), &phase("limited"))),
             chaos: None,
             ok: true,
         };
@@ -604,5 +763,7 @@ mod tests {
         let summary = report.summary();
         assert!(summary.contains("ratio: executor 5/s"));
         assert!(summary.contains("ratio to the limited relay"));
+        assert!(summary.contains("executor ÷ limited relay: throughput 1.00"));
+        assert!(svg.contains("executor ÷ limited relay: throughput 1.00"));
     }
 }

@@ -570,6 +570,20 @@ impl Target {
         }
     }
 
+    /// Resets the measured processes' peak RSS to their current RSS, so that the peak read
+    /// at the end is this phase's own. Whether it could (otherwise the peak is the
+    /// processes' whole life's).
+    pub fn reset_rss_peak(&self) -> bool {
+        match &self.kind {
+            Kind::External { pid, .. } => pid.is_some_and(|p| measure::reset_peak_rss(Some(p))),
+            Kind::Process { pids, .. } => pids.iter().all(|p| match p.load(Ordering::Acquire) {
+                0 => false,
+                p => measure::reset_peak_rss(Some(p)),
+            }),
+            _ => measure::reset_peak_rss(None),
+        }
+    }
+
     /// What [`Target::rss`] is of.
     pub fn rss_counted(&self) -> &'static str {
         match &self.kind {
