@@ -8,6 +8,8 @@
 # Prints VmRSS once every execution has completed (idle, before the actors retire) and once
 # every action's actor has retired (`actors_retired` in /api/v1/overview equals N).
 # PASSIVATE_AFTER_SECONDS 0 never retires: the second figure is then not taken.
+# IDLE_RSS_METRICS=false runs with executor.queue.enable_metrics off; IDLE_RSS_SERVE_ENV="K=V …"
+# sets environment variables for serve alone (LD_PRELOAD of another allocator, say).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/common.sh
@@ -40,6 +42,7 @@ cat >"$work/config.yaml" <<EOF
 executor:
   queue:
     passivate_after_seconds: $after
+    enable_metrics: ${IDLE_RSS_METRICS:-true}
 rabbitmq:
   url: "amqp://guest:guest@127.0.0.1:5672/$tag"
 database:
@@ -56,7 +59,7 @@ completed() {
         -c "SELECT count(*) FROM attune.execution WHERE status = 'succeeded'"
 }
 
-"$bin" serve --config "$work/config.yaml" >"$work/serve.log" 2>&1 &
+env ${IDLE_RSS_SERVE_ENV:-} "$bin" serve --config "$work/config.yaml" >"$work/serve.log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 300); do
     curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break
@@ -65,7 +68,7 @@ for _ in $(seq 300); do
 done
 echo "serve pid $serve_pid ready: RSS $(rss_mb) MB"
 
-"$bin" worker --config "$work/config.yaml" --actions '#' >"$work/worker.log" 2>&1 &
+"$bin" worker --config "$work/config.yaml" --actions '#' --concurrency 1000 --duration-ms 0 >"$work/worker.log" 2>&1 &
 worker_pid=$!
 sleep 1
 start=$(date +%s)
