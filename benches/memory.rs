@@ -266,6 +266,28 @@ fn idle_actions_cost() {
             }
             _ => println!("  VmRSS: not available (no /proc/self/status)"),
         }
+        // Then every actor retires (executor.queue.passivate_after_seconds), leaving its
+        // record: what 100,000 idle actions cost once passivated.
+        let retiring = Instant::now();
+        exec.set_settings(QueueSettings {
+            passivate_after: Some(Duration::from_millis(1)),
+            ..exec.settings()
+        });
+        until("every actor to retire", async || exec.actor_counts().0 == 0).await;
+        let rested = allocated();
+        let per = (rested - before) as f64 / idle as f64;
+        println!(
+            "  once every actor retired ({:.1?}): allocated per idle action {per:.0} B",
+            retiring.elapsed()
+        );
+        if let Some(kb) = vm_rss_kb() {
+            let mb = kb as f64 / 1024.0;
+            println!(
+                "  VmRSS once retired: {mb:.1} MB (target < {RSS_TARGET_MB} MB: {}; freed memory \
+                 the allocator keeps counts too)",
+                if mb < RSS_TARGET_MB { "met" } else { "MISSED" },
+            );
+        }
         exec.shutdown(Duration::from_secs(60)).await;
     });
 }

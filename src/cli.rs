@@ -60,6 +60,10 @@ pub enum Command {
         /// Give requests execution ids starting here (otherwise the executor assigns them).
         #[arg(long)]
         first_id: Option<u64>,
+        /// Spread the requests over N actions, `<action>.0` to `<action>.<N-1>` in turn
+        /// (`--count 100000 --spread 100000`: 100,000 actions, one request each).
+        #[arg(long)]
+        spread: Option<u64>,
     },
     /// Consume dispatches and publish completions (a simulated worker).
     Worker {
@@ -381,21 +385,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             parameters,
             rate,
             first_id,
+            spread,
         } => {
             let config = load(config.as_ref())?;
             let parameters: serde_json::Value = serde_json::from_str(&parameters)
                 .map_err(|e| anyhow::anyhow!("--parameters is not JSON: {e}"))?;
             anyhow::ensure!(parameters.is_object(), "--parameters must be a JSON object");
-            crate::model::validate_action_ref(&action)
+            let widest = match spread {
+                Some(n) if n > 0 => format!("{action}.{}", n - 1),
+                _ => action.clone(),
+            };
+            crate::model::validate_action_ref(&widest)
                 .map_err(|e| anyhow::anyhow!("--action: {e}"))?;
             let took = submit::run(&submit::SubmitOptions {
                 url: config.rabbitmq.url.clone(),
-                routing_key: submit::routing_key_for(&action, &config.cluster),
+                cluster: config.cluster.clone(),
                 action,
                 count,
                 parameters,
                 rate,
                 first_id,
+                spread,
             })
             .await?;
             println!(

@@ -11,6 +11,7 @@ use common_core::exec::{ExecRig, answers};
 use common_core::{Answer, action, limit, lock, policy, sub};
 use fifo_executor::core::action::{ActionActor, ActionArgs, ActionMsg};
 use fifo_executor::core::memory::{ChannelDispatcher, ChannelSink, NoStats};
+use fifo_executor::core::owner::Owner;
 use fifo_executor::core::ports::{Event, RemovalReason};
 use fifo_executor::core::registry::Shared;
 use fifo_executor::core::{
@@ -319,14 +320,16 @@ async fn a_cancel_that_overtakes_its_submission_is_still_applied() {
             action: action("overtake.a"),
             policy: policy(1),
             shared: shared.clone(),
+            dormant: None,
         },
     )
     .await
     .expect("the actor starts");
     // What Executor::submit does first: claim the ids for this actor. 1 will take the slot, so
     // 2 would wait.
+    let owner = Arc::new(Owner::new(actor.clone()));
     for id in [1, 2] {
-        shared.live.insert(id, actor.clone());
+        shared.live.insert(id, owner.clone());
     }
     // Two cancels for 2 (one remembered ahead, one redelivered, say): both are answered.
     let (receipt, canceled) = Answer::new();
@@ -398,11 +401,12 @@ async fn a_cancel_waiting_for_a_submission_that_never_comes_is_answered_unknown_
             action: action("overtake.b"),
             policy: policy(1),
             shared: shared.clone(),
+            dormant: None,
         },
     )
     .await
     .expect("the actor starts");
-    shared.live.insert(7, actor.clone());
+    shared.live.insert(7, Arc::new(Owner::new(actor.clone())));
     let (receipt, answer) = Answer::new();
     actor
         .cast(ActionMsg::Cancel(vec![CancelRequest {

@@ -58,6 +58,10 @@ pub struct QueueConfig {
     /// How long an action's dispatches may find no worker queue before those that come back
     /// are dead-lettered (`NoRoute`); 0 never. Not applied in emergency mode.
     pub no_route_timeout_seconds: u64,
+    /// Seconds an action may stay idle (nothing waiting or running) before its actor retires,
+    /// leaving its counters in a record of about a hundred bytes; its next message starts a
+    /// new actor from it. 0 never. Keeps the memory of many rarely used actions small.
+    pub passivate_after_seconds: u64,
     /// Whether Prometheus metrics are recorded and served on `/metrics`; the runbook turns them
     /// off to shed overhead in a crash loop.
     pub enable_metrics: bool,
@@ -70,6 +74,7 @@ impl Default for QueueConfig {
             queue_timeout_seconds: 3600,
             no_route_retry_ms: 1000,
             no_route_timeout_seconds: 600,
+            passivate_after_seconds: crate::core::policy::DEFAULT_PASSIVATE_AFTER.as_secs(),
             enable_metrics: true,
         }
     }

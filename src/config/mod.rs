@@ -136,6 +136,7 @@ mod tests {
             "executor.queue.queue_timeout_seconds",
             "executor.queue.no_route_retry_ms",
             "executor.queue.no_route_timeout_seconds",
+            "executor.queue.passivate_after_seconds",
             "executor.queue.enable_metrics",
             "executor.emergency_mode",
             "executor.durability",

@@ -13,6 +13,10 @@ use super::{
 /// Postgres truncates identifiers longer than this (NAMEDATALEN - 1).
 const MAX_SCHEMA_LEN: usize = 63;
 
+/// The longest `executor.queue.passivate_after_seconds`: a year. Longer is as good as never,
+/// which 0 says.
+const MAX_PASSIVATE_AFTER_SECONDS: u64 = 365 * 24 * 3600;
+
 /// RabbitMQ refuses `x-message-ttl` values above this many milliseconds (Erlang timer limit).
 const RABBITMQ_MAX_TTL_MS: u64 = 4_294_967_295;
 
@@ -114,6 +118,11 @@ impl Validator<'_> {
                  tight loop"
                     .to_owned()
             },
+        );
+        self.require(
+            queue.passivate_after_seconds <= MAX_PASSIVATE_AFTER_SECONDS,
+            &["executor", "queue", "passivate_after_seconds"],
+            || "must be at most a year (31536000); 0 never retires an idle action".to_owned(),
         );
         self.positive(
             &["executor", "shutdown_timeout_seconds"],

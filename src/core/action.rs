@@ -15,7 +15,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::ahead::{CANCELED_AHEAD_CAPACITY, CanceledAhead};
 use super::clock::{Clock, Stamp};
+use super::dormant::Dormant;
 use super::ended::RecentlyEnded;
+use super::owner::Owner;
 use super::policy::{ActionPolicy, QueueSettings};
 use super::ports::{Event, Ports};
 use super::queue::{ActionQueue, Effects, PurgeOrder, PurgedEntry, Restored};
@@ -92,6 +94,8 @@ pub struct Shared {
     /// replaces it and tells the running actors.
     settings: std::sync::RwLock<QueueSettings>,
     pub ports: Ports,
+    /// Every action seen, with its actor or, while it has none, its record.
+    pub actors: Roster,
     /// Every queued or running execution id, with the actor that owns it.
     pub live: LiveIndex,
     /// Ids that ended lately, so that a request redelivered after its execution finished (its
@@ -103,7 +107,24 @@ pub struct Shared {
     pub no_route: Unroutable,
     /// Admissions, completions and queue waits over every action.
     pub totals: Totals,
+    /// Actors that retired while idle, since the start (see [`super::dormant`]).
+    pub retirements: std::sync::atomic::AtomicU64,
 }
+
+/// An action actor, with the count of messages admitted for it.
+pub type ActionOwner = Arc<Owner<ActionMsg>>;
+
+/// What the registry holds for one action.
+#[derive(Debug)]
+pub enum Tenant {
+    /// Its actor.
+    Awake(ActionOwner),
+    /// Its record: its actor retired while idle (see [`super::dormant`]).
+    Dormant(Dormant),
+}
+
+/// Every action seen, by ref.
+pub type Roster = DashMap<ActionRef, Tenant>;
 
 /// The live index: touched three times per execution (claimed on submit, looked up on
 /// completion, released when it ends) by the intake, the workers' completions and every
@@ -113,7 +134,7 @@ pub struct Shared {
 /// path. Its per-process random seed keeps some resistance to producers choosing colliding
 /// ids (ids may come from producers); what a successful attack costs is a slower map. More
 /// shards than dashmap's default (4 × cores) because all of the above contend for them.
-pub type LiveIndex = DashMap<ExecutionId, ActorRef<ActionMsg>, foldhash::fast::RandomState>;
+pub type LiveIndex = DashMap<ExecutionId, ActionOwner, foldhash::fast::RandomState>;
 
 /// Shards of the live index; a power of two, as dashmap requires.
 const LIVE_SHARDS: usize = 64;
@@ -124,6 +145,7 @@ impl Shared {
             clock,
             settings: std::sync::RwLock::new(settings),
             ports,
+            actors: DashMap::new(),
             live: DashMap::with_hasher_and_shard_amount(
                 foldhash::fast::RandomState::default(),
                 LIVE_SHARDS,
@@ -132,6 +154,7 @@ impl Shared {
             canceled_ahead: CanceledAhead::new(CANCELED_AHEAD_CAPACITY),
             no_route: Unroutable::default(),
             totals: Totals::default(),
+            retirements: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -151,6 +174,8 @@ pub struct ActionArgs {
     pub action: ActionRef,
     pub policy: ActionPolicy,
     pub shared: Arc<Shared>,
+    /// What the action's last actor left when it retired; `None` for a new action.
+    pub dormant: Option<Dormant>,
 }
 
 pub struct ActionState {
@@ -163,7 +188,16 @@ pub struct ActionState {
     timer: Option<(Stamp, TimerHandle)>,
     /// The last ends, for [`ActionMsg::Inspect`]; empty (and unallocated) until the first.
     ends: RecentEnds,
+    /// Messages handled, its own timer's aside: once every message admitted for it
+    /// ([`Owner`]) is among them, the actor may retire.
+    received: u64,
+    /// Not before then may the actor try to retire again: a try failed because a message was
+    /// still on its way (or a sender held an admission it then did not use).
+    retry_rest: Stamp,
 }
+
+/// How long after a failed try to retire the actor tries again, if nothing else happened.
+const RETRY_REST: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Actor for ActionActor {
     type Msg = ActionMsg;
@@ -175,18 +209,25 @@ impl Actor for ActionActor {
         _myself: ActorRef<Self::Msg>,
         args: ActionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let queue = ActionQueue::new(
+        let (history, ends) = match args.dormant {
+            Some(d) => (Some(d.history), RecentEnds::from_kept(d.ends)),
+            None => (None, RecentEnds::default()),
+        };
+        let queue = ActionQueue::resume(
             args.action,
             args.shared.clock.clone(),
             args.shared.settings(),
             args.policy,
+            history,
         );
         Ok(ActionState {
             queue,
             shared: args.shared,
             early_cancels: HashMap::new(),
             timer: None,
-            ends: RecentEnds::default(),
+            ends,
+            received: 0,
+            retry_rest: Stamp::default(),
         })
     }
 
@@ -198,6 +239,10 @@ impl Actor for ActionActor {
     ) -> Result<(), ActorProcessingErr> {
         let now = st.shared.clock.now();
         let mut fx = expected_effects(&msg, &st.queue);
+        let timer = matches!(msg, ActionMsg::Wake);
+        if !timer {
+            st.received += 1;
+        }
         match msg {
             ActionMsg::Submit(subs) => {
                 for sub in subs {
@@ -280,6 +325,13 @@ impl Actor for ActionActor {
             }
         }
         flush(&myself, st, fx, now);
+        if timer && rest_at(st).is_some_and(|at| at <= now) {
+            if retire(&myself, st) {
+                myself.stop(None);
+                return Ok(());
+            }
+            st.retry_rest = now.plus(RETRY_REST);
+        }
         arm_timer(&myself, st, now);
         Ok(())
     }
@@ -320,7 +372,7 @@ fn claimed_by(shared: &Shared, id: ExecutionId, me: &ActorRef<ActionMsg>) -> boo
     shared
         .live
         .get(&id)
-        .is_some_and(|owner| owner.get_id() == me.get_id())
+        .is_some_and(|owner| owner.id() == me.get_id())
 }
 
 /// Hands one handler's effects to the ports and releases the ids that ended; counts them in
@@ -356,9 +408,7 @@ fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects, now: S
     // request for one of them would look new.
     st.shared.ended.remember(&ended);
     for id in ended.iter().chain(&released) {
-        st.shared
-            .live
-            .remove_if(id, |_, owner| owner.get_id() == me);
+        st.shared.live.remove_if(id, |_, owner| owner.id() == me);
     }
     st.shared.totals.count(&events);
     st.ends.record(&events, now);
@@ -376,9 +426,51 @@ fn flush(myself: &ActorRef<ActionMsg>, st: &mut ActionState, fx: Effects, now: S
     }
 }
 
-/// Keeps exactly one timer pending for the earliest time-dependent change.
+/// When the actor may retire, if it is idle and nothing else holds it (see
+/// [`super::dormant`]): `passivate_after` past the queue's last change, and not before its
+/// rate limit, if any, has refilled since the last admission.
+fn rest_at(st: &ActionState) -> Option<Stamp> {
+    let after = st.queue.settings().passivate_after?;
+    let holds_nothing =
+        st.queue.is_idle() && st.early_cancels.is_empty() && st.queue.no_route_since().is_none();
+    if !holds_nothing {
+        return None;
+    }
+    let rest = st.queue.last_updated().plus(after).max(st.retry_rest);
+    Some(match st.queue.policy().rate_limit {
+        Some(rate) => rest.max(st.queue.last_progress().plus(rate.per)),
+        None => rest,
+    })
+}
+
+/// Hands the action over to its record in the registry, if every message admitted for this
+/// actor has been handled; the caller then stops the actor. Under the registry's entry lock,
+/// so that a sender looking the action up either admits its message before the close (and
+/// the close fails) or finds the record.
+fn retire(myself: &ActorRef<ActionMsg>, st: &mut ActionState) -> bool {
+    let Some(mut tenant) = st.shared.actors.get_mut(st.queue.action()) else {
+        return false;
+    };
+    let mine = matches!(&*tenant, Tenant::Awake(owner)
+        if owner.id() == myself.get_id() && owner.close(st.received));
+    if mine {
+        let ends = std::mem::take(&mut st.ends);
+        *tenant = Tenant::Dormant(Dormant::new(st.queue.history(), ends));
+        st.shared
+            .retirements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    mine
+}
+
+/// Keeps exactly one timer pending for the earliest time-dependent change, or for the
+/// moment the actor may retire.
 fn arm_timer(myself: &ActorRef<ActionMsg>, st: &mut ActionState, now: Stamp) {
-    let Some(wake) = st.queue.next_wake() else {
+    let Some(wake) = [st.queue.next_wake(), rest_at(st)]
+        .into_iter()
+        .flatten()
+        .min()
+    else {
         return;
     };
     if let Some((at, _)) = &st.timer

@@ -6,8 +6,12 @@
 pub mod action;
 pub mod ahead;
 pub mod clock;
+pub mod dormant;
 pub mod ended;
 pub mod memory;
+pub mod owner;
+#[cfg(test)]
+mod passivation_tests;
 pub mod policy;
 pub mod ports;
 pub mod queue;

@@ -108,7 +108,14 @@ pub struct QueueSettings {
     /// dispatch comes back are dead-lettered (`NoRoute`); `None` never (nor in emergency
     /// mode).
     pub no_route_timeout: Option<Duration>,
+    /// How long an action stays idle (nothing waiting or running) before its actor retires,
+    /// its counters kept in a small record until its next message starts a new one; `None`
+    /// never.
+    pub passivate_after: Option<Duration>,
 }
+
+/// How long an idle action keeps its actor by default.
+pub const DEFAULT_PASSIVATE_AFTER: Duration = Duration::from_secs(300);
 
 /// How many ended ids the executor remembers by default: at 3,000 executions/s, about five
 /// minutes, far longer than any redelivery after a reconnect takes; about 40 MB at most.
@@ -123,6 +130,7 @@ impl Default for QueueSettings {
             remember_ended: DEFAULT_REMEMBER_ENDED,
             no_route_retry: Duration::from_secs(1),
             no_route_timeout: Some(Duration::from_secs(600)),
+            passivate_after: Some(DEFAULT_PASSIVATE_AFTER),
         }
     }
 }

@@ -134,7 +134,7 @@ struct NoRoute {
 }
 
 /// The counters behind [`QueueStats`].
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Counters {
     enqueued: u64,
     completed: u64,
@@ -145,6 +145,62 @@ struct Counters {
     rejected: u64,
     unmatched: u64,
     no_route: u64,
+}
+
+/// What an idle queue carries into its next life: its counters and when it last changed and
+/// last moved forward. With nothing waiting or running, nothing else of it is worth keeping
+/// (see [`super::dormant`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    counters: Counters,
+    last_updated: Stamp,
+    last_progress: Stamp,
+}
+
+impl History {
+    /// The counters of an action with this history and nothing waiting or running.
+    pub fn idle_stats(
+        &self,
+        action: &ActionRef,
+        policy: ActionPolicy,
+        clock: &Clock,
+    ) -> QueueStats {
+        self.stats(action, policy, 0, 0, None, None, |s| clock.wall(s))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stats(
+        &self,
+        action: &ActionRef,
+        policy: ActionPolicy,
+        queue_length: usize,
+        active_count: usize,
+        oldest_enqueued_at: Option<DateTime<Utc>>,
+        no_route_since: Option<DateTime<Utc>>,
+        wall: impl Fn(Stamp) -> DateTime<Utc>,
+    ) -> QueueStats {
+        let c = &self.counters;
+        QueueStats {
+            action_ref: action.clone(),
+            queue_length,
+            active_count,
+            max_concurrent: policy.concurrency_limit.get(),
+            oldest_enqueued_at,
+            total_enqueued: c.enqueued,
+            total_completed: c.completed,
+            total_canceled: c.canceled,
+            total_timed_out: c.timed_out,
+            total_purged: c.purged,
+            total_reclaimed: c.reclaimed,
+            total_rejected: c.rejected,
+            total_unmatched: c.unmatched,
+            total_no_route: c.no_route,
+            no_route_since,
+            last_updated: wall(self.last_updated),
+            last_progress: wall(self.last_progress),
+            enabled: policy.enabled,
+        }
+    }
 }
 
 /// One action's FIFO queue, its slots and its counters.
@@ -194,6 +250,18 @@ impl ActionQueue {
         settings: QueueSettings,
         policy: ActionPolicy,
     ) -> Self {
+        Self::resume(action, clock, settings, policy, None)
+    }
+
+    /// A queue that goes on from the history of an earlier, idle one of the same action
+    /// (empty, its counters and times as they were); a new one when `history` is `None`.
+    pub fn resume(
+        action: ActionRef,
+        clock: Clock,
+        settings: QueueSettings,
+        policy: ActionPolicy,
+        history: Option<History>,
+    ) -> Self {
         let now = clock.now();
         let clock_wall = clock.wall(now);
         let limiter = policy.rate_limit.map(|r| policy::limiter(r, &clock));
@@ -205,9 +273,9 @@ impl ActionQueue {
             limiter,
             waiting: VecDeque::new(),
             running: foldhash::HashMap::default(),
-            counters: Counters::default(),
-            last_updated: now,
-            last_progress: now,
+            counters: history.map(|h| h.counters).unwrap_or_default(),
+            last_updated: history.map_or(now, |h| h.last_updated),
+            last_progress: history.map_or(now, |h| h.last_progress),
             rate_ready_at: None,
             no_route: None,
             next_seq: 0,
@@ -649,26 +717,38 @@ impl ActionQueue {
 
     /// The counters now.
     pub fn stats(&self) -> QueueStats {
-        QueueStats {
-            action_ref: self.action.clone(),
-            queue_length: self.waiting.len(),
-            active_count: self.running.len(),
-            max_concurrent: self.policy.concurrency_limit.get(),
-            oldest_enqueued_at: self.waiting.front().map(|w| self.wall(w.enqueued)),
-            total_enqueued: self.counters.enqueued,
-            total_completed: self.counters.completed,
-            total_canceled: self.counters.canceled,
-            total_timed_out: self.counters.timed_out,
-            total_purged: self.counters.purged,
-            total_reclaimed: self.counters.reclaimed,
-            total_rejected: self.counters.rejected,
-            total_unmatched: self.counters.unmatched,
-            total_no_route: self.counters.no_route,
-            no_route_since: self.no_route.map(|n| self.wall(n.since)),
-            last_updated: self.wall(self.last_updated),
-            last_progress: self.wall(self.last_progress),
-            enabled: self.policy.enabled,
+        self.history().stats(
+            &self.action,
+            self.policy,
+            self.waiting.len(),
+            self.running.len(),
+            self.waiting.front().map(|w| self.wall(w.enqueued)),
+            self.no_route.map(|n| self.wall(n.since)),
+            |s| self.wall(s),
+        )
+    }
+
+    /// The counters and times to carry over should the actor retire (see [`History`]).
+    pub fn history(&self) -> History {
+        History {
+            counters: self.counters,
+            last_updated: self.last_updated,
+            last_progress: self.last_progress,
         }
+    }
+
+    /// When the queue last changed.
+    pub fn last_updated(&self) -> Stamp {
+        self.last_updated
+    }
+
+    /// When the queue last moved forward (an admission, an end).
+    pub fn last_progress(&self) -> Stamp {
+        self.last_progress
+    }
+
+    pub fn settings(&self) -> QueueSettings {
+        self.settings
     }
 
     /// The wall-clock time of a stamp, remembering the last two.

@@ -175,6 +175,21 @@ impl RecentEnds {
     pub fn latest_first(&self) -> Vec<End> {
         self.0.iter().rev().copied().collect()
     }
+
+    /// The ends kept, oldest first, in exactly the room they take: what an action keeps
+    /// while it has no actor.
+    pub fn into_kept(self) -> Box<[End]> {
+        Vec::from(self.0).into_boxed_slice()
+    }
+
+    /// Ends kept by [`RecentEnds::into_kept`], with the room to record more again.
+    pub fn from_kept(kept: Box<[End]>) -> Self {
+        let mut ends = VecDeque::from(kept.into_vec());
+        if !ends.is_empty() {
+            ends.reserve_exact(RECENT_ENDS.saturating_sub(ends.len()));
+        }
+        Self(ends)
+    }
 }
 
 #[cfg(test)]

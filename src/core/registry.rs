@@ -18,8 +18,10 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use ractor::{ActorId, ActorRef, ActorRuntime, ActorStatus, SpawnErr};
 
-use super::action::{ActionActor, ActionArgs, ActionMsg, ActionView, Inspect};
+use super::action::{ActionActor, ActionArgs, ActionMsg, ActionOwner, ActionView, Inspect, Tenant};
 use super::clock::Clock;
+use super::dormant::Dormant;
+use super::owner::{Owner, Permit};
 use super::policy::{ActionPolicy, PolicySource, QueueSettings};
 use super::ports::{Event, Ports, QueueStats};
 use super::queue::{PurgeOrder, PurgedEntry, Restored};
@@ -92,7 +94,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The running core: a supervisor, one actor per action, and the live index.
 pub struct Executor {
     shared: Arc<Shared>,
-    actors: Arc<DashMap<ActionRef, ActorRef<ActionMsg>>>,
     supervisor: ActorRef<SupervisorMsg>,
     policies: Arc<dyn PolicySource>,
     /// Policies set at run time; they win over the policy source, also for an actor that is
@@ -129,19 +130,16 @@ impl Executor {
         // would need to have assigned more than a million ids per second on average).
         let first_id = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(1);
         let shared = Arc::new(Shared::new(clock, settings, ports));
-        let actors = Arc::new(DashMap::new());
         let (supervisor, _handle) = ractor::Actor::spawn(
             None,
             Supervisor,
             SupervisorArgs {
-                actors: actors.clone(),
                 shared: shared.clone(),
             },
         )
         .await?;
         Ok(Self {
             shared,
-            actors,
             supervisor,
             policies,
             overrides: DashMap::new(),
@@ -161,8 +159,8 @@ impl Executor {
     }
 
     /// Replaces the executor-wide settings (a configuration reload): every running actor gets
-    /// them in its mailbox, after what is already there, and every actor started later starts
-    /// with them. `remember_ended` keeps its value: the window of ended ids is sized once, at
+    /// them in its mailbox, after what is already there, and every actor started later
+    /// (a retired one among them) starts with them. `remember_ended` keeps its value: the window of ended ids is sized once, at
     /// start.
     pub fn set_settings(&self, settings: QueueSettings) {
         let settings = QueueSettings {
@@ -172,8 +170,10 @@ impl Executor {
         // First the shared value, then the actors: one spawned in between reads the new value
         // in `pre_start` and is told again, which changes nothing.
         self.shared.replace_settings(settings);
-        for actor in self.actors.iter() {
-            let _ = actor.value().cast(ActionMsg::SetSettings(settings));
+        for tenant in self.shared.actors.iter() {
+            if let Tenant::Awake(owner) = tenant.value() {
+                let _ = owner.cast(ActionMsg::SetSettings(settings));
+            }
         }
     }
 
@@ -249,8 +249,10 @@ impl Executor {
             reject_all(subs, Rejection::ShuttingDown);
             return;
         }
-        let actor = match self.actor_for(action) {
-            Ok(actor) => actor,
+        // Held until the batch is sent: the actor cannot retire meanwhile, so a completion or
+        // cancel that finds a claimed id below reaches it.
+        let permit = match self.permit_for(action) {
+            Ok(permit) => permit,
             Err(e) => {
                 tracing::error!(action = %action, error = %e, "no actor for action");
                 reject_all(subs, Rejection::ShuttingDown);
@@ -275,7 +277,7 @@ impl Executor {
                 // again (`handled_so_far`).
                 Entry::Occupied(_) => duplicates.push(sub),
                 Entry::Vacant(slot) => {
-                    slot.insert(actor.clone());
+                    slot.insert(permit.owner().clone());
                     // Taken after the claim: see `cancel_or_remember`.
                     if self.shared.canceled_ahead.take(sub.execution_id) {
                         canceled.push(CancelRequest {
@@ -299,13 +301,13 @@ impl Executor {
         let taken: Vec<ExecutionId> = canceled.iter().map(|r| r.execution_id).collect();
         if !canceled.is_empty() {
             // If the actor stopped, the batch below fails too and puts the marks back.
-            let _ = actor.cast(ActionMsg::Cancel(canceled));
+            let _ = permit.owner().cast(ActionMsg::Cancel(canceled));
         }
         // The send fails only if the actor stopped between lookup and send: during shutdown or
         // after a crash. Give the claims back and tell the edge to leave the message with the
         // broker.
         if let Err(ractor::MessagingErr::SendErr(ActionMsg::Submit(batch))) =
-            actor.cast(ActionMsg::Submit(batch))
+            permit.cast(ActionMsg::Submit(batch))
         {
             for sub in &batch {
                 self.shared.live.remove(&sub.execution_id);
@@ -365,9 +367,10 @@ impl Executor {
     /// back before: one lookup in an empty set otherwise.
     pub fn delivered(&self, action: &ActionRef) {
         if self.shared.no_route.contains(action)
-            && let Some(actor) = self.actors.get(action)
+            && let Some(tenant) = self.shared.actors.get(action)
+            && let Tenant::Awake(owner) = tenant.value()
         {
-            let _ = actor.cast(ActionMsg::Routed);
+            let _ = owner.cast(ActionMsg::Routed);
         }
     }
 
@@ -441,8 +444,7 @@ impl Executor {
     /// [`Executor::set_policy`] with `policy_writes` held by the caller.
     fn set_policy_held(&self, action: &ActionRef, policy: ActionPolicy) -> Result<(), CoreError> {
         self.overrides.insert(action.clone(), policy);
-        let actor = self.actor_for(action)?;
-        actor
+        self.permit_for(action)?
             .cast(ActionMsg::SetPolicy(policy))
             .map_err(|_| CoreError::Stopped(action.clone()))
     }
@@ -456,14 +458,16 @@ impl Executor {
     pub fn follow_policy_source(&self, keep_set_at_run_time: bool) {
         // A policy set meanwhile must not be overtaken by the source's in the actor's mailbox.
         let _one_writer = self.policy_writes.lock().unwrap_or_else(|p| p.into_inner());
-        for entry in self.actors.iter() {
+        // A retired action's next actor starts with the source's policy anyway.
+        for entry in self.shared.actors.iter() {
             let action = entry.key();
+            let Tenant::Awake(owner) = entry.value() else {
+                continue;
+            };
             if self.overrides.contains_key(action) {
                 continue;
             }
-            let _ = entry
-                .value()
-                .cast(ActionMsg::SetPolicy(self.policies.policy_for(action)));
+            let _ = owner.cast(ActionMsg::SetPolicy(self.policies.policy_for(action)));
         }
         if keep_set_at_run_time {
             return;
@@ -494,27 +498,52 @@ impl Executor {
     /// Puts executions recovered after a restart back into their action's queue. Their ids
     /// are claimed here, so a redelivered request for one of them is a duplicate.
     pub fn restore(&self, action: &ActionRef, restored: Vec<Restored>) -> Result<(), CoreError> {
-        let actor = self.actor_for(action)?;
+        let permit = self.permit_for(action)?;
         for r in &restored {
             self.ids.observe(r.execution_id);
-            self.shared.live.insert(r.execution_id, actor.clone());
+            self.shared
+                .live
+                .insert(r.execution_id, permit.owner().clone());
         }
-        actor
+        permit
             .cast(ActionMsg::Restore(restored))
             .map_err(|_| CoreError::Stopped(action.clone()))
     }
 
-    /// The action refs that have an actor.
+    /// The action refs seen, with an actor or retired.
     pub fn actions(&self) -> Vec<ActionRef> {
-        self.actors.iter().map(|e| e.key().clone()).collect()
+        self.shared.actors.iter().map(|e| e.key().clone()).collect()
     }
 
-    /// One action's counters, asked of its actor; `None` for an action never seen.
+    /// How many actions have an actor now, and how many have retired theirs (see
+    /// [`super::dormant`]).
+    pub fn actor_counts(&self) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for tenant in self.shared.actors.iter() {
+            match tenant.value() {
+                Tenant::Awake(_) => counts.0 += 1,
+                Tenant::Dormant(_) => counts.1 += 1,
+            }
+        }
+        counts
+    }
+
+    /// Actors that retired while idle since the start.
+    pub fn retirements(&self) -> u64 {
+        self.shared.retirements.load(Ordering::Relaxed)
+    }
+
+    /// One action's counters, asked of its actor or read from its record; `None` for an
+    /// action never seen.
     pub async fn stats(&self, action: &ActionRef) -> Result<Option<QueueStats>, CoreError> {
-        let Some(actor) = self.actors.get(action).map(|a| a.clone()) else {
-            return Ok(None);
+        let permit = match self.visit(action) {
+            Visit::Unknown => return Ok(None),
+            Visit::Dormant(d) => {
+                return Ok(Some(d.stats(action, self.policy(action), self.clock())));
+            }
+            Visit::Awake(permit) => permit,
         };
-        match actor.call(ActionMsg::Stats, Some(CALL_TIMEOUT)).await {
+        match permit.call(ActionMsg::Stats, Some(CALL_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(stats)) => Ok(Some(stats)),
             Ok(_) => Err(CoreError::Timeout(action.clone())),
             Err(_) => Err(CoreError::Stopped(action.clone())),
@@ -529,25 +558,41 @@ impl Executor {
     pub fn handled_so_far(&self, id: ExecutionId) -> futures::future::BoxFuture<'static, ()> {
         let owner = self.shared.live.get(&id).map(|a| a.value().clone());
         Box::pin(async move {
-            if let Some(actor) = owner {
-                let _ = actor
+            // An actor that retired since had handled everything.
+            if let Some(owner) = owner {
+                let _ = owner
                     .call(ActionMsg::Stats, Some(Duration::from_secs(60)))
                     .await;
             }
         })
     }
 
-    /// One action as the operations page shows it (see [`ActionView`]), asked of its actor;
-    /// `None` for an action that has no actor.
+    /// One action as the operations page shows it (see [`ActionView`]), asked of its actor
+    /// or read from its record (nothing waits or runs then); `None` for an action never
+    /// seen.
     pub async fn inspect(
         &self,
         action: &ActionRef,
         ask: Inspect,
     ) -> Result<Option<ActionView>, CoreError> {
-        let Some(actor) = self.actors.get(action).map(|a| a.clone()) else {
-            return Ok(None);
+        let permit = match self.visit(action) {
+            Visit::Unknown => return Ok(None),
+            Visit::Dormant(d) => {
+                let clock = self.clock();
+                return Ok(Some(ActionView {
+                    stats: d.stats(action, self.policy(action), clock),
+                    waiting: Vec::new(),
+                    running: Vec::new(),
+                    recent_ends: d
+                        .latest_first()
+                        .into_iter()
+                        .map(|e| (e.execution_id, e.outcome, clock.wall(e.at)))
+                        .collect(),
+                }));
+            }
+            Visit::Awake(permit) => permit,
         };
-        match actor
+        match permit
             .call(|reply| ActionMsg::Inspect(ask, reply), Some(CALL_TIMEOUT))
             .await
         {
@@ -568,23 +613,44 @@ impl Executor {
         self.shared.totals.take_longest_wait()
     }
 
-    /// Every action's counters.
+    /// Every action's counters: the retired ones' from their records, the others asked of
+    /// their actors.
     pub async fn all_stats(&self) -> Vec<QueueStats> {
-        let actions = self.actions();
-        let answers = futures::future::join_all(actions.iter().map(|a| self.stats(a))).await;
-        answers
-            .into_iter()
-            .filter_map(|r| r.ok().flatten())
-            .collect()
+        let mut all = Vec::new();
+        let mut asks = Vec::new();
+        for action in self.actions() {
+            match self.visit(&action) {
+                Visit::Unknown => {}
+                Visit::Dormant(d) => all.push(d.stats(&action, self.policy(&action), self.clock())),
+                Visit::Awake(permit) => {
+                    asks.push(permit.call(ActionMsg::Stats, Some(CALL_TIMEOUT)))
+                }
+            }
+        }
+        let answers = futures::future::join_all(asks).await;
+        all.extend(answers.into_iter().filter_map(|r| match r {
+            Ok(ractor::rpc::CallResult::Success(stats)) => Some(stats),
+            _ => None,
+        }));
+        all
     }
 
     /// Runs a purge over every action; returns what was (or, in a dry run, would be) removed.
     pub async fn purge(&self, order: PurgeOrder) -> Vec<PurgedEntry> {
-        let actors: Vec<_> = self.actors.iter().map(|e| e.value().clone()).collect();
+        // A retired action has nothing waiting or running to purge.
+        let permits: Vec<_> = self
+            .shared
+            .actors
+            .iter()
+            .filter_map(|e| match e.value() {
+                Tenant::Awake(owner) => owner.permit(),
+                Tenant::Dormant(_) => None,
+            })
+            .collect();
         let answers = futures::future::join_all(
-            actors
-                .iter()
-                .map(|a| a.call(|reply| ActionMsg::Purge(order, reply), Some(CALL_TIMEOUT))),
+            permits
+                .into_iter()
+                .map(|p| p.call(|reply| ActionMsg::Purge(order, reply), Some(CALL_TIMEOUT))),
         )
         .await;
         let mut report: Vec<PurgedEntry> = answers
@@ -635,29 +701,62 @@ impl Executor {
         let _ = self.supervisor.stop_and_wait(None, Some(timeout)).await;
     }
 
-    /// Finds the actor of an action, starting it on first use (or again after it stopped).
-    fn actor_for(&self, action: &ActionRef) -> Result<ActorRef<ActionMsg>, CoreError> {
-        if let Some(actor) = self.actors.get(action)
-            && is_alive(&actor)
+    /// Admits one message for the actor of an action, starting the actor on first use, again
+    /// after it retired (from its record) or after it failed.
+    fn permit_for(&self, action: &ActionRef) -> Result<Permit<ActionMsg>, CoreError> {
+        // Admitted under the entry's read lock: an actor retires under its write lock, so
+        // the admission cannot fail here but by a failure of the actor.
+        if let Some(tenant) = self.shared.actors.get(action)
+            && let Tenant::Awake(owner) = tenant.value()
+            && is_alive(owner.actor())
+            && let Some(permit) = owner.permit()
         {
-            return Ok(actor.clone());
+            return Ok(permit);
         }
-        match self.actors.entry(action.clone()) {
-            Entry::Occupied(mut o) if !is_alive(o.get()) => {
-                let actor = self.spawn(action)?;
-                o.insert(actor.clone());
-                Ok(actor)
+        let owner = match self.shared.actors.entry(action.clone()) {
+            Entry::Occupied(mut o) => {
+                if let Tenant::Awake(owner) = o.get()
+                    && is_alive(owner.actor())
+                    && let Some(permit) = owner.permit()
+                {
+                    return Ok(permit);
+                }
+                let dormant = match o.get_mut() {
+                    Tenant::Dormant(d) => Some(d.clone()),
+                    Tenant::Awake(_) => None,
+                };
+                let owner = self.spawn(action, dormant)?;
+                o.insert(Tenant::Awake(owner.clone()));
+                owner
             }
-            Entry::Occupied(o) => Ok(o.get().clone()),
             Entry::Vacant(v) => {
-                let actor = self.spawn(action)?;
-                v.insert(actor.clone());
-                Ok(actor)
+                let owner = self.spawn(action, None)?;
+                v.insert(Tenant::Awake(owner.clone()));
+                owner
             }
+        };
+        // A new actor retires only after a message was handled.
+        owner
+            .permit()
+            .ok_or_else(|| CoreError::Stopped(action.clone()))
+    }
+
+    /// What the registry holds for an action, with a message admitted if it has an actor.
+    fn visit(&self, action: &ActionRef) -> Visit {
+        let Some(tenant) = self.shared.actors.get(action) else {
+            return Visit::Unknown;
+        };
+        match tenant.value() {
+            Tenant::Dormant(d) => Visit::Dormant(d.clone()),
+            Tenant::Awake(owner) => owner.permit().map_or(Visit::Unknown, Visit::Awake),
         }
     }
 
-    fn spawn(&self, action: &ActionRef) -> Result<ActorRef<ActionMsg>, CoreError> {
+    fn spawn(
+        &self,
+        action: &ActionRef,
+        dormant: Option<Dormant>,
+    ) -> Result<ActionOwner, CoreError> {
         // Spawned "instantly" so that it can be done under the registry's entry lock (one
         // actor per action, even when two tasks race) and messages can be sent before
         // `pre_start` has run; they wait in the mailbox.
@@ -668,10 +767,11 @@ impl Executor {
                 action: action.clone(),
                 policy: self.policy(action),
                 shared: self.shared.clone(),
+                dormant,
             },
             self.supervisor.get_cell(),
         )?;
-        Ok(actor)
+        Ok(Arc::new(Owner::new(actor)))
     }
 
     /// Groups items by the actor that owns their execution id; `None` collects unknown ids.
@@ -683,15 +783,15 @@ impl Executor {
         &self,
         items: Vec<T>,
         id_of: impl Fn(&T) -> ExecutionId,
-    ) -> Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> {
-        let mut owners: Vec<(Option<ActorRef<ActionMsg>>, usize)> = Vec::new();
+    ) -> Vec<(Option<ActionOwner>, Vec<T>)> {
+        let mut owners: Vec<(Option<ActionOwner>, usize)> = Vec::new();
         let mut index: foldhash::HashMap<Option<ActorId>, usize> = foldhash::HashMap::default();
         let mut slots = Vec::with_capacity(items.len());
         // Consecutive items mostly belong to the same actor.
         let mut last: Option<(Option<ActorId>, usize)> = None;
         for item in &items {
             let owner = self.shared.live.get(&id_of(item));
-            let key = owner.as_ref().map(|a| a.get_id());
+            let key = owner.as_ref().map(|a| a.id());
             let slot = match last {
                 Some((k, slot)) if k == key => slot,
                 _ => *index.entry(key).or_insert_with(|| {
@@ -704,7 +804,7 @@ impl Executor {
             owners[slot].1 += 1;
             slots.push(slot);
         }
-        let mut groups: Vec<(Option<ActorRef<ActionMsg>>, Vec<T>)> = owners
+        let mut groups: Vec<(Option<ActionOwner>, Vec<T>)> = owners
             .into_iter()
             .map(|(owner, n)| (owner, Vec::with_capacity(n)))
             .collect();
@@ -713,6 +813,13 @@ impl Executor {
         }
         groups
     }
+}
+
+/// What [`Executor::visit`] found.
+enum Visit {
+    Unknown,
+    Dormant(Dormant),
+    Awake(Permit<ActionMsg>),
 }
 
 fn is_alive(actor: &ActorRef<ActionMsg>) -> bool {

@@ -14,11 +14,9 @@
 
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use super::action::{ActionMsg, Shared};
-use crate::model::ActionRef;
+use super::action::{Shared, Tenant};
 
 /// The supervisor takes no messages of its own; it only hears supervision events.
 #[derive(Debug)]
@@ -27,7 +25,6 @@ pub enum SupervisorMsg {}
 pub struct Supervisor;
 
 pub struct SupervisorArgs {
-    pub actors: Arc<DashMap<ActionRef, ActorRef<ActionMsg>>>,
     pub shared: Arc<Shared>,
 }
 
@@ -50,8 +47,8 @@ impl Actor for Supervisor {
         event: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // A normal stop happens only at shutdown, when everything stops; the registry notices a
-        // stopped actor by itself on next use. Only failures need handling.
+        // A normal stop happens at shutdown, when everything stops, and when an idle actor
+        // retires, having left its record in the registry. Only failures need handling.
         if let SupervisionEvent::ActorFailed(cell, reason) = event {
             let lost = forget(st, &cell);
             tracing::error!(
@@ -69,8 +66,10 @@ impl Actor for Supervisor {
 /// executions it still owned.
 fn forget(st: &SupervisorArgs, cell: &ActorCell) -> usize {
     let id = cell.get_id();
-    st.actors.retain(|_, actor| actor.get_id() != id);
+    st.shared
+        .actors
+        .retain(|_, tenant| !matches!(tenant, Tenant::Awake(owner) if owner.id() == id));
     let before = st.shared.live.len();
-    st.shared.live.retain(|_, owner| owner.get_id() != id);
+    st.shared.live.retain(|_, owner| owner.id() != id);
     before.saturating_sub(st.shared.live.len())
 }

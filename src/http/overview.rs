@@ -44,6 +44,10 @@ pub struct OverviewTotals {
     pub dlq_size: Option<u64>,
     /// When the sample these come from was taken (at most 5 s ago).
     pub sampled_at: String,
+    /// Actions that have an actor right now, and actions whose actor retired while idle
+    /// (`executor.queue.passivate_after_seconds`), counted at the request.
+    pub actors_awake: usize,
+    pub actors_retired: usize,
 }
 
 /// `GET /api/v1/overview`
@@ -55,6 +59,7 @@ pub async fn overview(
     let latest = state.history.latest().await;
     let clock = state.executor.clock();
     let view = &state.cluster;
+    let (actors_awake, actors_retired) = state.executor.actor_counts();
     Ok(axum::Json(Data {
         data: Overview {
             instance: view.instance_id.clone(),
@@ -75,6 +80,8 @@ pub async fn overview(
                 completed_per_second: latest.completed_per_second,
                 dlq_size: latest.dlq_size,
                 sampled_at: latest.at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                actors_awake,
+                actors_retired,
             },
             history: state.history.history(),
         },

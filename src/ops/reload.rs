@@ -21,7 +21,8 @@
 //!   pinned `action` row) keeps winning, and a row's own columns keep theirs; in memory mode a
 //!   policy set over HTTP stays until the restart that would lose it anyway.
 //! - `executor.queue.{max_queue_length, queue_timeout_seconds, no_route_retry_ms,
-//!   no_route_timeout_seconds}` and `executor.emergency_mode`: every action actor gets the new
+//!   no_route_timeout_seconds, passivate_after_seconds}` and `executor.emergency_mode`: every
+//!   action actor gets the new
 //!   settings in its mailbox ([`Executor::set_settings`]), actors started later start with
 //!   them.
 //! - `health.*`: thresholds, interval and on/off; the next check runs at once.

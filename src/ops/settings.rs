@@ -76,6 +76,8 @@ pub fn queue_settings(c: &Config) -> QueueSettings {
         no_route_retry: Duration::from_millis(c.executor.queue.no_route_retry_ms),
         no_route_timeout: (c.executor.queue.no_route_timeout_seconds > 0)
             .then(|| Duration::from_secs(c.executor.queue.no_route_timeout_seconds)),
+        passivate_after: (c.executor.queue.passivate_after_seconds > 0)
+            .then(|| Duration::from_secs(c.executor.queue.passivate_after_seconds)),
     }
 }
 

@@ -31,8 +31,11 @@ pub struct SubmitOptions {
     pub rate: Option<f64>,
     /// First execution id to use; `None` lets the executor assign ids.
     pub first_id: Option<u64>,
-    /// `execution.requested`, or `partition.<p>` to reach the partition's queue directly.
-    pub routing_key: String,
+    /// Spreads the requests over this many actions: request `i` goes to `<action>.<i mod N>`
+    /// (so `--count N --spread N` gives N actions one request each). `None`: all to `action`.
+    pub spread: Option<u64>,
+    /// Where requests go: the shared intake, or each action's partition queue.
+    pub cluster: crate::config::ClusterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +62,13 @@ pub async fn run(opts: &SubmitOptions) -> Result<Duration, SubmitError> {
             let due = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
         }
+        let action = match opts.spread.filter(|&n| n > 0) {
+            Some(n) => format!("{}.{}", opts.action, i % n),
+            None => opts.action.clone(),
+        };
+        let routing_key = routing_key_for(&action, &opts.cluster);
         let mut body = serde_json::json!({
-            "action_ref": opts.action,
+            "action_ref": action,
             "request_id": format!("submit-{}-{i}", std::process::id()),
             "parameters": opts.parameters,
         });
@@ -72,7 +80,7 @@ pub async fn run(opts: &SubmitOptions) -> Result<Duration, SubmitError> {
         let confirm = ch
             .basic_publish(
                 topology::EXCHANGE.into(),
-                opts.routing_key.as_str().into(),
+                routing_key.as_str().into(),
                 // A request no queue takes must not vanish unnoticed.
                 BasicPublishOptions {
                     mandatory: true,
@@ -95,7 +103,8 @@ pub async fn run(opts: &SubmitOptions) -> Result<Duration, SubmitError> {
     let took = start.elapsed();
     let _ = conn.close(200, "done".into()).await;
     if returned > 0 {
-        return Err(SubmitError::Unrouted(returned, opts.routing_key.clone()));
+        let to = routing_key_for(&opts.action, &opts.cluster);
+        return Err(SubmitError::Unrouted(returned, to));
     }
     Ok(took)
 }
