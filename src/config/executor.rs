@@ -61,6 +61,11 @@ pub struct QueueConfig {
     /// Whether Prometheus metrics are recorded and served on `/metrics`; the runbook turns them
     /// off to shed overhead in a crash loop.
     pub enable_metrics: bool,
+    /// How long after its last change an action with nothing waiting or running keeps its
+    /// per-action series on `/metrics` (`attune_queue_*{action}`, `attune_executions_total`).
+    /// Long enough for `rate()` to see its last increments; an action that queues again gets
+    /// its series back at the next scrape.
+    pub metrics_idle_after_seconds: u64,
 }
 
 impl Default for QueueConfig {
@@ -71,6 +76,7 @@ impl Default for QueueConfig {
             no_route_retry_ms: 1000,
             no_route_timeout_seconds: 600,
             enable_metrics: true,
+            metrics_idle_after_seconds: 600,
         }
     }
 }
