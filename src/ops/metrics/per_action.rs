@@ -192,19 +192,25 @@ impl PerActionExporter {
                 chosen.push(s.clone());
             }
         });
-        let chosen_refs: HashSet<&ActionRef> = chosen.iter().map(|s| &s.action_ref).collect();
         // The counts of the chosen actions, and of any whose events are recent although their
-        // counters are not (the events no action owns, above all).
+        // counters are not (the events no action owns, above all). The walk over every
+        // action's counts only reads an atomic; the chosen ones are looked up by name.
         let mut counts: Vec<(String, [u64; Outcome::ALL.len()])> = Vec::new();
-        let mut counted_only = 0usize;
+        let chosen_refs: HashSet<&ActionRef> = chosen.iter().map(|s| &s.action_ref).collect();
         for e in self.tallies.0.iter() {
-            let chosen = e.key().as_ref().is_some_and(|a| chosen_refs.contains(a));
-            if chosen || e.value().last_event.load(Ordering::Relaxed) > since {
-                if !chosen {
-                    counted_only += 1;
-                }
+            let recent = e.value().last_event.load(Ordering::Relaxed) > since;
+            if recent && !e.key().as_ref().is_some_and(|a| chosen_refs.contains(a)) {
                 let label = e.key().as_ref().map_or(UNKNOWN_ACTION, ActionRef::as_str);
                 counts.push((label.to_owned(), ActionTallies::snapshot(e.value())));
+            }
+        }
+        let counted_only = counts.len();
+        for s in &chosen {
+            if let Some(t) = self.tallies.0.get(&Some(s.action_ref.clone())) {
+                counts.push((
+                    s.action_ref.as_str().to_owned(),
+                    ActionTallies::snapshot(&t),
+                ));
             }
         }
         let exported = chosen.len() + counted_only;
