@@ -33,7 +33,7 @@ use crate::ops::history::{SAMPLE_INTERVAL, Sampler};
 use crate::ops::hooks::{
     HealthStore, LedgerPurge, NoHealthStore, NoLedgerPurge, NoPolicyStore, PolicyStore,
 };
-use crate::ops::metrics::{self as ops_metrics, Metrics, MetricsError, MetricsSink};
+use crate::ops::metrics::{self as ops_metrics, ActionTallies, Metrics, MetricsError, MetricsSink};
 use crate::ops::purge::{PurgeSettings, Purger};
 use crate::ops::readiness::Readiness;
 use crate::ops::reload::{LiveTargets, Reloader};
@@ -329,8 +329,9 @@ impl Service {
         ));
         // Counting is skipped altogether when metrics are off (the runbook turns them off to
         // shed overhead in a crash loop).
+        let tallies = Arc::new(ActionTallies::default());
         let sink: Arc<dyn OutcomeSink> = if metrics_handle.is_some() {
-            Arc::new(MetricsSink::new(dead_letters))
+            Arc::new(MetricsSink::new(dead_letters, tallies.clone()))
         } else {
             dead_letters
         };
@@ -455,7 +456,14 @@ impl Service {
             PurgeSettings::from_config(&config.purge),
             hooks.ledger_purge.clone(),
         ));
-        let metrics = metrics_handle.map(|h| Metrics::new(h, stats.clone()));
+        let metrics = metrics_handle.map(|h| {
+            Metrics::new(
+                h,
+                stats.clone(),
+                tallies,
+                Duration::from_secs(config.executor.queue.metrics_idle_after_seconds),
+            )
+        });
         let history = Arc::new(Sampler::new(executor.clone(), stats.clone(), dlq.clone()));
 
         let mut ctx = ConsumerContext::new(
@@ -588,6 +596,7 @@ impl Service {
                     health: health.clone(),
                     purger: purger.clone(),
                     dlq: dlq_switch,
+                    metrics: metrics.clone(),
                 },
                 &config,
             )

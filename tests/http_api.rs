@@ -27,7 +27,7 @@ use fifo_executor::ops::hooks::{
     HookError, LedgerPurge, LedgerPurgeOrder, LedgerPurged, NoHealthStore, NoLedgerPurge,
     NoPolicyStore, PolicyStore,
 };
-use fifo_executor::ops::metrics::{self, Metrics};
+use fifo_executor::ops::metrics::{self, ActionTallies, Metrics};
 use fifo_executor::ops::purge::Purger;
 use fifo_executor::ops::readiness::Readiness;
 use fifo_executor::ops::reload::Reloader;
@@ -104,7 +104,12 @@ async fn rig_with(o: Options) -> Rig {
         health: health.clone(),
         purger,
         dlq: None,
-        metrics: Some(Metrics::new(handle, stats.clone())),
+        metrics: Some(Metrics::new(
+            handle,
+            stats.clone(),
+            Arc::new(ActionTallies::default()),
+            std::time::Duration::from_secs(600),
+        )),
         policies: o.policies,
         admin_token: o.token.map(Secret::new),
         max_body_bytes: o.max_body_bytes,
@@ -418,6 +423,57 @@ async fn metrics_are_prometheus_text_with_http_series_labelled_by_route_never_by
             .any(|l| l.starts_with(r#"attune_queue_active_count{action="metrics.http.route"} 1"#)),
         "queue gauges present"
     );
+}
+
+#[tokio::test]
+async fn metrics_for_named_actions_answer_busy_or_not_and_bad_names_are_a_400_naming_action() {
+    let r = rig().await;
+    submit(&r.exec, "metrics.named.one", 1..=2);
+    // Answered by the action's actor, after the submission.
+    let _ = get(&r.app, "/api/v1/actions/metrics.named.one/queue-stats").await;
+    let (status, text) = get(
+        &r.app,
+        "/metrics/actions?action=metrics.named.one,metrics.named.never",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().expect("Prometheus text");
+    assert!(
+        text.lines()
+            .any(|l| l == r#"attune_queue_length{action="metrics.named.one"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == r#"attune_queue_active_count{action="metrics.named.one"} 1"#),
+        "{text}"
+    );
+    assert!(!text.contains("metrics.named.never"), "{text}");
+    assert!(
+        !text.contains("attune_http_"),
+        "only the per-action families: {text}"
+    );
+    let too_many = vec!["a"; 1001]
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{a}{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for query in [
+        String::new(),
+        "?action=".to_owned(),
+        "?action=,,".to_owned(),
+        "?action=ok.one,bad%20ref".to_owned(),
+        format!("?action={too_many}"),
+    ] {
+        let (status, body) = get(&r.app, &format!("/metrics/actions{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_error(&body, "BAD_REQUEST");
+        assert_eq!(body["field"], "action", "{query}: {body}");
+    }
+    let (status, body) = get(&r.app, "/metrics/actions?action=a&limit=1").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "limit", "{body}");
 }
 
 #[tokio::test]
@@ -1175,6 +1231,10 @@ async fn no_malformed_request_gets_a_500() {
         "/api/v1/purge?dry_run",
         "//health",
         "/metrics?x=1",
+        "/metrics/actions",
+        "/metrics/actions?action=",
+        "/metrics/actions?action=a,%00",
+        "/metrics/actions?action=a&action=b",
     ];
     for path in weird_paths {
         for method in [Method::GET, Method::POST, Method::PUT] {

@@ -1,9 +1,11 @@
 //! Metric values after a known load through the real core with in-memory ports: the outcome
 //! counters and the wait histogram from `MetricsSink`, the queue gauges refreshed at scrape
-//! time, and the health gauges. The Prometheus output is rendered and parsed line by line.
+//! time, which actions have per-action series, and the health gauges. The Prometheus output
+//! is rendered and parsed line by line.
 //!
-//! The recorder is process-wide, so each test uses its own action names; the unlabelled health
-//! gauges are asserted by one test only.
+//! Each rig counts into a recorder of its own (the unlabelled totals and the wait histogram
+//! would otherwise add up the tests running at once); the health gauges go to the process's
+//! recorder and are asserted by one test only.
 
 mod support;
 
@@ -17,7 +19,7 @@ use fifo_executor::core::{ActionPolicy, Executor, Ports, QueueSettings, UniformP
 use fifo_executor::model::{ActionRef, CancelRequest, Completion, EndStatus, Verdict};
 use fifo_executor::ops::health::HealthMonitor;
 use fifo_executor::ops::hooks::NoHealthStore;
-use fifo_executor::ops::metrics::{self, Metrics, MetricsSink, names};
+use fifo_executor::ops::metrics::{self, ActionTallies, Metrics, MetricsSink, names};
 use support::{metric_value as value, submit_and_wait as submit};
 
 struct Rig {
@@ -26,13 +28,22 @@ struct Rig {
     _dispatched: tokio::sync::mpsc::UnboundedReceiver<Vec<fifo_executor::core::Dispatch>>,
 }
 
+/// `executor.queue.metrics_idle_after_seconds` of the rigs.
+const IDLE_AFTER: Duration = Duration::from_secs(600);
+
 async fn rig(max_queue_length: usize) -> Rig {
-    let handle = metrics::install().expect("the recorder installs");
+    let recorder = metrics::builder()
+        .expect("the buckets are valid")
+        .build_recorder();
     let stats = Arc::new(LatestStats::default());
+    let tallies = Arc::new(ActionTallies::default());
+    let sink = ::metrics::with_local_recorder(&recorder, || {
+        MetricsSink::new(Arc::new(DiscardSink), tallies.clone())
+    });
     let (dispatcher, dispatched) = ChannelDispatcher::new();
     let ports = Ports {
         dispatcher: Arc::new(dispatcher),
-        sink: Arc::new(MetricsSink::new(Arc::new(DiscardSink))),
+        sink: Arc::new(sink),
         observer: stats.clone(),
     };
     let settings = QueueSettings {
@@ -51,7 +62,7 @@ async fn rig(max_queue_length: usize) -> Rig {
     );
     Rig {
         exec,
-        metrics: Metrics::new(handle, stats),
+        metrics: Metrics::new(recorder.handle(), stats, tallies, IDLE_AFTER),
         _dispatched: dispatched,
     }
 }
@@ -119,12 +130,12 @@ async fn outcome_counters_and_the_wait_histogram_match_a_known_load() {
         .is_some_and(|n| n >= 1.0)
     );
 
-    // Waits: 0 s (admitted at once), 10 s, 30 s.
+    // Waits: 0 s (admitted at once), 10 s, 30 s; one histogram over all actions.
     let bucket = |le: &str| {
         value(
             &text,
             &format!("{}_bucket", names::QUEUE_WAIT_SECONDS),
-            &[("action", "metrics.load"), ("le", le)],
+            &[("le", le)],
         )
     };
     assert_eq!(bucket("0.005"), Some(1.0));
@@ -132,21 +143,29 @@ async fn outcome_counters_and_the_wait_histogram_match_a_known_load() {
     assert_eq!(bucket("15"), Some(2.0));
     assert_eq!(bucket("30"), Some(3.0));
     assert_eq!(bucket("+Inf"), Some(3.0));
-    let sum = value(
-        &text,
-        &format!("{}_sum", names::QUEUE_WAIT_SECONDS),
-        &[("action", "metrics.load")],
-    )
-    .expect("a sum");
+    let sum = value(&text, &format!("{}_sum", names::QUEUE_WAIT_SECONDS), &[]).expect("a sum");
     assert!((sum - 40.0).abs() < 0.01, "sum {sum}");
     assert_eq!(
-        value(
-            &text,
-            &format!("{}_count", names::QUEUE_WAIT_SECONDS),
-            &[("action", "metrics.load")]
-        ),
+        value(&text, &format!("{}_count", names::QUEUE_WAIT_SECONDS), &[]),
         Some(3.0)
     );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with(names::QUEUE_WAIT_SECONDS) && l.contains("action=")),
+        "the wait histogram has no action label:\n{text}"
+    );
+    // The totals over all actions.
+    let total = |outcome: &str| {
+        value(
+            &text,
+            names::EXECUTIONS_BY_OUTCOME_TOTAL,
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(total("accepted"), Some(3.0));
+    assert_eq!(total("succeeded"), Some(1.0));
+    assert_eq!(total("unmatched"), Some(1.0));
     // Removals count too.
     let b = action("metrics.removed");
     submit(&r.exec, &b, &[11, 12]).await;
@@ -211,7 +230,8 @@ async fn queue_gauges_are_computed_at_scrape_time_and_the_oldest_age_grows_while
         Some(unix(first_scrape))
     );
 
-    tokio::time::advance(Duration::from_secs(600)).await;
+    // Ten minutes on: the busy action keeps its series, the idle one has left /metrics.
+    tokio::time::advance(IDLE_AFTER).await;
     let text = r.metrics.render(wall_now(&r.exec));
     assert_eq!(
         value(
@@ -225,13 +245,80 @@ async fn queue_gauges_are_computed_at_scrape_time_and_the_oldest_age_grows_while
     // What the runbook's StuckQueue rule compares: last_updated < time() - 600.
     let last = value(&text, names::QUEUE_LAST_UPDATED, &[("action", busy_s)]).expect("gauge");
     assert!(last < unix(wall_now(&r.exec)) - 600.0);
-    let last_idle = value(&text, names::QUEUE_LAST_UPDATED, &[("action", idle_s)]).expect("gauge");
-    assert!(last_idle >= unix(wall_now(&r.exec)) - 600.0);
+    assert!(
+        !text.contains(idle_s),
+        "an idle action has no series after metrics_idle_after_seconds:\n{text}"
+    );
+    assert_eq!(value(&text, names::ACTIONS_KNOWN, &[]), Some(2.0));
+    assert_eq!(value(&text, names::ACTIONS_EXPORTED, &[]), Some(1.0));
+    r.exec.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_action_that_queues_again_gets_its_series_back_with_its_counts_where_they_were() {
+    let r = rig(100).await;
+    let a = action("metrics.comeback");
+    let a_s = "metrics.comeback";
+    submit(&r.exec, &a, &[51]).await;
+    r.exec
+        .complete(vec![Completion::new(51, EndStatus::Succeeded)]);
+    r.exec.stats(&a).await.expect("barrier");
+    let text = r.metrics.render(wall_now(&r.exec));
+    let accepted = |text: &str| {
+        value(
+            text,
+            names::EXECUTIONS_TOTAL,
+            &[("action", a_s), ("outcome", "accepted")],
+        )
+    };
+    assert_eq!(accepted(&text), Some(1.0));
+
+    tokio::time::advance(IDLE_AFTER + Duration::from_secs(1)).await;
+    let text = r.metrics.render(wall_now(&r.exec));
+    assert!(!text.contains(a_s), "idle, so no series:\n{text}");
+    // Still one request away.
+    let named = r
+        .metrics
+        .render_actions(std::slice::from_ref(&a), wall_now(&r.exec));
+    assert_eq!(
+        value(&named, names::QUEUE_LENGTH, &[("action", a_s)]),
+        Some(0.0)
+    );
+    assert_eq!(accepted(&named), Some(1.0));
+
+    // 52 runs, 53 waits: busy again, and the very next scrape has it.
+    submit(&r.exec, &a, &[52, 53]).await;
+    let text = r.metrics.render(wall_now(&r.exec));
+    assert_eq!(
+        value(&text, names::QUEUE_LENGTH, &[("action", a_s)]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&text, names::QUEUE_ACTIVE_COUNT, &[("action", a_s)]),
+        Some(1.0)
+    );
+    assert_eq!(accepted(&text), Some(3.0), "counted on, not from 0");
+    assert_eq!(
+        value(
+            &text,
+            names::EXECUTIONS_TOTAL,
+            &[("action", a_s), ("outcome", "succeeded")]
+        ),
+        Some(1.0)
+    );
+    // While it waits it keeps its series, however long nothing moves.
+    tokio::time::advance(IDLE_AFTER * 6).await;
+    let text = r.metrics.render(wall_now(&r.exec));
+    assert_eq!(
+        value(&text, names::QUEUE_LENGTH, &[("action", a_s)]),
+        Some(1.0)
+    );
     r.exec.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_health_check_exports_status_and_stuck_executions() {
+    let global = metrics::install().expect("the process recorder");
     let r = rig(100).await;
     let a = action("metrics.health");
     submit(&r.exec, &a, &[41]).await;
@@ -251,7 +338,7 @@ async fn a_health_check_exports_status_and_stuck_executions() {
     tokio::time::advance(Duration::from_secs(thresholds.stuck_age_seconds + 1)).await;
     let report = monitor.check().await;
     assert_eq!(report.totals.stuck, 1);
-    let text = r.metrics.render(chrono::Utc::now());
+    let text = global.render();
     assert_eq!(value(&text, names::HEALTH_STATUS, &[]), Some(2.0));
     assert_eq!(value(&text, names::HEALTH_STUCK_EXECUTIONS, &[]), Some(1.0));
     assert!(value(&text, names::HEALTH_LAST_CHECK, &[]).is_some_and(|t| t > 1.7e9));

@@ -63,8 +63,13 @@ impl Drop for Dir {
 
 /// A config for `serve` in memory mode on `vhost`, HTTP on `port`.
 fn config(dir: &Path, vhost: &TestVhost, port: u16) -> PathBuf {
+    config_with(dir, vhost, port, "")
+}
+
+/// [`config`] with `queue` (lines of `executor.queue`, indented by four) added.
+fn config_with(dir: &Path, vhost: &TestVhost, port: u16, queue: &str) -> PathBuf {
     let yaml = format!(
-        "executor:\n  durability: memory\n  shutdown_timeout_seconds: 5\n\
+        "executor:\n  durability: memory\n  shutdown_timeout_seconds: 5\n  queue:\n{queue}\
          rabbitmq:\n  url: \"{}\"\n\
          api:\n  listen: \"127.0.0.1:{port}\"\n\
          logging:\n  filter: \"info,lapin=warn\"\n",
@@ -261,6 +266,227 @@ async fn the_first_scrape_after_start_has_every_family_that_can_exist_before_an_
     assert_eq!(value(names::PARTITIONS_OWNED), "16", "{text}");
 
     terminate(&child).await;
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("serve stops after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status}: {}", log_of(&dir.0));
+}
+
+/// A GET that must answer 200; its body as text.
+async fn scrape(client: &Client, path: &str) -> String {
+    let r = client
+        .request("GET", path, None)
+        .await
+        .expect("HTTP answers");
+    assert_eq!(
+        r.status,
+        200,
+        "{path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// Publishes a request for `action`, as a producer would.
+async fn request(ch: &lapin::Channel, id: u64, action: &str) {
+    let body = serde_json::json!({"execution_id": id, "action_ref": action});
+    support::publish_json(ch, "execution.requested", &body).await;
+}
+
+/// Publishes `id`'s completion, as its worker would.
+async fn complete(ch: &lapin::Channel, id: u64, status: &str) {
+    let body = serde_json::json!({"execution_id": id, "status": status});
+    support::publish_json(ch, "execution.completed", &body).await;
+}
+
+fn has_action(text: &str, action: &str) -> bool {
+    text.contains(&format!("action=\"{action}\""))
+}
+
+#[tokio::test]
+async fn an_idle_action_leaves_metrics_a_busy_one_stays_and_one_that_runs_again_comes_back_counting_on()
+ {
+    let (vhost, _conn, ch) = support::broker_with_topology().await;
+    support::all_dispatches_queue(&ch, "metrics-worker").await;
+    let dir = Dir::new("idle-metrics");
+    let port = free_port();
+    let file = config_with(&dir.0, &vhost, port, "    metrics_idle_after_seconds: 1\n");
+    let child = serve(&dir.0, &file, None);
+    let client = Client::for_listen_address(([127, 0, 0, 1], port).into())
+        .with_timeout(Duration::from_secs(20));
+    support::poll_until(DEADLINE, "serve is ready", || async {
+        client
+            .request("GET", "/ready", None)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+
+    // `serve.quiet` runs 1 to its end; `serve.stuck` runs 2 (never completed), 3 waits.
+    for (id, action) in [(1, "serve.quiet"), (2, "serve.stuck"), (3, "serve.stuck")] {
+        request(&ch, id, action).await;
+    }
+    let dispatched = std::sync::Mutex::new(Vec::new());
+    support::poll_until(DEADLINE, "1 and 2 are dispatched", || async {
+        let got = support::take_dispatches(&ch, "metrics-worker").await;
+        let mut seen = dispatched.lock().unwrap_or_else(|p| p.into_inner());
+        seen.extend(got);
+        seen.len() >= 2
+    })
+    .await;
+    complete(&ch, 1, "succeeded").await;
+
+    // Counted over all actions at once; the quiet action's series go a second later, the stuck
+    // one's stay.
+    support::poll_until(DEADLINE, "serve.quiet has left /metrics", || async {
+        let text = scrape(&client, "/metrics").await;
+        support::metric_value(
+            &text,
+            names::EXECUTIONS_BY_OUTCOME_TOTAL,
+            &[("outcome", "succeeded")],
+        ) == Some(1.0)
+            && !has_action(&text, "serve.quiet")
+    })
+    .await;
+    let text = scrape(&client, "/metrics").await;
+    let value = |text: &str, name: &str, action: &str, outcome: Option<&str>| {
+        let mut labels = vec![("action", action)];
+        labels.extend(outcome.map(|o| ("outcome", o)));
+        support::metric_value(text, name, &labels)
+    };
+    assert_eq!(
+        value(&text, names::QUEUE_LENGTH, "serve.stuck", None),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, names::QUEUE_ACTIVE_COUNT, "serve.stuck", None),
+        Some(1.0)
+    );
+    assert!(value(&text, names::QUEUE_LAST_UPDATED, "serve.stuck", None).is_some());
+    assert_eq!(
+        unlabelled(&text, names::ACTIONS_KNOWN).as_deref(),
+        Some("2"),
+        "{text}"
+    );
+    assert_eq!(
+        unlabelled(&text, names::ACTIONS_EXPORTED).as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("attune_queue_wait_seconds_count ")),
+        "one wait histogram, no action label: {text}"
+    );
+
+    // The quiet one is still one request away.
+    let named = scrape(&client, "/metrics/actions?action=serve.quiet").await;
+    assert_eq!(
+        value(&named, names::QUEUE_LENGTH, "serve.quiet", None),
+        Some(0.0),
+        "{named}"
+    );
+    assert_eq!(
+        value(
+            &named,
+            names::EXECUTIONS_TOTAL,
+            "serve.quiet",
+            Some("succeeded")
+        ),
+        Some(1.0),
+        "{named}"
+    );
+    let bad = client
+        .request("GET", "/metrics/actions?action=not%20a%20ref", None)
+        .await
+        .expect("HTTP answers");
+    assert_eq!(bad.status, 400);
+    assert!(String::from_utf8_lossy(&bad.body).contains("\"field\":\"action\""));
+
+    // It runs again (4 is dispatched, no completion yet): back in the next scrape, its
+    // counts where they were.
+    request(&ch, 4, "serve.quiet").await;
+    support::poll_until(DEADLINE, "serve.quiet is back on /metrics", || async {
+        let text = scrape(&client, "/metrics").await;
+        value(&text, names::QUEUE_ACTIVE_COUNT, "serve.quiet", None) == Some(1.0)
+    })
+    .await;
+    let text = scrape(&client, "/metrics").await;
+    assert_eq!(
+        value(
+            &text,
+            names::EXECUTIONS_TOTAL,
+            "serve.quiet",
+            Some("accepted")
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            names::EXECUTIONS_TOTAL,
+            "serve.quiet",
+            Some("succeeded")
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
+    // A longer window, by SIGHUP: once 4 ends, serve.quiet stays past the old second.
+    config_with(
+        &dir.0,
+        &vhost,
+        port,
+        "    metrics_idle_after_seconds: 3600\n",
+    );
+    let pid = child.id().expect("the child runs");
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(hup.success());
+    support::poll_until(DEADLINE, "the reload applied the window", || async {
+        let status = scrape(&client, "/api/v1/config/status").await;
+        status.contains("executor.queue.metrics_idle_after_seconds")
+    })
+    .await;
+    complete(&ch, 4, "failed").await;
+    let seen_idle = std::sync::Mutex::new(None);
+    support::poll_until(DEADLINE, "serve.quiet is idle", || async {
+        let text = scrape(&client, "/metrics").await;
+        let at = (value(&text, names::QUEUE_ACTIVE_COUNT, "serve.quiet", None) == Some(0.0))
+            .then(|| value(&text, names::QUEUE_LAST_UPDATED, "serve.quiet", None))
+            .flatten();
+        *seen_idle.lock().unwrap_or_else(|p| p.into_inner()) = at;
+        at.is_some()
+    })
+    .await;
+    let ended_at = seen_idle
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .expect("seen idle");
+    // Idle, its last_updated is the scrape time: scrape until that is 2 s on.
+    support::poll_until(
+        DEADLINE,
+        "a scrape 2 s after 4 ended shows serve.quiet",
+        || async {
+            let text = scrape(&client, "/metrics").await;
+            let shown = value(&text, names::QUEUE_LAST_UPDATED, "serve.quiet", None);
+            assert!(
+                shown.is_some(),
+                "serve.quiet left within the new window: {text}"
+            );
+            shown.is_some_and(|t| t >= ended_at + 2.0)
+        },
+    )
+    .await;
+
+    terminate(&child).await;
+    let mut child = child;
     let status = tokio::time::timeout(DEADLINE, child.wait())
         .await
         .expect("serve stops after SIGTERM")

@@ -65,6 +65,11 @@ pub struct QueueConfig {
     /// Whether Prometheus metrics are recorded and served on `/metrics`; the runbook turns them
     /// off to shed overhead in a crash loop.
     pub enable_metrics: bool,
+    /// How long after its last change an action with nothing waiting or running keeps its
+    /// per-action series on `/metrics` (`attune_queue_*{action}`, `attune_executions_total`).
+    /// Long enough for `rate()` to see its last increments; an action that queues again gets
+    /// its series back at the next scrape.
+    pub metrics_idle_after_seconds: u64,
 }
 
 impl Default for QueueConfig {
@@ -76,6 +81,7 @@ impl Default for QueueConfig {
             no_route_timeout_seconds: 600,
             passivate_after_seconds: crate::core::policy::DEFAULT_PASSIVATE_AFTER.as_secs(),
             enable_metrics: true,
+            metrics_idle_after_seconds: 600,
         }
     }
 }

@@ -138,6 +138,7 @@ mod tests {
             "executor.queue.no_route_timeout_seconds",
             "executor.queue.passivate_after_seconds",
             "executor.queue.enable_metrics",
+            "executor.queue.metrics_idle_after_seconds",
             "executor.emergency_mode",
             "executor.durability",
             "executor.remember_ended_ids",

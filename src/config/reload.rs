@@ -65,6 +65,7 @@ pub fn with_live_changes(running: &Config, loaded: &Config) -> Config {
     queue.no_route_retry_ms = new.no_route_retry_ms;
     queue.no_route_timeout_seconds = new.no_route_timeout_seconds;
     queue.passivate_after_seconds = new.passivate_after_seconds;
+    queue.metrics_idle_after_seconds = new.metrics_idle_after_seconds;
     c.health = loaded.health.clone();
     c.purge = loaded.purge.clone();
     c.dlq.enabled = loaded.dlq.enabled;
@@ -128,7 +129,8 @@ fn executor_keys(out: &mut Vec<String>, a: &ExecutorConfig, b: &ExecutorConfig) 
     let (qa, qb) = (&a.queue, &b.queue);
     compare!(out, "executor.queue", QueueConfig, qa, qb,
         leaves [max_queue_length, queue_timeout_seconds, no_route_retry_ms,
-                no_route_timeout_seconds, passivate_after_seconds, enable_metrics]);
+                no_route_timeout_seconds, passivate_after_seconds, enable_metrics,
+                metrics_idle_after_seconds]);
     compare!(out, "executor", ExecutorConfig, a, b,
         leaves [emergency_mode, durability, remember_ended_ids, shutdown_timeout_seconds],
         sections [queue]);
@@ -203,6 +205,7 @@ mod tests {
         ("executor.queue.no_route_timeout_seconds", |c| c.executor.queue.no_route_timeout_seconds += 1, true),
         ("executor.queue.passivate_after_seconds", |c| c.executor.queue.passivate_after_seconds += 1, true),
         ("executor.queue.enable_metrics", |c| c.executor.queue.enable_metrics ^= true, false),
+        ("executor.queue.metrics_idle_after_seconds", |c| c.executor.queue.metrics_idle_after_seconds += 1, true),
         ("executor.emergency_mode", |c| c.executor.emergency_mode ^= true, true),
         ("executor.durability", |c| c.executor.durability = Durability::Memory, false),
         ("executor.remember_ended_ids", |c| c.executor.remember_ended_ids += 1, false),

@@ -110,6 +110,12 @@ impl Validator<'_> {
             queue.queue_timeout_seconds == 0,
             "every queued execution would time out at once",
         );
+        self.positive(
+            &["executor", "queue", "metrics_idle_after_seconds"],
+            queue.metrics_idle_after_seconds == 0,
+            "an action's series would leave /metrics at the first scrape after its last \
+             execution ended, before rate() could see its last increments",
+        );
         self.require(
             queue.no_route_retry_ms >= 10,
             &["executor", "queue", "no_route_retry_ms"],
@@ -538,6 +544,30 @@ mod tests {
         assert!(text.contains("`stats.interval_ms`"), "{text}");
         assert!(text.contains("`purge.interval_seconds`"), "{text}");
         assert!(text.contains("`dlq.ttl_hours`"), "{text}");
+    }
+
+    #[test]
+    fn a_metrics_idle_window_of_zero_is_refused_and_a_negative_one_is_a_type_error() {
+        let text = error_text(from_yaml(
+            "executor:\n  queue:\n    metrics_idle_after_seconds: 0\n",
+        ));
+        assert!(
+            text.contains("`executor.queue.metrics_idle_after_seconds`"),
+            "{text}"
+        );
+        assert!(text.contains("rate()"), "{text}");
+        let text = error_text(from_env(&[(
+            "ATTUNE__EXECUTOR__QUEUE__METRICS_IDLE_AFTER_SECONDS",
+            "-5",
+        )]));
+        assert!(text.contains("metrics_idle_after_seconds"), "{text}");
+        assert!(
+            from_yaml("executor:\n  queue:\n    metrics_idle_after_seconds: 60\n").is_ok_and(|c| c
+                .executor
+                .queue
+                .metrics_idle_after_seconds
+                == 60)
+        );
     }
 
     #[test]

@@ -72,6 +72,14 @@ impl LatestStats {
         self.0.iter().map(|e| e.value().clone()).collect()
     }
 
+    /// Calls `f` with each action's counters without copying them. Each shard of the map is
+    /// read-locked while `f` runs over its entries, so `f` must be quick.
+    pub fn for_each(&self, mut f: impl FnMut(&QueueStats)) {
+        for e in self.0.iter() {
+            f(e.value());
+        }
+    }
+
     /// Actions known, and the executions waiting and running over all of them, without
     /// copying anyone's counters.
     pub fn sums(&self) -> StatsSums {

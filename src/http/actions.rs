@@ -42,7 +42,7 @@ use serde::Serialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Params, PathParam, action_ref};
+use super::extract::{Params, PathParam, action_ref, action_refs};
 use super::queues::{Data, PolicyView, QueueStatsBody, RateLimitBody};
 use crate::cluster::{Partition, partition_of};
 use crate::config::HealthThresholds;
@@ -267,26 +267,6 @@ async fn known(state: &AppState, refs: Option<&[ActionRef]>) -> Result<Vec<Queue
     Ok(found)
 }
 
-/// Reads `refs=a,b,c`: valid refs, at most [`MAX_REFS`], duplicates dropped.
-fn parse_refs(raw: &str) -> Result<Vec<ActionRef>, ApiError> {
-    let mut seen = HashSet::new();
-    let mut refs = Vec::new();
-    for part in raw.split(',').filter(|p| !p.is_empty()) {
-        let r = ActionRef::parse(part)
-            .map_err(|e| ApiError::bad_request("refs", format!("'{part}': {e}")))?;
-        if seen.insert(r.clone()) {
-            refs.push(r);
-        }
-    }
-    if refs.is_empty() || refs.len() > MAX_REFS {
-        return Err(ApiError::bad_request(
-            "refs",
-            format!("refs must name 1 to {MAX_REFS} action refs, separated by commas"),
-        ));
-    }
-    Ok(refs)
-}
-
 /// `GET /api/v1/actions`
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -305,7 +285,7 @@ pub async fn list(
                 ),
             ));
         }
-        let refs = parse_refs(raw)?;
+        let refs = action_refs("refs", raw, MAX_REFS)?;
         let found = known(&state, Some(&refs)).await?;
         let judge = Judge::new(&state).await?;
         let mut by_ref: HashMap<&ActionRef, &QueueStats> =

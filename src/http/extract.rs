@@ -1,7 +1,7 @@
 //! Extractors whose rejections are [`ApiError`]s naming the field at fault, instead of axum's
 //! plain-text ones.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -180,6 +180,27 @@ impl Params {
 /// Checks a path's `{ref}` against the action-ref rule.
 pub fn action_ref(raw: &str) -> Result<ActionRef, ApiError> {
     ActionRef::parse(raw).map_err(|e| ApiError::bad_request("action_ref", e.to_string()))
+}
+
+/// Reads a comma-separated list of action refs from the query parameter `field`: valid refs,
+/// 1 to `max` of them, duplicates dropped, in the order named.
+pub fn action_refs(field: &str, raw: &str, max: usize) -> Result<Vec<ActionRef>, ApiError> {
+    let mut seen = HashSet::new();
+    let mut refs = Vec::new();
+    for part in raw.split(',').filter(|p| !p.is_empty()) {
+        let r = ActionRef::parse(part)
+            .map_err(|e| ApiError::bad_request(field, format!("'{part}': {e}")))?;
+        if seen.insert(r.clone()) {
+            refs.push(r);
+        }
+    }
+    if refs.is_empty() || refs.len() > max {
+        return Err(ApiError::bad_request(
+            field,
+            format!("{field} must name 1 to {max} action refs, separated by commas"),
+        ));
+    }
+    Ok(refs)
 }
 
 /// Checks a path's `{id}`: an execution id is a whole number from 1 to 2^63 - 1.

@@ -11,6 +11,7 @@
 //! | GET | `/health` | | latest health check |
 //! | GET | `/ready` | | 200 once consuming, 503 with the reason before and while not |
 //! | GET | `/metrics` | | Prometheus text |
+//! | GET | `/metrics/actions?action=a,b` | | the named actions' per-action series, busy or not |
 //! | GET | `/api/v1/openapi.json` | | this API, as OpenAPI 3 |
 //! | GET | `/api/v1/overview` | | instance, health, totals, the last 15 minutes |
 //! | GET | `/api/v1/actions` | | the actions table: filtered, sorted, paged; or `refs=` rows |
@@ -73,6 +74,7 @@ pub mod paths {
     pub const HEALTH: &str = "/health";
     pub const READY: &str = "/ready";
     pub const METRICS: &str = "/metrics";
+    pub const METRICS_ACTIONS: &str = "/metrics/actions";
     pub const OPENAPI: &str = "/api/v1/openapi.json";
     pub const OVERVIEW: &str = "/api/v1/overview";
     pub const ACTIONS: &str = "/api/v1/actions";
@@ -113,6 +115,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", paths::HEALTH, false),
     route("GET", paths::READY, false),
     route("GET", paths::METRICS, false),
+    route("GET", paths::METRICS_ACTIONS, false),
     route("GET", paths::OPENAPI, false),
     route("GET", paths::OVERVIEW, false),
     route("GET", paths::ACTIONS, false),
@@ -183,6 +186,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::HEALTH, get(ops::health))
         .route(paths::READY, get(ops::ready))
         .route(paths::METRICS, get(ops::metrics))
+        .route(paths::METRICS_ACTIONS, get(ops::metrics_actions))
         .route(paths::OPENAPI, get(openapi::serve))
         .route(paths::OVERVIEW, get(overview::overview))
         .route(paths::ACTIONS, get(actions::list))

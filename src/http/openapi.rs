@@ -92,8 +92,24 @@ pub fn document() -> Value {
         paths::METRICS.to_owned(),
         json!({"get": {
             "summary": "Prometheus metrics (text exposition format 0.0.4)",
+            "description": "Everything not per action, with totals over all actions (attune_executions_by_outcome_total, attune_queue_wait_seconds, attune_actions_known, attune_actions_exported), and the per-action series (attune_queue_*{action}, attune_executions_total{action,outcome}) of the actions where something waits or runs or that changed within executor.queue.metrics_idle_after_seconds. Any other action's series: /metrics/actions.",
             "responses": {
                 "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "404": error_response("executor.queue.enable_metrics is false")
+            }
+        }}),
+    );
+    doc_paths.insert(
+        paths::METRICS_ACTIONS.to_owned(),
+        json!({"get": {
+            "summary": "Per-action metrics of the named actions, busy or not (Prometheus text format 0.0.4)",
+            "description": "The per-action families of /metrics (attune_queue_length, attune_queue_active_count, attune_queue_max_concurrent, attune_queue_oldest_age_seconds, attune_queue_last_updated, attune_executions_total) for each named action, whether or not /metrics shows it now; an action never seen has no series. For a targeted scrape or a look at a quiet action.",
+            "parameters": [
+                {"name": "action", "in": "query", "required": true, "description": "Comma-separated action refs (1 to 1000)", "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "400": error_response("`action` is missing or names no valid action ref, or too many; `field` is `action`"),
                 "404": error_response("executor.queue.enable_metrics is false")
             }
         }}),

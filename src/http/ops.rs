@@ -1,4 +1,5 @@
-//! `GET /health`, `GET /ready`, `GET /metrics` and `POST /api/v1/purge` (admin).
+//! `GET /health`, `GET /ready`, `GET /metrics`, `GET /metrics/actions` and `POST /api/v1/purge`
+//! (admin).
 
 use std::sync::Arc;
 
@@ -10,8 +11,9 @@ use serde_json::json;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::Params;
+use super::extract::{Params, action_refs};
 use super::queues::Data;
+use crate::ops::metrics::Metrics;
 use crate::ops::purge::{PurgeError, PurgeReport};
 use crate::ops::readiness::State as Readiness;
 
@@ -52,21 +54,54 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Result<Response, ApiEr
     }
 }
 
-/// Prometheus text exposition.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let Some(m) = &state.metrics else {
-        return Err(ApiError::NotFound(
+/// Most actions one `GET /metrics/actions` may name.
+pub const MAX_METRICS_ACTIONS: usize = 1000;
+
+fn enabled_metrics(state: &AppState) -> Result<&Metrics, ApiError> {
+    state.metrics.as_ref().ok_or_else(|| {
+        ApiError::NotFound(
             "metrics are disabled (executor.queue.enable_metrics is false)".to_owned(),
-        ));
-    };
-    Ok((
+        )
+    })
+}
+
+fn prometheus_text(text: String) -> Response {
+    (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        m.render(Utc::now()),
+        text,
     )
-        .into_response())
+        .into_response()
+}
+
+/// Prometheus text exposition: everything not per action, and the per-action series of the
+/// actions busy or changed lately (see [`crate::ops::metrics::per_action`]).
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let m = enabled_metrics(&state)?;
+    Ok(prometheus_text(m.render(Utc::now())))
+}
+
+/// `GET /metrics/actions?action=a,b`: the named actions' per-action series, busy or not, for
+/// a targeted scrape or a look at a quiet action. An action never seen has none.
+pub async fn metrics_actions(
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    params.only(&["action"])?;
+    let m = enabled_metrics(&state)?;
+    let raw = params.get("action").ok_or_else(|| {
+        ApiError::bad_request(
+            "action",
+            format!(
+                "`action` is required: 1 to {MAX_METRICS_ACTIONS} action refs, separated by \
+                 commas (all busy actions are on /metrics)"
+            ),
+        )
+    })?;
+    let actions = action_refs("action", raw, MAX_METRICS_ACTIONS)?;
+    Ok(prometheus_text(m.render_actions(&actions, Utc::now())))
 }
 
 /// Runs one purge cycle now. `dry_run` defaults to `purge.dry_run` (as last loaded), so a deployment testing

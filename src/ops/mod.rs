@@ -2,7 +2,8 @@
 //! the core imports it; it uses the core through the [`crate::core::Executor`] handle and the
 //! ports, like any other edge.
 //!
-//! - [`metrics`]: the Prometheus recorder, execution counters and queue gauges.
+//! - [`metrics`]: the Prometheus recorder, execution counters and queue gauges;
+//!   [`metrics::per_action`] keeps the per-action series to the busy and recent actions.
 //! - [`health`]: the periodic health check (a pure verdict function plus the task around it).
 //! - [`health_report`]: what a check finds, which the check and the [`hooks`] both use.
 //! - [`flags`]: the health check's rules applied to one action (the operations page's

@@ -29,6 +29,7 @@
 //! - `purge.*`: ages, dry run, interval and on/off, from the next cycle (the next scheduled one
 //!   comes one interval after the reload).
 //! - `dlq.enabled`: publishing dead letters and reading the DLQ, at once ([`DlqSwitch`]).
+//! - `executor.queue.metrics_idle_after_seconds`: from the next scrape of `/metrics`.
 //! - `logging.filter`: the process's log filter, unless `RUST_LOG` chose it at start.
 //!
 //! Reloads are serialised: one holds the configuration in force from reading the file to the
@@ -47,7 +48,7 @@ use serde::{Serialize, Serializer};
 use super::health::HealthMonitor;
 use super::hooks::PolicyStore;
 use super::logging::{FilterChange, LogFilter};
-use super::metrics::names;
+use super::metrics::{Metrics, names};
 use super::purge::{PurgeSettings, Purger};
 use super::settings::{ConfigPolicies, queue_settings};
 use crate::config::{Config, ConfigChange, ConfigError};
@@ -146,6 +147,8 @@ pub struct LiveTargets {
     pub health: Arc<HealthMonitor>,
     pub purger: Arc<Purger>,
     pub dlq: DlqSwitch,
+    /// `None` when `executor.queue.enable_metrics` is false.
+    pub metrics: Option<Metrics>,
 }
 
 /// Where the configuration comes from.
@@ -369,6 +372,11 @@ impl Reloader {
             return;
         };
         t.dlq.set(now.dlq.enabled);
+        if let Some(m) = &t.metrics {
+            m.set_idle_after(Duration::from_secs(
+                now.executor.queue.metrics_idle_after_seconds,
+            ));
+        }
         if queue_settings(was) != queue_settings(now) {
             t.executor.set_settings(queue_settings(now));
         }

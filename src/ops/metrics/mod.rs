@@ -2,22 +2,32 @@
 //!
 //! - The recorder is `metrics-exporter-prometheus`, installed once per process and rendered by
 //!   the HTTP edge on `GET /metrics` (no listener of its own: one port, one server).
-//! - [`MetricsSink`] wraps the outcome sink and counts every event the core records
-//!   (`attune_executions_total{action,outcome}`) and how long admitted executions waited
-//!   (`attune_queue_wait_seconds{action}`).
-//! - The per-action queue gauges are written at scrape time from the latest counters the app
-//!   already keeps ([`LatestStats`], the core's stats observer), not on every change: the
-//!   actors report after every batch while Prometheus scrapes every 15–30 s, and two of the
-//!   values depend on the scrape time anyway (the age of the oldest waiting execution keeps
-//!   growing while nothing changes; see [`refresh_queue_gauges`] for `last_updated`).
+//! - [`MetricsSink`] wraps the outcome sink and counts every event the core records: per
+//!   action in [`ActionTallies`] (plain atomics, exported as `attune_executions_total{action,
+//!   outcome}` at scrape time), over all actions in `attune_executions_by_outcome_total{outcome}`,
+//!   and how long admitted executions waited in one histogram over all actions
+//!   (`attune_queue_wait_seconds`, no `action` label: one histogram per action would be fifteen
+//!   buckets for each of 100,000 actions; the per-action figure, the oldest wait, is in the
+//!   API, the page and `attune_queue_oldest_age_seconds`).
+//! - The per-action series ([`names::PER_ACTION`]) are written at scrape time from the latest
+//!   counters the app already keeps ([`LatestStats`], the core's stats observer), not on every
+//!   change: the actors report after every batch while Prometheus scrapes every 15–30 s, and
+//!   two of the values depend on the scrape time anyway (the age of the oldest waiting
+//!   execution keeps growing while nothing changes; see [`refresh_queue_gauges`] for
+//!   `last_updated`). Only the actions that are busy or changed lately are written, into a
+//!   recorder of their own that drops every series not written again since the last scrape
+//!   (see [`per_action`]), so `/metrics` grows with the busy actions, not with every action
+//!   ever seen. `GET /metrics/actions?action=…` renders any named actions on request.
 //!
 //! Every name is a constant in [`names`]; the alert rules and the dashboard use only those (a
 //! test checks it), so the documentation and the exported names cannot drift apart.
 
+pub mod per_action;
+
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dashmap::DashMap;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -25,6 +35,7 @@ use crate::core::memory::LatestStats;
 use crate::core::ports::RemovalReason;
 use crate::core::{Event, OutcomeSink, QueueStats};
 use crate::model::{ActionRef, EndStatus};
+pub use per_action::{ActionTallies, PerActionExporter};
 
 /// Every metric the service exports (other than those the RabbitMQ edge names itself).
 pub mod names {
@@ -35,6 +46,14 @@ pub mod names {
     pub const QUEUE_LAST_UPDATED: &str = "attune_queue_last_updated";
     pub const QUEUE_WAIT_SECONDS: &str = "attune_queue_wait_seconds";
     pub const EXECUTIONS_TOTAL: &str = "attune_executions_total";
+    /// `attune_executions_total` summed over all actions, by `outcome` (every outcome from
+    /// the first scrape).
+    pub const EXECUTIONS_BY_OUTCOME_TOTAL: &str = "attune_executions_by_outcome_total";
+    /// Actions the executor keeps counters for (every action seen since start).
+    pub const ACTIONS_KNOWN: &str = "attune_actions_known";
+    /// Actions with per-action series in this scrape (busy, or changed within
+    /// `executor.queue.metrics_idle_after_seconds`).
+    pub const ACTIONS_EXPORTED: &str = "attune_actions_exported";
     /// Counted by the RabbitMQ edge when it publishes a dead letter.
     pub const DLQ_MESSAGES_TOTAL: &str = "attune_dlq_messages_total";
     /// Messages ready in `attune.dlq`, all origins (RabbitMQ's own count).
@@ -90,6 +109,9 @@ pub mod names {
         QUEUE_LAST_UPDATED,
         QUEUE_WAIT_SECONDS,
         EXECUTIONS_TOTAL,
+        EXECUTIONS_BY_OUTCOME_TOTAL,
+        ACTIONS_KNOWN,
+        ACTIONS_EXPORTED,
         DLQ_MESSAGES_TOTAL,
         DLQ_SIZE,
         DLQ_SIZE_BY_QUEUE_FROM,
@@ -126,10 +148,15 @@ pub mod names {
 
     /// Families with a sample from the first scrape after start: every unlabelled one, and
     /// the labelled ones whose label values are fixed and all exported from the start
-    /// (`attune_dlq_size_by_queue_from`, `attune_config_reloads_total`). Those of the health
+    /// (`attune_dlq_size_by_queue_from`, `attune_config_reloads_total`,
+    /// `attune_executions_by_outcome_total`). Those of the health
     /// check need `health.enabled` (the first check runs before HTTP answers); a value not
     /// measured yet is `NaN` (see [`super::first_samples`]).
     pub const FROM_START: &[&str] = &[
+        QUEUE_WAIT_SECONDS,
+        EXECUTIONS_BY_OUTCOME_TOTAL,
+        ACTIONS_KNOWN,
+        ACTIONS_EXPORTED,
         CONFIG_RELOADS_TOTAL,
         CONFIG_LAST_RELOAD_TIMESTAMP_SECONDS,
         HEALTH_STATUS,
@@ -152,14 +179,16 @@ pub mod names {
     ];
 
     /// Labelled by `action`: an action's series appear once the executor has seen it, so
-    /// none before the first action.
+    /// none before the first action. All but `attune_dispatches_unroutable_total` (counted by
+    /// the RabbitMQ edge as dispatches come back, for the few actions without a worker
+    /// queue) are written at scrape time for the busy and recent actions only
+    /// ([`super::per_action`]).
     pub const PER_ACTION: &[&str] = &[
         QUEUE_LENGTH,
         QUEUE_ACTIVE_COUNT,
         QUEUE_MAX_CONCURRENT,
         QUEUE_OLDEST_AGE_SECONDS,
         QUEUE_LAST_UPDATED,
-        QUEUE_WAIT_SECONDS,
         EXECUTIONS_TOTAL,
         DISPATCHES_UNROUTABLE_TOTAL,
     ];
@@ -191,7 +220,7 @@ pub mod names {
 /// 600 s and 1800 s are exactly the runbook's "oldest enqueued > 10 min / > 30 min" levels (and
 /// the health thresholds' defaults), so "share of executions that waited longer than that" is
 /// exact rather than interpolated; 3600 s is the default queue timeout, past which nothing is
-/// admitted. Fifteen buckets per action keep the series count modest.
+/// admitted. One histogram over all actions: fifteen buckets.
 pub const WAIT_SECONDS_BUCKETS: &[f64] = &[
     0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
 ];
@@ -213,17 +242,11 @@ pub enum MetricsError {
     Install(String),
 }
 
-/// Installs the Prometheus recorder as the process's `metrics` recorder and returns the handle
-/// that renders it. Idempotent: a second call (a second service in the same test process)
-/// gets the same handle.
-pub fn install() -> Result<PrometheusHandle, MetricsError> {
-    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
-    let mut slot = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(handle) = slot.as_ref() {
-        return Ok(handle.clone());
-    }
+/// The process recorder's configuration: the histograms' buckets. Tests build recorders of
+/// their own from it.
+pub fn builder() -> Result<PrometheusBuilder, MetricsError> {
     let build = |e: metrics_exporter_prometheus::BuildError| MetricsError::Build(e.to_string());
-    let handle = PrometheusBuilder::new()
+    PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(names::QUEUE_WAIT_SECONDS.to_owned()),
             WAIT_SECONDS_BUCKETS,
@@ -233,7 +256,19 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
             Matcher::Full(names::HTTP_REQUEST_DURATION_SECONDS.to_owned()),
             HTTP_SECONDS_BUCKETS,
         )
-        .map_err(build)?
+        .map_err(build)
+}
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder and returns the handle
+/// that renders it. Idempotent: a second call (a second service in the same test process)
+/// gets the same handle.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut slot = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = slot.as_ref() {
+        return Ok(handle.clone());
+    }
+    let handle = builder()?
         .install_recorder()
         .map_err(|e| MetricsError::Install(e.to_string()))?;
     describe();
@@ -275,42 +310,27 @@ fn first_samples() {
     for origin in DLQ_ORIGINS.iter().chain([&UNREAD_QUEUE_FROM]) {
         metrics::gauge!(names::DLQ_SIZE_BY_QUEUE_FROM, "queue_from" => *origin).set(f64::NAN);
     }
+    for outcome in Outcome::ALL {
+        metrics::counter!(names::EXECUTIONS_BY_OUTCOME_TOTAL, "outcome" => outcome.as_str())
+            .increment(0);
+    }
     // Registered without a sample: rendered with a count of 0.
     let _ = metrics::histogram!(names::PARTITION_REBUILD_SECONDS);
+    let _ = metrics::histogram!(names::QUEUE_WAIT_SECONDS);
 }
 
 /// The `# HELP` lines.
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(
-        names::QUEUE_LENGTH,
-        "Executions waiting in the action's queue"
-    );
-    describe_gauge!(
-        names::QUEUE_ACTIVE_COUNT,
-        "Executions of the action holding a slot (dispatched, no completion yet)"
-    );
-    describe_gauge!(
-        names::QUEUE_MAX_CONCURRENT,
-        "The action's concurrency limit"
-    );
-    describe_gauge!(
-        names::QUEUE_OLDEST_AGE_SECONDS,
-        "Seconds the oldest waiting execution has waited, at scrape time; 0 when none waits"
-    );
-    describe_gauge!(
-        names::QUEUE_LAST_UPDATED,
-        "Unix time the queue last moved (admission, completion or removal) while executions \
-         wait; the scrape time when none waits (nothing to be stuck on)"
-    );
     describe_histogram!(
         names::QUEUE_WAIT_SECONDS,
-        "Seconds admitted executions waited in the queue"
+        "Seconds admitted executions waited in the queue, over all actions (the oldest wait \
+         of each action is attune_queue_oldest_age_seconds and the API's oldest_enqueued_at)"
     );
     describe_counter!(
-        names::EXECUTIONS_TOTAL,
-        "Execution events by outcome: accepted, rejected, succeeded, failed, canceled, timeout, \
-         purged, reclaimed, unmatched"
+        names::EXECUTIONS_BY_OUTCOME_TOTAL,
+        "Execution events over all actions by outcome: accepted, rejected, succeeded, failed, \
+         canceled, timeout, purged, no_route, reclaimed, unmatched"
     );
     describe_counter!(
         names::CANCELS_TOTAL,
@@ -415,21 +435,47 @@ fn unix_seconds(t: DateTime<Utc>) -> f64 {
     t.timestamp_micros() as f64 / 1e6
 }
 
-/// Renders `/metrics`: refreshes the queue gauges, then renders the recorder.
+/// Renders `/metrics` and `/metrics/actions`.
+///
+/// `/metrics` is the process-wide recorder (everything not per action) followed by the
+/// per-action series of the actions that are busy or changed within the idle window
+/// ([`PerActionExporter`]).
 #[derive(Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
-    stats: Arc<LatestStats>,
+    per_action: Arc<PerActionExporter>,
 }
 
 impl Metrics {
-    pub fn new(handle: PrometheusHandle, stats: Arc<LatestStats>) -> Self {
-        Self { handle, stats }
+    /// `idle_after` is `executor.queue.metrics_idle_after_seconds`.
+    pub fn new(
+        handle: PrometheusHandle,
+        stats: Arc<LatestStats>,
+        tallies: Arc<ActionTallies>,
+        idle_after: Duration,
+    ) -> Self {
+        Self {
+            handle,
+            per_action: Arc::new(PerActionExporter::new(stats, tallies, idle_after)),
+        }
     }
 
+    /// `GET /metrics` as of `now`.
     pub fn render(&self, now: DateTime<Utc>) -> String {
-        refresh_queue_gauges(&self.stats.all(), now);
-        self.handle.render()
+        let mut text = self.handle.render();
+        text.push_str(&self.per_action.render(now));
+        text
+    }
+
+    /// `GET /metrics/actions`: the per-action series of `actions`, busy or not, as of `now`.
+    /// An action never seen has none.
+    pub fn render_actions(&self, actions: &[ActionRef], now: DateTime<Utc>) -> String {
+        self.per_action.render_named(actions, now)
+    }
+
+    /// Applies a new `executor.queue.metrics_idle_after_seconds` from the next scrape.
+    pub fn set_idle_after(&self, idle_after: Duration) {
+        self.per_action.set_idle_after(idle_after);
     }
 
     /// Folds recent histogram samples into their buckets. The recorder keeps every sample
@@ -445,104 +491,138 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// The `outcome` label of an event, and the action it belongs to.
-pub fn outcome(event: &Event) -> (Option<&ActionRef>, &'static str) {
-    match event {
-        Event::Accepted { action, .. } => (Some(action), "accepted"),
-        Event::Rejected { action, .. } => (Some(action), "rejected"),
-        // Admissions are not an outcome; they feed the wait histogram.
-        Event::Admitted { action, .. } => (Some(action), "admitted"),
+/// The `outcome` label of `attune_executions_total` and `attune_executions_by_outcome_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Rejected,
+    Succeeded,
+    Failed,
+    Canceled,
+    Timeout,
+    Purged,
+    NoRoute,
+    Reclaimed,
+    Unmatched,
+}
+
+impl Outcome {
+    /// Every outcome, in the order of their index.
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Accepted,
+        Outcome::Rejected,
+        Outcome::Succeeded,
+        Outcome::Failed,
+        Outcome::Canceled,
+        Outcome::Timeout,
+        Outcome::Purged,
+        Outcome::NoRoute,
+        Outcome::Reclaimed,
+        Outcome::Unmatched,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Rejected => "rejected",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Canceled => "canceled",
+            Outcome::Timeout => "timeout",
+            Outcome::Purged => "purged",
+            Outcome::NoRoute => "no_route",
+            Outcome::Reclaimed => "reclaimed",
+            Outcome::Unmatched => "unmatched",
+        }
+    }
+
+    /// Its place in [`Outcome::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The outcome an event counts as, and the action it belongs to; `None` for the events that
+/// are no execution's outcome.
+pub fn outcome(event: &Event) -> Option<(Option<&ActionRef>, Outcome)> {
+    Some(match event {
+        Event::Accepted { action, .. } => (Some(action), Outcome::Accepted),
+        Event::Rejected { action, .. } => (Some(action), Outcome::Rejected),
         Event::Completed { action, status, .. } => (
             Some(action),
             match status {
-                EndStatus::Succeeded => "succeeded",
-                EndStatus::Failed => "failed",
-                EndStatus::Canceled => "canceled",
-                EndStatus::Timeout => "timeout",
+                EndStatus::Succeeded => Outcome::Succeeded,
+                EndStatus::Failed => Outcome::Failed,
+                EndStatus::Canceled => Outcome::Canceled,
+                EndStatus::Timeout => Outcome::Timeout,
             },
         ),
         Event::Removed { action, reason, .. } => (
             Some(action),
             match reason {
-                RemovalReason::Canceled => "canceled",
+                RemovalReason::Canceled => Outcome::Canceled,
                 // The queue timeout: the execution never ran, like a worker-side timeout it
                 // did not finish in the time it had.
-                RemovalReason::TimedOut => "timeout",
-                RemovalReason::Purged => "purged",
-                RemovalReason::NoRoute => "no_route",
+                RemovalReason::TimedOut => Outcome::Timeout,
+                RemovalReason::Purged => Outcome::Purged,
+                RemovalReason::NoRoute => Outcome::NoRoute,
             },
         ),
-        // A dispatch that reached no worker queue and came back.
-        Event::Returned { action, .. } => (Some(action), "returned"),
-        Event::Reclaimed { action, .. } => (Some(action), "reclaimed"),
-        // Not an execution's outcome yet (attune_cancels_total{verdict="remembered"} counts it).
-        Event::CanceledAhead { .. } => (None, "canceled_ahead"),
-        Event::Unmatched { action, .. } => (action.as_ref(), "unmatched"),
-    }
+        Event::Reclaimed { action, .. } => (Some(action), Outcome::Reclaimed),
+        Event::Unmatched { action, .. } => (action.as_ref(), Outcome::Unmatched),
+        // Admissions are not an outcome; they feed the wait histogram. A dispatch that came
+        // back will go out again (attune_dispatches_unroutable_total counts it), and a mark on
+        // an id not requested yet is counted by attune_cancels_total{verdict="remembered"}.
+        Event::Admitted { .. } | Event::Returned { .. } | Event::CanceledAhead { .. } => {
+            return None;
+        }
+    })
 }
 
 /// Counts events on their way to the next sink, which gets them unchanged.
 ///
-/// Runs inside the actors' handlers, so it only touches atomics: the counter and histogram
-/// handles are looked up once per (action, outcome) and kept, instead of building label sets
-/// for every event.
+/// Runs inside the actors' handlers, so it only touches atomics: the per-action counts are
+/// plain atomics in [`ActionTallies`] (no label set is built per event, and no series exists
+/// for them until a scrape writes one), the totals and the wait histogram are handles made
+/// once.
 pub struct MetricsSink {
     inner: Arc<dyn OutcomeSink>,
-    counters: DashMap<(Option<ActionRef>, &'static str), Counter>,
-    waits: DashMap<ActionRef, Histogram>,
+    tallies: Arc<ActionTallies>,
+    by_outcome: [Counter; Outcome::ALL.len()],
+    waits: Histogram,
 }
 
 impl MetricsSink {
-    pub fn new(inner: Arc<dyn OutcomeSink>) -> Self {
+    /// Counts into `tallies` (shared with the [`Metrics`] that exports them) and the
+    /// process's recorder.
+    pub fn new(inner: Arc<dyn OutcomeSink>, tallies: Arc<ActionTallies>) -> Self {
         Self {
             inner,
-            counters: DashMap::new(),
-            waits: DashMap::new(),
+            tallies,
+            by_outcome: Outcome::ALL.map(
+                |o| metrics::counter!(names::EXECUTIONS_BY_OUTCOME_TOTAL, "outcome" => o.as_str()),
+            ),
+            waits: metrics::histogram!(names::QUEUE_WAIT_SECONDS),
         }
     }
 
-    fn count(&self, event: &Event) {
-        // Neither is an execution's outcome: a mark on an id not requested yet (counted by
-        // attune_cancels_total), and a dispatch that came back and will go out again
-        // (attune_dispatches_unroutable_total).
-        if let Event::CanceledAhead { .. } | Event::Returned { .. } = event {
+    fn count(&self, event: &Event, now: DateTime<Utc>) {
+        if let Event::Admitted { waited, .. } = event {
+            self.waits.record(waited.as_secs_f64());
             return;
         }
-        if let Event::Admitted { action, waited, .. } = event {
-            let histogram = match self.waits.get(action) {
-                Some(h) => h.clone(),
-                None => self
-                    .waits
-                    .entry(action.clone())
-                    .or_insert_with(|| {
-                        metrics::histogram!(names::QUEUE_WAIT_SECONDS, "action" => action.as_str().to_owned())
-                    })
-                    .clone(),
-            };
-            histogram.record(waited.as_secs_f64());
-            return;
+        if let Some((action, outcome)) = outcome(event) {
+            self.by_outcome[outcome.index()].increment(1);
+            self.tallies.count(action, outcome, now);
         }
-        let (action, outcome) = outcome(event);
-        let key = (action.cloned(), outcome);
-        let counter = match self.counters.get(&key) {
-            Some(c) => c.clone(),
-            None => self
-                .counters
-                .entry(key)
-                .or_insert_with(|| {
-                    let label = action.map_or(UNKNOWN_ACTION, ActionRef::as_str).to_owned();
-                    metrics::counter!(names::EXECUTIONS_TOTAL, "action" => label, "outcome" => outcome)
-                })
-                .clone(),
-        };
-        counter.increment(1);
     }
 }
 
 impl OutcomeSink for MetricsSink {
     fn record(&self, events: Vec<Event>) {
+        let now = Utc::now();
         for event in &events {
-            self.count(event);
+            self.count(event, now);
         }
         self.inner.record(events);
     }
