@@ -63,9 +63,9 @@ pub(super) fn parse_env(
                  dots and are case-sensitive); set policies.actions in the config file",
             ));
         }
-        let value = match serde_yaml_ng::from_str::<Value>(&text) {
-            Ok(typed @ (Value::Bool(_) | Value::Number(_))) => typed,
-            _ => Value::String(text.clone()),
+        let value = match scalar(&text) {
+            Some(typed) => typed,
+            None => Value::String(text.clone()),
         };
         overrides.push(EnvOverride {
             var,
@@ -90,6 +90,22 @@ pub(super) fn parse_env(
         }
     }
     Ok(overrides)
+}
+
+/// Longest variable value read as a YAML number or boolean; longer ones are text.
+const MAX_SCALAR_LEN: usize = 64;
+
+/// A variable's value as a YAML number or boolean, if it is one. Only short values without
+/// brackets are given to the YAML parser: no number or boolean is longer or has any, and the
+/// parser's time grows with the depth of brackets (a value of a million `[` took minutes).
+fn scalar(text: &str) -> Option<Value> {
+    if text.len() > MAX_SCALAR_LEN || text.contains(['[', '{']) {
+        return None;
+    }
+    match serde_yaml_ng::from_str::<Value>(text) {
+        Ok(typed @ (Value::Bool(_) | Value::Number(_))) => Some(typed),
+        _ => None,
+    }
 }
 
 /// Puts `value` at `path`, creating the sections on the way.
@@ -150,6 +166,25 @@ mod tests {
                 .intake_per_minute()
                 .map(NonZeroU32::get),
             Some(300)
+        );
+    }
+
+    #[test]
+    fn long_or_bracketed_values_are_text_without_parsing() {
+        // Found by the fuzz tests: the YAML parser took minutes over a million `[`.
+        assert_eq!(super::scalar(&"[".repeat(1_000_000)), None);
+        assert_eq!(super::scalar("{a: 1}"), None);
+        assert_eq!(super::scalar(&"1".repeat(65)), None);
+        assert_eq!(super::scalar("12"), Some(serde_yaml_ng::Value::from(12)));
+        assert_eq!(
+            super::scalar("true"),
+            Some(serde_yaml_ng::Value::from(true))
+        );
+        let text = error_text(from_env(&[("ATTUNE__EXECUTOR", &"[".repeat(1_000_000))]));
+        assert!(
+            text.contains("ATTUNE__EXECUTOR"),
+            "{}",
+            &text[..text.len().min(200)]
         );
     }
 

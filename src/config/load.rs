@@ -69,6 +69,13 @@ fn parse_file(name: &str, text: &str) -> Result<Value, ConfigError> {
         file: name.to_owned(),
         message,
     };
+    let depth = bracket_depth(text);
+    if depth > MAX_BRACKET_DEPTH {
+        return Err(syntax(format!(
+            "brackets nest {depth} deep (at most {MAX_BRACKET_DEPTH}): the YAML parser's time \
+             grows with the depth of [ ] and {{ }} collections, and no configuration needs more"
+        )));
+    }
     let mut tree: Value = serde_yaml_ng::from_str(text).map_err(|e| syntax(e.to_string()))?;
     // Anchors and `<<` merge keys let operators share a policy between actions.
     tree.apply_merge().map_err(|e| syntax(e.to_string()))?;
@@ -79,6 +86,29 @@ fn parse_file(name: &str, text: &str) -> Result<Value, ConfigError> {
             "the top level must be a mapping of sections (executor:, policies:, ...)".to_owned(),
         )),
     }
+}
+
+/// Deepest `[`/`{` nesting a config file may have. The YAML parser rescans every open flow
+/// collection at each token, so its time grows with tokens × depth: a file of a million `[`
+/// took minutes (found by the fuzz tests). Documents nested deeper than 128 fail to load
+/// anyway (serde_yaml_ng's recursion limit); the margin is for brackets in strings.
+pub(super) const MAX_BRACKET_DEPTH: usize = 256;
+
+/// How deep `[` and `{` nest in `text`, counting every bracket, quoted or not: the depth of
+/// the flow collections, unless brackets in strings or comments disturb the count.
+pub(super) fn bracket_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for b in text.bytes() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn deserialize(tree: &mut Value, provenance: &Provenance<'_>) -> Result<Config, ConfigError> {
@@ -235,6 +265,19 @@ mod tests {
             from_yaml("# nothing but a comment\n").expect("loads"),
             Config::default()
         );
+    }
+
+    #[test]
+    fn deeply_bracketed_yaml_is_refused_before_parsing() {
+        // Found by the fuzz tests: the parser took minutes over a million `[`.
+        let deep = 1_000_000;
+        let text = format!("executor: {}1{}", "[".repeat(deep), "]".repeat(deep));
+        let error = from_yaml(&text).expect_err("too deep");
+        assert!(matches!(error, ConfigError::Syntax { .. }), "{error:?}");
+        assert!(error.to_string().contains("at most 256"), "{error}");
+        // Brackets that close keep the depth low however many there are.
+        assert_eq!(super::bracket_depth(&"[]".repeat(deep)), 1);
+        assert_eq!(super::bracket_depth("a: [{b: [1]}, {c: 2}]"), 3);
     }
 
     #[test]
