@@ -41,6 +41,8 @@
 //!   fences the ledger's writes by it; `rabbit::partitions` and `rabbit::routing` are the
 //!   partition queues and what is carried to another instance's.
 //! - [`app`]: builds the service from the config and stops it, in one fixed order.
+//! - [`fuzzing`]: what the fuzz targets (`fuzz/`) and the corpus replay test run on each
+//!   input: the decoders of untrusted input and what the service does next with the result.
 //! - [`cli`] and [`tools`]: the command line (`serve`, the ops commands that call the HTTP
 //!   API, and the producer and worker simulators).
 //!
@@ -65,6 +67,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod db;
+pub mod fuzzing;
 pub mod http;
 pub mod model;
 pub mod ops;

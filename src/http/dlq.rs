@@ -96,7 +96,8 @@ pub struct SelectionBody {
 pub type ReplayBody = SelectionBody;
 
 impl SelectionBody {
-    fn selection(self) -> Result<Selection, ApiError> {
+    /// The entries this body chooses, or why it chooses none.
+    pub fn selection(self) -> Result<Selection, ApiError> {
         if let Some(f) = &self.filter {
             if self.execution_ids.is_some() {
                 return Err(ApiError::bad_request(

@@ -244,7 +244,8 @@ pub const MAX_RATE_WINDOW_SECONDS: u64 = 365 * 24 * 3600;
 pub const MAX_STORED_LIMIT: u32 = i32::MAX as u32;
 
 impl PolicyBody {
-    fn validate(&self) -> Result<PolicyPatch, ApiError> {
+    /// The change this body asks for, each field checked against its range.
+    pub fn validate(&self) -> Result<PolicyPatch, ApiError> {
         let concurrency_limit = self.concurrency_limit.map(validate_limit).transpose()?;
         let rate_limit = self
             .rate_limit
