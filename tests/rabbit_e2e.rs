@@ -145,8 +145,9 @@ async fn count(ch: &Channel, queue: &str) -> usize {
     .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_keeps_serving() {
+/// A service that takes messages of at most 4 KiB, a confirm channel to its broker and a
+/// worker queue `test.workers`.
+async fn hostile_setup() -> (TestVhost, Service, Connection, Channel) {
     let vhost = TestVhost::create().await;
     let mut config = config_for(&vhost);
     config.rabbitmq.max_message_bytes = 4096;
@@ -155,6 +156,44 @@ async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_k
     let ch = confirm_channel(&conn).await;
     wait_for_topology(&conn).await;
     worker_queue(&ch, "test.workers").await;
+    (vhost, service, conn, ch)
+}
+
+/// Publishes a good request with `props`, waits until it is dispatched to `test.workers`
+/// and until the DLQ holds `bad` letters, and returns them (the DLQ drained).
+async fn served_and_dead_lettered(
+    conn: &Connection,
+    ch: &Channel,
+    body: &[u8],
+    props: BasicProperties,
+    bad: usize,
+) -> Vec<Value> {
+    publish(ch, topology::REQUESTED_ROUTING_KEY, body, props).await;
+    poll_until(
+        Duration::from_secs(60),
+        "the good request was dispatched",
+        || async {
+            ch.basic_get("test.workers".into(), BasicGetOptions { no_ack: true })
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
+    .await;
+    let counter = conn.create_channel().await.expect("channel");
+    poll_until(
+        Duration::from_secs(60),
+        "every bad message reached the DLQ",
+        || async { count(&counter, topology::DLQ).await >= bad },
+    )
+    .await;
+    drain_dlq(ch).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_keeps_serving() {
+    let (_vhost, service, conn, ch) = hostile_setup().await;
 
     let deep = format!(
         "{{\"action_ref\": \"a\", \"parameters\": {}{}}}",
@@ -197,33 +236,15 @@ async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_k
         publish(&ch, topology::REQUESTED_ROUTING_KEY, body, props).await;
     }
     // A good request after all of them is still served.
-    publish(
+    let letters = served_and_dead_lettered(
+        &conn,
         &ch,
-        topology::REQUESTED_ROUTING_KEY,
         br#"{"execution_id": 77, "action_ref": "ok.action"}"#,
         json_props(),
-    )
-    .await;
-    poll_until(
-        Duration::from_secs(60),
-        "the good request was dispatched",
-        || async {
-            ch.basic_get("test.workers".into(), BasicGetOptions { no_ack: true })
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        },
+        cases.len(),
     )
     .await;
     let counter = conn.create_channel().await.expect("channel");
-    poll_until(
-        Duration::from_secs(60),
-        "every bad request reached the DLQ",
-        || async { count(&counter, topology::DLQ).await >= cases.len() },
-    )
-    .await;
-    let letters = drain_dlq(&ch).await;
     let mut classes: Vec<&str> = letters
         .iter()
         .map(|l| l["error_class"].as_str().unwrap_or("?"))
@@ -253,6 +274,155 @@ async fn malformed_and_hostile_requests_are_dead_lettered_once_and_the_service_k
         0,
         "nothing left or requeued"
     );
+    service.shutdown().await.expect("clean shutdown");
+}
+
+type Case = (
+    &'static str,
+    Vec<u8>,
+    Option<&'static str>,
+    &'static str,
+    &'static str,
+);
+
+/// Headers nobody should send: an `x-death` history of a thousand entries, delivery and retry
+/// counts of the wrong type or sign, a table nested deep. Bad bodies under them still reach
+/// the DLQ once each with their reason, whatever the queue; a good request under them is
+/// served; nothing is left or requeued. (Not a NaN double: RabbitMQ itself closes the
+/// connection of a publisher that sends one, as Erlang has no NaN.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_headers_and_a_thousand_entry_x_death_change_nothing_about_dead_lettering() {
+    use lapin::types::{AMQPValue, FieldArray, ShortString};
+    let (_vhost, service, conn, ch) = hostile_setup().await;
+
+    let mut headers = FieldTable::default();
+    let deaths: Vec<AMQPValue> = (0..1000)
+        .map(|i| {
+            let mut death = FieldTable::default();
+            death.insert("count".into(), AMQPValue::LongLongInt(i64::MAX - i));
+            death.insert("reason".into(), AMQPValue::LongString("rejected".into()));
+            death.insert("queue".into(), AMQPValue::LongString("q".into()));
+            AMQPValue::FieldTable(death)
+        })
+        .collect();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(deaths)),
+    );
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongString("lots".into()),
+    );
+    headers.insert("x-retry-count".into(), AMQPValue::LongLongInt(i64::MIN));
+    headers.insert("x-attempt".into(), AMQPValue::Double(-1.5));
+    let mut nested = FieldTable::default();
+    for depth in 0..50 {
+        let mut outer = FieldTable::default();
+        outer.insert(
+            ShortString::from(format!("level-{depth}")),
+            AMQPValue::FieldTable(nested),
+        );
+        nested = outer;
+    }
+    headers.insert("x-nested".into(), AMQPValue::FieldTable(nested));
+    let props = |ct: Option<&str>| {
+        let p = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers.clone());
+        match ct {
+            Some(ct) => p.with_content_type(ct.into()),
+            None => p,
+        }
+    };
+
+    // (routing key, body, content type, error class, queue_from)
+    let cases: Vec<Case> = vec![
+        (
+            topology::REQUESTED_ROUTING_KEY,
+            b"\xff not utf8".to_vec(),
+            None,
+            "InvalidUtf8",
+            "requested",
+        ),
+        (
+            topology::REQUESTED_ROUTING_KEY,
+            br#"{"action_ref": "ok.action"}"#.to_vec(),
+            Some("application/xml"),
+            "UnsupportedContentType",
+            "requested",
+        ),
+        (
+            topology::REQUESTED_ROUTING_KEY,
+            vec![b'['; 5000],
+            None,
+            "MessageTooLarge",
+            "requested",
+        ),
+        (
+            topology::COMPLETED_ROUTING_KEY,
+            format!("{}{}", "[".repeat(1000), "]".repeat(1000)).into_bytes(),
+            None,
+            "InvalidJson",
+            "completed",
+        ),
+        (
+            topology::COMPLETED_ROUTING_KEY,
+            br#"{"execution_id": 5, "status": "done"}"#.to_vec(),
+            Some("application/json"),
+            "InvalidStatus",
+            "completed",
+        ),
+        (
+            topology::CANCEL_ROUTING_KEY,
+            br#"{"execution_id": -5}"#.to_vec(),
+            None,
+            "InvalidExecutionId",
+            "cancel",
+        ),
+    ];
+    for (key, body, ct, _, _) in &cases {
+        publish(&ch, key, body, props(*ct)).await;
+    }
+    let letters = served_and_dead_lettered(
+        &conn,
+        &ch,
+        br#"{"execution_id": 78, "action_ref": "ok.action"}"#,
+        props(Some("application/json")),
+        cases.len(),
+    )
+    .await;
+    let counter = conn.create_channel().await.expect("channel");
+    let mut got: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(
+                l["retry_count"], 0,
+                "a negative x-retry-count reads as 0: {l}"
+            );
+            (
+                l["queue_from"].as_str().unwrap_or("?").to_owned(),
+                l["error_class"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    let mut expected: Vec<(String, String)> = cases
+        .iter()
+        .map(|(_, _, _, class, from)| ((*from).to_owned(), (*class).to_owned()))
+        .collect();
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "one dead letter per bad message, none twice");
+    for queue in [
+        topology::REQUESTS_QUEUE,
+        topology::COMPLETED_QUEUE,
+        topology::CANCEL_QUEUE,
+    ] {
+        assert_eq!(
+            count(&counter, queue).await,
+            0,
+            "nothing left or requeued in {queue}"
+        );
+    }
     service.shutdown().await.expect("clean shutdown");
 }
 
