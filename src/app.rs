@@ -439,7 +439,9 @@ impl Service {
         let hooks = hooks.resolve(durable.as_ref());
         // Connects on first use, and only while dlq.enabled is true (a reload may change it).
         let dlq = Some(Arc::new(
-            Dlq::new(config.rabbitmq.url.clone()).with_switch(dlq_switch.clone()),
+            Dlq::new(config.rabbitmq.url.clone())
+                .with_tls(config.rabbitmq.tls.clone())
+                .with_switch(dlq_switch.clone()),
         ));
         let health = Arc::new(
             HealthMonitor::new(
@@ -494,6 +496,7 @@ impl Service {
             },
             shared_partitions: shared.then_some(config.cluster.partitions),
             url: config.rabbitmq.url.clone(),
+            tls: config.rabbitmq.tls.clone(),
             prefetch: config.rabbitmq.prefetch,
             topology: TopologySpec {
                 queue_type: config.rabbitmq.queue_type,

@@ -399,6 +399,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("--action: {e}"))?;
             let took = submit::run(&submit::SubmitOptions {
                 url: config.rabbitmq.url.clone(),
+                tls: config.rabbitmq.tls.clone(),
                 cluster: config.cluster.clone(),
                 action,
                 count,
@@ -435,6 +436,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let done = worker::run(
                 &worker::WorkerOptions {
                     url: config.rabbitmq.url.clone(),
+                    tls: config.rabbitmq.tls.clone(),
                     actions,
                     queue,
                     concurrency,

@@ -58,10 +58,42 @@ impl Config {
             file: file.as_ref().map(|(name, tree)| (name.as_str(), tree)),
             env: &overrides,
         };
-        let config = deserialize(&mut tree, &provenance)?;
+        let mut config = deserialize(&mut tree, &provenance)?;
+        read_admin_token_file(&mut config, &provenance)?;
         config.validate(&provenance)?;
         Ok(config)
     }
+}
+
+/// Takes `api.admin_token` from `api.admin_token_file` when only the file is named. An error
+/// names the key and the path, never the content.
+fn read_admin_token_file(config: &mut Config, provenance: &Provenance) -> Result<(), ConfigError> {
+    let api = &mut config.api;
+    let Some(path) = &api.admin_token_file else {
+        return Ok(());
+    };
+    const KEY: [&str; 2] = ["api", "admin_token_file"];
+    let invalid = |message: String| ConfigError::Invalid {
+        key: dotted(&KEY),
+        origin: provenance.origin_of_value(&KEY),
+        message,
+    };
+    if api.admin_token.is_some() {
+        return Err(invalid(
+            "set either `api.admin_token` or `api.admin_token_file`, not both".to_owned(),
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(invalid(format!(
+            "{} is empty (an empty bearer token is no protection)",
+            path.display()
+        )));
+    }
+    api.admin_token = Some(super::Secret::new(token));
+    Ok(())
 }
 
 fn parse_file(name: &str, text: &str) -> Result<Value, ConfigError> {
@@ -257,6 +289,54 @@ mod tests {
 
     use crate::config::testing::{error_text, from_env, from_yaml};
     use crate::config::{Config, ConfigError, Durability, Origin, QueueType};
+
+    /// A file of its own under the temporary directory, holding `content`.
+    fn token_file(name: &str, content: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("fifo-executor-token-{}-{name}", std::process::id()));
+        std::fs::write(&path, content).expect("writes the token file");
+        path
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_its_file_trimmed() {
+        let path = token_file("ok", "  s3cret-from-file\n");
+        let yaml = format!("api:\n  admin_token_file: {}\n", path.display());
+        let config = from_yaml(&yaml).expect("loads");
+        let token = config.api.admin_token.as_ref().expect("token read");
+        assert_eq!(token.expose(), "s3cret-from-file");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_bad_admin_token_file_is_named_and_its_content_never_shown() {
+        let missing = std::env::temp_dir().join("fifo-executor-no-such-token-file");
+        let text = error_text(from_yaml(&format!(
+            "api:\n  admin_token_file: {}\n",
+            missing.display()
+        )));
+        assert!(text.contains("`api.admin_token_file`"), "{text}");
+        assert!(text.contains("cannot read"), "{text}");
+
+        let empty = token_file("empty", " \n");
+        let text = error_text(from_yaml(&format!(
+            "api:\n  admin_token_file: {}\n",
+            empty.display()
+        )));
+        assert!(text.contains("is empty"), "{text}");
+
+        let both = token_file("both", "hidden-file-token\n");
+        let text = error_text(from_yaml(&format!(
+            "api:\n  admin_token: hidden-inline-token\n  admin_token_file: {}\n",
+            both.display()
+        )));
+        assert!(text.contains("not both"), "{text}");
+        assert!(!text.contains("hidden-"), "{text}");
+        for path in [empty, both] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 
     #[test]
     fn empty_yaml_gives_the_defaults() {

@@ -69,7 +69,7 @@ pub use ops::{
     ApiConfig, DlqConfig, GlobalRateLimit, HealthConfig, HealthThresholds, LoggingConfig,
     PurgeConfig, RateLimitsConfig, StatsConfig,
 };
-pub use rabbitmq::{QueueType, RabbitConfig};
+pub use rabbitmq::{QueueType, RabbitConfig, RabbitTlsConfig};
 pub use reload::{ConfigChange, changed_keys, with_live_changes};
 pub use secret::Secret;
 

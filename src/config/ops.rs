@@ -161,6 +161,10 @@ pub struct ApiConfig {
     /// Bearer token required by every endpoint that changes state. Unset: those endpoints
     /// refuse every request; there is no unauthenticated mode.
     pub admin_token: Option<Secret>,
+    /// A file holding the admin token instead (its whole content, surrounding whitespace and
+    /// the final newline trimmed), read at start and at each reload; exclusive with
+    /// `admin_token`. Keeps the token out of the config file and of the environment.
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// The runbook's "API rate limiting": a throttle on intake.
@@ -172,6 +176,7 @@ impl Default for ApiConfig {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             admin_token: None,
+            admin_token_file: None,
             max_body_bytes: 64 * 1024,
             rate_limits: RateLimitsConfig::default(),
         }

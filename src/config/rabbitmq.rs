@@ -1,6 +1,7 @@
 //! The `rabbitmq.*` section: the broker connection and the type of the executor's queues.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -10,8 +11,9 @@ use super::secret::redact_url_password;
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RabbitConfig {
-    /// AMQP URI of the broker, vhost included (`%2f` is `/`). Only `amqp://`: this build has
-    /// no TLS support.
+    /// AMQP URI of the broker, vhost included (`%2f` is `/`): `amqp://`, or `amqps://` for
+    /// TLS (port 5671 by default), verified against the system's trusted roots and
+    /// [`RabbitTlsConfig::ca_file`].
     pub url: String,
     /// Deliveries of one message before it is dead-lettered as `PoisonMessage`, so a message
     /// that crashes the executor cannot loop forever.
@@ -34,6 +36,29 @@ pub struct RabbitConfig {
     /// active consumer of a single-active-consumer queue, to others), and the executor
     /// reconnects. A `heartbeat=` in `url` wins over this.
     pub heartbeat_seconds: u16,
+    /// `rabbitmq.tls.*`: the files an `amqps://` connection uses.
+    pub tls: RabbitTlsConfig,
+}
+
+/// `rabbitmq.tls.*`: PEM files for `amqps://`, read again at each connection (so a renewed
+/// certificate is taken at the next reconnect). Paths, not secrets: the key stays in its file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitTlsConfig {
+    /// Certificate authorities trusted besides the system's (a private CA's certificate).
+    pub ca_file: Option<PathBuf>,
+    /// The executor's own certificate (chain), for brokers that ask for one
+    /// (`ssl_options.verify = verify_peer`); needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key of `client_cert_file` (PKCS#8, PKCS#1 or SEC1 PEM, unencrypted).
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl RabbitTlsConfig {
+    /// Whether any file is named.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert_file.is_some() || self.client_key_file.is_some()
+    }
 }
 
 impl Default for RabbitConfig {
@@ -47,6 +72,7 @@ impl Default for RabbitConfig {
             max_message_bytes: 1024 * 1024,
             reconnect_max_backoff_ms: 5000,
             heartbeat_seconds: 10,
+            tls: RabbitTlsConfig::default(),
         }
     }
 }
@@ -63,6 +89,7 @@ impl fmt::Debug for RabbitConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
             .field("heartbeat_seconds", &self.heartbeat_seconds)
+            .field("tls", &self.tls)
             .finish()
     }
 }

@@ -23,7 +23,7 @@ use super::error::dotted;
 use super::{
     ActionPolicy, ApiConfig, ClusterConfig, Config, DatabaseConfig, DefaultPolicy, DlqConfig,
     ExecutorConfig, HealthConfig, HealthThresholds, LoggingConfig, PoliciesConfig, PurgeConfig,
-    QueueConfig, RabbitConfig, RateLimitsConfig, StatsConfig,
+    QueueConfig, RabbitConfig, RabbitTlsConfig, RateLimitsConfig, StatsConfig,
 };
 
 /// What a reload of `loaded` over `running` does.
@@ -108,7 +108,10 @@ pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
     policies_keys(&mut out, policies, &b.policies);
     compare!(out, "rabbitmq", RabbitConfig, rabbitmq, (&b.rabbitmq),
         leaves [url, max_deliveries, queue_type, prefetch, confirm_window, max_message_bytes,
-                reconnect_max_backoff_ms, heartbeat_seconds]);
+                reconnect_max_backoff_ms, heartbeat_seconds], sections [tls]);
+    let (ta, tb) = (&rabbitmq.tls, &b.rabbitmq.tls);
+    compare!(out, "rabbitmq.tls", RabbitTlsConfig, ta, tb,
+        leaves [ca_file, client_cert_file, client_key_file]);
     compare!(out, "database", DatabaseConfig, database, (&b.database),
         leaves [url, schema, max_connections, flush_interval_ms, batch_max_rows, dispatch_wait]);
     compare!(out, "stats", StatsConfig, stats, (&b.stats),
@@ -172,7 +175,7 @@ fn health_keys(out: &mut Vec<String>, a: &HealthConfig, b: &HealthConfig) {
 
 fn api_keys(out: &mut Vec<String>, a: &ApiConfig, b: &ApiConfig) {
     compare!(out, "api", ApiConfig, a, b,
-        leaves [listen, admin_token, max_body_bytes], sections [rate_limits]);
+        leaves [listen, admin_token, admin_token_file, max_body_bytes], sections [rate_limits]);
     let (ra, rb) = (&a.rate_limits, &b.rate_limits);
     compare!(
         out,
@@ -221,6 +224,9 @@ mod tests {
         ("rabbitmq.max_message_bytes", |c| c.rabbitmq.max_message_bytes += 1, false),
         ("rabbitmq.reconnect_max_backoff_ms", |c| c.rabbitmq.reconnect_max_backoff_ms += 1, false),
         ("rabbitmq.heartbeat_seconds", |c| c.rabbitmq.heartbeat_seconds += 1, false),
+        ("rabbitmq.tls.ca_file", |c| c.rabbitmq.tls.ca_file = Some("/etc/ca.pem".into()), false),
+        ("rabbitmq.tls.client_cert_file", |c| c.rabbitmq.tls.client_cert_file = Some("/c.pem".into()), false),
+        ("rabbitmq.tls.client_key_file", |c| c.rabbitmq.tls.client_key_file = Some("/k.pem".into()), false),
         ("database.url", |c| c.database.url.push('x'), false),
         ("database.schema", |c| c.database.schema.push('x'), false),
         ("database.max_connections", |c| c.database.max_connections += 1, false),
@@ -253,6 +259,7 @@ mod tests {
         ("health.thresholds.stalled_seconds", |c| c.health.thresholds.stalled_seconds += 1, true),
         ("api.listen", |c| c.api.listen.set_port(9), false),
         ("api.admin_token", |c| c.api.admin_token = Some(Secret::new("t0ken-value")), false),
+        ("api.admin_token_file", |c| c.api.admin_token_file = Some("/run/secrets/t".into()), false),
         ("api.max_body_bytes", |c| c.api.max_body_bytes += 1, false),
         ("api.rate_limits.global", |c| c.api.rate_limits.global = Some(GlobalRateLimit { enabled: true, max_requests_per_minute: 5 }), false),
         ("logging.filter", |c| c.logging.filter = "debug".into(), true),
@@ -290,13 +297,17 @@ mod tests {
         let mut leaves = Vec::new();
         collect_leaves(&tree, String::new(), &mut leaves);
         let listed: Vec<&str> = KEYS.iter().map(|(k, _, _)| *k).collect();
-        // default.yaml writes `actions: {}` (its entries are per ref)...
+        // default.yaml writes `actions: {}` (its entries are per ref) and `tls:` with its keys
+        // in comments...
         let unlisted: Vec<&String> = leaves
             .iter()
-            .filter(|l| !listed.contains(&l.as_str()) && *l != "policies.actions")
+            .filter(|l| {
+                !listed.contains(&l.as_str())
+                    && !["policies.actions", "rabbitmq.tls"].contains(&l.as_str())
+            })
             .collect();
         assert!(unlisted.is_empty(), "not classified: {unlisted:?}");
-        // ... and leaves the default rate limit and the admin token in comments.
+        // ... and leaves the default rate limit, the admin token and the TLS files in comments.
         let undocumented: Vec<&&str> = listed
             .iter()
             .filter(|k| {
@@ -305,6 +316,10 @@ mod tests {
                         "policies.default.rate_limit",
                         "policies.actions.\"core.a\"",
                         "api.admin_token",
+                        "api.admin_token_file",
+                        "rabbitmq.tls.ca_file",
+                        "rabbitmq.tls.client_cert_file",
+                        "rabbitmq.tls.client_key_file",
                     ]
                     .contains(k)
             })

@@ -6,8 +6,8 @@ use super::error::{ConfigError, dotted};
 use super::provenance::Provenance;
 use super::{
     ApiConfig, ClusterConfig, Config, DatabaseConfig, DlqConfig, ExecutorConfig, HealthConfig,
-    LoggingConfig, PoliciesConfig, PurgeConfig, RabbitConfig, RateLimit, StatsConfig,
-    validate_action_ref,
+    LoggingConfig, PoliciesConfig, PurgeConfig, RabbitConfig, RabbitTlsConfig, RateLimit,
+    StatsConfig, validate_action_ref,
 };
 
 /// Postgres truncates identifiers longer than this (NAMEDATALEN - 1).
@@ -167,16 +167,12 @@ impl Validator<'_> {
 
     fn rabbitmq(&mut self, rabbitmq: &RabbitConfig) {
         let url = rabbitmq.url.to_ascii_lowercase();
-        self.require(!url.starts_with("amqps://"), &["rabbitmq", "url"], || {
-            "amqps:// is not supported (this build has no TLS for AMQP); use amqp://, \
-             through a TLS tunnel if the broker is remote"
-                .to_owned()
-        });
         self.require(
             url.starts_with("amqp://") || url.starts_with("amqps://"),
             &["rabbitmq", "url"],
-            || "expected a URL starting with amqp://".to_owned(),
+            || "expected a URL starting with amqp:// or amqps://".to_owned(),
         );
+        self.rabbitmq_tls(&rabbitmq.tls, url.starts_with("amqps://"));
         self.positive(
             &["rabbitmq", "max_deliveries"],
             rabbitmq.max_deliveries == 0,
@@ -207,6 +203,38 @@ impl Validator<'_> {
             rabbitmq.reconnect_max_backoff_ms == 0,
             "reconnection would retry in a tight loop",
         );
+    }
+
+    /// The TLS files: only with `amqps://`, the certificate with its key, each readable and
+    /// holding PEM (what is in them is judged at the handshake, by the broker too).
+    fn rabbitmq_tls(&mut self, tls: &RabbitTlsConfig, amqps: bool) {
+        self.require(!tls.is_set() || amqps, &["rabbitmq", "tls"], || {
+            "names TLS files, but rabbitmq.url is not amqps:// (they would be ignored)".to_owned()
+        });
+        self.require(
+            tls.client_cert_file.is_some() == tls.client_key_file.is_some(),
+            &["rabbitmq", "tls"],
+            || "client_cert_file and client_key_file go together: set both or neither".to_owned(),
+        );
+        let files = [
+            ("ca_file", &tls.ca_file),
+            ("client_cert_file", &tls.client_cert_file),
+            ("client_key_file", &tls.client_key_file),
+        ];
+        for (key, path) in files {
+            let Some(path) = path else { continue };
+            let problem = match std::fs::read(path) {
+                Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+                Ok(bytes) if !bytes.windows(11).any(|w| w == b"-----BEGIN ") => Some(format!(
+                    "{} holds no PEM block (-----BEGIN …)",
+                    path.display()
+                )),
+                Ok(_) => None,
+            };
+            if let Some(problem) = problem {
+                self.require(false, &["rabbitmq", "tls", key], || problem);
+            }
+        }
     }
 
     fn cluster(&mut self, cluster: &ClusterConfig, durability: super::Durability) {
@@ -518,14 +546,59 @@ mod tests {
     }
 
     #[test]
-    fn amqps_is_refused_with_a_reason() {
-        let text = error_text(from_env(&[(
-            "ATTUNE__RABBITMQ__URL",
-            "amqps://user:pw@broker:5671/%2f",
-        )]));
-        assert!(text.contains("`rabbitmq.url`"), "{text}");
-        assert!(text.contains("amqps:// is not supported"), "{text}");
-        assert!(!text.contains("pw@"), "the password leaked: {text}");
+    fn amqps_is_taken_and_tls_files_are_checked() {
+        let dir =
+            std::env::temp_dir().join(format!("fifo-executor-tls-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let pem = dir.join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("writes");
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").expect("writes");
+
+        let ok = from_yaml(&format!(
+            "rabbitmq:\n  url: amqps://user:pw@broker/%2f\n  tls:\n    ca_file: {}\n",
+            pem.display()
+        ))
+        .expect("amqps with a CA file loads");
+        assert_eq!(ok.rabbitmq.tls.ca_file.as_deref(), Some(pem.as_path()));
+
+        let plain = error_text(from_yaml(&format!(
+            "rabbitmq:\n  url: amqp://user:pw@broker/%2f\n  tls:\n    ca_file: {}\n",
+            pem.display()
+        )));
+        assert!(
+            plain.contains("`rabbitmq.tls`") && plain.contains("not amqps://"),
+            "{plain}"
+        );
+        assert!(!plain.contains("pw@"), "the password leaked: {plain}");
+
+        let half = error_text(from_yaml(&format!(
+            "rabbitmq:\n  url: amqps://broker/%2f\n  tls:\n    client_cert_file: {}\n",
+            pem.display()
+        )));
+        assert!(half.contains("go together"), "{half}");
+
+        let bad = error_text(from_yaml(&format!(
+            "rabbitmq:\n  url: amqps://broker/%2f\n  tls:\n    ca_file: {}\n    \
+             client_cert_file: {}\n    client_key_file: {}\n",
+            dir.join("missing.pem").display(),
+            not_pem.display(),
+            pem.display()
+        )));
+        assert!(
+            bad.contains("`rabbitmq.tls.ca_file`") && bad.contains("cannot read"),
+            "{bad}"
+        );
+        assert!(
+            bad.contains("`rabbitmq.tls.client_cert_file`") && bad.contains("no PEM"),
+            "{bad}"
+        );
+        assert!(!bad.contains("hello"), "a file's content was shown: {bad}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

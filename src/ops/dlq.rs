@@ -252,6 +252,8 @@ pub struct ReplayReport {
 /// The operators' handle on `attune.dlq`.
 pub struct Dlq {
     url: String,
+    /// `rabbitmq.tls`, for an `amqps://` URL.
+    tls: crate::config::RabbitTlsConfig,
     timeout: Duration,
     /// The connection, opened on first use and again after it broke. The lock also
     /// serialises operations (see the module docs).
@@ -274,10 +276,17 @@ impl Dlq {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls: crate::config::RabbitTlsConfig::default(),
             timeout: DEFAULT_TIMEOUT,
             conn: Mutex::new(None),
             enabled: DlqSwitch::new(true),
         }
+    }
+
+    /// Connects with `rabbitmq.tls`'s files (an `amqps://` URL).
+    pub fn with_tls(mut self, tls: crate::config::RabbitTlsConfig) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Follows `dlq.enabled` as `switch` says (on by default).
@@ -388,7 +397,7 @@ impl Dlq {
     {
         let mut conn = self.conn.lock().await;
         let attempt = tokio::time::timeout(timeout, async {
-            let ch = open_channel(&self.url, &mut conn).await?;
+            let ch = open_channel(&self.url, &self.tls, &mut conn).await?;
             let result = op(ch.clone()).await;
             // Closing hands back anything still unacknowledged, should `op` have failed
             // before giving it back itself.
@@ -412,14 +421,18 @@ impl Dlq {
     }
 }
 
-async fn open_channel(url: &str, conn: &mut Option<Connection>) -> Result<Channel, DlqError> {
+async fn open_channel(
+    url: &str,
+    tls: &crate::config::RabbitTlsConfig,
+    conn: &mut Option<Connection>,
+) -> Result<Channel, DlqError> {
     if let Some(c) = conn.as_ref()
         && c.status().connected()
         && let Ok(ch) = c.create_channel().await
     {
         return Ok(ch);
     }
-    let fresh = crate::rabbit::connect(url, "fifo-executor.ops")
+    let fresh = crate::rabbit::connect_tls(url, tls, "fifo-executor.ops")
         .await
         .map_err(DlqError::Connect)?;
     let ch = fresh.create_channel().await?;

@@ -33,6 +33,8 @@ pub const MAX_BATCH: usize = 256;
 #[derive(Clone)]
 pub struct EdgeSettings {
     pub url: String,
+    /// `rabbitmq.tls`: the files an `amqps://` URL uses.
+    pub tls: crate::config::RabbitTlsConfig,
     /// Unacknowledged deliveries per consumer.
     pub prefetch: u16,
     pub topology: TopologySpec,
@@ -342,9 +344,13 @@ async fn setup(
     publisher_slot: &ChannelSlot,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SessionParts, EdgeError> {
-    let conn =
-        super::connect_with_heartbeat(&settings.url, "fifo-executor", settings.heartbeat_seconds)
-            .await?;
+    let conn = super::connect_with_heartbeat(
+        &settings.url,
+        &settings.tls,
+        "fifo-executor",
+        settings.heartbeat_seconds,
+    )
+    .await?;
     tracing::debug!("RabbitMQ connected; declaring topology");
     let topo = conn.create_channel().await?;
     topology::declare(&topo, &settings.topology).await?;

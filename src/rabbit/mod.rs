@@ -37,35 +37,95 @@ pub mod throttle;
 pub mod topology;
 pub mod wire;
 
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
+
+use crate::config::RabbitTlsConfig;
 
 /// Opens a connection to the broker at `url` (`amqp://user:pass@host:port/vhost`, vhost
 /// percent-encoded: `%2f` is `/`) under the connection name `name`.
 ///
 /// The name is sent as the `connection_name` client property so that an operator running
 /// `rabbitmqctl list_connections name client_properties` (or looking at the management UI) can
-/// tell the executor's connections from producers' and workers'. The crate is built without a TLS
-/// backend, so `amqps://` URLs are refused.
+/// tell the executor's connections from producers' and workers'. An `amqps://` URL is
+/// verified against the system's trusted roots only; [`connect_tls`] adds a CA and a client
+/// certificate.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+    connect_tls(url, &RabbitTlsConfig::default(), name).await
 }
 
-/// [`connect`], asking the broker for a heartbeat every `heartbeat_seconds` (0: the broker's
-/// own, 60 s by default) unless
-/// `url` names one itself (`?heartbeat=`). Two silent heartbeats and the connection is dead
-/// on both sides, which is what bounds how long a stalled executor holds its deliveries.
+/// [`connect`] with `rabbitmq.tls`'s files for an `amqps://` URL.
+pub async fn connect_tls(
+    url: &str,
+    tls: &RabbitTlsConfig,
+    name: &str,
+) -> Result<Connection, lapin::Error> {
+    connect_uri(parse_uri(url)?, tls, name).await
+}
+
+/// [`connect_tls`], asking the broker for a heartbeat every `heartbeat_seconds` (0: the
+/// broker's own, 60 s by default) unless `url` names one itself (`?heartbeat=`). Two silent
+/// heartbeats and the connection is dead on both sides, which is what bounds how long a
+/// stalled executor holds its deliveries.
 pub async fn connect_with_heartbeat(
     url: &str,
+    tls: &RabbitTlsConfig,
     name: &str,
     heartbeat_seconds: u16,
 ) -> Result<Connection, lapin::Error> {
-    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| {
-        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-    })?;
+    let mut uri = parse_uri(url)?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(heartbeat_seconds);
     }
+    connect_uri(uri, tls, name).await
+}
+
+fn parse_uri(url: &str) -> Result<lapin::uri::AMQPUri, lapin::Error> {
+    url.parse().map_err(|e: String| {
+        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    })
+}
+
+async fn connect_uri(
+    uri: lapin::uri::AMQPUri,
+    tls: &RabbitTlsConfig,
+    name: &str,
+) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect_uri(uri, properties).await
+    if !tls.is_set() {
+        return Connection::connect_uri(uri, properties).await;
+    }
+    let config = tls_config(tls).map_err(lapin::Error::from)?;
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_uri_with_config(uri, properties, config, runtime).await
+}
+
+/// Reads `rabbitmq.tls`'s files, at each connection so that a renewed certificate is taken
+/// at the next reconnect. An error names the file, never its content.
+pub fn tls_config(tls: &RabbitTlsConfig) -> std::io::Result<OwnedTLSConfig> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+        })
+    };
+    let cert_chain = match &tls.ca_file {
+        Some(path) => Some(String::from_utf8(read(path)?).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a PEM text file", path.display()),
+            )
+        })?),
+        None => None,
+    };
+    let identity = match (&tls.client_cert_file, &tls.client_key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(cert)?,
+            key: read(key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }

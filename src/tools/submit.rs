@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 
-use crate::rabbit::{edge, topology};
+use crate::rabbit::topology;
 
 /// The routing key of a request for `action`: its partition's queue in shared mode.
 pub fn routing_key_for(action: &str, cluster: &crate::config::ClusterConfig) -> String {
@@ -23,6 +23,8 @@ pub fn routing_key_for(action: &str, cluster: &crate::config::ClusterConfig) -> 
 #[derive(Debug, Clone)]
 pub struct SubmitOptions {
     pub url: String,
+    /// `rabbitmq.tls`, for an `amqps://` URL.
+    pub tls: crate::config::RabbitTlsConfig,
     pub action: String,
     pub count: u64,
     /// JSON object sent as `parameters`.
@@ -51,7 +53,7 @@ pub enum SubmitError {
 
 /// Publishes the requests and waits for the broker to confirm them all. Returns how long it took.
 pub async fn run(opts: &SubmitOptions) -> Result<Duration, SubmitError> {
-    let conn = edge::connect(&opts.url, "fifo-executor submit").await?;
+    let conn = crate::rabbit::connect_tls(&opts.url, &opts.tls, "fifo-executor submit").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let start = Instant::now();

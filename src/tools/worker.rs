@@ -12,11 +12,13 @@ use lapin::types::FieldTable;
 use tokio::sync::Mutex;
 
 use super::{DurationDist, XorShift};
-use crate::rabbit::{edge, topology};
+use crate::rabbit::topology;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub url: String,
+    /// `rabbitmq.tls`, for an `amqps://` URL.
+    pub tls: crate::config::RabbitTlsConfig,
     /// Binding key below `execution.dispatch.`: `#` for every action, or an action ref.
     pub actions: String,
     /// The worker's own queue.
@@ -34,7 +36,7 @@ pub async fn run(
     opts: &WorkerOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<u64, lapin::Error> {
-    let conn = edge::connect(&opts.url, "fifo-executor worker").await?;
+    let conn = crate::rabbit::connect_tls(&opts.url, &opts.tls, "fifo-executor worker").await?;
     let ch = conn.create_channel().await?;
     super::declare_dispatch_queue(&ch, &opts.queue, &opts.actions, FieldTable::default()).await?;
     ch.basic_qos(opts.concurrency.max(1), BasicQosOptions::default())
