@@ -4,7 +4,10 @@
 //!   any action exists (the recorder is process-wide, so only a fresh process shows what a
 //!   restart looks like to Prometheus), and none of the per-action ones;
 //! - with `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace) it sends `READY=1`
-//!   once the contract's topology is declared and consumed, and `STOPPING=1` on SIGTERM.
+//!   once the contract's topology is declared and consumed, and `STOPPING=1` on SIGTERM;
+//! - the admin token read from `api.admin_token_file` is needed for every change (401 and
+//!   nothing changed without it) and shows nowhere: not in a debug log, a served page or
+//!   `check-config`'s dump.
 
 mod support;
 
@@ -616,4 +619,130 @@ async fn an_abstract_notify_socket_named_with_an_at_sign_is_notified_too() {
     socket.set_nonblocking(true).expect("non-blocking");
     let socket = UnixDatagram::from_std(socket).expect("a tokio socket");
     ready_and_stopping_reach(socket, &format!("@{name}")).await;
+}
+
+#[tokio::test]
+async fn the_admin_token_from_its_file_guards_every_change_and_never_shows() {
+    const TOKEN: &str = "tok-3f9a61c2-from-the-file";
+    let vhost = TestVhost::create().await;
+    let dir = Dir::new("token-file");
+    let port = free_port();
+    let token_file = dir.0.join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("writes the token file");
+    let file = config(&dir.0, &vhost, port);
+    // Everything logged.
+    let yaml = std::fs::read_to_string(&file)
+        .expect("the config")
+        .replace("info,lapin=warn", "debug")
+        .replace(
+            &format!("  listen: \"127.0.0.1:{port}\"\n"),
+            &format!(
+                "  listen: \"127.0.0.1:{port}\"\n  admin_token_file: {}\n",
+                token_file.display()
+            ),
+        );
+    std::fs::write(&file, yaml).expect("rewrites the config");
+    let mut child = serve(&dir.0, &file, None);
+    let anonymous = Client::for_listen_address(([127, 0, 0, 1], port).into())
+        .with_timeout(Duration::from_secs(20));
+    let wrong = anonymous.clone().with_token(Some(format!("{TOKEN}x")));
+    let admin = anonymous.clone().with_token(Some(TOKEN.to_owned()));
+    support::poll_until(DEADLINE, "serve is ready", || async {
+        anonymous
+            .request("GET", "/ready", None)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+
+    let policy = "/api/v1/actions/secret.act/policy";
+    let change = br#"{"concurrency_limit": 7}"#;
+    let limit = |body: &[u8]| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_slice(body).expect("JSON");
+        v["data"]["concurrency_limit"].clone()
+    };
+    let before = anonymous
+        .request("GET", policy, None)
+        .await
+        .expect("answers");
+    assert_eq!(before.status, 200);
+    for (who, client) in [("no token", &anonymous), ("a wrong token", &wrong)] {
+        let r = client
+            .request("PUT", policy, Some(change))
+            .await
+            .expect("answers");
+        assert_eq!(r.status, 401, "{who}: {}", String::from_utf8_lossy(&r.body));
+        let r = client
+            .request("POST", "/api/v1/admin/reload", None)
+            .await
+            .expect("answers");
+        assert_eq!(r.status, 401, "{who}");
+        let after = anonymous
+            .request("GET", policy, None)
+            .await
+            .expect("answers");
+        assert_eq!(
+            limit(&after.body),
+            limit(&before.body),
+            "{who} changed the policy"
+        );
+    }
+    let r = admin
+        .request("PUT", policy, Some(change))
+        .await
+        .expect("answers");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let after = anonymous
+        .request("GET", policy, None)
+        .await
+        .expect("answers");
+    assert_eq!(limit(&after.body), serde_json::json!(7));
+    let reload = admin
+        .request("POST", "/api/v1/admin/reload", None)
+        .await
+        .expect("answers");
+    assert_eq!(
+        reload.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reload.body)
+    );
+
+    // Nowhere to be read: not in what the service serves, nor in its log.
+    for path in [
+        "/metrics",
+        "/api/v1/openapi.json",
+        "/api/v1/config/status",
+        "/api/v1/overview",
+    ] {
+        let text = scrape(&anonymous, path).await;
+        assert!(!text.contains(TOKEN), "{path} shows the token");
+    }
+    terminate(&child).await;
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("serve stops")
+        .expect("its status");
+    assert!(
+        status.success(),
+        "serve exited with {status}: {}",
+        log_of(&dir.0)
+    );
+    let log = log_of(&dir.0);
+    assert!(!log.contains(TOKEN), "the log shows the token:\n{log}");
+
+    // Nor in the dump of the configuration.
+    let dump = Command::new(env!("CARGO_BIN_EXE_fifo-executor"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .await
+        .expect("runs check-config");
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains("admin_token: Some("), "{dump}");
+    assert!(
+        !dump.contains(TOKEN),
+        "check-config shows the token:\n{dump}"
+    );
 }
