@@ -12,7 +12,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use fifo_executor::http::client::Client;
@@ -21,8 +20,9 @@ use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use support::TestVhost;
+use support::serve::{Dir, exits_cleanly, free_port, log_of, serve, stop, terminate};
 use tokio::net::UnixDatagram;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -39,30 +39,6 @@ const CONTRACT_FAMILIES: &[&str] = &[
     "attune_health_stuck_executions",
     "attune_queue_wait_seconds",
 ];
-
-/// A directory of the test's own, removed at the end.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(what: &str) -> Dir {
-        let dir = std::env::temp_dir().join(format!(
-            "fifo-serve-{what}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default()
-        ));
-        std::fs::create_dir_all(&dir).expect("a test directory");
-        Dir(dir)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A config for `serve` in memory mode on `vhost`, HTTP on `port`.
 fn config(dir: &Path, vhost: &TestVhost, port: u16) -> PathBuf {
@@ -81,50 +57,6 @@ fn config_with(dir: &Path, vhost: &TestVhost, port: u16, queue: &str) -> PathBuf
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml).expect("write the config");
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Starts `fifo-executor serve`, its output in `dir/serve.log`, with `NOTIFY_SOCKET` set to
-/// `notify` if given and removed otherwise.
-fn serve(dir: &Path, config: &Path, notify: Option<&str>) -> Child {
-    let log = std::fs::File::create(dir.join("serve.log")).expect("a log file");
-    let err = log.try_clone().expect("a log handle");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fifo-executor"));
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .kill_on_drop(true);
-    if let Some(socket) = notify {
-        command.env("NOTIFY_SOCKET", socket);
-    }
-    command.spawn().expect("start fifo-executor serve")
-}
-
-fn log_of(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default()
-}
-
-/// Sends SIGTERM (a graceful stop) to the child.
-async fn terminate(child: &Child) {
-    let pid = child.id().expect("the child runs");
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await
-        .expect("run kill");
-    assert!(status.success(), "kill -TERM {pid}");
 }
 
 /// Whether a line of Prometheus text is a sample of `family` (a histogram's or summary's
@@ -268,12 +200,7 @@ async fn the_first_scrape_after_start_has_every_family_that_can_exist_before_an_
     assert_eq!(value(names::INTAKE_LEADER), "1", "{text}");
     assert_eq!(value(names::PARTITIONS_OWNED), "16", "{text}");
 
-    terminate(&child).await;
-    let status = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .expect("serve stops after SIGTERM")
-        .expect("wait");
-    assert!(status.success(), "{status}: {}", log_of(&dir.0));
+    stop(&mut child, &dir.0, DEADLINE).await;
 }
 
 /// A GET that must answer 200; its body as text.
@@ -488,13 +415,8 @@ async fn an_idle_action_leaves_metrics_a_busy_one_stays_and_one_that_runs_again_
     )
     .await;
 
-    terminate(&child).await;
     let mut child = child;
-    let status = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .expect("serve stops after SIGTERM")
-        .expect("wait");
-    assert!(status.success(), "{status}: {}", log_of(&dir.0));
+    stop(&mut child, &dir.0, DEADLINE).await;
 }
 
 /// The contract's exchanges and queues exist, and the executor consumes its three queues.
@@ -592,11 +514,7 @@ async fn ready_and_stopping_reach(socket: UnixDatagram, name: &str) {
 
     terminate(&child).await;
     until_message(&socket, "STOPPING=1", &mut seen).await;
-    let status = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .expect("serve stops after SIGTERM")
-        .expect("wait");
-    assert!(status.success(), "{status}: {}", log_of(&dir.0));
+    exits_cleanly(&mut child, &dir.0, DEADLINE).await;
 }
 
 #[tokio::test]
@@ -718,16 +636,7 @@ async fn the_admin_token_from_its_file_guards_every_change_and_never_shows() {
         let text = scrape(&anonymous, path).await;
         assert!(!text.contains(TOKEN), "{path} shows the token");
     }
-    terminate(&child).await;
-    let status = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .expect("serve stops")
-        .expect("its status");
-    assert!(
-        status.success(),
-        "serve exited with {status}: {}",
-        log_of(&dir.0)
-    );
+    stop(&mut child, &dir.0, DEADLINE).await;
     let log = log_of(&dir.0);
     assert!(!log.contains(TOKEN), "the log shows the token:\n{log}");
 

@@ -16,7 +16,6 @@ mod common_pg;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common_pg::{TestDb, until_ended};
@@ -24,6 +23,7 @@ use fifo_executor::config::RabbitTlsConfig;
 use fifo_executor::http::client::Client;
 use fifo_executor::rabbit::{connect_tls, topology};
 use serde_json::json;
+use support::serve::{Dir, free_port, log_of, serve, stop};
 use support::{TestVhost, all_dispatches_queue, publish_json, topology_channel};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -199,29 +199,12 @@ async fn postgres_verify_full_connects_over_tls_only_to_a_server_the_ca_signed()
     );
 }
 
-/// A directory of the test's own, removed at the end.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 #[tokio::test]
 async fn serve_runs_executions_with_every_connection_over_tls() {
     let dir = tls_dir();
     let vhost = TestVhost::create().await;
     let db = TestDb::new().await;
-    let scratch = Scratch(std::env::temp_dir().join(format!("fifo-tls-{}", vhost.name)));
-    std::fs::create_dir_all(&scratch.0).expect("a scratch directory");
+    let scratch = Dir::new("tls");
     let port = free_port();
     let pg = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
@@ -242,21 +225,8 @@ async fn serve_runs_executions_with_every_connection_over_tls() {
     );
     let config = scratch.0.join("config.yaml");
     std::fs::write(&config, yaml).expect("writes the config");
-    let log_path = scratch.0.join("serve.log");
-    let log = std::fs::File::create(&log_path).expect("a log file");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fifo-executor"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("a log handle"))
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starts serve");
-    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut child = serve(&scratch.0, &config, None);
+    let log_text = || log_of(&scratch.0);
 
     let client = Client::for_listen_address(([127, 0, 0, 1], port).into())
         .with_timeout(Duration::from_secs(5));
@@ -351,20 +321,7 @@ async fn serve_runs_executions_with_every_connection_over_tls() {
     assert!(sessions > 0, "the service holds no session in {}", db.name);
     assert_eq!(all_tls, Some(true), "a session of the service without TLS");
 
-    let pid = child.id().expect("serve runs");
-    let _ = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await;
-    let status = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .expect("serve stops")
-        .expect("its status");
-    assert!(
-        status.success(),
-        "serve exited with {status}:\n{}",
-        log_text()
-    );
+    stop(&mut child, &scratch.0, DEADLINE).await;
     let text = log_text();
     assert!(
         !text.contains("guest:guest"),

@@ -10,6 +10,7 @@
 
 pub mod fleet;
 pub mod proxy;
+pub mod serve;
 
 use std::future::Future;
 use std::process::Stdio;
