@@ -158,3 +158,61 @@ async fn one_serve_process_lives_through_a_stop_and_periodic_kills_with_their_fa
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_samples_the_serve_process_and_uses_every_short_lived_action_once() {
+    // 20 s at 100/s: 10 steady actions and 300 short-lived ones used twice each.
+    let dir = std::env::temp_dir().join(format!("fifo-bench-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the run");
+    let plot = dir.join("soak.svg");
+    let args = support::bench_with_children(
+        &dir,
+        "--actions 10 --limit 3 --rate 100",
+        &[
+            "--soak",
+            "20s",
+            "--soak-actions",
+            "300",
+            "--soak-uses",
+            "2",
+            "--sample-every",
+            "2s",
+            "--timeout",
+            "120",
+            "--plot",
+            plot.to_str().expect("utf-8 temp dir"),
+        ],
+    );
+
+    let report = bench::run(&args).await.expect("the run reports");
+    let summary = report.summary();
+    assert!(report.ok, "{summary}");
+    let executor = report.executor.as_ref().expect("the executor ran");
+    assert_eq!(executor.completed, 2000, "{summary}");
+    let audit = report
+        .chaos
+        .as_ref()
+        .and_then(|c| c.audit.as_ref())
+        .expect("the audit ran");
+    assert_eq!(
+        audit.ledger_statuses.get("succeeded"),
+        Some(&2000),
+        "{summary}"
+    );
+    let soak = report.soak.as_ref().expect("a soak report");
+    assert_eq!((soak.steady_actions, soak.distinct_actions), (10, 300));
+    assert_eq!(soak.trends.len(), 11);
+    // The first sample is taken as the load starts: the process, its descriptors, its
+    // database connections and broker channels are there to read.
+    let first = soak.samples.first().expect("at least one sample");
+    assert!(first.rss_kb.is_some_and(|kb| kb > 0), "{summary}");
+    assert!(first.fds.is_some_and(|n| n > 0), "{summary}");
+    assert!(first.pg_connections.is_some_and(|n| n > 0), "{summary}");
+    assert!(first.channels.is_some_and(|n| n > 0), "{summary}");
+    assert_eq!(first.dlq, Some(0), "{summary}");
+    assert!(first.requests_waiting.is_some(), "{summary}");
+    assert!(summary.contains("actions used 310 (10 steady, 300 short-lived)"));
+    let svg = std::fs::read_to_string(&plot).expect("plot written");
+    assert!(svg.contains("executor RSS, MB"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

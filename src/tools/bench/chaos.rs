@@ -325,6 +325,8 @@ pub struct ChaosSettings {
     pub instances: usize,
     /// How long each may take to answer on HTTP after its start.
     pub start_timeout: Duration,
+    /// More `ATTUNE__` variables for every instance (the soak's idle times).
+    pub env: Vec<(String, String)>,
 }
 
 impl ChaosSettings {
@@ -387,7 +389,8 @@ pub async fn start_target(
     let url = vhost.url().to_owned();
     let database_url = database.url().to_owned();
     let config_path = settings.dir.join("executor.yaml");
-    let instances = match write_config(config_file, workload, &config_path) {
+    let default_limit = config.policies.default.concurrency_limit;
+    let instances = match write_config(config_file, workload, default_limit, &config_path) {
         Ok(()) => start_instances(
             config,
             workload,
@@ -429,7 +432,7 @@ async fn start_instances(
 ) -> Result<Arc<Instances>, String> {
     let n = settings.instances.max(1);
     let ports = free_ports(n).map_err(|e| e.to_string())?;
-    let common = vec![
+    let mut common = vec![
         ("ATTUNE__RABBITMQ__URL".to_owned(), url.to_owned()),
         ("ATTUNE__DATABASE__URL".to_owned(), database_url.to_owned()),
         (
@@ -446,6 +449,7 @@ async fn start_instances(
                 .to_string(),
         ),
     ];
+    common.extend(settings.env.iter().cloned());
     let mut all = Vec::new();
     for (i, port) in ports.into_iter().enumerate() {
         let id = format!("bench-{i}");
@@ -499,10 +503,12 @@ async fn start_instances(
 
 /// The executor's config file: the one given (if any) with the workload's limits added as
 /// per-action policies, which only the file can carry. Everything else the run sets goes
-/// through `ATTUNE__` variables.
+/// through `ATTUNE__` variables. Actions whose limit is `default_limit` get no entry (the
+/// default gives it them), so a soak's 100,000 short-lived actions do not fill the file.
 fn write_config(
     config_file: Option<&Path>,
     workload: &Workload,
+    default_limit: u32,
     out: &Path,
 ) -> Result<(), TargetError> {
     use serde_yaml_ng::{Mapping, Value};
@@ -531,7 +537,7 @@ fn write_config(
     let policies = &mut root["policies"];
     section(policies, "actions")?;
     let actions = &mut policies["actions"];
-    for a in &workload.actions {
+    for a in workload.actions.iter().filter(|a| a.limit != default_limit) {
         let mut p = Mapping::new();
         p.insert(
             Value::from("concurrency_limit"),
@@ -1114,28 +1120,39 @@ pub async fn audit(
         crate::rabbit::topology::COMPLETED_QUEUE,
         crate::rabbit::topology::CANCEL_QUEUE,
     ] {
-        let ch = conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        if let Ok(q) = q {
+        if let Some(n) = queue_depth(&conn, queue).await? {
             if queue == crate::rabbit::topology::DLQ {
-                audit.dead_letters = q.message_count();
+                audit.dead_letters = n;
             } else {
-                audit.left_in_queues += q.message_count();
+                audit.left_in_queues += n;
             }
         }
-        let _ = ch.close(200, "audit".into()).await;
     }
     let _ = conn.close(200, "audit done".into()).await;
     Ok(audit)
+}
+
+/// Messages in `queue` by a passive declare on a channel of its own (`None`: no such
+/// queue; the broker closes that channel).
+pub async fn queue_depth(
+    conn: &lapin::Connection,
+    queue: &str,
+) -> Result<Option<u32>, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    if q.is_ok() {
+        let _ = ch.close(200, "queue depth read".into()).await;
+    }
+    Ok(q.ok().map(|q| q.message_count()))
 }
 
 /// The chaos part of a run's report.

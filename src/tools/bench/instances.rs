@@ -508,7 +508,8 @@ pub fn fence_in_log(path: &std::path::Path) -> Option<String> {
         .map(|l| l.chars().take(300).collect())
 }
 
-/// `--kill-every` and `--stop-for`: `500ms`, `10s`, `2m`, or a number of seconds.
+/// `--kill-every`, `--stop-for` and the soak's durations: `500ms`, `10s`, `2m`, `1h`, or a
+/// number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
@@ -518,12 +519,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: f64 = number
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 500ms, 10s or 2m"))?;
+        .map_err(|_| format!("{s:?}: expected e.g. 500ms, 10s, 2m or 1h"))?;
     let seconds = match unit.trim() {
         "ms" => n / 1000.0,
         "s" => n,
         "m" | "min" => n * 60.0,
-        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s or m)")),
+        "h" => n * 3600.0,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m or h)")),
     };
     if !seconds.is_finite() || seconds <= 0.0 {
         return Err(format!("{s:?}: must be more than zero"));
@@ -544,7 +546,8 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("3h").is_err());
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("3d").is_err());
     }
 
     #[test]

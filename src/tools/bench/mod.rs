@@ -19,6 +19,8 @@
 //! - [`report`]: the summary, the JSON report and the SVG plot.
 //! - [`target`]: what is measured (an executor in-process or already running, or the
 //!   relay) and the vhost and database a run may create for itself.
+//! - [`soak`]: `--soak`, the executor under a fixed rate for a long while, what it holds
+//!   sampled, and each series' slope after the warm-up.
 //! - [`chaos`]: `serve` as child processes, the faults injected into them and the audit
 //!   afterwards; [`instances`]: several of them sharing the actions (`--instances`), the
 //!   busiest one, failover times.
@@ -30,6 +32,7 @@ pub mod measure;
 pub mod plan;
 pub mod relay;
 pub mod report;
+pub mod soak;
 pub mod target;
 pub mod verify;
 
@@ -97,7 +100,7 @@ pub enum QueueTypeArg {
 #[command(name = "bench")]
 #[command(group(
     ArgGroup::new("children")
-        .args(["chaos", "instances", "kill_every"])
+        .args(["chaos", "instances", "kill_every", "soak"])
         .multiple(true)
 ))]
 pub struct BenchArgs {
@@ -234,6 +237,65 @@ pub struct BenchArgs {
     /// --skip-systemctl-redirect <version> main restart`).
     #[arg(long, requires = "chaos")]
     pub postgres_restart: Option<String>,
+    /// Soak for DURATION (e.g. 1h, 5m) at --rate: the executor runs as a `serve` child
+    /// process (ledger on, in a vhost and a database of the run's own) over --actions steady
+    /// actions (default 1,000, at --limit, default 5) and --soak-actions short-lived ones (at
+    /// policies.default's limit) each used --soak-uses times within about a second and then
+    /// never again; its RSS, open fds, Postgres connections, RabbitMQ channels, DLQ depth,
+    /// queued and running executions and actions known and awake are sampled every
+    /// --sample-every, and the summary gives each series' slope per hour after --warmup. The
+    /// report and the plot carry the samples; the run's checks and the ledger audit apply.
+    #[arg(long, value_parser = instances::parse_duration, requires = "rate",
+          conflicts_with_all = ["external", "isolated", "baseline", "load", "chaos",
+          "instances", "kill_every", "flat_out"])]
+    pub soak: Option<Duration>,
+    /// With --soak: the short-lived actions, each used --soak-uses times then never again.
+    #[arg(long, default_value_t = 100_000, requires = "soak")]
+    pub soak_actions: u32,
+    /// With --soak: executions of each short-lived action.
+    #[arg(long, default_value_t = 5, requires = "soak")]
+    pub soak_uses: u64,
+    /// With --soak: how often the executor is sampled.
+    #[arg(long, value_parser = instances::parse_duration, default_value = "10s",
+          requires = "soak")]
+    pub sample_every: Duration,
+    /// With --soak: samples before this are left out of the slopes (default: a tenth of the
+    /// soak).
+    #[arg(long, value_parser = instances::parse_duration, requires = "soak")]
+    pub warmup: Option<Duration>,
+    /// With --soak: the executor's executor.queue.passivate_after_seconds and
+    /// metrics_idle_after_seconds (defaults 300 s and 600 s), shortened so that an hour
+    /// shows the steady state of actions that come and go.
+    #[arg(long, value_parser = instances::parse_duration, default_value = "60s",
+          requires = "soak")]
+    pub soak_idle_after: Duration,
+    /// With --soak: the executor's executor.remember_ended_ids (default 1,000,000), so that
+    /// the window of ended ids is full within the warm-up.
+    #[arg(long, default_value_t = 100_000, requires = "soak")]
+    pub soak_remember_ended: usize,
+}
+
+/// Steady actions of a soak without --actions (as many as `wide`'s: at limit 5 they take
+/// thousands a second without waiting for a slot).
+const SOAK_STEADY_ACTIONS: u32 = 1000;
+
+/// Concurrency limit of a soak's steady actions without --limit.
+const SOAK_STEADY_LIMIT: u32 = 5;
+
+impl BenchArgs {
+    /// `--soak` and its settings.
+    fn soak_plan(&self) -> Option<soak::SoakPlan> {
+        let duration = self.soak?;
+        Some(soak::SoakPlan {
+            duration,
+            sample_every: self.sample_every,
+            warmup: self.warmup.unwrap_or(duration / 10),
+            distinct: self.soak_actions,
+            uses: self.soak_uses.max(1),
+            idle_after: self.soak_idle_after,
+            remember_ended: self.soak_remember_ended,
+        })
+    }
 }
 
 /// Runs `fifo-executor bench`, prints the summary and writes the files asked for. Exit status
@@ -273,7 +335,7 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
             "--load must be a fraction of the peak above 0 and at most 1".to_owned(),
         ));
     }
-    let workload = Arc::new(Workload::resolve(
+    let mut workload = Workload::resolve(
         args.preset,
         &Overrides {
             actions: args.actions,
@@ -288,7 +350,30 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
             duration,
             failure_rate: args.failure_rate,
         },
-    ));
+    );
+    if let Some(plan) = args.soak_plan() {
+        let rate = workload
+            .rate
+            .ok_or_else(|| BenchError::Usage("--soak needs --rate".to_owned()))?;
+        let total = (rate * plan.duration.as_secs_f64()).round() as u64;
+        workload = workload
+            .soak(
+                total,
+                args.actions.unwrap_or(SOAK_STEADY_ACTIONS),
+                args.limit.unwrap_or(SOAK_STEADY_LIMIT),
+                plan.distinct,
+                plan.uses,
+                config.policies.default.concurrency_limit,
+            )
+            .ok_or_else(|| {
+                BenchError::Usage(format!(
+                    "--soak: {} short-lived actions × {} uses are more than half of the {total} \
+                     executions --rate gives over the soak",
+                    plan.distinct, plan.uses
+                ))
+            })?;
+    }
+    let workload = Arc::new(workload);
     if workload.total() == 0 {
         return Err(BenchError::Usage(
             "the workload has no executions".to_owned(),
@@ -339,7 +424,11 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     }
     let mut executor = None;
     let mut chaos_report = None;
-    let children = args.chaos.is_some() || args.instances.is_some() || args.kill_every.is_some();
+    let mut soak_report = None;
+    let children = args.chaos.is_some()
+        || args.instances.is_some()
+        || args.kill_every.is_some()
+        || args.soak.is_some();
     if children && args.baseline == Baseline::BrokerOnly {
         return Err(BenchError::Usage(
             "--baseline broker-only measures no executor: drop --instances and --kill-every"
@@ -347,9 +436,11 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         ));
     }
     if children {
-        let (phase, report) = chaos_phase(args.chaos.as_ref(), args, &config, &workload).await?;
+        let (phase, report, soak) =
+            chaos_phase(args.chaos.as_ref(), args, &config, &workload).await?;
         executor = Some(phase);
         chaos_report = Some(report);
+        soak_report = soak;
     } else if args.baseline != Baseline::BrokerOnly {
         let target = if args.external {
             Target::external(&config, args.executor_pid).await?
@@ -392,6 +483,7 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         load_fraction: args.load,
         versus_limited,
         chaos: chaos_report,
+        soak: soak_report,
         ok,
     };
     if let Some(path) = &args.report {
@@ -478,6 +570,11 @@ fn settings(args: &BenchArgs, c: &Config, w: &Workload) -> BTreeMap<String, Stri
             c.rabbitmq.confirm_window.to_string(),
         ),
         ("isolated".to_owned(), args.isolated.to_string()),
+        (
+            "soak".to_owned(),
+            args.soak
+                .map_or("no".to_owned(), |d| format!("{} s", d.as_secs())),
+        ),
     ])
 }
 
@@ -523,10 +620,11 @@ async fn chaos_phase(
     args: &BenchArgs,
     config: &Config,
     workload: &Arc<Workload>,
-) -> Result<(Phase, chaos::ChaosReport), BenchError> {
+) -> Result<(Phase, chaos::ChaosReport, Option<soak::SoakReport>), BenchError> {
     if config.executor.durability != Durability::Ledger {
         return Err(BenchError::Usage(
-            "--chaos and --instances need the Postgres ledger (executor.durability: ledger)"
+            "--chaos, --instances and --soak need the Postgres ledger (executor.durability: \
+             ledger)"
                 .to_owned(),
         ));
     }
@@ -555,6 +653,7 @@ async fn chaos_phase(
         postgres_restart: postgres_restart.clone(),
         instances,
         start_timeout: Duration::from_secs(args.start_timeout),
+        env: args.soak_plan().map(|p| p.env()).unwrap_or_default(),
     };
     let ct = chaos::start_target(config, args.config.as_deref(), workload, &settings).await?;
     let fleet = ct.instances.clone();
@@ -585,8 +684,20 @@ async fn chaos_phase(
             }),
             rng,
             injections: Arc::new(std::sync::Mutex::new(Vec::new())),
+            soak: args.soak.map(|_| soak::Sampler {
+                probe: soak::Probe {
+                    pid: fleet.all[0].pid.clone(),
+                    api: fleet.all[0].api,
+                    vhost: ct.vhost_name.clone(),
+                    amqp_url: ct.url.clone(),
+                    database_url: ct.database_url.clone(),
+                },
+                every: args.sample_every,
+                samples: Arc::new(std::sync::Mutex::new(Vec::new())),
+            }),
         };
         let injections = run.injections.clone();
+        let samples = run.soak.as_ref().map(|s| s.samples.clone());
         let broker_faults = plan.is_some_and(|p| {
             p.counts
                 .iter()
@@ -604,6 +715,18 @@ async fn chaos_phase(
         let _ = supervisor.await;
         fleet.ensure_running().await;
         let (mut phase, collector) = driven?;
+        let soak = match (args.soak_plan(), samples) {
+            (Some(plan), Some(samples)) => {
+                let samples = std::mem::take(
+                    &mut *samples
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                let steady = workload.rolling.map_or(0, |r| r.steady);
+                Some(soak::SoakReport::new(&plan, steady, samples))
+            }
+            _ => None,
+        };
         let mut injections: Vec<chaos::Injection> = injections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -683,7 +806,7 @@ async fn chaos_phase(
             completions_reported_again: collector.reports_again(),
             redelivered: phase.redelivered,
         };
-        Ok::<_, BenchError>((phase, report))
+        Ok::<_, BenchError>((phase, report, soak))
     }
     .await;
     let _ = stop_supervisor.send(true);
@@ -727,6 +850,8 @@ struct ChaosRun {
     rng: crate::tools::XorShift,
     /// What was injected so far; the injectors add to it as they go.
     injections: Arc<std::sync::Mutex<Vec<chaos::Injection>>>,
+    /// `--soak`: samples the executor while the load runs.
+    soak: Option<soak::Sampler>,
 }
 
 async fn drive(
@@ -770,7 +895,8 @@ async fn drive(
     let peak_reset = target.reset_rss_peak();
     let rss_start = target.rss();
     let mut rss_after_warmup = None;
-    if chaos.is_some() {
+    // The per-fault figures need every dispatch's arrival; a soak has no faults.
+    if chaos.as_ref().is_some_and(|c| c.soak.is_none()) {
         collector.keep_dispatch_log();
     }
     let mut producers = tokio::spawn(load::produce(
@@ -782,6 +908,9 @@ async fn drive(
     ));
     let mut injectors = Vec::new();
     if let Some(mut c) = chaos {
+        if let Some(sampler) = c.soak.take() {
+            injectors.push(tokio::spawn(sampler.run(collector.clone())));
+        }
         if let Some(every) = c.kill_every {
             // Its own stream of random pauses, drawn from the run's seed.
             let rng = crate::tools::XorShift::new(c.rng.next_u64());
@@ -802,7 +931,10 @@ async fn drive(
         )));
     }
     let progress = progress_bar(args, name, collector.total());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    // A soak's phase takes its duration, and --timeout on top.
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(args.timeout)
+        + args.soak.unwrap_or_default();
     let mut ticks = tokio::time::interval(TICK);
     let mut produced = false;
     let mut timed_out = false;

@@ -45,6 +45,18 @@ pub struct Workload {
     pub producers: u16,
     pub duration: DurationDist,
     pub failure_rate: f64,
+    /// The soak's order (`--soak`): the first `steady` actions run all along and the others
+    /// come and go; `None`: every action round robin from the start.
+    pub rolling: Option<Rolling>,
+}
+
+/// How a soak's actions follow each other: the actions from index `steady` on are each used
+/// `uses` times within a short while and then never again, `group` of them at a time per
+/// producer, spread evenly among the steady actions' requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rolling {
+    pub steady: usize,
+    pub group: usize,
 }
 
 /// Overrides from the command line; `None` keeps the preset's value.
@@ -62,6 +74,9 @@ pub struct Overrides {
     pub duration: Option<DurationDist>,
     pub failure_rate: Option<f64>,
 }
+
+/// Short-lived actions a soak's producer uses at a time.
+const SOAK_GROUP: usize = 8;
 
 /// Name of the i-th ordinary action.
 fn action_name(i: u32) -> String {
@@ -116,7 +131,49 @@ impl Workload {
             producers: o.producers.unwrap_or(4).max(1),
             duration,
             failure_rate: o.failure_rate.unwrap_or(failure).clamp(0.0, 1.0),
+            rolling: None,
         }
+    }
+
+    /// The soak's workload (`--soak`): `steady` actions at `steady_limit` that run all along,
+    /// and `distinct` actions at `distinct_limit` used `uses` times each, a few at a time,
+    /// then never again; `total` executions in all, so that the rate spreads them over the
+    /// soak. `None` when the short-lived actions would take more than half of `total`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn soak(
+        mut self,
+        total: u64,
+        steady: u32,
+        steady_limit: u32,
+        distinct: u32,
+        uses: u64,
+        distinct_limit: u32,
+    ) -> Option<Self> {
+        let steady = steady.max(1);
+        let rolling_total = u64::from(distinct) * uses;
+        if rolling_total.saturating_mul(2) > total {
+            return None;
+        }
+        let steady_total = total - rolling_total;
+        let each = steady_total / u64::from(steady);
+        let extra = steady_total % u64::from(steady);
+        self.actions = (0..steady)
+            .map(|i| ActionPlan {
+                name: action_name(i),
+                count: each + u64::from(u64::from(i) < extra),
+                limit: steady_limit.max(1),
+            })
+            .chain((0..distinct).map(|i| ActionPlan {
+                name: format!("bench.once{i:06}"),
+                count: uses,
+                limit: distinct_limit.max(1),
+            }))
+            .collect();
+        self.rolling = Some(Rolling {
+            steady: steady as usize,
+            group: SOAK_GROUP,
+        });
+        Some(self)
     }
 
     /// Executions in all.
@@ -151,19 +208,51 @@ impl Workload {
     /// execution number within the action). It owns the actions whose index is `p` modulo
     /// the producer count and takes them round robin, so actions interleave as in real
     /// traffic and each action's requests leave from one channel, in order.
+    ///
+    /// In a soak ([`Workload::rolling`]) the short-lived actions it owns go `group` at a time,
+    /// round robin among the group until each has had its executions, group after group, and
+    /// their requests are spread evenly among those of its steady actions.
     pub fn sequence(&self, p: u16) -> Vec<(u32, u64)> {
         let producers = usize::from(self.producers);
         let mine: Vec<usize> = (usize::from(p)..self.actions.len())
             .step_by(producers)
             .collect();
-        let most = mine
+        let Some(rolling) = self.rolling else {
+            return self.round_robin(&mine);
+        };
+        let (steady, once): (Vec<usize>, Vec<usize>) =
+            mine.iter().partition(|&&a| a < rolling.steady);
+        let steady = self.round_robin(&steady);
+        let mut once_seq = Vec::new();
+        for group in once.chunks(rolling.group.max(1)) {
+            once_seq.extend(self.round_robin(group));
+        }
+        let total = steady.len() + once_seq.len();
+        let (n, r) = (total as u64, once_seq.len() as u64);
+        let (mut steady, mut once_seq) = (steady.into_iter(), once_seq.into_iter());
+        (0..n)
+            .filter_map(|i| {
+                // The i-th request is a short-lived action's when the share of them due by
+                // i + 1 steps up: Bresenham's spreading of r among n.
+                if (i + 1) * r / n > i * r / n {
+                    once_seq.next()
+                } else {
+                    steady.next()
+                }
+            })
+            .collect()
+    }
+
+    /// The executions of `actions` (by index), round robin among them.
+    fn round_robin(&self, actions: &[usize]) -> Vec<(u32, u64)> {
+        let most = actions
             .iter()
             .map(|&a| self.actions[a].count)
             .max()
             .unwrap_or(0);
         let mut out = Vec::new();
         for k in 0..most {
-            for &a in &mine {
+            for &a in actions {
                 if k < self.actions[a].count {
                     out.push((a as u32, k));
                 }
@@ -233,6 +322,49 @@ mod tests {
         for p in 0..w.producers {
             for (a, k) in w.sequence(p) {
                 seen[a as usize].push(k);
+            }
+        }
+        for (a, ks) in seen.iter().enumerate() {
+            assert_eq!(*ks, (0..w.actions[a].count).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_soak_spreads_short_lived_actions_that_never_come_back() {
+        let w = Workload::resolve(
+            Preset::Wide,
+            &Overrides {
+                producers: Some(2),
+                ..Overrides::default()
+            },
+        )
+        .soak(10_000, 4, 5, 400, 3, 1)
+        .expect("fits");
+        assert_eq!(w.total(), 10_000);
+        assert_eq!(w.actions.len(), 404);
+        assert!(
+            Workload::resolve(Preset::Wide, &Overrides::default())
+                .soak(1000, 4, 5, 400, 3, 1)
+                .is_none()
+        );
+        let mut seen = vec![Vec::new(); w.actions.len()];
+        for p in 0..w.producers {
+            let seq = w.sequence(p);
+            let mut first = vec![None; w.actions.len()];
+            for (j, &(a, k)) in seq.iter().enumerate() {
+                seen[a as usize].push(k);
+                first[a as usize].get_or_insert(j);
+                if a >= 4 {
+                    // A short-lived action's uses lie within a group's worth (8 actions × 3
+                    // uses, one every `stride` requests), then it never comes back.
+                    let stride = seq.len() / (200 * 3) + 1;
+                    let since = j - first[a as usize].unwrap_or(j);
+                    assert!(since < 8 * 3 * stride, "{a} {since}");
+                }
+            }
+            // The short-lived actions are spread over the whole sequence: some in each tenth.
+            for tenth in seq.chunks(seq.len() / 10) {
+                assert!(tenth.iter().any(|&(a, _)| a >= 4));
             }
         }
         for (a, ks) in seen.iter().enumerate() {

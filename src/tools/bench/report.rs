@@ -39,6 +39,8 @@ pub struct Report {
     pub versus_limited: Option<Comparison>,
     /// The faults injected and the audit, when `--chaos`.
     pub chaos: Option<super::chaos::ChaosReport>,
+    /// The samples and their trends, when `--soak`.
+    pub soak: Option<super::soak::SoakReport>,
     /// No violation, nothing missing, no phase timed out.
     pub ok: bool,
 }
@@ -242,6 +244,9 @@ impl Report {
         }
         if let Some(c) = &self.chaos {
             c.summary(&mut out);
+        }
+        if let Some(s) = &self.soak {
+            s.summary(&mut out);
         }
         let _ = writeln!(out, "{}", if self.ok { "OK" } else { "FAILED" });
         out
@@ -465,38 +470,20 @@ const TOP: f64 = 40.0;
 const GAP: f64 = 60.0;
 
 /// A line of a panel: its legend, its colour and its (seconds, value) points.
-type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+pub type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
 /// Two panels over time: throughput (executions/s) of every phase of the report, and
-/// completion → next dispatch p50/p99 (ms) of the phases that keep limits.
+/// completion → next dispatch p50/p99 (ms) of the phases that keep limits. A soak's report
+/// gets the soak's plot instead ([`super::soak::svg`]).
 pub fn svg(report: &Report) -> String {
+    if let Some(soak) = &report.soak {
+        return super::soak::svg(report, soak);
+    }
     let phases: Vec<&Phase> = report.phases().collect();
     let t_max = phases
         .iter()
         .flat_map(|p| p.timeline.last().map(|b| b.t_s + 1.0))
         .fold(1.0_f64, f64::max);
-    let table = figures(report);
-    let table_top = TOP + 2.0 * PANEL_HEIGHT + GAP + 40.0;
-    let height = table_top + ROW * (table.len() as f64 + 1.0);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let title = escape(&format!(
-        "fifo-executor bench: {}",
-        report
-            .settings
-            .get("preset")
-            .map(String::as_str)
-            .unwrap_or("")
-    ));
-    let _ = writeln!(
-        out,
-        r#"<text x="{LEFT}" y="20" font-size="14">{title}</text>"#
-    );
-
     let throughput: Vec<Series> = phases
         .iter()
         .map(|p| {
@@ -509,8 +496,6 @@ pub fn svg(report: &Report) -> String {
             (p.name.as_str(), colour, points)
         })
         .collect();
-    panel(&mut out, TOP, "executions/s", t_max, &throughput);
-
     let mut latency = Vec::new();
     for p in &phases {
         let (l50, l99, c50, c99) = match p.name.as_str() {
@@ -529,20 +514,53 @@ pub fn svg(report: &Report) -> String {
             latency.push((l99, c99, series(|b| b.completion_to_dispatch_p99_us)));
         }
     }
-    panel(
-        &mut out,
-        TOP + PANEL_HEIGHT + GAP,
-        "completion → next dispatch, ms",
-        t_max,
-        &latency,
+    let title = format!(
+        "fifo-executor bench: {}",
+        report
+            .settings
+            .get("preset")
+            .map(String::as_str)
+            .unwrap_or("")
     );
+    draw(
+        &title,
+        t_max,
+        &[
+            ("executions/s", throughput),
+            ("completion → next dispatch, ms", latency),
+        ],
+        &figures(report),
+    )
+}
+
+/// An SVG of `panels` (label and series each) one under the other over `t_max` seconds, and
+/// the `rows` of text under them.
+pub fn draw(title: &str, t_max: f64, panels: &[(&str, Vec<Series>)], rows: &[String]) -> String {
+    let n = panels.len() as f64;
+    let table_top = TOP + n * PANEL_HEIGHT + (n - 1.0).max(0.0) * GAP + 40.0;
+    let height = table_top + ROW * (rows.len() as f64 + 1.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{LEFT}" y="20" font-size="14">{}</text>"#,
+        escape(title)
+    );
+    for (i, (label, series)) in panels.iter().enumerate() {
+        let top = TOP + i as f64 * (PANEL_HEIGHT + GAP);
+        panel(&mut out, top, label, t_max, series);
+    }
     let _ = writeln!(
         out,
         r#"<text x="{}" y="{}" text-anchor="middle">seconds since the first request</text>"#,
         LEFT + (WIDTH - LEFT - RIGHT) / 2.0,
         table_top - 8.0
     );
-    for (i, row) in table.iter().enumerate() {
+    for (i, row) in rows.iter().enumerate() {
         let y = table_top + ROW * (i as f64 + 1.0);
         let _ = writeln!(
             out,
@@ -753,6 +771,7 @@ mod tests {
             load_fraction: None,
             versus_limited: Some(Comparison::of(&phase("executor"), &phase("limited"))),
             chaos: None,
+            soak: None,
             ok: true,
         };
         let svg = svg(&report);

@@ -142,6 +142,19 @@ fn with_path(url: &str, path: &str) -> String {
     format!("{}/{path}{query}", &url[..path_start])
 }
 
+/// The URL of the maintenance database on the server of `database_url`, and the name of the
+/// database `database_url` names.
+pub fn admin_url_and_name(database_url: &str) -> (String, String) {
+    let authority_start = database_url.find("://").map_or(0, |i| i + 3);
+    let rest = &database_url[authority_start..];
+    let name = rest
+        .find('/')
+        .map(|i| &rest[i + 1..])
+        .map(|p| p.split('?').next().unwrap_or(""))
+        .unwrap_or("");
+    (with_path(database_url, "postgres"), name.to_owned())
+}
+
 /// The user name of an AMQP URL (`guest` when it names none, as the broker assumes).
 fn user_of(url: &str) -> String {
     let authority_start = url.find("://").map_or(0, |i| i + 3);
@@ -673,6 +686,13 @@ mod tests {
         assert_eq!(
             with_path("postgres://postgres@h:5432/db?sslmode=disable", "x"),
             "postgres://postgres@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(
+            admin_url_and_name("postgres://postgres@h:5432/fifo_bench_1?sslmode=disable"),
+            (
+                "postgres://postgres@h:5432/postgres?sslmode=disable".to_owned(),
+                "fifo_bench_1".to_owned()
+            )
         );
     }
 
